@@ -1,0 +1,46 @@
+"""Graceful interruption: the first SIGINT/SIGTERM asks a run to stop after what is in hand.
+
+The run saves what is finished, prints its summary and exits 130 (SIGINT) or 143 (SIGTERM).
+A second signal aborts at once (``KeyboardInterrupt``); stores stay intact either way, since
+nothing is ever modified in place.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import EXIT_SIGINT, EXIT_SIGTERM
+
+
+class StopFlag:
+    """Set by the first signal; ``exit_code`` tells which one."""
+
+    def __init__(self) -> None:
+        self.exit_code: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.exit_code is not None
+
+
+@contextmanager
+def graceful_stop() -> Iterator[StopFlag]:
+    """Install the two-stage SIGINT/SIGTERM handlers for the duration of a run."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        if flag:
+            raise KeyboardInterrupt
+        flag.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

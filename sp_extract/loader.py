@@ -1,0 +1,103 @@
+"""Stage 3, batch: decode images in worker processes and group them into network batches.
+
+Decoding runs in a ``torch.utils.data.DataLoader`` with ``num_workers`` processes, in order.
+Images are grouped by working size (a batch holds images of one size only, so batched results
+equal one-at-a-time results); a batch is released when it is full, when too many images are
+waiting, or at the end. Images that failed to decode pass straight through as failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import ExtractConfig
+from .decode import DecodedImage, load_image
+
+
+class ImageDataset(Dataset):
+    """Decodes ``root/names[i]`` on access; never raises for a bad image."""
+
+    def __init__(self, root: Path, names: list[str], config: ExtractConfig) -> None:
+        self.root = Path(root)
+        self.names = names
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> DecodedImage:
+        return load_image(self.root, self.names[index], self.config)
+
+
+def _keep(item: DecodedImage) -> DecodedImage:
+    return item
+
+
+def _init_worker(_: int) -> None:
+    cv2.setNumThreads(1)
+
+
+def decode_all(
+    root: Path, names: list[str], config: ExtractConfig, num_workers: int
+) -> Iterable[DecodedImage]:
+    """Decoded images in ``names`` order, ``num_workers`` processes decoding ahead."""
+    dataset = ImageDataset(root, names, config)
+    if num_workers == 0:
+        return (dataset[i] for i in range(len(dataset)))
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_keep,
+        worker_init_fn=_init_worker,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
+
+
+@dataclass
+class Batch:
+    """Images of one working size stacked for the network, and failures to report."""
+
+    images: list[DecodedImage] = field(default_factory=list)
+    failures: list[DecodedImage] = field(default_factory=list)
+
+    def tensor(self, pin: bool = False) -> torch.Tensor:
+        """(B, 1, H, W) float32 tensor of the images."""
+        stacked = torch.from_numpy(np.stack([item.image for item in self.images])[:, None])
+        return stacked.pin_memory() if pin else stacked
+
+
+def make_batches(items: Iterable[DecodedImage], batch_size: int, max_waiting: int | None = None) -> Iterator[Batch]:
+    """Group decoded images into same-size batches of at most ``batch_size``.
+
+    At most ``max_waiting`` images (default ``4 * batch_size``) wait in partial batches; past
+    that the fullest partial batch is released, so memory stays bounded whatever the sizes.
+    """
+    max_waiting = max_waiting or 4 * batch_size
+    waiting: dict[tuple[int, ...], list[DecodedImage]] = {}
+    count = 0
+    for item in items:
+        if item.error is not None:
+            yield Batch(failures=[item])
+            continue
+        bucket = waiting.setdefault(item.image.shape, [])
+        bucket.append(item)
+        count += 1
+        if len(bucket) >= batch_size:
+            count -= len(bucket)
+            yield Batch(images=waiting.pop(item.image.shape))
+        elif count > max_waiting:
+            shape = max(waiting, key=lambda s: len(waiting[s]))
+            count -= len(waiting[shape])
+            yield Batch(images=waiting.pop(shape))
+    for bucket in waiting.values():
+        yield Batch(images=bucket)

@@ -1,0 +1,125 @@
+"""Stage 5, post-process: turn the network's dense maps into keypoints and descriptors.
+
+Faithful to the reference SuperPoint (Magic Leap's demo, hloc, LightGlue, transformers):
+max-pool non-maximum suppression with two suppression rounds, border removal, threshold,
+top-k by score, bilinear descriptor sampling with the ``align_corners=True`` / s/2-offset
+convention, L2 normalisation. Works on a batch of same-size maps on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import STRIDE
+
+
+@dataclass
+class Features:
+    """Keypoints (N, 2; x, y), scores (N,) and descriptors (N, D) of one image."""
+
+    keypoints: torch.Tensor
+    scores: torch.Tensor
+    descriptors: torch.Tensor
+
+
+def nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
+    """Zero every score that is not a local maximum in a (2r+1)^2 window (reference NMS)."""
+    if radius == 0:
+        return scores
+
+    def max_pool(x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
+
+    zeros = torch.zeros_like(scores)
+    is_max = scores == max_pool(scores)
+    for _ in range(2):
+        suppressed = max_pool(is_max.float()) > 0
+        remaining = torch.where(suppressed, zeros, scores)
+        is_max = is_max | ((remaining == max_pool(remaining)) & ~suppressed)
+    return torch.where(is_max, scores, zeros)
+
+
+def remove_borders(scores: torch.Tensor, border: int) -> torch.Tensor:
+    """Set the scores within ``border`` pixels of the map's edges to -1."""
+    if border == 0:
+        return scores
+    scores = scores.clone()
+    scores[..., :border, :] = -1
+    scores[..., -border:, :] = -1
+    scores[..., :, :border] = -1
+    scores[..., :, -border:] = -1
+    return scores
+
+
+def select_keypoints(
+    scores: torch.Tensor, threshold: float, max_keypoints: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image of a (B, H, W) map: pixels above ``threshold``, then the top ``max_keypoints``.
+
+    Returns (keypoints (N, 2) float as x, y; scores (N,)) per image. Keypoints are in row-major
+    order unless top-k applied, in which case they are sorted by decreasing score.
+    """
+    batch = scores.shape[0]
+    index = torch.nonzero(scores > threshold)
+    values = scores[index[:, 0], index[:, 1], index[:, 2]]
+    counts = torch.bincount(index[:, 0], minlength=batch).tolist()
+    result = []
+    for positions, kept in zip(index.split(counts), values.split(counts)):
+        xy = positions[:, 1:].flip(1).to(scores.dtype)
+        if 0 <= max_keypoints < len(kept):
+            kept, order = torch.topk(kept, max_keypoints, sorted=True)
+            xy = xy[order]
+        result.append((xy, kept))
+    return result
+
+
+def sample_descriptors(
+    keypoints: list[torch.Tensor], dense: torch.Tensor, stride: int = STRIDE
+) -> list[torch.Tensor]:
+    """Bilinearly sample (B, C, h, w) descriptor maps at each image's keypoints; L2-normalise.
+
+    Keypoints are in pixels of the network input. Returns one (N, C) tensor per image.
+    """
+    batch, channels, height, width = dense.shape
+    longest = max((len(k) for k in keypoints), default=0)
+    grid = dense.new_zeros(batch, 1, max(longest, 1), 2)
+    divisor = dense.new_tensor([width * stride - stride / 2 - 0.5, height * stride - stride / 2 - 0.5])
+    for i, k in enumerate(keypoints):
+        grid[i, 0, : len(k)] = (k - stride / 2 + 0.5) / divisor * 2 - 1
+    sampled = F.grid_sample(dense, grid, mode="bilinear", align_corners=True)
+    sampled = F.normalize(sampled[:, :, 0], p=2, dim=1)  # (B, C, N)
+    return [sampled[i, :, : len(k)].t() for i, k in enumerate(keypoints)]
+
+
+def postprocess(
+    scores: torch.Tensor,
+    descriptors: torch.Tensor,
+    threshold: float,
+    nms_radius: int,
+    border: int,
+    max_keypoints: int,
+) -> list[Features]:
+    """Dense maps of one batch -> per-image ``Features`` in network-input pixels."""
+    scores = remove_borders(nms(scores, nms_radius), border)
+    selected = select_keypoints(scores, threshold, max_keypoints)
+    keypoints = [xy for xy, _ in selected]
+    sampled = sample_descriptors(keypoints, descriptors)
+    return [Features(xy, s, d) for (xy, s), d in zip(selected, sampled)]
+
+
+def to_original_frame(
+    keypoints: np.ndarray, working_size: tuple[int, int], original_size: tuple[int, int]
+) -> np.ndarray:
+    """Map (N, 2) keypoints from the resized image to the original with hloc's rule.
+
+    ``(k + 0.5) * scale - 0.5`` per axis, then clipped into [0, size - 1] so every keypoint
+    lies inside the original image.
+    """
+    scale = (np.asarray(original_size, np.float32) / np.asarray(working_size, np.float32))
+    mapped = (keypoints.astype(np.float32) + 0.5) * scale[None] - 0.5
+    upper = np.asarray(original_size, np.float32) - 1
+    return np.clip(mapped, 0, upper[None]).astype(np.float32)

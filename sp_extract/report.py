@@ -1,0 +1,123 @@
+"""Feedback: progress on stderr while a run goes, and its summary (printed and as JSON).
+
+On a terminal a rich progress bar (images/s, ETA); otherwise plain periodic lines, for cron
+logs. The summary counts only what is durable in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass
+class Summary:
+    """What one run did; ``to_dict`` is the ``--json-report`` content."""
+
+    command: str
+    output: str
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # per item: keypoints, or matches
+    wall_time_s: float = 0.0
+    interrupted: bool = False
+    exit_code: int = 0
+    unit: str = "images"
+    count_label: str = "keypoints per image"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["counts"]
+        data["failed_count"] = len(self.failed)
+        data["throughput_per_s"] = round(self.done / self.wall_time_s, 3) if self.wall_time_s else 0.0
+        data[self.count_label.replace(" ", "_")] = self.count_stats()
+        return data
+
+    def count_stats(self) -> dict[str, float]:
+        if not self.counts:
+            return {"min": 0, "mean": 0.0, "median": 0.0, "max": 0}
+        return {
+            "min": min(self.counts),
+            "mean": round(statistics.fmean(self.counts), 1),
+            "median": float(statistics.median(self.counts)),
+            "max": max(self.counts),
+        }
+
+    def lines(self) -> list[str]:
+        stats = self.count_stats()
+        rate = self.done / self.wall_time_s if self.wall_time_s else 0.0
+        lines = [
+            f"{self.command}: {self.done} {self.unit} saved, {self.skipped} already in {self.output}, "
+            f"{len(self.failed)} failed" + (" (interrupted)" if self.interrupted else ""),
+            f"{self.count_label}: min {stats['min']}, mean {stats['mean']}, median {stats['median']}, "
+            f"max {stats['max']}",
+            f"wall time {self.wall_time_s:.1f} s, {rate:.2f} {self.unit}/s",
+        ]
+        lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
+        return lines
+
+    def write_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+class Progress:
+    """Progress of ``total`` items: a rich bar on a terminal, else a line every ``interval`` s."""
+
+    def __init__(self, total: int, unit: str, quiet: bool = False, stream: TextIO | None = None,
+                 interval: float = 10.0) -> None:
+        self.total = total
+        self.unit = unit
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.completed = 0
+        self.start = time.monotonic()
+        self._last_line = self.start
+        self._bar = None
+        if not quiet and total and self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                console=Console(file=self.stream), transient=False,
+            )
+            self._task = self._bar.add_task("extracting" if unit == "images" else "matching",
+                                            total=total, rate="")
+            self._bar.start()
+
+    def advance(self, count: int) -> None:
+        """Mark ``count`` more items as durable."""
+        if count <= 0:
+            return
+        self.completed += count
+        elapsed = time.monotonic() - self.start
+        rate = self.completed / elapsed if elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(self._task, advance=count, rate=f"{rate:.1f} {self.unit}/s")
+        elif not self.quiet and time.monotonic() - self._last_line >= self.interval:
+            self._last_line = time.monotonic()
+            remaining = (self.total - self.completed) / rate if rate else float("nan")
+            print(f"{self.completed}/{self.total} {self.unit} saved, {rate:.2f} {self.unit}/s, "
+                  f"ETA {remaining:.0f} s", file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        """A line for the user (a failed image, say), above the bar if there is one."""
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
