@@ -117,7 +117,9 @@ def extract(
     root, out = Path(images), Path(out)
     names = read_image_list(Path(image_list), root) if image_list else discover_images(root)
     if not names:
-        raise ConfigError(f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp)")
+        raise ConfigError(
+            f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp)"
+        )
     summary = Summary(command="extract", output=str(out), total=len(names))
     started = time.monotonic()
     target = resolve_device(device)
@@ -154,4 +156,3 @@ def extract(
         summary.exit_code = EXIT_SOME_FAILED if summary.failed else EXIT_OK
     summary.wall_time_s = time.monotonic() - started
     return summary
-

@@ -76,7 +76,9 @@ class Batch:
         return stacked.pin_memory() if pin else stacked
 
 
-def make_batches(items: Iterable[DecodedImage], batch_size: int, max_waiting: int | None = None) -> Iterator[Batch]:
+def make_batches(
+    items: Iterable[DecodedImage], batch_size: int, max_waiting: int | None = None
+) -> Iterator[Batch]:
     """Group decoded images into same-size batches of at most ``batch_size``.
 
     At most ``max_waiting`` images (default ``4 * batch_size``) wait in partial batches; past

@@ -17,10 +17,22 @@ from torch import nn
 
 STRIDE = 8
 DESCRIPTOR_DIM = 256
-_ENCODER = [("1a", 1, 64), ("1b", 64, 64), ("2a", 64, 64), ("2b", 64, 64),
-            ("3a", 64, 128), ("3b", 128, 128), ("4a", 128, 128), ("4b", 128, 128)]
-_HEADS = [("Pa", 128, 256, 3), ("Pb", 256, STRIDE * STRIDE + 1, 1),
-          ("Da", 128, 256, 3), ("Db", 256, DESCRIPTOR_DIM, 1)]
+_ENCODER = [
+    ("1a", 1, 64),
+    ("1b", 64, 64),
+    ("2a", 64, 64),
+    ("2b", 64, 64),
+    ("3a", 64, 128),
+    ("3b", 128, 128),
+    ("4a", 128, 128),
+    ("4b", 128, 128),
+]
+_HEADS = [
+    ("Pa", 128, 256, 3),
+    ("Pb", 256, STRIDE * STRIDE + 1, 1),
+    ("Da", 128, 256, 3),
+    ("Db", 256, DESCRIPTOR_DIM, 1),
+]
 LAYER_NAMES = [name for name, *_ in _ENCODER] + [name for name, *_ in _HEADS]
 
 

@@ -119,7 +119,7 @@ def to_original_frame(
     ``(k + 0.5) * scale - 0.5`` per axis, then clipped into [0, size - 1] so every keypoint
     lies inside the original image.
     """
-    scale = (np.asarray(original_size, np.float32) / np.asarray(working_size, np.float32))
+    scale = np.asarray(original_size, np.float32) / np.asarray(working_size, np.float32)
     mapped = (keypoints.astype(np.float32) + 0.5) * scale[None] - 0.5
     upper = np.asarray(original_size, np.float32) - 1
     return np.clip(mapped, 0, upper[None]).astype(np.float32)

@@ -70,8 +70,9 @@ class Summary:
 class Progress:
     """Progress of ``total`` items: a rich bar on a terminal, else a line every ``interval`` s."""
 
-    def __init__(self, total: int, unit: str, quiet: bool = False, stream: TextIO | None = None,
-                 interval: float = 10.0) -> None:
+    def __init__(
+        self, total: int, unit: str, quiet: bool = False, stream: TextIO | None = None, interval: float = 10.0
+    ) -> None:
         self.total = total
         self.unit = unit
         self.quiet = quiet
@@ -87,12 +88,17 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                console=Console(file=self.stream), transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
             )
-            self._task = self._bar.add_task("extracting" if unit == "images" else "matching",
-                                            total=total, rate="")
+            self._task = self._bar.add_task(
+                "extracting" if unit == "images" else "matching", total=total, rate=""
+            )
             self._bar.start()
 
     def advance(self, count: int) -> None:
@@ -107,8 +113,12 @@ class Progress:
         elif not self.quiet and time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()
             remaining = (self.total - self.completed) / rate if rate else float("nan")
-            print(f"{self.completed}/{self.total} {self.unit} saved, {rate:.2f} {self.unit}/s, "
-                  f"ETA {remaining:.0f} s", file=self.stream, flush=True)
+            print(
+                f"{self.completed}/{self.total} {self.unit} saved, {rate:.2f} {self.unit}/s, "
+                f"ETA {remaining:.0f} s",
+                file=self.stream,
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         """A line for the user (a failed image, say), above the bar if there is one."""

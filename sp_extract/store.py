@@ -11,6 +11,7 @@ released by the kernel when its holder dies.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -110,7 +111,9 @@ class StoreLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
-                raise StoreError(f"{self.path}: cannot create lock file ({_describe_os_error(error)})") from error
+                raise StoreError(
+                    f"{self.path}: cannot create lock file ({_describe_os_error(error)})"
+                ) from error
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -134,10 +137,8 @@ class StoreLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             self.path.unlink()
-        except OSError:
-            pass
         os.close(self.fd)
         self.fd = None
 

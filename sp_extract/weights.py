@@ -152,7 +152,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as error:  # any parse failure of an arbitrary file
-        raise WeightsError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from error
+        raise WeightsError(
+            f"{path}: not a readable weights file ({type(error).__name__}: {error})"
+        ) from error
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -211,7 +213,9 @@ def convert_state_dict(state: dict[str, torch.Tensor], source: str) -> tuple[dic
             raise WeightsError(
                 f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
             )
-    return {k: v.float() if v.is_floating_point() else v for k, v in converted.items() if k in expected}, batch_norm
+    return {
+        k: v.float() if v.is_floating_point() else v for k, v in converted.items() if k in expected
+    }, batch_norm
 
 
 def load_weights(spec: str | None = None) -> LoadedWeights:

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real weights and photos in ../shared, and small synthetic inputs.
+
+A missing ../shared file fails the test (never skips it): CI must run every test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.fail(f"{path} is missing: tests need ../shared beside the repository (see README)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> Path:
+    """Magic Leap's SuperPoint v1 weights (../shared/weights/superpoint_v1.pth)."""
+    return shared_file("weights/superpoint_v1.pth")
+
+
+@pytest.fixture(scope="session")
+def sacre_coeur() -> Path:
+    """Folder of 10 real photos (../shared/data/sacre_coeur)."""
+    return shared_file("data/sacre_coeur")
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised v1-layout state dict, for fast tests that need no trained network."""
+    from sp_extract.model import SuperPoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random_v1.pth"
+    torch.save(SuperPoint().state_dict(), path)
+    return path
+
+
+def write_image(path: Path, width: int = 96, height: int = 64, seed: int = 0) -> Path:
+    """A textured 8-bit grayscale image with corners (blocks), written with OpenCV."""
+    rng = np.random.default_rng(seed)
+    image = np.kron(rng.integers(0, 256, (height // 8 + 1, width // 8 + 1)), np.ones((8, 8)))
+    image = image[:height, :width].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+@pytest.fixture
+def small_images(tmp_path: Path) -> Path:
+    """A folder of a few small synthetic images, one in a subfolder."""
+    root = tmp_path / "images"
+    write_image(root / "a.png", seed=1)
+    write_image(root / "b.jpg", seed=2)
+    write_image(root / "sub" / "c.png", 80, 120, seed=3)
+    return root
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``sp-extract`` as a real subprocess (``python -m sp_extract``)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sp_extract", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=timeout)
