@@ -25,5 +25,11 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        # Importing the submodule sp_extract.extract binds it to this package's attribute
+        # "extract", shadowing the function: bind the public names of that module explicitly.
+        for public, source in _LAZY.items():
+            if source == module.__name__:
+                globals()[public] = getattr(module, public)
+        return globals()[name]
     raise AttributeError(f"module 'sp_extract' has no attribute {name!r}")
