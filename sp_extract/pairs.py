@@ -1,0 +1,144 @@
+"""Image pairs: generating pairs files and reading them back.
+
+A pairs file is the format shared by hloc and COLMAP's custom matching: one pair ``name0 name1``
+a line, names as in the feature store. Generators: every unordered pair once (exhaustive), each
+image with its next K in name order (sequential, optionally closing the loop), and exhaustive
+pairs of a listed subset. ``read_pairs`` validates a file completely before any matching starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+from .discover import discover_images
+from .errors import ConfigError
+from .store import read_store_info
+
+Pair = tuple[str, str]
+
+
+def pair_key(name0: str, name1: str) -> str:
+    """The match store's group of a pair: hloc's ``names_to_pair`` (``/`` in names becomes ``-``)."""
+    return name0.replace("/", "-") + "/" + name1.replace("/", "-")
+
+
+def source_names(features: Path | None, images: Path | None) -> list[str]:
+    """Image names of a feature store, or of an image folder (as extraction names them), sorted."""
+    if images is not None:
+        return discover_images(images)
+    if features is None or not features.is_file():
+        raise ConfigError(f"{features}: no such feature store; pass --features FILE or --images DIR")
+    _, names = read_store_info(features, "features")
+    return names
+
+
+def exhaustive_pairs(names: list[str]) -> list[Pair]:
+    """Every unordered pair of distinct names once, ``(names[i], names[j])`` with ``i < j``."""
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+
+
+def sequential_pairs(names: list[str], window: int, loop: bool = False) -> list[Pair]:
+    """Each name with its next ``window`` names; ``loop`` also pairs the last ones with the first."""
+    if window < 1:
+        raise ConfigError(f"--window must be >= 1, got {window}")
+    count = len(names)
+    pairs: list[Pair] = []
+    seen: set[frozenset[int]] = set()
+    for i in range(count):
+        for step in range(1, window + 1):
+            j = i + step
+            if j >= count:
+                if not loop:
+                    break
+                j %= count
+            if j == i or frozenset((i, j)) in seen:
+                continue
+            seen.add(frozenset((i, j)))
+            pairs.append((names[i], names[j]))
+    return pairs
+
+
+def _content_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a text file, stripped, without blank lines and ``#`` comments."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read {what} ({error})") from error
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            yield number, text
+
+
+def read_name_list(path: Path, known: Collection[str]) -> list[str]:
+    """Names listed in ``path`` (one a line, file order, duplicates dropped), each in ``known``."""
+    names: dict[str, None] = {}
+    for number, text in _content_lines(path, "image list"):
+        if text not in known:
+            raise ConfigError(f"{path}:{number}: '{text}' is not one of the {len(known)} known images")
+        names[text] = None
+    if not names:
+        raise ConfigError(f"{path}: lists no images")
+    return list(names)
+
+
+def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
+    """The distinct pairs of a pairs file, checked against the ``known`` image names.
+
+    ``a b`` and ``b a`` count once (the first kept). Blank lines and ``#`` comments are skipped.
+    A malformed line, a self pair, a name not in ``known`` or two pairs whose store groups
+    collide (hloc turns ``/`` into ``-``) raise ``ConfigError`` naming the line; the message also
+    counts the further bad lines, so one run reports the scale of the problem.
+    """
+    pairs: list[Pair] = []
+    keys: dict[str, tuple[int, Pair]] = {}  # store group (either order) -> line, pair
+    problems: list[str] = []
+    for number, text in _content_lines(path, "pairs file"):
+        fields = text.split()
+        if len(fields) != 2:
+            problems.append(f"{path}:{number}: expected 'name0 name1', got {len(fields)} field(s)")
+            continue
+        a, b = fields
+        missing = [n for n in (a, b) if n not in known]
+        if missing:
+            problems.append(f"{path}:{number}: '{missing[0]}' is not in the feature store")
+            continue
+        if a == b:
+            problems.append(f"{path}:{number}: an image paired with itself ('{a}')")
+            continue
+        key = pair_key(a, b)
+        if key in keys:
+            first_line, first = keys[key]
+            if {a, b} != set(first):
+                problems.append(
+                    f"{path}:{number}: pair '{a} {b}' has the same store group '{key}' as line "
+                    f"{first_line} '{first[0]} {first[1]}' (names differing only in '/' vs '-')"
+                )
+            continue
+        keys[key] = keys[pair_key(b, a)] = (number, (a, b))
+        pairs.append((a, b))
+    if problems:
+        more = f" (and {len(problems) - 1} more bad line(s))" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+    if not pairs:
+        raise ConfigError(f"{path}: no pairs in the file")
+    return pairs
+
+
+def write_pairs(pairs: list[Pair], path: Path) -> None:
+    """Write a pairs file atomically (a temporary file renamed over ``path``)."""
+    path = Path(path)
+    spaced = next((n for pair in pairs for n in pair if len(n.split()) != 1), None)
+    if spaced is not None:
+        raise ConfigError(
+            f"{path}: image name '{spaced}' contains white space, which pairs files cannot hold"
+        )
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write pairs ({error.strerror or error})") from error
