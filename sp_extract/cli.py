@@ -11,12 +11,15 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .errors import EXIT_SIGINT, SpExtractError
+
+if TYPE_CHECKING:
+    from .report import Summary
 
 
 class DefaultCommandGroup(click.Group):
@@ -47,6 +50,15 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_SIGINT)
 
     return wrapper
+
+
+def finish_run(summary: Summary, json_report: Path | None) -> None:
+    """Print a run's summary on stderr, write it as JSON if asked, and exit with its code."""
+    for line in summary.lines():
+        click.echo(line, err=True)
+    if json_report:
+        summary.write_json(json_report)
+    sys.exit(summary.exit_code)
 
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,11 +168,174 @@ def extract(
         overwrite=overwrite,
         quiet=quiet,
     )
-    for line in summary.lines():
-        click.echo(line, err=True)
-    if json_report:
-        summary.write_json(json_report)
-    sys.exit(summary.exit_code)
+    finish_run(summary, json_report)
+
+
+# -- matching: pairs files and match stores (issue 3) ----------------------------------------
+_SOURCE_OPTIONS = (
+    click.option(
+        "--features",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=Path("feats.h5"),
+        show_default=True,
+        help="Take the image names from this feature store.",
+    ),
+    click.option(
+        "--images",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Take the image names from this folder instead (as extraction names them).",
+    ),
+    click.option(
+        "--out",
+        "-o",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=Path("pairs.txt"),
+        show_default=True,
+        help="Pairs file to write: 'name0 name1' a line (hloc / COLMAP format).",
+    ),
+)
+
+
+def _source_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_SOURCE_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _write_pairs(pairs: list[tuple[str, str]], out: Path) -> None:
+    from .pairs import write_pairs
+
+    write_pairs(pairs, out)
+    click.echo(f"{len(pairs)} pairs written to {out}", err=True)
+
+
+@cli.group()
+def pairs() -> None:
+    """Write a pairs file (for match-pairs, hloc or COLMAP) from the names of a store or folder."""
+
+
+@pairs.command()
+@_source_options
+@reports_errors
+def exhaustive(features: Path, images: Path | None, out: Path) -> None:
+    """Every unordered pair of images once: n (n - 1) / 2 pairs."""
+    from .pairs import exhaustive_pairs, source_names
+
+    _write_pairs(exhaustive_pairs(source_names(features, images)), out)
+
+
+@pairs.command()
+@click.option("--window", "-k", default=10, show_default=True, help="Pair each image with its next K.")
+@click.option("--loop", is_flag=True, help="Also pair the last images with the first (closed sequences).")
+@_source_options
+@reports_errors
+def sequential(window: int, loop: bool, features: Path, images: Path | None, out: Path) -> None:
+    """Each image with the next --window images in name order (video, drone strips)."""
+    from .pairs import sequential_pairs, source_names
+
+    _write_pairs(sequential_pairs(source_names(features, images), window, loop), out)
+
+
+@pairs.command("from-list")
+@click.argument("image_list", type=click.Path(dir_okay=False, path_type=Path))
+@_source_options
+@reports_errors
+def from_list(image_list: Path, features: Path, images: Path | None, out: Path) -> None:
+    """Every unordered pair of the images named in IMAGE_LIST (one name a line)."""
+    from .pairs import exhaustive_pairs, read_name_list, source_names
+
+    _write_pairs(exhaustive_pairs(read_name_list(image_list, source_names(features, images))), out)
+
+
+@cli.command("match-pairs")
+@click.argument("pairs_file", metavar="PAIRS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--features",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("feats.h5"),
+    show_default=True,
+    help="Feature store to match.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("matches.h5"),
+    show_default=True,
+    help="HDF5 match store to create or extend (hloc layout).",
+)
+@click.option(
+    "--mutual/--no-mutual", default=True, show_default=True, help="Keep only mutual nearest neighbours."
+)
+@click.option("--ratio", type=float, help="Lowe's ratio test on descriptor distances (hloc NN-ratio: 0.8).")
+@click.option(
+    "--max-distance", type=float, help="Largest L2 distance of unit descriptors (hloc NN-superpoint: 0.7)."
+)
+@click.option(
+    "--verify",
+    type=click.Choice(["fundamental", "homography"]),
+    help="Keep only inliers of a fundamental matrix or homography (OpenCV USAC MAGSAC).",
+)
+@click.option(
+    "--verify-threshold", default=4.0, show_default=True, help="Largest inlier error for --verify (px)."
+)
+@click.option("--batch-size", default=32, show_default=True, help="Pairs per matching batch.")
+@click.option(
+    "--cache-mb", default=1024, show_default=True, help="Memory for descriptors kept between pairs (MiB)."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
+@click.option(
+    "--json-report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the run's summary as JSON to this file.",
+)
+@reports_errors
+def match_pairs(
+    pairs_file: Path,
+    features: Path,
+    out: Path,
+    mutual: bool,
+    ratio: float | None,
+    max_distance: float | None,
+    verify: str | None,
+    verify_threshold: float,
+    batch_size: int,
+    cache_mb: int,
+    device: str,
+    overwrite: bool,
+    quiet: bool,
+    json_report: Path | None,
+) -> None:
+    """Match the descriptors of every pair in PAIRS ('name0 name1' a line) into --out.
+
+    Nearest neighbours with the mutual check, ratio test and distance threshold of hloc's NN
+    matchers. The pairs file is checked completely before matching. Re-running matches only the
+    pairs not yet in the store; a store made with other settings or features is refused.
+    """
+    from .match import MatchConfig
+    from .match import match_pairs as run_match_pairs
+
+    config = MatchConfig(
+        mutual=mutual,
+        ratio=ratio,
+        max_distance=max_distance,
+        verify=verify,
+        verify_threshold=verify_threshold,
+    )
+    summary = run_match_pairs(
+        pairs_file,
+        features,
+        out,
+        config,
+        device=device,
+        batch_size=batch_size,
+        cache_mb=cache_mb,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    finish_run(summary, json_report)
 
 
 def main() -> None:

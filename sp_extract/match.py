@@ -1,0 +1,403 @@
+"""Matching stage: nearest-neighbour matches of stored descriptors for a list of image pairs.
+
+Owns the match store's content (hloc layout: one group per pair at ``pair_key(name0, name1)``
+holding ``matches0``, int32, an index into image 1 or -1 for each keypoint of image 0, and
+``matching_scores0``, float16), the batched matcher (mutual check, Lowe's ratio, distance
+threshold, as hloc's ``NN-mutual``, ``NN-ratio`` and ``NN-superpoint``), the bounded feature
+cache and the optional geometric verification (OpenCV's USAC MAGSAC).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+import torch
+
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from .extract import resolve_device
+from .interrupt import graceful_stop
+from .pairs import Pair, pair_key, read_pairs
+from .report import Progress, Summary
+from .store import StoreWriter, read_store_info
+
+VERIFY_MIN_MATCHES = {"fundamental": 8, "homography": 4}  # fewer matches cannot be verified
+VERIFY_CONFIDENCE = 0.999
+VERIFY_MAX_ITERS = 10_000
+MAX_BATCH_ELEMENTS = 1 << 27  # distance-matrix entries per batch (512 MiB in float32)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Matcher settings; all are recorded in the match store and checked on resume."""
+
+    mutual: bool = True
+    ratio: float | None = None
+    max_distance: float | None = None
+    verify: str | None = None
+    verify_threshold: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ConfigError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.max_distance is not None and not 0.0 < self.max_distance <= 2.0:
+            raise ConfigError(
+                f"--max-distance must be in (0, 2] (L2 distance of unit descriptors), got {self.max_distance}"
+            )
+        if self.verify is not None and self.verify not in VERIFY_MIN_MATCHES:
+            raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MIN_MATCHES)}, got {self.verify}")
+        if self.verify_threshold <= 0:
+            raise ConfigError(f"--verify-threshold must be > 0 pixels, got {self.verify_threshold}")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as recorded; the threshold only counts when verification is on."""
+        settings = asdict(self)
+        if self.verify is None:
+            settings["verify_threshold"] = None
+        return settings
+
+
+def _padded(descriptors: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, length, D) float32 copy of the (N_i, D) descriptors and the (B, length) padding mask."""
+    first = descriptors[0]
+    out = first.new_zeros((len(descriptors), length, first.shape[1]), dtype=torch.float32)
+    for row, d in zip(out, descriptors):
+        row[: len(d)] = d
+    sizes = torch.tensor([len(d) for d in descriptors], device=first.device)
+    padding = torch.arange(length, device=first.device)[None] >= sizes[:, None]
+    return out, padding
+
+
+def _nearest(
+    distances: torch.Tensor, ratio_on: torch.Tensor, config: MatchConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest neighbour along the last axis of squared distances: index, distance, passes filters."""
+    values, indices = distances.topk(1 if config.ratio is None else 2, dim=-1, largest=False)
+    best = values[..., 0]
+    ok = torch.isfinite(best)
+    if config.ratio is not None:
+        ok &= ~ratio_on[:, None] | (best <= config.ratio**2 * values[..., 1])
+    if config.max_distance is not None:
+        ok &= best <= config.max_distance**2
+    return indices[..., 0], best, ok
+
+
+def nearest_neighbours(
+    descriptors0: Sequence[torch.Tensor], descriptors1: Sequence[torch.Tensor], config: MatchConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match B pairs at once: ``descriptors0[i]`` (N0_i, D) against ``descriptors1[i]`` (N1_i, D).
+
+    Distances are exact L2 distances computed in float32; descriptors are padded to the batch
+    maximum and the padding masked. A keypoint of image 0 matches its nearest neighbour in image 1
+    if that passes Lowe's ratio (skipped, as in hloc, for a pair where an image has fewer than two
+    keypoints), the distance threshold and, with ``mutual``, is matched back the same way.
+    Returns ``matches0`` (B, M) int64, -1 for none, and ``scores0`` (B, M) float32, 0 for none,
+    where score = 1 - d^2 / 4 (hloc's (1 + cosine) / 2 for unit descriptors); row i is valid up
+    to N0_i.
+    """
+    length0 = max(2, *(len(d) for d in descriptors0))
+    length1 = max(2, *(len(d) for d in descriptors1))
+    a, padding0 = _padded(descriptors0, length0)
+    b, padding1 = _padded(descriptors1, length1)
+    norms0 = (a * a).sum(-1).masked_fill_(padding0, float("inf"))
+    norms1 = (b * b).sum(-1).masked_fill_(padding1, float("inf"))
+    distances = torch.baddbmm(norms1[:, None, :], a, b.transpose(1, 2), alpha=-2.0)
+    distances.add_(norms0[:, :, None]).clamp_(min=0.0)
+    counts0 = (~padding0).sum(1)
+    counts1 = (~padding1).sum(1)
+    ratio_on = (counts0 >= 2) & (counts1 >= 2)
+    matches, best, ok = _nearest(distances, ratio_on, config)
+    if config.mutual:
+        back, _, back_ok = _nearest(distances.transpose(1, 2), ratio_on, config)
+        rows = torch.arange(length0, device=a.device)[None]
+        ok &= back_ok.gather(1, matches) & (back.gather(1, matches) == rows)
+    scores = torch.where(ok, (1.0 - best / 4.0).clamp(0.0, 1.0), torch.zeros_like(best))
+    return torch.where(ok, matches, torch.full_like(matches, -1)), scores
+
+
+def verify_matches(
+    keypoints0: np.ndarray, keypoints1: np.ndarray, matches0: np.ndarray, model: str, threshold: float
+) -> tuple[np.ndarray, int]:
+    """Keep the matches that are inliers of a fundamental matrix or a homography (USAC MAGSAC).
+
+    ``threshold`` is OpenCV's maximum error in pixels. A pair with too few matches, or whose
+    model cannot be estimated, keeps none. Returns the filtered ``matches0`` and the inlier count.
+    """
+    index = np.flatnonzero(matches0 >= 0)
+    kept = np.full_like(matches0, -1)
+    if len(index) < VERIFY_MIN_MATCHES[model]:
+        return kept, 0
+    points0 = keypoints0[index].astype(np.float64)
+    points1 = keypoints1[matches0[index]].astype(np.float64)
+    try:
+        if model == "fundamental":
+            found, mask = cv2.findFundamentalMat(
+                points0, points1, cv2.USAC_MAGSAC, threshold, VERIFY_CONFIDENCE, VERIFY_MAX_ITERS
+            )
+        else:
+            found, mask = cv2.findHomography(
+                points0, points1, cv2.USAC_MAGSAC, threshold, maxIters=VERIFY_MAX_ITERS,
+                confidence=VERIFY_CONFIDENCE,
+            )  # fmt: skip
+    except cv2.error:  # degenerate configurations (all points on a line, say)
+        return kept, 0
+    if found is None or mask is None:
+        return kept, 0
+    inliers = index[mask.ravel().astype(bool)]
+    kept[inliers] = matches0[inliers]
+    return kept, len(inliers)
+
+
+@dataclass
+class ImageFeatures:
+    """What matching needs of one image: descriptors (N, D) on the device, keypoints (N, 2)."""
+
+    descriptors: torch.Tensor
+    keypoints: np.ndarray | None
+
+
+class FeatureCache:
+    """Features read from the store once per image and kept, least recently used first out.
+
+    Descriptors stay in their stored type on the matching device; the cache holds at most
+    ``budget_bytes`` of them (plus the images of the batch in hand). Unreadable entries are
+    remembered in ``failed`` with their reason and not read again.
+    """
+
+    def __init__(self, h5: h5py.File, device: torch.device, budget_bytes: int, keypoints: bool) -> None:
+        self.h5 = h5
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.keypoints = keypoints
+        self.entries: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self.failed: dict[str, str] = {}
+        self.bytes = 0
+        self.reads = 0
+        self.dimension: int | None = None
+
+    def _read(self, name: str) -> ImageFeatures:
+        group = self.h5[name]
+        descriptors = np.asarray(group["descriptors"])
+        if descriptors.ndim != 2:
+            raise ValueError(f"descriptors of shape {descriptors.shape}, expected D x N")
+        if self.dimension is None:
+            self.dimension = descriptors.shape[0]
+        if descriptors.shape[0] != self.dimension:
+            raise ValueError(f"{descriptors.shape[0]}-d descriptors, other images have {self.dimension}")
+        keypoints = None
+        if self.keypoints:
+            keypoints = np.asarray(group["keypoints"], dtype=np.float64)
+            if keypoints.shape != (descriptors.shape[1], 2):
+                raise ValueError(
+                    f"keypoints of shape {keypoints.shape} for {descriptors.shape[1]} descriptors"
+                )
+        self.reads += 1
+        return ImageFeatures(torch.from_numpy(descriptors).to(self.device).T, keypoints)
+
+    def get(self, name: str) -> ImageFeatures | None:
+        """The image's features, or None if they cannot be read (reason in ``failed``)."""
+        if name in self.failed:
+            return None
+        if name in self.entries:
+            self.entries.move_to_end(name)
+            return self.entries[name]
+        try:
+            features = self._read(name)
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            self.failed[name] = f"unreadable features ({error})"
+            return None
+        self.entries[name] = features
+        self.bytes += features.descriptors.nbytes
+        while self.bytes > self.budget_bytes and len(self.entries) > 1:
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= evicted.descriptors.nbytes
+        return features
+
+
+def descriptor_counts(h5: h5py.File, names: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Descriptors per image and the largest bytes per descriptor, from dataset shapes (no data
+    read); an unreadable entry counts 0 (the cache reports it when the pair comes up)."""
+    counts: dict[str, int] = {}
+    row_bytes = 1
+    for name in names:
+        try:
+            dataset = h5[name]["descriptors"]
+            counts[name] = int(dataset.shape[-1])
+            row_bytes = max(row_bytes, dataset.dtype.itemsize * int(dataset.shape[0]))
+        except (OSError, KeyError, TypeError, IndexError):
+            counts[name] = 0
+    return counts, row_bytes
+
+
+def tile_order(pairs: list[Pair], counts: dict[str, int], block_descriptors: int) -> list[Pair]:
+    """Pairs reordered so the cache reads each image O(total / budget) times, not once per pair.
+
+    Images are cut, in order of first use, into blocks of at most ``block_descriptors``; pairs
+    are sorted (stably) by the two blocks they join, so matching walks the block-pair tiles one
+    at a time and a tile's two blocks fit the cache together. When everything fits, the order
+    is unchanged.
+    """
+    block: dict[str, int] = {}
+    current = used = 0
+    for name in dict.fromkeys(name for pair in pairs for name in pair):
+        if used and used + counts[name] > block_descriptors:
+            current, used = current + 1, 0
+        block[name] = current
+        used += counts[name]
+    return sorted(pairs, key=lambda p: sorted((block[p[0]], block[p[1]])))
+
+
+def plan_batches(pairs: list[Pair], counts: dict[str, int], batch_size: int) -> Iterator[list[Pair]]:
+    """Consecutive pairs in batches of at most ``batch_size`` whose padded distance matrices fit
+    ``MAX_BATCH_ELEMENTS`` (a single pair always forms a batch)."""
+    batch: list[Pair] = []
+    rows = columns = 0
+    for pair in pairs:
+        grown_rows, grown_columns = max(rows, counts[pair[0]]), max(columns, counts[pair[1]])
+        if batch and (
+            len(batch) == batch_size or (len(batch) + 1) * grown_rows * grown_columns > MAX_BATCH_ELEMENTS
+        ):
+            yield batch
+            batch, grown_rows, grown_columns = [], counts[pair[0]], counts[pair[1]]
+        batch.append(pair)
+        rows, columns = grown_rows, grown_columns
+    if batch:
+        yield batch
+
+
+def _features_identity(features: Path) -> tuple[dict[str, Any], list[str]]:
+    if not features.is_file():
+        raise ConfigError(f"{features}: no such feature store (extract features first, or pass --features)")
+    settings, names = read_store_info(features, "features")
+    return {"features": str(features.resolve()), "features_settings": settings}, names
+
+
+def match_pairs(
+    pairs_file: Path | str,
+    features: Path | str,
+    out: Path | str,
+    config: MatchConfig | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    cache_mb: int = 1024,
+    overwrite: bool = False,
+    quiet: bool = True,
+) -> Summary:
+    """Match every pair of ``pairs_file`` with the features of ``features`` into the store ``out``.
+
+    The pairs file is checked completely first (``ConfigError`` naming the line). Pairs already
+    in ``out``, in either order, are skipped (resume); a store made with other settings or from
+    another feature store is refused unless ``overwrite``. Pairs whose features cannot be read
+    are recorded as failed in the returned ``Summary`` and the run goes on.
+    """
+    config = config or MatchConfig()
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if cache_mb < 1:
+        raise ConfigError(f"--cache-mb must be >= 1, got {cache_mb}")
+    pairs_file, features, out = Path(pairs_file), Path(features), Path(out)
+    identity, names = _features_identity(features)
+    pairs = read_pairs(pairs_file, set(names))
+    summary = Summary(
+        command="match-pairs", output=str(out), total=len(pairs), unit="pairs", count_label="matches per pair"
+    )
+    started = time.monotonic()
+    target = resolve_device(device)
+    settings = {**config.settings(), **identity}
+    info = {"pairs": str(pairs_file)}
+    with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
+        todo = [
+            p for p in pairs if pair_key(*p) not in writer.done and pair_key(p[1], p[0]) not in writer.done
+        ]
+        summary.skipped = len(pairs) - len(todo)
+        progress = Progress(len(todo), "pairs", quiet=quiet)
+        try:
+            with h5py.File(features, "r") as h5, graceful_stop() as stop:
+                counts, row_bytes = descriptor_counts(h5, list(dict.fromkeys(n for p in todo for n in p)))
+                budget = cache_mb << 20
+                cache = FeatureCache(h5, target, budget, keypoints=config.verify is not None)
+                todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
+                pending: _Batch | None = None
+                for batch in plan_batches(todo, counts, batch_size):
+                    ready, loaded = [], []
+                    for a, b in batch:
+                        first, second = cache.get(a), cache.get(b)
+                        if first is None or second is None:
+                            bad = a if first is None else b
+                            reason = f"{bad}: {cache.failed[bad]}"
+                            summary.failed.append({"name": f"{a} {b}", "reason": reason})
+                            progress.message(f"failed: {a} {b}: {reason}")
+                            continue
+                        ready.append((a, b))
+                        loaded.append((first, second))
+                    batch_in_flight = _Batch.start(ready, loaded, config) if ready else None
+                    if pending is not None:  # on CUDA, saved while the GPU matches the next batch
+                        pending.save(config, writer, summary, progress)
+                    pending = batch_in_flight
+                    if stop:
+                        summary.interrupted, summary.exit_code = True, stop.exit_code
+                        break
+                if pending is not None:
+                    pending.save(config, writer, summary, progress)
+                progress.advance(len(writer.flush()))
+        finally:
+            progress.close()
+    summary.done = progress.completed
+    if not summary.interrupted:
+        summary.exit_code = EXIT_SOME_FAILED if summary.failed else EXIT_OK
+    summary.wall_time_s = time.monotonic() - started
+    return summary
+
+
+@dataclass
+class _Batch:
+    """One batch of pairs whose matches are computed, or being computed, on the device."""
+
+    pairs: list[Pair]
+    loaded: list[tuple[ImageFeatures, ImageFeatures]]
+    matches: torch.Tensor
+    scores: torch.Tensor
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(
+        cls, pairs: list[Pair], loaded: list[tuple[ImageFeatures, ImageFeatures]], config: MatchConfig
+    ) -> _Batch:
+        """Queue the matching and the copy of its results to the host (asynchronous on CUDA)."""
+        matches, scores = nearest_neighbours(
+            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config
+        )
+        cuda = matches.device.type == "cuda"
+        matches = matches.to(torch.int32).to("cpu", non_blocking=cuda)
+        scores = scores.to("cpu", non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return cls(pairs, loaded, matches, scores, done)
+
+    def save(self, config: MatchConfig, writer: StoreWriter, summary: Summary, progress: Progress) -> None:
+        """Wait for the results, verify them if asked, and hand them to the writer."""
+        if self.done is not None:
+            self.done.synchronize()
+        matches, scores = self.matches.numpy(), self.scores.numpy()
+        for row, ((a, b), (first, second)) in enumerate(zip(self.pairs, self.loaded)):
+            count = len(first.descriptors)
+            matches0, scores0 = matches[row, :count].copy(), scores[row, :count]
+            attrs = {}
+            if config.verify is not None:
+                matches0, inliers = verify_matches(
+                    first.keypoints, second.keypoints, matches0, config.verify, config.verify_threshold
+                )
+                scores0 = np.where(matches0 >= 0, scores0, 0.0)
+                attrs = {"matches0": {"num_inliers": inliers}}
+            datasets = {"matches0": matches0, "matching_scores0": scores0.astype(np.float16)}
+            summary.counts.append(int((matches0 >= 0).sum()))
+            progress.advance(len(writer.add(pair_key(a, b), datasets, attrs)))
