@@ -2,7 +2,8 @@
 
 The run saves what is finished, prints its summary and exits 130 (SIGINT) or 143 (SIGTERM).
 A second signal aborts at once (``KeyboardInterrupt``); stores stay intact either way, since
-nothing is ever modified in place.
+nothing is ever modified in place. ``graceful_stop`` nests: an inner one (the store's fold)
+shares the flag of the outer one (the run), or, alone, can deliver the signal again on exit.
 """
 
 from __future__ import annotations
@@ -20,14 +21,26 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.exit_code: int | None = None
+        self.signum: int | None = None
 
     def __bool__(self) -> bool:
         return self.exit_code is not None
 
 
+_active: StopFlag | None = None
+
+
 @contextmanager
-def graceful_stop() -> Iterator[StopFlag]:
-    """Install the two-stage SIGINT/SIGTERM handlers for the duration of a run."""
+def graceful_stop(redeliver: bool = False) -> Iterator[StopFlag]:
+    """Install the two-stage SIGINT/SIGTERM handlers for the duration of a run.
+
+    Inside another ``graceful_stop`` it yields that one's flag and installs nothing. With
+    ``redeliver``, a signal caught here is raised again once the previous handlers are back.
+    """
+    global _active
+    if _active is not None:
+        yield _active
+        return
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -36,11 +49,16 @@ def graceful_stop() -> Iterator[StopFlag]:
     def handle(signum: int, _frame: object) -> None:
         if flag:
             raise KeyboardInterrupt
+        flag.signum = signum
         flag.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _active = flag
     try:
         yield flag
     finally:
+        _active = None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if redeliver and flag.signum is not None:
+        signal.raise_signal(flag.signum)

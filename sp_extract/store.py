@@ -1,12 +1,15 @@
-"""Stage 6, store: the only code that writes HDF5 stores (features and matches).
+"""Stage 6, store: the only code that writes HDF5 stores (features and matches), and repairs them.
 
 Crash safety by construction: an HDF5 file modified in place is not atomic, so a store is
 never modified in place. Finished entries are buffered, written to a complete part file,
 fsynced and renamed into ``STORE.parts/`` (from then on they are durable and reported saved).
 ``close`` folds the parts into a new copy of the store and renames it over the old one, an
 atomic step; a run killed at any instant leaves the old store intact and its parts folded in
-by the next run. One writer at a time: an OS-level lock (``flock``) on ``STORE.lock``,
-released by the kernel when its holder dies.
+by the next run. Every directory entry that durability depends on (the parts folder, each
+part, the renamed store) is fsynced in its folder. Datasets carry a Fletcher-32 checksum, so
+bit rot is detected on read. One writer at a time: an OS-level lock (``flock``) on
+``STORE.lock``, released by the kernel when its holder dies. ``repair_store`` salvages the
+readable, complete entries of a damaged store into a new one.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +32,18 @@ import numpy as np
 
 from . import __version__
 from .errors import StoreError
+from .interrupt import graceful_stop
+from .report import Summary
 
 KIND_ATTR = "sp_extract_kind"
 VERSION_ATTR = "sp_extract_version"
 SETTINGS_ATTR = "sp_extract_settings"
 MARKERS = {"features": "keypoints", "matches": "matches0"}  # the dataset that marks an entry
+REQUIRED = {  # the datasets of a complete entry
+    "features": ("keypoints", "scores", "descriptors", "image_size"),
+    "matches": ("matches0", "matching_scores0"),
+}
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)  # what h5py raises on damaged files
 
 Entry = dict[str, np.ndarray]
 EntryAttrs = dict[str, dict[str, Any]]
@@ -44,14 +57,26 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _describe_os_error(error: OSError) -> str:
-    if error.errno == errno.ENOSPC:
-        return "disk full"
-    if error.errno == errno.EDQUOT:
-        return "disk quota exceeded"
-    if error.errno == errno.EFBIG:
-        return "file too large"
-    return error.strerror or str(error)
+def describe_error(error: BaseException) -> str:
+    """One short line for an I/O failure; h5py hides the errno in its message text."""
+    code = getattr(error, "errno", None)
+    if not code:
+        found = re.search(r"errno = (\d+)", str(error))
+        code = int(found[1]) if found else None
+    named = {
+        errno.ENOSPC: "disk full",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large (file size limit reached)",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+    }
+    if code in named:
+        return named[code]
+    if code:
+        return os.strerror(code)
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def entry_names(h5: h5py.File | h5py.Group, marker: str) -> list[str]:
@@ -64,6 +89,13 @@ def entry_names(h5: h5py.File | h5py.Group, marker: str) -> list[str]:
 
     h5.visititems(visit)
     return sorted(names)
+
+
+def _unreadable(path: Path, error: BaseException) -> StoreError:
+    return StoreError(
+        f"{path}: unreadable store, truncated or corrupt ({describe_error(error)}); "
+        f"salvage it with 'sp-extract repair {path}' or pass --overwrite"
+    )
 
 
 def read_store_info(path: Path, kind: str) -> tuple[dict[str, Any], list[str]]:
@@ -84,11 +116,8 @@ def read_store_info(path: Path, kind: str) -> tuple[dict[str, Any], list[str]]:
             return settings, entry_names(h5, MARKERS[kind])
     except StoreError:
         raise
-    except (OSError, KeyError, ValueError) as error:
-        raise StoreError(
-            f"{path}: unreadable store, truncated or corrupt ({error}); "
-            f"salvage it with 'sp-extract repair {path}' or pass --overwrite"
-        ) from error
+    except H5_ERRORS as error:
+        raise _unreadable(path, error) from error
 
 
 def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -99,10 +128,22 @@ def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     )
 
 
+def parts_dir(store: Path) -> Path:
+    """The folder holding a store's durable, not yet folded part files."""
+    return store.with_name(store.name + ".parts")
+
+
+def part_files(store: Path) -> list[Path]:
+    """A store's part files, oldest first (their names start with a nanosecond timestamp)."""
+    folder = parts_dir(store)
+    return sorted(folder.glob("part-*.h5")) if folder.is_dir() else []
+
+
 class StoreLock:
     """Exclusive ``flock`` on ``STORE.lock``; the file holds the holder's pid."""
 
     def __init__(self, store: Path) -> None:
+        self.store = store
         self.path = store.with_name(store.name + ".lock")
         self.fd: int | None = None
 
@@ -112,7 +153,7 @@ class StoreLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
                 raise StoreError(
-                    f"{self.path}: cannot create lock file ({_describe_os_error(error)})"
+                    f"{self.store}: cannot write in {self.store.parent} ({describe_error(error)})"
                 ) from error
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,8 +161,8 @@ class StoreLock:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise StoreError(
-                    f"{self.path.with_suffix('')}: another sp-extract process (pid {holder}) is "
-                    "writing this store; wait for it to finish"
+                    f"{self.store}: another sp-extract process (pid {holder}) is writing this store; "
+                    "wait for it to finish"
                 ) from None
             try:  # the file may have been unlinked by its previous holder between open and flock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -147,9 +188,9 @@ class StoreWriter:
     """Durable, resumable writer of one store of ``kind`` ("features" or "matches").
 
     ``done`` holds the entries already stored or durable in parts; ``add`` buffers an entry and
-    returns the names made durable by the flush it may trigger; ``close`` folds everything into
-    the store atomically. Use as a context manager; on an exception the parts stay for the next
-    run, the store is not touched.
+    returns the names made durable by the flush it may trigger (every ``flush_entries`` entries
+    or ``flush_seconds`` seconds); ``close`` folds everything into the store atomically. Use as
+    a context manager; on an exception the parts stay for the next run, the store is not touched.
     """
 
     def __init__(
@@ -160,15 +201,18 @@ class StoreWriter:
         overwrite: bool = False,
         info: dict[str, str] | None = None,
         flush_entries: int = 64,
-        flush_seconds: float = 5.0,
+        flush_seconds: float = 2.0,
     ) -> None:
-        self.path = Path(path)
+        path = Path(path)
+        self.path = Path(os.path.realpath(path)) if path.is_symlink() else path  # replace the target
+        if not self.path.parent.is_dir():
+            raise StoreError(f"{self.path}: the output folder {self.path.parent} does not exist")
         self.kind = kind
         self.settings = settings
         self.info = info or {}
         self.flush_entries = flush_entries
         self.flush_seconds = flush_seconds
-        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.parts_dir = parts_dir(self.path)
         self.lock = StoreLock(self.path)
         self._buffer: list[tuple[str, Entry, EntryAttrs]] = []
         self._last_flush = time.monotonic()
@@ -182,9 +226,19 @@ class StoreWriter:
             raise
 
     # -- opening ---------------------------------------------------------------------------
+    def _remove_stale_temporaries(self) -> None:
+        """Delete what killed runs left half-written: fold copies and part files not renamed."""
+        fold_temporary = re.compile(re.escape(f".{self.path.name}.") + r"\d+\.tmp")
+        with os.scandir(self.path.parent) as entries:
+            for entry in entries:
+                if fold_temporary.fullmatch(entry.name):
+                    Path(entry.path).unlink(missing_ok=True)
+        if self.parts_dir.is_dir():
+            for stale in self.parts_dir.glob("*.tmp"):
+                stale.unlink(missing_ok=True)
+
     def _open(self, overwrite: bool) -> set[str]:
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        self._remove_stale_temporaries()
         if overwrite:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             return set()
@@ -193,12 +247,8 @@ class StoreWriter:
             settings, names = read_store_info(self.path, self.kind)
             self._check_settings(settings, self.path)
             done.update(names)
-        for part in self._parts():
-            try:
-                settings, names = read_store_info(part, self.kind)
-            except StoreError:
-                part.unlink(missing_ok=True)  # cannot happen for renamed parts; be safe
-                continue
+        for part in part_files(self.path):
+            settings, names = read_store_info(part, self.kind)  # complete: renamed after fsync
             self._check_settings(settings, self.path)
             done.update(names)
         return done
@@ -209,9 +259,6 @@ class StoreWriter:
                 f"{where}: made with other settings ({settings_difference(stored, self.settings)}); "
                 "use the same options, another --out, or --overwrite"
             )
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, name: str, datasets: Entry, attrs: EntryAttrs | None = None) -> list[str]:
@@ -234,27 +281,29 @@ class StoreWriter:
         self._last_flush = time.monotonic()
         if not self._buffer:
             return []
-        self.parts_dir.mkdir(exist_ok=True)
         self._sequence += 1
-        final = self.parts_dir / f"part-{os.getpid()}-{time.time_ns()}-{self._sequence:06d}.h5"
+        final = self.parts_dir / f"part-{time.time_ns():020d}-{os.getpid()}-{self._sequence:06d}.h5"
         temporary = final.with_name(final.name + ".tmp")
         try:
+            if not self.parts_dir.is_dir():
+                self.parts_dir.mkdir()
+                _fsync_path(self.parts_dir.parent, directory=True)
             with h5py.File(temporary, "w") as h5:
                 self._write_header(h5)
                 for name, datasets, attrs in self._buffer:
                     group = h5.create_group(name)
                     for key, array in datasets.items():
-                        group.create_dataset(key, data=array)
+                        dataset = group.create_dataset(key, data=array, fletcher32=np.ndim(array) > 0)
                         for attr, value in attrs.get(key, {}).items():
-                            group[key].attrs[attr] = value
+                            dataset.attrs[attr] = value
             _fsync_path(temporary)
             os.replace(temporary, final)
             _fsync_path(self.parts_dir, directory=True)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
             raise StoreError(
-                f"{final}: cannot write results ({_describe_os_error(error)}); "
-                f"the store {self.path} is intact"
+                f"{self.path}: cannot save results in {self.parts_dir} ({describe_error(error)}); "
+                "the store is intact"
             ) from error
         names = [name for name, _, _ in self._buffer]
         self.done.update(names)
@@ -263,7 +312,7 @@ class StoreWriter:
 
     def fold(self) -> None:
         """Fold all parts into the store: write a new file, fsync, rename it over the old one."""
-        parts = self._parts()
+        parts = part_files(self.path)
         if not parts and not self._discard_existing and self.path.exists():
             return
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -275,28 +324,33 @@ class StoreWriter:
                 for part in parts:
                     with h5py.File(part, "r") as source:
                         for name in entry_names(source, MARKERS[self.kind]):
-                            if name in out:
+                            if name in out:  # folded already by a run killed before deleting parts
                                 del out[name]
                             source.copy(source[name], out, name=name)
             _fsync_path(temporary)
             os.replace(temporary, self.path)
             _fsync_path(self.path.parent, directory=True)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
             raise StoreError(
-                f"{self.path}: cannot update the store ({_describe_os_error(error)}); the previous "
+                f"{self.path}: cannot update the store ({describe_error(error)}); the previous "
                 "store is intact and finished results are kept for the next run"
             ) from error
+        except BaseException:  # a second Ctrl-C: the old store and the parts are intact
+            temporary.unlink(missing_ok=True)
+            raise
         self._discard_existing = False
         for part in parts:
             part.unlink()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
     def close(self) -> None:
-        """Flush, fold and release the lock."""
+        """Flush, fold and release the lock. A first SIGINT/SIGTERM meanwhile lets the fold
+        finish (and is then handled as usual); a second one aborts it, the old store intact."""
         try:
-            self.flush()
-            self.fold()
+            with graceful_stop(redeliver=True):
+                self.flush()
+                self.fold()
         finally:
             self.lock.release()
 
@@ -308,3 +362,246 @@ class StoreWriter:
             self.close()
         else:
             self.lock.release()
+
+
+# -- repair ----------------------------------------------------------------------------------
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def stored_end_of_file(path: Path) -> int | None:
+    """The file size an HDF5 file's superblock records (None if no superblock is found).
+
+    A store cut short by a crash is smaller than this; HDF5 then refuses to open it.
+    """
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    for base in (0, 512, 1024, 2048):
+        if head[base : base + 8] != _HDF5_SIGNATURE or len(head) < base + 64:
+            continue
+        version = head[base + 8]
+        if version in (0, 1):
+            size = head[base + 13]
+            address = base + 24 + (4 if version == 1 else 0)
+        else:
+            size = head[base + 9]
+            address = base + 12
+        base_address = int.from_bytes(head[address : address + size], "little")
+        end = int.from_bytes(head[address + 2 * size : address + 3 * size], "little")
+        return base_address + end
+    return None
+
+
+class _ZeroPadded(io.RawIOBase):
+    """A read-only view of a truncated file that reads as zeros up to its recorded size.
+
+    Lets HDF5 open a store cut short by a crash; whatever lay in the lost tail reads as zeros,
+    which ``_read_entry`` detects through storage offsets and checksums.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._real = os.fstat(self._file.fileno()).st_size
+        self._size = size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = start + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self._size - self._position))
+        real = max(0, min(count, self._real - self._position))
+        if real:
+            self._file.seek(self._position)
+            real = self._file.readinto(view[:real]) or 0
+        view[real:count] = bytes(count - real)
+        self._position += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _open_damaged(path: Path) -> Iterator[tuple[h5py.File, int]]:
+    """Open a possibly truncated store read-only; yields the file and its real size in bytes."""
+    real_size = path.stat().st_size
+    try:
+        h5 = h5py.File(path, "r")
+    except H5_ERRORS as error:
+        recorded = stored_end_of_file(path)
+        if recorded is None or recorded <= real_size:
+            raise _unreadable(path, error) from error
+        padded = _ZeroPadded(path, recorded)
+        try:
+            h5 = h5py.File(padded, "r")
+        except H5_ERRORS as padded_error:
+            padded.close()
+            raise StoreError(
+                f"{path}: cut short at {real_size} of {recorded} bytes and its index is lost; "
+                "nothing can be salvaged"
+            ) from padded_error
+    try:
+        yield h5, real_size
+    finally:
+        h5.close()
+
+
+def _intact(dataset: h5py.Dataset, real_size: int) -> bool:
+    """Whether every byte of the dataset's storage lies inside the file (not in a lost tail)."""
+    dsid = dataset.id
+    if dataset.chunks is None:
+        offset = dsid.get_offset()
+        return offset is None or offset + dsid.get_storage_size() <= real_size
+    for index in range(dsid.get_num_chunks()):
+        chunk = dsid.get_chunk_info(index)
+        if chunk.byte_offset + chunk.size > real_size:
+            return False
+    return True
+
+
+def _read_entry(group: h5py.Group, kind: str, real_size: int) -> tuple[Entry, EntryAttrs]:
+    """The datasets and dataset attributes of a complete entry; raises ``ValueError`` if not."""
+    datasets: Entry = {}
+    attrs: EntryAttrs = {}
+    for key in group:
+        item = group[key]
+        if not isinstance(item, h5py.Dataset):
+            continue
+        if not _intact(item, real_size):
+            raise ValueError(f"'{key}' lies in the lost end of the file")
+        datasets[key] = item[()]
+        attrs[key] = dict(item.attrs)
+    missing = [key for key in REQUIRED[kind] if key not in datasets]
+    if missing:
+        raise ValueError(f"incomplete, no {', '.join(missing)}")
+    return datasets, attrs
+
+
+def _entry_groups(h5: h5py.File) -> tuple[list[str], list[str]]:
+    """Paths of the groups holding datasets (candidate entries), and of groups whose index is lost."""
+    entries: list[str] = []
+    lost: list[str] = []
+
+    def walk(group: h5py.Group, prefix: str) -> None:
+        try:
+            keys = list(group)
+        except H5_ERRORS:
+            lost.append(prefix.rstrip("/") or "/")
+            return
+        has_data = False
+        for key in keys:
+            try:
+                item = group[key]
+            except H5_ERRORS:
+                lost.append(prefix + key)
+                continue
+            if isinstance(item, h5py.Group):
+                walk(item, f"{prefix}{key}/")
+            else:
+                has_data = True
+        if has_data and prefix:
+            entries.append(prefix.rstrip("/"))
+
+    walk(h5, "")
+    return sorted(entries), lost
+
+
+def _match_count(datasets: Entry) -> int:
+    return int((datasets["matches0"] >= 0).sum())
+
+
+_ENTRY_COUNTS = {"features": lambda d: len(d["scores"]), "matches": _match_count}
+
+
+def repair_store(path: Path, out: Path | None = None) -> Summary:
+    """Copy every readable, complete entry of ``path`` (and of its parts) into a new store ``out``.
+
+    ``out`` defaults to ``STORE.repaired.h5`` beside it and must not exist; it is written with
+    ``StoreWriter``, so it appears atomically. The returned ``Summary`` lists what was lost.
+    """
+    path = Path(path)
+    out = Path(out) if out else path.with_name(f"{path.stem}.repaired{path.suffix or '.h5'}")
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    if out.exists() or out.is_symlink():
+        raise StoreError(f"{out}: exists; remove it or choose another --out")
+    if not h5py.is_hdf5(path):
+        raise StoreError(f"{path}: not an HDF5 file, nothing to repair")
+    started = time.monotonic()
+    failures: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    with _open_damaged(path) as (h5, real_size):
+        try:
+            kind = str(h5.attrs[KIND_ATTR])
+            settings = json.loads(h5.attrs[SETTINGS_ATTR])
+            info = {
+                key: str(value)
+                for key, value in h5.attrs.items()
+                if key not in settings and key not in (KIND_ATTR, VERSION_ATTR, SETTINGS_ATTR)
+            }
+        except KeyError as error:
+            raise StoreError(f"{path}: not an sp-extract store (no {KIND_ATTR} attribute)") from error
+        except H5_ERRORS as error:
+            raise StoreError(f"{path}: its settings are unreadable; nothing can be salvaged") from error
+        if kind not in MARKERS:
+            raise StoreError(f"{path}: unknown store kind {kind!r}")
+        with StoreWriter(out, kind, settings, info=info) as writer:
+            _salvage(h5, real_size, writer, counts, failures)
+            for part in part_files(path):  # durable results a killed run had not folded in yet
+                try:
+                    part_settings, _ = read_store_info(part, kind)
+                    if part_settings != settings:
+                        raise StoreError(f"{part}: made with other settings, skipped")
+                    with _open_damaged(part) as (source, size):
+                        _salvage(source, size, writer, counts, failures)
+                except StoreError as error:
+                    failures[str(part)] = str(error)
+            if not counts:  # leave no empty store behind
+                lost = "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items())[:3])
+                raise StoreError(f"{path}: no complete entry could be read ({lost or 'the store is empty'})")
+    unit, label = ("images", "keypoints per image") if kind == "features" else ("pairs", "matches per pair")
+    return Summary(
+        command="repair",
+        output=str(out),
+        total=len(counts) + len(failures),
+        done=len(counts),
+        failed=[{"name": name, "reason": reason} for name, reason in sorted(failures.items())],
+        counts=list(counts.values()),
+        wall_time_s=time.monotonic() - started,
+        exit_code=1 if failures else 0,
+        unit=unit,
+        count_label=label,
+    )
+
+
+def _salvage(
+    h5: h5py.File, real_size: int, writer: StoreWriter, counts: dict[str, int], failures: dict[str, str]
+) -> None:
+    """Add the complete entries of one file to ``writer``; record the others in ``failures``."""
+    entries, lost = _entry_groups(h5)
+    for name in lost:
+        failures.setdefault(name, "index unreadable; the entries below it are lost")
+    for name in entries:
+        try:
+            datasets, attrs = _read_entry(h5[name], writer.kind, real_size)
+        except H5_ERRORS as error:
+            if name not in counts:
+                failures[name] = describe_error(error)
+            continue
+        failures.pop(name, None)
+        counts[name] = _ENTRY_COUNTS[writer.kind](datasets)
+        writer.add(name, datasets, attrs)
