@@ -98,7 +98,7 @@ def download(url: str, destination: Path, expected_sha1: str, timeout: float = 6
     actual = git_blob_sha1(data)
     if actual != expected_sha1:
         raise WeightsError(f"{url}: checksum mismatch (git SHA-1 {actual}, expected {expected_sha1})")
-    partial = destination.with_name(destination.name + ".part")
+    partial = destination.with_name(f"{destination.name}.{os.getpid()}.part")  # one per process
     partial.write_bytes(data)
     os.replace(partial, destination)
     return destination
@@ -135,7 +135,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         array = np.frombuffer(body[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-        tensors[key] = torch.from_numpy(array.astype(np.float32, copy=True))
+        tensors[key] = torch.from_numpy(array.copy())  # own, aligned memory; dtype kept
     return tensors
 
 
@@ -143,7 +143,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.pth`` / ``.pt`` / ``.bin`` (PyTorch) or ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+        raise WeightsError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not a weights file")
     try:
         if path.suffix == ".safetensors":
             state = _read_safetensors(path)
@@ -152,8 +152,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as error:  # any parse failure of an arbitrary file
-        raise WeightsError(
-            f"{path}: not a readable weights file ({type(error).__name__}: {error})"
+        raise WeightsError(  # one line: torch's own messages run over many
+            f"{path}: not a readable weights file, expected a PyTorch state dict (.pth, .pt, .bin) "
+            f"or a .safetensors file ({type(error).__name__})"
         ) from error
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -201,10 +202,13 @@ def convert_state_dict(state: dict[str, torch.Tensor], source: str) -> tuple[dic
     elif any("conv_blocks" in k for k in keys):
         converted = {new: v for k, v in state.items() if (new := _rename_hf(k))}
     else:
-        sample = ", ".join(sorted(keys)[:3])
+        sample = ", ".join(sorted(keys)[:3]) or "none"
         raise WeightsError(f"{source}: not SuperPoint weights (unrecognised keys such as {sample})")
     batch_norm = any(k.startswith("bn") for k in converted)
     expected = SuperPoint(batch_norm=batch_norm).state_dict()
+    for key in expected:  # a BatchNorm's update counter plays no part in inference
+        if key.endswith(".num_batches_tracked"):
+            converted.setdefault(key, expected[key])
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise WeightsError(f"{source}: incomplete SuperPoint weights (missing {', '.join(missing[:3])})")
