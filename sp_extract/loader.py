@@ -8,6 +8,7 @@ waiting, or at the end. Images that failed to decode pass straight through as fa
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import ExtractConfig
 from .decode import DecodedImage, load_image
+
+MIN_SIDE = 8  # the network halves the image three times: a smaller side leaves no cell
 
 
 class ImageDataset(Dataset):
@@ -33,7 +36,12 @@ class ImageDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> DecodedImage:
-        return load_image(self.root, self.names[index], self.config)
+        item = load_image(self.root, self.names[index], self.config)
+        if item.image is not None and min(item.image.shape) < MIN_SIDE:
+            height, width = item.image.shape
+            item.error = f"too small: {width} x {height} px to the network, at least {MIN_SIDE} px a side"
+            item.image = None
+        return item
 
 
 def _keep(item: DecodedImage) -> DecodedImage:
@@ -42,6 +50,7 @@ def _keep(item: DecodedImage) -> DecodedImage:
 
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
 def decode_all(
@@ -71,9 +80,12 @@ class Batch:
     failures: list[DecodedImage] = field(default_factory=list)
 
     def tensor(self, pin: bool = False) -> torch.Tensor:
-        """(B, 1, H, W) float32 tensor of the images."""
-        stacked = torch.from_numpy(np.stack([item.image for item in self.images])[:, None])
-        return stacked.pin_memory() if pin else stacked
+        """(B, 1, H, W) float32 tensor of the images; ``pin``: in page-locked memory, stacked
+        there directly, so that the copy to a GPU can run asynchronously (``non_blocking``)."""
+        height, width = self.images[0].image.shape
+        stacked = torch.empty((len(self.images), 1, height, width), pin_memory=pin)
+        np.stack([item.image for item in self.images], out=stacked.numpy()[:, 0])
+        return stacked
 
 
 def make_batches(

@@ -121,10 +121,13 @@ class Progress:
             )
 
     def message(self, text: str) -> None:
-        """A line for the user (a failed image, say), above the bar if there is one."""
+        """A line for the user (a failed image, say), above the bar if there is one.
+
+        Silent when quiet: the summary repeats what these lines report.
+        """
         if self._bar is not None:
             self._bar.console.print(text, markup=False, highlight=False)
-        else:
+        elif not self.quiet:
             print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
