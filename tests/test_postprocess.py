@@ -11,6 +11,8 @@ from superpoint_reference import postprocess as reference_postprocess
 from sp_extract.postprocess import postprocess, to_original_frame
 
 THRESHOLD = 0.005
+# every device here: a GPU machine also checks the non-CPU code paths
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def run_both(
@@ -20,11 +22,12 @@ def run_both(
     border: int = 4,
     max_keypoints: int = -1,
     threshold: float = THRESHOLD,
+    device: str = "cpu",
 ) -> list:
     """Run ours on the batch and compare each image with the reference; return our features."""
     ours = postprocess(
-        torch.from_numpy(score_maps.astype(np.float32)),
-        torch.from_numpy(dense.astype(np.float32)),
+        torch.from_numpy(score_maps.astype(np.float32)).to(device),
+        torch.from_numpy(dense.astype(np.float32)).to(device),
         threshold=threshold,
         nms_radius=nms_radius,
         border=border,
@@ -58,22 +61,25 @@ def crafted_map(height: int, width: int, points: dict[tuple[int, int], float]) -
 @pytest.mark.parametrize("nms_radius", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("border", [0, 1, 2, 4])
 @pytest.mark.parametrize("max_keypoints", [-1, 1, 7, 50])
-def test_random_dense_maps_match_reference(nms_radius: int, border: int, max_keypoints: int) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_dense_maps_match_reference(nms_radius: int, border: int, max_keypoints: int, device) -> None:
     rng = np.random.default_rng(100 * nms_radius + 10 * border + max_keypoints % 97)
     scores = rng.random((3, 48, 64)) ** 6  # many values under the threshold
-    ours = run_both(scores, descriptor_maps(3, 48, 64, seed=nms_radius), nms_radius, border, max_keypoints)
+    dense = descriptor_maps(3, 48, 64, seed=nms_radius)
+    ours = run_both(scores, dense, nms_radius, border, max_keypoints, device=device)
     assert sum(len(f.scores) for f in ours) > 0
 
 
 @pytest.mark.parametrize("nms_radius", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("border", [0, 3])
-def test_quantised_maps_with_plateaus_and_ties_match_reference(nms_radius: int, border: int) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantised_maps_with_plateaus_and_ties_match_reference(nms_radius: int, border: int, device) -> None:
     """Few distinct values: plateaus, equal neighbours and ties at the top-k cut everywhere."""
     rng = np.random.default_rng(nms_radius)
     scores = rng.integers(0, 5, (2, 40, 56)) / 8.0
     dense = descriptor_maps(2, 40, 56, seed=1)
     for max_keypoints in (-1, 5, 20):
-        run_both(scores, dense, nms_radius, border, max_keypoints)
+        run_both(scores, dense, nms_radius, border, max_keypoints, device=device)
 
 
 def test_plateau_is_kept_whole_and_lower_neighbour_dropped() -> None:
