@@ -86,7 +86,6 @@ def git_blob_sha1(data: bytes) -> str:
 
 def download(url: str, destination: Path, expected_sha1: str, timeout: float = 60.0) -> Path:
     """Fetch ``url`` to ``destination`` atomically, refusing content with another git SHA-1."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
@@ -99,8 +98,15 @@ def download(url: str, destination: Path, expected_sha1: str, timeout: float = 6
     if actual != expected_sha1:
         raise WeightsError(f"{url}: checksum mismatch (git SHA-1 {actual}, expected {expected_sha1})")
     partial = destination.with_name(f"{destination.name}.{os.getpid()}.part")  # one per process
-    partial.write_bytes(data)
-    os.replace(partial, destination)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, destination)
+    except OSError as error:
+        raise WeightsError(
+            f"{destination}: cannot write the weights cache ({error.strerror or error}); "
+            "set SP_EXTRACT_CACHE to a writable folder or pass a file with --weights PATH"
+        ) from error
     return destination
 
 

@@ -290,6 +290,14 @@ def test_corrupt_cache_is_downloaded_again(tmp_path, server, monkeypatch, random
     assert (tmp_path / "cache" / served.name).read_bytes() == served.read_bytes()
 
 
+def test_unwritable_cache_is_a_clear_error(tmp_path, server, monkeypatch, random_weights) -> None:
+    publish(server, random_weights, monkeypatch)
+    (tmp_path / "blocker").write_text("a file where the cache folder should go")
+    monkeypatch.setenv("SP_EXTRACT_CACHE", str(tmp_path / "blocker" / "cache"))
+    with pytest.raises(WeightsError, match="cannot write the weights cache.*SP_EXTRACT_CACHE"):
+        load_weights("superpoint-v1")
+
+
 def test_offline_error_says_how_to_pass_a_file(tmp_path, server, monkeypatch, random_weights) -> None:
     publish(server, random_weights, monkeypatch)
     server.close()  # nothing listens on the port any more
