@@ -158,7 +158,7 @@ def test_resize_max_zero_keeps_native_size(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"", "empty file"), (b"hello, not an image\n", "not a readable image")],
+    [(b"", "empty file"), (b"hello, not an image\n", "format")],
 )
 def test_unreadable_files_are_returned_as_errors(tmp_path: Path, content: bytes, reason: str) -> None:
     (tmp_path / "bad.jpg").write_bytes(content)
