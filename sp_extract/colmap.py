@@ -1,0 +1,467 @@
+"""COLMAP: a feature store and a match store into a COLMAP database, and SfM on it (pycolmap).
+
+``write_database`` writes cameras (EXIF focal length or COLMAP's prior), trivial rigs and frames,
+images named as in the feature store, keypoints shifted by +0.5 into COLMAP's pixel convention
+and the raw matches, then runs pycolmap's geometric verification, so COLMAP's mapper can run on
+the database directly. ``reconstruct`` runs pycolmap's incremental mapper and reports each model.
+Both write into a temporary file or folder beside the target and rename it into place: a failed
+or interrupted run leaves the previous database or models untouched.
+
+pycolmap is an optional dependency (``pip install 'sp-extract[colmap]'``), imported on use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
+from .store import read_store_info
+
+INSTALL_HINT = "pycolmap is not installed; install the COLMAP extra: pip install 'sp-extract[colmap]'"
+COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)
+DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
+# hloc's verification settings for nearest-neighbour matches, which hold many outliers
+VERIFY_MAX_TRIALS = 20_000
+VERIFY_MIN_INLIER_RATIO = 0.1
+_DATABASE_TABLES = {"cameras", "images", "keypoints", "matches", "two_view_geometries"}
+
+
+def import_pycolmap() -> ModuleType:
+    """pycolmap, or a ``ConfigError`` saying how to install it."""
+    try:
+        import pycolmap
+    except ImportError as error:
+        raise ConfigError(INSTALL_HINT) from error
+    return pycolmap
+
+
+@contextlib.contextmanager
+def colmap_logging(verbose: bool) -> Iterator[None]:
+    """COLMAP's own log lines on stderr only when ``verbose``; errors always."""
+    pycolmap = import_pycolmap()
+    previous = pycolmap.logging.minloglevel
+    pycolmap.logging.minloglevel = 0 if verbose else 2
+    try:
+        yield
+    finally:
+        pycolmap.logging.minloglevel = previous
+
+
+def _temporary_beside(path: Path, suffix: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading the stores --------------------------------------------------------------------------
+def flat_name(name: str) -> str:
+    """An image name as it appears in a match store's pair key (hloc: ``/`` becomes ``-``)."""
+    return name.replace("/", "-")
+
+
+def resolve_pairs(
+    pair_keys: list[str], names: list[str], features: Path, matches: Path
+) -> list[tuple[str, str, str]]:
+    """(key, name0, name1) for every pair group of the match store, each unordered pair once.
+
+    A key is ``flat_name(name0) + "/" + flat_name(name1)``; names are looked up among the feature
+    store's. Raises ``StoreError`` for a pair naming an image the feature store lacks, and for two
+    feature-store names that a pair key cannot tell apart.
+    """
+    by_flat: dict[str, str] = {}
+    for name in names:
+        other = by_flat.setdefault(flat_name(name), name)
+        if other != name:
+            raise StoreError(
+                f"{features}: images '{other}' and '{name}' have the same pair key in match stores; "
+                "rename one of them"
+            )
+    resolved, seen = [], set()
+    for key in pair_keys:
+        flat0, _, flat1 = key.partition("/")
+        for flat in (flat0, flat1):
+            if flat not in by_flat:
+                raise StoreError(
+                    f"{matches}: pair '{key}' names image '{flat}', which has no features in {features}; "
+                    "match with the features of these images"
+                )
+        name0, name1 = by_flat[flat0], by_flat[flat1]
+        if frozenset((name0, name1)) in seen or name0 == name1:
+            continue
+        seen.add(frozenset((name0, name1)))
+        resolved.append((key, name0, name1))
+    return resolved
+
+
+def check_same_features(
+    features: Path, feature_settings: dict[str, Any], matches: Path, match_settings: dict[str, Any]
+) -> None:
+    """Refuse a match store made from another feature store (recorded by ``match-pairs``)."""
+    recorded = match_settings.get("features_settings")
+    if recorded != feature_settings:
+        source = match_settings.get("features", "an unknown feature store")
+        raise StoreError(
+            f"{matches}: made from the features in {source}, which were extracted with other settings "
+            f"than {features}; match the features of {features} first (sp-extract match-pairs)"
+        )
+
+
+def read_matches(h5: h5py.File, key: str, counts: tuple[int, int], matches: Path) -> np.ndarray:
+    """(M, 2) uint32 keypoint indices of one pair, checked against the keypoint counts."""
+    try:
+        matches0 = np.asarray(h5[key]["matches0"])
+    except (OSError, KeyError, ValueError) as error:
+        raise StoreError(f"{matches}: pair '{key}' is unreadable ({error})") from error
+    if matches0.ndim != 1 or len(matches0) != counts[0] or matches0.max(initial=-1) >= counts[1]:
+        raise StoreError(
+            f"{matches}: pair '{key}' does not fit the keypoints of the feature store "
+            f"({matches0.shape[0] if matches0.ndim else 0} matches0 entries for {counts[0]} and "
+            f"{counts[1]} keypoints); the matches were made from another feature store"
+        )
+    index = np.flatnonzero(matches0 >= 0)
+    return np.stack([index, matches0[index]], axis=1).astype(np.uint32)
+
+
+# -- cameras -------------------------------------------------------------------------------------
+def camera_for_image(path: Path, camera_model: str, size: tuple[int, int]) -> Any:
+    """A pycolmap camera for one image: COLMAP's EXIF focal length, else its 1.2 * max(w, h) prior.
+
+    ``size`` is the (width, height) recorded in the feature store; a file of another size was
+    not the one the features came from (``StoreError``).
+    """
+    pycolmap = import_pycolmap()
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such image; --images must be the folder the features were extracted from"
+        )
+    options = pycolmap.ImageReaderOptions()
+    options.camera_model = camera_model
+    try:
+        camera = pycolmap.infer_camera_from_image(path, options)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(f"{path}: COLMAP cannot read this image ({error})") from error
+    if (camera.width, camera.height) != tuple(size):
+        raise StoreError(
+            f"{path}: {camera.width} x {camera.height} pixels, but its features were extracted from a "
+            f"{size[0]} x {size[1]} image; re-extract the features of these images"
+        )
+    return camera
+
+
+def check_camera_model(camera_model: str) -> str:
+    """The COLMAP camera model name, upper-cased, or a ``ConfigError`` listing the valid ones."""
+    pycolmap = import_pycolmap()
+    models = [m for m in pycolmap.CameraModelId.__members__ if m != "INVALID"]
+    if camera_model.upper() not in models:
+        raise ConfigError(f"--camera-model {camera_model}: not a COLMAP camera model ({', '.join(models)})")
+    return camera_model.upper()
+
+
+# -- the database --------------------------------------------------------------------------------
+def check_database(path: Path) -> list[str]:
+    """Image names of an existing COLMAP database, read without modifying it (``StoreError``)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(16)
+        if header != b"SQLite format 3\x00":
+            raise StoreError(f"{path}: not a COLMAP database (not an SQLite file)")
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            missing = _DATABASE_TABLES - tables
+            if missing:
+                raise StoreError(f"{path}: not a COLMAP database (no {', '.join(sorted(missing))} table)")
+            return [row[0] for row in db.execute("SELECT name FROM images")]
+    except (OSError, sqlite3.Error) as error:
+        raise StoreError(f"{path}: unreadable COLMAP database ({error})") from error
+
+
+class _Report:
+    """``write_json`` of the ``--json-report`` option, for the dataclasses below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_json(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass
+class DatabaseSummary(_Report):
+    """What ``write_database`` wrote; ``to_dict`` is the ``--json-report`` content."""
+
+    database: str
+    images: int = 0
+    cameras: int = 0
+    keypoints: int = 0
+    matched_pairs: int = 0
+    matches: int = 0
+    verified_pairs: int = 0
+    inlier_matches: int = 0
+    updated: bool = False
+    wall_time_s: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": "colmap", **asdict(self)}
+
+    def lines(self) -> list[str]:
+        verb = "updated" if self.updated else "written"
+        return [
+            f"colmap: {self.database} {verb}: {self.images} images, {self.cameras} cameras, "
+            f"{self.keypoints} keypoints",
+            f"{self.matched_pairs} matched pairs ({self.matches} matches), {self.verified_pairs} verified "
+            f"pairs ({self.inlier_matches} inlier matches)",
+            f"wall time {self.wall_time_s:.1f} s",
+        ]
+
+
+def _write_images(
+    db: Any,
+    h5: h5py.File,
+    images: Path,
+    names: list[str],
+    old_ids: dict[str, int],
+    camera_model: str,
+    single_camera: bool,
+    summary: DatabaseSummary,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Cameras, trivial rigs, images, frames and keypoints; returns image ids and keypoint counts."""
+    pycolmap = import_pycolmap()
+    ids: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    shared: tuple[Any, int, str] | None = None  # the camera, its rig id, the image it came from
+    for name in names:
+        try:
+            group = h5[name]
+            keypoints = np.asarray(group["keypoints"], dtype=np.float32)
+            size = tuple(int(v) for v in np.asarray(group["image_size"]))
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise StoreError(f"{h5.filename}: features of '{name}' are unreadable ({error})") from error
+        if shared is not None and single_camera:
+            camera, rig_id, first = shared
+            if (camera.width, camera.height) != size:
+                raise ConfigError(
+                    f"--single-camera: {name} is {size[0]} x {size[1]} pixels but {first} is "
+                    f"{camera.width} x {camera.height}; drop --single-camera for images of several sizes"
+                )
+        else:
+            camera = camera_for_image(images / name, camera_model, size)
+            camera.camera_id = db.write_camera(camera)
+            rig = pycolmap.Rig()
+            rig.add_ref_sensor(camera.sensor_id)
+            rig_id = db.write_rig(rig)
+            shared = (camera, rig_id, name)
+            summary.cameras += 1
+        image = pycolmap.Image(name=name, camera_id=camera.camera_id)
+        if name in old_ids:
+            image.image_id = old_ids[name]
+        image.image_id = db.write_image(image, use_image_id=name in old_ids)
+        frame = pycolmap.Frame()
+        frame.rig_id = rig_id
+        frame.add_data_id(image.data_id)
+        db.write_frame(frame)
+        db.write_keypoints(image.image_id, keypoints + np.float32(COLMAP_OFFSET))
+        ids[name], counts[name] = image.image_id, len(keypoints)
+        summary.keypoints += len(keypoints)
+    summary.images = len(ids)
+    return ids, counts
+
+
+def write_database(
+    images: Path | str,
+    features: Path | str,
+    matches: Path | str,
+    database: Path | str,
+    camera_model: str = DEFAULT_CAMERA_MODEL,
+    single_camera: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> DatabaseSummary:
+    """Write a COLMAP database from a feature store and a match store, with verified pairs.
+
+    Every image of the feature store gets a camera (one for all with ``single_camera``), its
+    keypoints and the matches of its pairs. An existing database holding only images of the
+    feature store is updated (image ids kept, everything else rewritten); one holding other
+    images is refused unless ``overwrite``. The database is written to a temporary file and
+    renamed into place at the end.
+    """
+    pycolmap = import_pycolmap()
+    started = time.monotonic()
+    images, features, matches, database = Path(images), Path(features), Path(matches), Path(database)
+    camera_model = check_camera_model(camera_model)
+    for path, what in ((features, "feature store"), (matches, "match store")):
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such {what}")
+    if not images.is_dir():
+        raise ConfigError(f"{images}: no such image folder")
+    feature_settings, names = read_store_info(features, "features")
+    match_settings, pair_keys = read_store_info(matches, "matches")
+    check_same_features(features, feature_settings, matches, match_settings)
+    pairs = resolve_pairs(pair_keys, names, features, matches)
+    summary = DatabaseSummary(str(database))
+    old_ids: dict[str, int] = {}
+    if database.exists() and not overwrite:
+        old_names = check_database(database)
+        others = sorted(set(old_names) - set(names))
+        if others:
+            raise StoreError(
+                f"{database}: holds {len(others)} images that are not in {features} (e.g. '{others[0]}'); "
+                "choose another --database or pass --overwrite to replace it"
+            )
+        summary.updated = bool(old_names)
+    temporary = _temporary_beside(database)
+    temporary.unlink(missing_ok=True)
+    try:
+        if summary.updated:
+            shutil.copyfile(database, temporary)
+        with colmap_logging(verbose):
+            db = pycolmap.Database.open(temporary)
+            try:
+                if summary.updated:
+                    old_ids = {image.name: image.image_id for image in db.read_all_images()}
+                    db.clear_all_tables()
+                with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
+                    ids, counts = _write_images(
+                        db, fh5, images, names, old_ids, camera_model, single_camera, summary
+                    )
+                    for key, name0, name1 in pairs:
+                        found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)
+                        db.write_matches(ids[name0], ids[name1], found)
+                        summary.matched_pairs += 1
+                        summary.matches += len(found)
+            finally:
+                db.close()
+            verification = pycolmap.TwoViewGeometryOptions()
+            verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
+            verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
+            pycolmap.geometric_verification(temporary, two_view_geometry_options=verification)
+            with contextlib.closing(pycolmap.Database.open(temporary)) as db:
+                summary.verified_pairs = db.num_verified_image_pairs()
+                summary.inlier_matches = db.num_inlier_matches()
+        _fsync(temporary)
+        os.replace(temporary, database)
+    except OSError as error:
+        raise StoreError(f"{database}: cannot write the database ({error.strerror or error})") from error
+    finally:
+        temporary.unlink(missing_ok=True)
+    summary.wall_time_s = time.monotonic() - started
+    return summary
+
+
+# -- reconstruction ------------------------------------------------------------------------------
+@dataclass
+class ModelStats:
+    """One reconstructed model, written to ``path`` in COLMAP's binary format."""
+
+    path: str
+    registered_images: int
+    points3D: int
+    observations: int
+    mean_track_length: float
+    mean_reprojection_error_px: float
+
+
+@dataclass
+class ReconstructSummary(_Report):
+    """What ``reconstruct`` did; ``to_dict`` is the ``--json-report`` content."""
+
+    database: str
+    output: str
+    images: int = 0
+    models: list[ModelStats] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": "reconstruct", **asdict(self)}
+
+    def lines(self) -> list[str]:
+        lines = [f"reconstruct: {len(self.models)} models from {self.images} images in {self.database}"]
+        for model in self.models:
+            lines.append(
+                f"{model.path}: {model.registered_images} images registered, {model.points3D} 3D points, "
+                f"mean track length {model.mean_track_length:.2f}, "
+                f"mean reprojection error {model.mean_reprojection_error_px:.3f} px"
+            )
+        if not self.models:
+            lines.append("no model could be reconstructed (too few verified matches between the images?)")
+        lines.append(f"wall time {self.wall_time_s:.1f} s")
+        return lines
+
+
+def reconstruct(
+    database: Path | str,
+    images: Path | str,
+    out: Path | str,
+    overwrite: bool = False,
+    seed: int = 0,
+    num_threads: int = -1,
+    verbose: bool = False,
+) -> ReconstructSummary:
+    """Run pycolmap's incremental mapper on ``database``; models go to ``out/0``, ``out/1``, ...
+
+    Models are built in a temporary folder beside ``out`` and moved into place at the end. A
+    non-empty ``out`` is refused unless ``overwrite`` (which replaces it). ``seed`` fixes COLMAP's
+    random choices (with ``num_threads=1`` the run is repeatable).
+    """
+    pycolmap = import_pycolmap()
+    started = time.monotonic()
+    database, images, out = Path(database), Path(images), Path(out)
+    if not database.is_file():
+        raise ConfigError(f"{database}: no such database (write it with sp-extract colmap)")
+    if not images.is_dir():
+        raise ConfigError(f"{images}: no such image folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    names = check_database(database)
+    summary = ReconstructSummary(str(database), str(out), images=len(names))
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = seed
+    options.num_threads = num_threads
+    temporary = _temporary_beside(out, "building")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        with colmap_logging(verbose):
+            models = pycolmap.incremental_mapping(database, images, temporary, options)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(temporary, out)
+    except OSError as error:
+        raise StoreError(f"{out}: cannot write the models ({error.strerror or error})") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    for index in sorted(models):
+        model = models[index]
+        summary.models.append(
+            ModelStats(
+                path=str(out / str(index)),
+                registered_images=model.num_reg_images(),
+                points3D=model.num_points3D(),
+                observations=model.compute_num_observations(),
+                mean_track_length=round(model.compute_mean_track_length(), 4),
+                mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
+            )
+        )
+    summary.exit_code = EXIT_OK if summary.models else EXIT_SOME_FAILED
+    summary.wall_time_s = time.monotonic() - started
+    return summary
