@@ -18,6 +18,20 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a file-system name is valid UTF-8 (undecodable bytes arrive as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A name for messages: undecodable bytes written as ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def discover_images(root: Path) -> list[str]:
     """All image names below ``root``, sorted."""
     root = Path(root)

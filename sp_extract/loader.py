@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import ExtractConfig
 from .decode import DecodedImage, load_image
+from .discover import is_utf8, printable
 
 MIN_SIDE = 8  # the network halves the image three times: a smaller side leaves no cell
 
@@ -36,7 +37,11 @@ class ImageDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> DecodedImage:
-        item = load_image(self.root, self.names[index], self.config)
+        name = self.names[index]
+        if not is_utf8(name):
+            reason = "file name is not valid UTF-8 (HDF5 and COLMAP need UTF-8 image names)"
+            return DecodedImage(printable(name), None, (0, 0), reason)
+        item = load_image(self.root, name, self.config)
         if item.image is not None and min(item.image.shape) < MIN_SIDE:
             height, width = item.image.shape
             item.error = f"too small: {width} x {height} px to the network, at least {MIN_SIDE} px a side"

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .errors import ConfigError
+
 
 @dataclass
 class Summary:
@@ -64,7 +66,10 @@ class Summary:
         return lines
 
     def write_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot write the JSON report ({error.strerror or error})") from error
 
 
 class Progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -93,6 +94,7 @@ def test_help_lists_every_option_of_the_readme() -> None:
         (["--threshold", "1.5"], ["--threshold"]),
         (["--resize-max", "-1"], ["--resize-max"]),
         (["--batch-size", "0"], ["--batch-size"]),
+        (["--num-workers", "-1"], ["--num-workers", "got -1"]),
         (["--device", "toaster"], ["--device toaster"]),
         (["--device", "cuda:7"], ["--device cuda:7", "not available"]),
         (["--no-such-option"], ["--no-such-option"]),
@@ -120,6 +122,16 @@ def test_unusable_output_is_a_config_error(small_images: Path, random_weights: P
     assert text.read_text() == "not a store\n"
     nowhere = tmp_path / "no" / "such" / "dir" / "feats.h5"
     assert_one_line_error(extract_cli(small_images, nowhere, random_weights), "no/such/dir")
+
+
+def test_unwritable_json_report_is_a_config_error(
+    small_images: Path, random_weights: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "no" / "report.json"
+    result = extract_cli(small_images, tmp_path / "feats.h5", random_weights, "--json-report", str(report))
+    assert_one_line_error(result, str(report), "cannot write the JSON report")
+    with h5py.File(tmp_path / "feats.h5", "r") as h5:  # the extraction itself is saved
+        assert sorted(h5) == ["a.png", "b.jpg", "sub"]
 
 
 @pytest.mark.parametrize("content", [None, "notes.txt", "missing"])
@@ -152,13 +164,15 @@ def test_image_list_selects_and_reports_missing_entries(
 
 @pytest.fixture
 def images_with_bad_files(small_images: Path) -> Path:
-    """small_images plus a zero-byte file, a truncated JPEG, a text file named .jpg and a thumbnail."""
+    """small_images plus a zero-byte file, a truncated JPEG, a text file named .jpg, a thumbnail too
+    small for the network and a good image whose file name is not UTF-8."""
     (small_images / "empty.jpg").write_bytes(b"")
     full = write_image(small_images / "whole.jpg", 200, 160, seed=4).read_bytes()
     (small_images / "sub" / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (small_images / "whole.jpg").unlink()
     (small_images / "text.jpg").write_text("this is not a JPEG\n")
     assert cv2.imwrite(str(small_images / "tiny.png"), np.full((4, 5), 200, np.uint8))
+    write_image(small_images / "latin1.png").rename(small_images / os.fsdecode(b"\xe9t\xe9.png"))
     return small_images
 
 
@@ -167,6 +181,7 @@ BAD_REASONS = {
     "sub/truncated.jpg": "truncated",
     "text.jpg": "format",
     "tiny.png": "too small",
+    "\\xe9t\\xe9.png": "not valid UTF-8",
 }
 
 
@@ -196,7 +211,7 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(
         assert sorted(h5) == ["a.png", "b.jpg", "sub"] and list(h5["sub"]) == ["c.png"]
     report = json.loads(report_path.read_text())
     assert report["exit_code"] == 1
-    assert (report["total"], report["done"], report["skipped"], report["failed_count"]) == (7, 3, 0, 4)
+    assert (report["total"], report["done"], report["skipped"], report["failed_count"]) == (8, 3, 0, 5)
     reasons = {entry["name"]: entry["reason"] for entry in report["failed"]}
     assert set(reasons) == set(BAD_REASONS)
     for name, reason in BAD_REASONS.items():
@@ -206,7 +221,7 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(
     again = extract_cli(images_with_bad_files, out, random_weights, "--json-report", str(report_path))
     assert again.returncode == 1
     report = json.loads(report_path.read_text())
-    assert (report["done"], report["skipped"], report["failed_count"]) == (0, 3, 4)
+    assert (report["done"], report["skipped"], report["failed_count"]) == (0, 3, 5)
 
 
 def test_json_report_content(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
@@ -243,7 +258,7 @@ def test_output_is_plain_text_when_not_a_terminal_and_quiet_keeps_only_the_summa
     quiet_lines = quiet.stderr.splitlines()
     assert quiet_lines[0].startswith(SUMMARY_START)
     assert quiet_lines[1].startswith("keypoints per image:") and quiet_lines[2].startswith("wall time")
-    assert all(line.startswith("failed: ") for line in quiet_lines[3:]) and len(quiet_lines) == 7
+    assert all(line.startswith("failed: ") for line in quiet_lines[3:]) and len(quiet_lines) == 8
 
 
 class FakeTerminal(io.StringIO):

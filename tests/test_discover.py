@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sp_extract.discover import discover_images, read_image_list
+from sp_extract.discover import discover_images, is_utf8, printable, read_image_list
 from sp_extract.errors import ConfigError
 
 EXTENSIONS = ["jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp"]
@@ -115,3 +115,12 @@ def test_image_list_refuses_paths_outside_the_folder(tmp_path: Path, entry: str)
 def test_image_list_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read image list"):
         read_image_list(tmp_path / "nope.txt", tmp_path)
+
+
+def test_names_that_are_not_utf8_are_kept_for_reporting(tmp_path: Path) -> None:
+    touch(tmp_path / os.fsdecode(b"caf\xe9.jpg"))  # Latin-1 bytes on disk
+    touch(tmp_path / "café.jpg")
+    names = discover_images(tmp_path)
+    assert len(names) == 2
+    assert [is_utf8(name) for name in names] == [True, False]  # "caf\udce9" sorts after "café"
+    assert printable(names[1]) == "caf\\xe9.jpg" and printable(names[0]) == "café.jpg"
