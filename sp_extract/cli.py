@@ -61,6 +61,28 @@ def finish_run(summary: Summary, json_report: Path | None) -> None:
     sys.exit(summary.exit_code)
 
 
+def stacked(*options: Callable[..., Any]) -> Callable[..., Any]:
+    """One decorator applying click options as if stacked in the order listed."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+run_options = stacked(  # every store-writing command has these
+    click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only."),
+    click.option(
+        "--json-report",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write the run's summary as JSON to this file.",
+    ),
+)
+
+
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sp-extract")
 def cli() -> None:
@@ -68,7 +90,9 @@ def cli() -> None:
 
     \b
     sp-extract IMAGES_DIR --out feats.h5      extract (same as 'sp-extract extract ...')
-    Exit codes: 0 all done, 1 some images failed, 2 usage or configuration error,
+    sp-extract pairs exhaustive               pairs of the images in feats.h5 -> pairs.txt
+    sp-extract match-pairs pairs.txt          match them -> matches.h5 (hloc layout)
+    Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     130/143 interrupted by SIGINT/SIGTERM (finished work is saved).
     """
 
@@ -112,13 +136,7 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Extract only these images: one path relative to IMAGES_DIR a line.",
 )
-@click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
-@click.option(
-    "--json-report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the run's summary as JSON to this file.",
-)
+@run_options
 @reports_errors
 def extract(
     images_dir: Path,
@@ -172,7 +190,7 @@ def extract(
 
 
 # -- matching: pairs files and match stores (issue 3) ----------------------------------------
-_SOURCE_OPTIONS = (
+_source_options = stacked(
     click.option(
         "--features",
         type=click.Path(dir_okay=False, path_type=Path),
@@ -194,12 +212,6 @@ _SOURCE_OPTIONS = (
         help="Pairs file to write: 'name0 name1' a line (hloc / COLMAP format).",
     ),
 )
-
-
-def _source_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(_SOURCE_OPTIONS):
-        command = option(command)
-    return command
 
 
 def _write_pairs(pairs: list[tuple[str, str]], out: Path) -> None:
@@ -284,13 +296,7 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
     "--cache-mb", default=1024, show_default=True, help="Memory for descriptors kept between pairs (MiB)."
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
-@click.option(
-    "--json-report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the run's summary as JSON to this file.",
-)
+@run_options
 @reports_errors
 def match_pairs(
     pairs_file: Path,

@@ -75,20 +75,6 @@ def _padded(descriptors: Sequence[torch.Tensor], length: int) -> tuple[torch.Ten
     return out, padding
 
 
-def _nearest(
-    distances: torch.Tensor, ratio_on: torch.Tensor, config: MatchConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest neighbour along the last axis of squared distances: index, distance, passes filters."""
-    values, indices = distances.topk(1 if config.ratio is None else 2, dim=-1, largest=False)
-    best = values[..., 0]
-    ok = torch.isfinite(best)
-    if config.ratio is not None:
-        ok &= ~ratio_on[:, None] | (best <= config.ratio**2 * values[..., 1])
-    if config.max_distance is not None:
-        ok &= best <= config.max_distance**2
-    return indices[..., 0], best, ok
-
-
 def nearest_neighbours(
     descriptors0: Sequence[torch.Tensor], descriptors1: Sequence[torch.Tensor], config: MatchConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +83,8 @@ def nearest_neighbours(
     Distances are exact L2 distances computed in float32; descriptors are padded to the batch
     maximum and the padding masked. A keypoint of image 0 matches its nearest neighbour in image 1
     if that passes Lowe's ratio (skipped, as in hloc, for a pair where an image has fewer than two
-    keypoints), the distance threshold and, with ``mutual``, is matched back the same way.
+    keypoints), the distance threshold and, with ``mutual``, is matched back the same way (the
+    mutual check compares distances, so exact ties in a column keep every tied keypoint).
     Returns ``matches0`` (B, M) int64, -1 for none, and ``scores0`` (B, M) float32, 0 for none,
     where score = 1 - d^2 / 4 (hloc's (1 + cosine) / 2 for unit descriptors); row i is valid up
     to N0_i.
@@ -112,12 +99,24 @@ def nearest_neighbours(
     distances.add_(norms0[:, :, None]).clamp_(min=0.0)
     counts0 = (~padding0).sum(1)
     counts1 = (~padding1).sum(1)
-    ratio_on = (counts0 >= 2) & (counts1 >= 2)
-    matches, best, ok = _nearest(distances, ratio_on, config)
-    if config.mutual:
-        back, _, back_ok = _nearest(distances.transpose(1, 2), ratio_on, config)
-        rows = torch.arange(length0, device=a.device)[None]
-        ok &= back_ok.gather(1, matches) & (back.gather(1, matches) == rows)
+    ratio_on = ((counts0 >= 2) & (counts1 >= 2))[:, None]
+    ratio = config.ratio
+    if ratio is None:
+        best, matches = distances.min(2)
+        ok = torch.isfinite(best)
+    else:
+        values, indices = distances.topk(2, dim=2, largest=False)
+        best, matches = values[..., 0], indices[..., 0]
+        ok = torch.isfinite(best) & (~ratio_on | (best <= ratio**2 * values[..., 1]))
+    if config.max_distance is not None:
+        ok &= best <= config.max_distance**2
+    if config.mutual:  # the match is also the smallest of its column (and passes the ratio there)
+        if ratio is None:
+            ok &= best <= distances.amin(1).gather(1, matches)
+        else:
+            column = distances.topk(2, dim=1, largest=False).values
+            column = column.gather(2, matches[:, None, :].expand(-1, 2, -1))
+            ok &= (best <= column[:, 0]) & (~ratio_on | (column[:, 0] <= ratio**2 * column[:, 1]))
     scores = torch.where(ok, (1.0 - best / 4.0).clamp(0.0, 1.0), torch.zeros_like(best))
     return torch.where(ok, matches, torch.full_like(matches, -1)), scores
 
@@ -325,22 +324,11 @@ def match_pairs(
                 cache = FeatureCache(h5, target, budget, keypoints=config.verify is not None)
                 todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
                 pending: _Batch | None = None
-                for batch in plan_batches(todo, counts, batch_size):
-                    ready, loaded = [], []
-                    for a, b in batch:
-                        first, second = cache.get(a), cache.get(b)
-                        if first is None or second is None:
-                            bad = a if first is None else b
-                            reason = f"{bad}: {cache.failed[bad]}"
-                            summary.failed.append({"name": f"{a} {b}", "reason": reason})
-                            progress.message(f"failed: {a} {b}: {reason}")
-                            continue
-                        ready.append((a, b))
-                        loaded.append((first, second))
-                    batch_in_flight = _Batch.start(ready, loaded, config) if ready else None
-                    if pending is not None:  # on CUDA, saved while the GPU matches the next batch
+                for pairs_in_batch in plan_batches(todo, counts, batch_size):
+                    batch = _Batch.start(pairs_in_batch, cache, config, summary, progress)
+                    if pending is not None:  # on CUDA, saved while the device matches ``batch``
                         pending.save(config, writer, summary, progress)
-                    pending = batch_in_flight
+                    pending = batch
                     if stop:
                         summary.interrupted, summary.exit_code = True, stop.exit_code
                         break
@@ -368,9 +356,23 @@ class _Batch:
 
     @classmethod
     def start(
-        cls, pairs: list[Pair], loaded: list[tuple[ImageFeatures, ImageFeatures]], config: MatchConfig
-    ) -> _Batch:
-        """Queue the matching and the copy of its results to the host (asynchronous on CUDA)."""
+        cls, pairs: list[Pair], cache: FeatureCache, config: MatchConfig, summary: Summary, progress: Progress
+    ) -> _Batch | None:
+        """Fetch the features, queue the matching and the copy of its results to the host
+        (asynchronous on CUDA). Pairs whose features cannot be read are recorded as failed."""
+        ready, loaded = [], []
+        for a, b in pairs:
+            first, second = cache.get(a), cache.get(b)
+            if first is None or second is None:
+                bad = a if first is None else b
+                reason = f"{bad}: {cache.failed[bad]}"
+                summary.failed.append({"name": f"{a} {b}", "reason": reason})
+                progress.message(f"failed: {a} {b}: {reason}")
+                continue
+            ready.append((a, b))
+            loaded.append((first, second))
+        if not ready:
+            return None
         matches, scores = nearest_neighbours(
             [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config
         )
@@ -381,7 +383,7 @@ class _Batch:
         if cuda:
             done = torch.cuda.Event()
             done.record()
-        return cls(pairs, loaded, matches, scores, done)
+        return cls(ready, loaded, matches, scores, done)
 
     def save(self, config: MatchConfig, writer: StoreWriter, summary: Summary, progress: Progress) -> None:
         """Wait for the results, verify them if asked, and hand them to the writer."""
