@@ -345,5 +345,17 @@ def match_pairs(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli()
+    """Console-script entry point; usage errors print one line, as every other error does."""
+    try:
+        code = cli.main(standalone_mode=False)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as error:  # click >= 8.2
+        error.show()  # the help text, as click prints it
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        hint = f"; see '{error.ctx.command_path} --help'" if getattr(error, "ctx", None) else ""
+        click.echo(f"sp-extract: error: {error.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("sp-extract: aborted", err=True)
+        sys.exit(EXIT_SIGINT)
+    sys.exit(code if isinstance(code, int) else 0)

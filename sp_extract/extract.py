@@ -114,6 +114,8 @@ def extract(
     config = config or ExtractConfig()
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0 (0 decodes in the main process), got {num_workers}")
     root, out = Path(images), Path(out)
     names = read_image_list(Path(image_list), root) if image_list else discover_images(root)
     if not names:
