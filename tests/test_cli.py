@@ -71,7 +71,7 @@ def test_help_does_not_import_torch() -> None:
     assert result.stdout.strip() == "[0, 0] []"
 
 
-def test_help_lists_every_option_of_the_readme() -> None:
+def test_help_and_readme_list_the_same_options() -> None:
     result = run_cli("extract", "--help")
     assert result.returncode == 0
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -80,6 +80,9 @@ def test_help_lists_every_option_of_the_readme() -> None:
     assert len(options) >= 16
     for option in options:
         assert option in result.stdout, option
+    # and the other way round: every option of the command is documented somewhere in the README
+    for option in set(re.findall(r"^\s+(?:-[a-z], )?(--[a-z0-9-]+)", result.stdout, re.MULTILINE)):
+        assert option == "--help" or f"`{option}" in readme, f"{option} is not in README.md"
     top = run_cli("--help")
     assert top.returncode == 0 and "extract" in top.stdout and "Exit codes" in top.stdout
 
