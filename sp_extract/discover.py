@@ -7,6 +7,7 @@ walked recursively, symbolic links followed, each real folder visited once (no l
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 
 from .config import IMAGE_EXTENSIONS
@@ -82,8 +83,12 @@ def read_image_list(list_file: Path, root: Path) -> list[str]:
         name = name.replace("\\", "/")
         if name.startswith("/") or ".." in name.split("/"):
             raise ConfigError(f"{list_file}:{number}: '{name}' is not a path relative to {root}")
-        if not (Path(root) / name).exists():
+        name = posixpath.normpath(name)  # "./a.jpg", "sub//b.jpg": the name COLMAP records
+        path = Path(root) / name
+        if not path.exists():
             raise ConfigError(f"{list_file}:{number}: '{name}' not found in {root}")
+        if path.is_dir():
+            raise ConfigError(f"{list_file}:{number}: '{name}' is a folder in {root}, not an image")
         if name not in seen:
             seen.add(name)
             names.append(name)

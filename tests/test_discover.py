@@ -90,6 +90,25 @@ def test_image_list_relative_names_blank_and_comment_lines(tmp_path: Path) -> No
     assert read_image_list(listing, root) == ["sub/b.png", "a.jpg"]
 
 
+def test_image_list_names_are_normalised_as_discovery_names_them(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for name in ("a.jpg", "sub/b.png"):
+        touch(root / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text("./a.jpg\nsub//b.png\nsub\\\\b.png\na.jpg\n")
+    assert read_image_list(listing, root) == ["a.jpg", "sub/b.png"]
+    assert set(read_image_list(listing, root)) == set(discover_images(root))
+
+
+def test_image_list_entry_that_is_a_folder(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    touch(root / "sub" / "b.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("sub/b.png\nsub\n")
+    with pytest.raises(ConfigError, match=f"{listing}:2: 'sub' is a folder"):
+        read_image_list(listing, root)
+
+
 def test_image_list_missing_entry_names_the_line(tmp_path: Path) -> None:
     root = tmp_path / "images"
     touch(root / "a.jpg")
