@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -263,6 +264,30 @@ def test_output_is_plain_text_when_not_a_terminal_and_quiet_keeps_only_the_summa
     assert quiet_lines[0].startswith(SUMMARY_START)
     assert quiet_lines[1].startswith("keypoints per image:") and quiet_lines[2].startswith("wall time")
     assert all(line.startswith("failed: ") for line in quiet_lines[3:]) and len(quiet_lines) == 8
+
+
+def test_progress_bar_on_a_terminal(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
+    main, follower = pty.openpty()
+    command = [sys.executable, "-m", "sp_extract", str(small_images), "--out", str(tmp_path / "f.h5")]
+    command += ["--weights", str(random_weights), "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm", "COLUMNS": "100"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower, env=env)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert process.wait(timeout=300) == 0
+    text = output.decode(errors="replace")
+    assert "\x1b[" in text  # drawn with terminal control sequences
+    assert "extracting" in text and "3/3" in text and "images/s" in text
+    assert f"{SUMMARY_START}3 images saved" in text
 
 
 class FakeTerminal(io.StringIO):
