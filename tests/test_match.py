@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -281,6 +286,47 @@ def test_unreadable_features_fail_their_pairs_only(tmp_path: Path) -> None:
     )
     with h5py.File(out, "r") as h5:
         assert list(h5) == ["a.jpg"] and list(h5["a.jpg"]) == ["b.jpg"]
+
+
+def test_interrupt_saves_finished_pairs_and_resumes(tmp_path: Path) -> None:
+    feats, out = tmp_path / "feats.h5", tmp_path / "m.h5"
+    rng = np.random.default_rng(5)
+    names = [f"img{i:02d}.jpg" for i in range(30)]
+    with StoreWriter(feats, "features", {}) as writer:
+        for name in names:
+            writer.add(name, {"keypoints": np.zeros((1000, 2), np.float32),
+                              "descriptors": rng.normal(size=(256, 1000)).astype(np.float16)})  # fmt: skip
+    pairs = write_pairs_file(
+        tmp_path / "p.txt", [f"{a} {b}" for i, a in enumerate(names) for b in names[i + 1 :]]
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "sp_extract",
+        "match-pairs",
+        str(pairs),
+        "--features",
+        str(feats),
+        "-o",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    parts = out.with_name("m.h5.parts")
+    deadline = time.monotonic() + 120
+    while not any(parts.glob("part-*.h5")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "(interrupted)" in stderr
+    with h5py.File(out, "r") as h5:
+        saved = sum(len(h5[group]) for group in h5)
+    assert 0 < saved < 435
+    result = run_cli("match-pairs", str(pairs), "--features", str(feats), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"{435 - saved} pairs saved, {saved} already in" in result.stderr
 
 
 def test_feature_cache_reads_each_image_once_within_budget(random_features) -> None:
