@@ -63,9 +63,8 @@ def test_folder_named_like_a_command_with_extract_spelled_out(
     small_images: Path, random_weights: Path, tmp_path: Path
 ) -> None:
     small_images.rename(tmp_path / "pairs")
-    result = run_cli(
-        "extract", "pairs", "--out", "f.h5", "--weights", str(random_weights), "--num-workers", "0", cwd=tmp_path
-    )
+    options = ["--out", "f.h5", "--weights", str(random_weights), "--num-workers", "0"]
+    result = run_cli("extract", "pairs", *options, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"{SUMMARY_START}3 images saved" in result.stderr
 
