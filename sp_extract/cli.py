@@ -120,6 +120,11 @@ def cli() -> None:
 )
 @click.option("--resize-force", is_flag=True, help="Also upscale smaller images to --resize-max.")
 @click.option("--fp32-descriptors", is_flag=True, help="Store descriptors as float32 (default float16).")
+@click.option(
+    "--subpixel",
+    is_flag=True,
+    help="Move keypoints to sub-pixel score peaks (quadratic fit); lowers SfM reprojection error.",
+)
 @click.option("--batch-size", default=4, show_default=True, help="Images per network batch.")
 @click.option(
     "--num-workers", type=int, default=None, help="Decoding processes [default: cores - 1, at most 4]."
@@ -148,6 +153,7 @@ def extract(
     resize_max: int,
     resize_force: bool,
     fp32_descriptors: bool,
+    subpixel: bool,
     batch_size: int,
     num_workers: int | None,
     device: str,
@@ -173,6 +179,7 @@ def extract(
         resize_max=resize_max,
         resize_force=resize_force,
         fp32_descriptors=fp32_descriptors,
+        subpixel=subpixel,
     )
     summary = run_extract(
         images_dir,
@@ -340,6 +347,150 @@ def match_pairs(
         cache_mb=cache_mb,
         overwrite=overwrite,
         quiet=quiet,
+    )
+    finish_run(summary, json_report)
+
+
+# -- COLMAP: database and reconstruction (issue 4) ----------------------------------------------
+@cli.command()
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The image folder the features were extracted from (for sizes and EXIF focal lengths).",
+)
+@click.option(
+    "--features",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("feats.h5"),
+    show_default=True,
+    help="Feature store.",
+)
+@click.option(
+    "--matches",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("matches.h5"),
+    show_default=True,
+    help="Match store made from --features by match-pairs.",
+)
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("database.db"),
+    show_default=True,
+    help="COLMAP database to write or update.",
+)
+@click.option(
+    "--camera-model",
+    default="SIMPLE_RADIAL",
+    show_default=True,
+    help="COLMAP camera model: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV, ...",
+)
+@click.option("--single-camera", is_flag=True, help="One camera shared by all images (same size required).")
+@click.option("--overwrite", is_flag=True, help="Replace a database that holds other images.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the verification's RANSAC.")
+@click.option(
+    "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
+@click.option(
+    "--json-report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write what was written as JSON to this file.",
+)
+@reports_errors
+def colmap(
+    images: Path,
+    features: Path,
+    matches: Path,
+    database: Path,
+    camera_model: str,
+    single_camera: bool,
+    overwrite: bool,
+    seed: int,
+    num_threads: int,
+    verbose: bool,
+    json_report: Path | None,
+) -> None:
+    """Write a COLMAP database from a feature store and a match store (needs pycolmap).
+
+    One camera per image (focal length from EXIF, else COLMAP's 1.2 * max(width, height) prior),
+    keypoints shifted by +0.5 into COLMAP's convention, the raw matches, then COLMAP's geometric
+    verification, so 'sp-extract reconstruct' or COLMAP's mapper can run on it. A database with
+    the same images is updated (image ids kept); one with other images is refused unless
+    --overwrite. Install pycolmap with: pip install 'sp-extract[colmap]'.
+    """
+    from .colmap import write_database
+
+    summary = write_database(
+        images,
+        features,
+        matches,
+        database,
+        camera_model=camera_model,
+        single_camera=single_camera,
+        overwrite=overwrite,
+        seed=seed,
+        num_threads=num_threads,
+        verbose=verbose,
+    )
+    finish_run(summary, json_report)
+
+
+@cli.command()
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("database.db"),
+    show_default=True,
+    help="COLMAP database written by 'sp-extract colmap'.",
+)
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The image folder (COLMAP reads the colours of the 3D points from it).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("sparse"),
+    show_default=True,
+    help="Folder for the models: OUT/0, OUT/1, ... in COLMAP's binary format.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices.")
+@click.option(
+    "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
+@click.option(
+    "--json-report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the models' statistics as JSON to this file.",
+)
+@reports_errors
+def reconstruct(
+    database: Path,
+    images: Path,
+    out: Path,
+    overwrite: bool,
+    seed: int,
+    num_threads: int,
+    verbose: bool,
+    json_report: Path | None,
+) -> None:
+    """Run COLMAP's incremental mapper (pycolmap) on a database; write the models to --out.
+
+    Prints, per model, the registered images, 3D points, mean track length and mean
+    reprojection error. Exit 0: at least one model, 1: none could be built.
+    Install pycolmap with: pip install 'sp-extract[colmap]'.
+    """
+    from .colmap import reconstruct as run_reconstruct
+
+    summary = run_reconstruct(
+        database, images, out, overwrite=overwrite, seed=seed, num_threads=num_threads, verbose=verbose
     )
     finish_run(summary, json_report)
 

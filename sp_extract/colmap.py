@@ -294,6 +294,8 @@ def write_database(
     camera_model: str = DEFAULT_CAMERA_MODEL,
     single_camera: bool = False,
     overwrite: bool = False,
+    seed: int = 0,
+    num_threads: int = -1,
     verbose: bool = False,
 ) -> DatabaseSummary:
     """Write a COLMAP database from a feature store and a match store, with verified pairs.
@@ -302,7 +304,8 @@ def write_database(
     keypoints and the matches of its pairs. An existing database holding only images of the
     feature store is updated (image ids kept, everything else rewritten); one holding other
     images is refused unless ``overwrite``. The database is written to a temporary file and
-    renamed into place at the end.
+    renamed into place at the end. ``seed`` fixes the RANSAC of the verification (with
+    ``num_threads=1`` the run is repeatable).
     """
     pycolmap = import_pycolmap()
     started = time.monotonic()
@@ -313,6 +316,8 @@ def write_database(
             raise ConfigError(f"{path}: no such {what}")
     if not images.is_dir():
         raise ConfigError(f"{images}: no such image folder")
+    if not database.parent.is_dir():
+        raise ConfigError(f"{database}: the folder {database.parent} does not exist")
     feature_settings, names = read_store_info(features, "features")
     match_settings, pair_keys = read_store_info(matches, "matches")
     check_same_features(features, feature_settings, matches, match_settings)
@@ -353,7 +358,13 @@ def write_database(
             verification = pycolmap.TwoViewGeometryOptions()
             verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
             verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-            pycolmap.geometric_verification(temporary, two_view_geometry_options=verification)
+            verification.ransac.random_seed = seed
+            verifier = pycolmap.GeometricVerifierOptions()
+            verifier.num_threads = num_threads
+            pycolmap.set_random_seed(seed)
+            pycolmap.geometric_verification(
+                temporary, verifier_options=verifier, two_view_geometry_options=verification
+            )
             with contextlib.closing(pycolmap.Database.open(temporary)) as db:
                 summary.verified_pairs = db.num_verified_image_pairs()
                 summary.inlier_matches = db.num_inlier_matches()
@@ -361,6 +372,8 @@ def write_database(
         os.replace(temporary, database)
     except OSError as error:
         raise StoreError(f"{database}: cannot write the database ({error.strerror or error})") from error
+    except RuntimeError as error:  # pycolmap reports its failures as RuntimeError
+        raise StoreError(f"{database}: COLMAP failed ({error}); the database is unchanged") from error
     finally:
         temporary.unlink(missing_ok=True)
     summary.wall_time_s = time.monotonic() - started
@@ -437,6 +450,7 @@ def reconstruct(
     options = pycolmap.IncrementalPipelineOptions()
     options.random_seed = seed
     options.num_threads = num_threads
+    pycolmap.set_random_seed(seed)
     temporary = _temporary_beside(out, "building")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -448,6 +462,8 @@ def reconstruct(
         os.replace(temporary, out)
     except OSError as error:
         raise StoreError(f"{out}: cannot write the models ({error.strerror or error})") from error
+    except RuntimeError as error:  # pycolmap reports its failures as RuntimeError
+        raise StoreError(f"{out}: COLMAP's mapper failed ({error}); {out} is unchanged") from error
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     for index in sorted(models):

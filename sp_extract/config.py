@@ -25,6 +25,7 @@ class ExtractConfig:
     resize_max: int = 1024
     resize_force: bool = False
     fp32_descriptors: bool = False
+    subpixel: bool = False
 
     def __post_init__(self) -> None:
         if self.max_keypoints == 0 or self.max_keypoints < -1:

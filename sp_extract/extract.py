@@ -69,7 +69,9 @@ class SuperPoint(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> list[Features]:
         scores, descriptors = self.net(images)
         c = self.config
-        return postprocess(scores, descriptors, c.threshold, c.nms_radius, c.border, c.max_keypoints)
+        return postprocess(
+            scores, descriptors, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel
+        )
 
 
 def feature_datasets(

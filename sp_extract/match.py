@@ -9,9 +9,11 @@ cache and the optional geometric verification (OpenCV's USAC MAGSAC).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -318,7 +320,11 @@ def match_pairs(
         summary.skipped = len(pairs) - len(todo)
         progress = Progress(len(todo), "pairs", quiet=quiet)
         try:
-            with h5py.File(features, "r") as h5, graceful_stop() as stop:
+            with (
+                h5py.File(features, "r") as h5,
+                ThreadPoolExecutor(os.cpu_count()) as pool,  # OpenCV releases the GIL
+                graceful_stop() as stop,
+            ):
                 counts, row_bytes = descriptor_counts(h5, list(dict.fromkeys(n for p in todo for n in p)))
                 budget = cache_mb << 20
                 cache = FeatureCache(h5, target, budget, keypoints=config.verify is not None)
@@ -327,13 +333,13 @@ def match_pairs(
                 for pairs_in_batch in plan_batches(todo, counts, batch_size):
                     batch = _Batch.start(pairs_in_batch, cache, config, summary, progress)
                     if pending is not None:  # on CUDA, saved while the device matches ``batch``
-                        pending.save(config, writer, summary, progress)
+                        pending.save(config, writer, summary, progress, pool)
                     pending = batch
                     if stop:
                         summary.interrupted, summary.exit_code = True, stop.exit_code
                         break
                 if pending is not None:
-                    pending.save(config, writer, summary, progress)
+                    pending.save(config, writer, summary, progress, pool)
                 progress.advance(len(writer.flush()))
         finally:
             progress.close()
@@ -385,21 +391,31 @@ class _Batch:
             done.record()
         return cls(ready, loaded, matches, scores, done)
 
-    def save(self, config: MatchConfig, writer: StoreWriter, summary: Summary, progress: Progress) -> None:
-        """Wait for the results, verify them if asked, and hand them to the writer."""
+    def save(
+        self, config: MatchConfig, writer: StoreWriter, summary: Summary, progress: Progress, pool: Executor
+    ) -> None:
+        """Wait for the results, verify them if asked (pairs in parallel on ``pool``), and hand
+        them to the writer."""
         if self.done is not None:
             self.done.synchronize()
         matches, scores = self.matches.numpy(), self.scores.numpy()
-        for row, ((a, b), (first, second)) in enumerate(zip(self.pairs, self.loaded)):
-            count = len(first.descriptors)
-            matches0, scores0 = matches[row, :count].copy(), scores[row, :count]
-            attrs = {}
-            if config.verify is not None:
-                matches0, inliers = verify_matches(
-                    first.keypoints, second.keypoints, matches0, config.verify, config.verify_threshold
+        rows = [matches[row, : len(first.descriptors)].copy() for row, (first, _) in enumerate(self.loaded)]
+        inliers: list[int | None] = [None] * len(rows)
+        if config.verify is not None:
+
+            def verify(row: int) -> tuple[np.ndarray, int]:
+                first, second = self.loaded[row]
+                return verify_matches(
+                    first.keypoints, second.keypoints, rows[row], config.verify, config.verify_threshold
                 )
-                scores0 = np.where(matches0 >= 0, scores0, 0.0)
-                attrs = {"matches0": {"num_inliers": inliers}}
-            datasets = {"matches0": matches0, "matching_scores0": scores0.astype(np.float16)}
+
+            results = list(pool.map(verify, range(len(rows))))
+            rows, inliers = [kept for kept, _ in results], [count for _, count in results]
+        for row, (a, b) in enumerate(self.pairs):
+            matches0 = rows[row]
+            scores0 = np.where(matches0 >= 0, scores[row, : len(matches0)], 0.0).astype(np.float16)
+            attrs = {} if inliers[row] is None else {"matches0": {"num_inliers": inliers[row]}}
             summary.counts.append(int((matches0 >= 0).sum()))
-            progress.advance(len(writer.add(pair_key(a, b), datasets, attrs)))
+            progress.advance(
+                len(writer.add(pair_key(a, b), {"matches0": matches0, "matching_scores0": scores0}, attrs))
+            )

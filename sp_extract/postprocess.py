@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import STRIDE
+from .refine import refine_keypoints
 
 
 @dataclass
@@ -102,13 +103,22 @@ def postprocess(
     nms_radius: int,
     border: int,
     max_keypoints: int,
+    subpixel: bool = False,
 ) -> list[Features]:
-    """Dense maps of one batch -> per-image ``Features`` in network-input pixels."""
+    """Dense maps of one batch -> per-image ``Features`` in network-input pixels.
+
+    ``subpixel`` moves each kept keypoint to its sub-pixel peak (``refine.refine_keypoints``)
+    before the descriptors are sampled; scores stay those of the detected pixels.
+    """
+    dense = scores
     scores = remove_borders(nms(scores, nms_radius), border)
     selected = select_keypoints(scores, threshold, max_keypoints)
     keypoints = [xy for xy, _ in selected]
+    if subpixel:
+        keypoints = refine_keypoints(dense, keypoints)
     sampled = sample_descriptors(keypoints, descriptors)
-    return [Features(xy, s, d) for (xy, s), d in zip(selected, sampled)]
+    return [Features(xy, s, d) for xy, (_, s), d in zip(keypoints, selected, sampled)]
+
 
 
 def to_original_frame(

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# From a folder of photos to a sparse COLMAP model with sp-extract's five commands.
+#   examples/sfm_colmap.sh IMAGES_DIR [WORK_DIR] [extra extraction options, e.g. --subpixel]
+# Needs the COLMAP extra: pip install 'sp-extract[colmap]'. The models land in WORK_DIR/sparse/N
+# in COLMAP's binary format; open them with COLMAP's GUI or pycolmap.Reconstruction.
+set -euo pipefail
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 IMAGES_DIR [WORK_DIR] [extraction options...]" >&2
+    exit 2
+fi
+images=$1
+work=${2:-sfm}
+shift $(( $# >= 2 ? 2 : 1 ))
+mkdir -p "$work"
+
+sp-extract "$images" --out "$work/feats.h5" "$@"
+sp-extract pairs exhaustive --features "$work/feats.h5" --out "$work/pairs.txt"
+sp-extract match-pairs "$work/pairs.txt" --features "$work/feats.h5" --out "$work/matches.h5"
+sp-extract colmap --images "$images" --features "$work/feats.h5" --matches "$work/matches.h5" \
+    --database "$work/database.db"
+sp-extract reconstruct --database "$work/database.db" --images "$images" --out "$work/sparse" \
+    --overwrite --json-report "$work/reconstruction.json"

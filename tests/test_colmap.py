@@ -1,0 +1,385 @@
+"""COLMAP: the database read back with pycolmap, refusals and errors, and SfM on the real photos.
+
+The synthetic scene is a cloud of 3D points seen by three cameras: keypoints are exact
+projections (so geometric verification must keep the matches), descriptors are random unit
+vectors shared by the projections of one point (so the expected matches are known without any
+matcher), plus keypoints seen by one image only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pycolmap
+import pytest
+from conftest import run_cli
+
+from sp_extract.store import StoreWriter
+
+# name: (width, height, EXIF FocalLengthIn35mmFilm or None)
+IMAGES = {"a.jpg": (400, 300, 50), "b.png": (400, 300, None), "sub/c.png": (360, 240, None)}
+POINTS, EXTRA = 150, 40
+SETTINGS = {"max_keypoints": -1, "weights_sha1": "synthetic"}
+
+
+def jpeg_with_focal_35mm(image: np.ndarray, focal_35mm: int) -> bytes:
+    """A JPEG with an EXIF block holding only FocalLengthIn35mmFilm (tag 0xA405)."""
+    ok, encoded = cv2.imencode(".jpg", image)
+    assert ok
+    exif_ifd_offset = 8 + 2 + 12 + 4  # TIFF header, IFD0 with one entry and its next-IFD link
+    ifd0 = struct.pack("<HHHII", 1, 0x8769, 4, 1, exif_ifd_offset) + struct.pack("<I", 0)
+    exif_ifd = struct.pack("<HHHIHH", 1, 0xA405, 3, 1, focal_35mm, 0) + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd0 + exif_ifd
+    segment = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    data = encoded.tobytes()
+    return data[:2] + segment + data[2:]
+
+
+def look_at(centre: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World-to-camera rotation and translation of a camera at ``centre`` looking at ``target``."""
+    forward = (target - centre) / np.linalg.norm(target - centre)
+    right = np.cross([0.0, 1.0, 0.0], forward)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    rotation = np.stack([right, down, forward])
+    return rotation, -rotation @ centre
+
+
+def project(
+    points: np.ndarray, rotation: np.ndarray, translation: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """Pinhole projection in COLMAP's pixel convention (focal 1.2 * max side, centred)."""
+    focal = 1.2 * max(size)
+    camera = points @ rotation.T + translation
+    return focal * camera[:, :2] / camera[:, 2:] + np.asarray(size) / 2
+
+
+def make_scene(
+    root: Path, spec: dict[str, tuple[int, int, int | None]] = IMAGES
+) -> tuple[Path, Path, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Image files and a feature store of ``spec``; returns them, the keypoints and the point
+    id of every keypoint (-1: seen by this image only)."""
+    rng = np.random.default_rng(7)
+    points = rng.uniform([-1.5, -1.0, -1.0], [1.5, 1.0, 1.0], size=(POINTS, 3))
+    descriptors = rng.normal(size=(POINTS + len(spec) * EXTRA, 256))
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    images, features = root / "images", root / "feats.h5"
+    keypoints, point_ids = {}, {}
+    with StoreWriter(features, "features", SETTINGS) as writer:
+        for index, (name, (width, height, focal_35mm)) in enumerate(spec.items()):
+            path = images / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (height, width), dtype=np.uint8)
+            if focal_35mm:
+                path.write_bytes(jpeg_with_focal_35mm(pixels, focal_35mm))
+            else:
+                assert cv2.imwrite(str(path), pixels)
+            rotation, translation = look_at(np.array([-1.2 + 1.2 * index, 0.3 * index, -6.0]), np.zeros(3))
+            projected = project(points, rotation, translation, (width, height)) - 0.5  # hloc convention
+            extra = rng.uniform([5, 5], [width - 5, height - 5], size=(EXTRA, 2))
+            own = descriptors[POINTS + index * EXTRA : POINTS + (index + 1) * EXTRA]
+            order = rng.permutation(POINTS + EXTRA)
+            keypoints[name] = np.concatenate([projected, extra])[order].astype(np.float32)
+            point_ids[name] = np.concatenate([np.arange(POINTS), np.full(EXTRA, -1)])[order]
+            datasets = {
+                "keypoints": keypoints[name],
+                "scores": np.ones(POINTS + EXTRA, np.float32),
+                "descriptors": np.concatenate([descriptors[:POINTS], own])[order].T.astype(np.float16),
+                "image_size": np.array([width, height], np.int64),
+            }
+            writer.add(name, datasets)
+    return images, features, keypoints, point_ids
+
+
+def expected_matches(ids0: np.ndarray, ids1: np.ndarray) -> set[tuple[int, int]]:
+    where1 = {int(p): j for j, p in enumerate(ids1) if p >= 0}
+    return {(i, where1[int(p)]) for i, p in enumerate(ids0) if p >= 0}
+
+
+def match(root: Path, features: Path, out: Path | None = None) -> Path:
+    out = out or root / "matches.h5"
+    pairs = root / "pairs.txt"
+    for args in (
+        ("pairs", "exhaustive", "--features", str(features), "--out", str(pairs)),
+        ("match-pairs", str(pairs), "--features", str(features), "--out", str(out), "--max-distance", "0.7"),
+    ):
+        result = run_cli(*args, "-q") if args[0] == "match-pairs" else run_cli(*args)
+        assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> dict:
+    images, features, keypoints, point_ids = make_scene(tmp_path)
+    matches = match(tmp_path, features)
+    return {
+        "root": tmp_path,
+        "images": images,
+        "features": features,
+        "matches": matches,
+        "keypoints": keypoints,
+        "point_ids": point_ids,
+    }
+
+
+def colmap(
+    scene: dict, database: Path, *extra: str, features: Path | None = None, matches: Path | None = None
+):
+    return run_cli(
+        "colmap",
+        "--images",
+        str(scene["images"]),
+        "--features",
+        str(features or scene["features"]),
+        "--matches",
+        str(matches or scene["matches"]),
+        "--database",
+        str(database),
+        *extra,
+    )
+
+
+def test_database_read_back(scene: dict) -> None:
+    database = scene["root"] / "db.db"
+    report = scene["root"] / "report.json"
+    result = colmap(scene, database, "--json-report", str(report))
+    assert result.returncode == 0, result.stderr
+    with pycolmap.Database.open(database) as db:
+        images = {image.name: image for image in db.read_all_images()}
+        cameras = {camera.camera_id: camera for camera in db.read_all_cameras()}
+        assert sorted(images) == sorted(IMAGES)
+        assert len(cameras) == len(IMAGES)
+        for name, (width, height, focal_35mm) in IMAGES.items():
+            image = images[name]
+            camera = cameras[image.camera_id]
+            assert camera.model_name == "SIMPLE_RADIAL"
+            assert (camera.width, camera.height) == (width, height)
+            if focal_35mm:  # 35 mm equivalent: the image diagonal is the full frame's, 43.27 mm
+                expected = focal_35mm * math.hypot(width, height) / 43.27
+                assert camera.has_prior_focal_length
+            else:  # COLMAP's prior
+                expected = 1.2 * max(width, height)
+                assert not camera.has_prior_focal_length
+            assert camera.focal_length == pytest.approx(expected, rel=1e-6)
+            assert camera.principal_point_x == pytest.approx(width / 2)
+            np.testing.assert_array_equal(db.read_keypoints(image.image_id), scene["keypoints"][name] + 0.5)
+        names = list(IMAGES)
+        verified = 0
+        for i, name0 in enumerate(names):
+            for name1 in names[i + 1 :]:
+                id0, id1 = images[name0].image_id, images[name1].image_id
+                expected = expected_matches(scene["point_ids"][name0], scene["point_ids"][name1])
+                written = {tuple(m) for m in db.read_matches(id0, id1).tolist()}
+                assert written == expected
+                geometry = db.read_two_view_geometry(id0, id1)
+                inliers = {tuple(m) for m in geometry.inlier_matches.tolist()}
+                assert inliers <= expected and len(inliers) >= 0.95 * len(expected)
+                assert geometry.config in (
+                    pycolmap.TwoViewGeometryConfiguration.CALIBRATED,
+                    pycolmap.TwoViewGeometryConfiguration.UNCALIBRATED,
+                )
+                verified += 1
+        assert db.num_verified_image_pairs() == verified == 3
+        assert db.num_frames() == db.num_rigs() == len(IMAGES)
+    data = json.loads(report.read_text())
+    assert data["images"] == 3 and data["matched_pairs"] == 3 and data["verified_pairs"] == 3
+    assert data["keypoints"] == sum(len(k) for k in scene["keypoints"].values())
+    assert not data["updated"]
+
+
+def test_update_single_camera_and_other_images(scene: dict) -> None:
+    database = scene["root"] / "db.db"
+    assert colmap(scene, database).returncode == 0
+    with pycolmap.Database.open(database) as db:
+        first_ids = {image.name: image.image_id for image in db.read_all_images()}
+    result = colmap(scene, database, "--camera-model", "pinhole")
+    assert result.returncode == 0, result.stderr
+    assert "updated" in result.stderr
+    with pycolmap.Database.open(database) as db:
+        assert {image.name: image.image_id for image in db.read_all_images()} == first_ids
+        assert {camera.model_name for camera in db.read_all_cameras()} == {"PINHOLE"}
+        assert db.num_matched_image_pairs() == 3
+
+    result = colmap(scene, database, "--single-camera")  # images of two sizes
+    assert result.returncode == 2
+    assert "--single-camera" in result.stderr and "sub/c.png" in result.stderr
+
+    other = scene["root"] / "other.db"
+    with pycolmap.Database.open(other) as db:
+        camera = pycolmap.Camera.create_from_model_name(1, "SIMPLE_PINHOLE", 100.0, 200, 100)
+        db.write_image(pycolmap.Image(name="elsewhere.jpg", camera_id=db.write_camera(camera)))
+    before = other.read_bytes()
+    result = colmap(scene, other)
+    assert result.returncode == 2
+    assert "elsewhere.jpg" in result.stderr and "--overwrite" in result.stderr
+    assert other.read_bytes() == before
+    result = colmap(scene, other, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    with pycolmap.Database.open(other) as db:
+        assert sorted(image.name for image in db.read_all_images()) == sorted(IMAGES)
+
+
+def test_single_camera(tmp_path: Path) -> None:
+    images, features, _, _ = make_scene(tmp_path, {name: (400, 300, None) for name in IMAGES})
+    scene = {"images": images, "features": features, "matches": match(tmp_path, features)}
+    result = colmap(scene, tmp_path / "db.db", "--single-camera")
+    assert result.returncode == 0, result.stderr
+    with pycolmap.Database.open(tmp_path / "db.db") as db:
+        cameras = db.read_all_cameras()
+        assert len(cameras) == 1
+        assert {image.camera_id for image in db.read_all_images()} == {cameras[0].camera_id}
+
+
+def write_features(path: Path, settings: dict, sizes: dict[str, tuple[int, int]], count: int) -> Path:
+    rng = np.random.default_rng(3)
+    with StoreWriter(path, "features", settings) as writer:
+        for name, (width, height) in sizes.items():
+            descriptors = rng.normal(size=(256, count))
+            writer.add(
+                name,
+                {
+                    "keypoints": rng.uniform(0, 200, size=(count, 2)).astype(np.float32),
+                    "scores": np.ones(count, np.float32),
+                    "descriptors": (descriptors / np.linalg.norm(descriptors, axis=0)).astype(np.float16),
+                    "image_size": np.array([width, height], np.int64),
+                },
+            )
+    return path
+
+
+def test_stores_that_do_not_belong_together(scene: dict) -> None:
+    root = scene["root"]
+    sizes = {name: (w, h) for name, (w, h, _) in IMAGES.items()}
+    database = root / "db.db"
+    cases = {
+        # extracted with other settings than the features the matches were made from
+        "other settings": (write_features(root / "f1.h5", {**SETTINGS, "nms_radius": 3}, sizes, 60), None),
+        # same settings, other keypoints: the matches do not fit
+        "does not fit": (write_features(root / "f2.h5", SETTINGS, sizes, 20), None),
+    }
+    partial = write_features(root / "f3.h5", SETTINGS, {"a.jpg": sizes["a.jpg"], "b.png": sizes["b.png"]}, 60)
+    full = write_features(root / "f4.h5", SETTINGS, sizes, 60)
+    cases["has no features"] = (partial, match(root, full, root / "m4.h5"))
+    for message, (features, matches) in cases.items():
+        result = colmap(scene, database, features=features, matches=matches)
+        assert result.returncode == 2, (message, result.stderr)
+        assert message in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert not database.exists()
+        assert not list(root.glob(".db.db*"))
+    assert "sub-c.png" in colmap(scene, database, features=partial, matches=root / "m4.h5").stderr
+
+
+def test_bad_database_and_images(scene: dict) -> None:
+    root = scene["root"]
+    database = root / "db.db"
+    database.write_text("not a database\n")
+    result = colmap(scene, database)
+    assert result.returncode == 2 and "not a COLMAP database" in result.stderr
+    assert database.read_text() == "not a database\n"
+    result = run_cli("reconstruct", "--database", str(database), "--images", str(scene["images"]),
+                     "--out", str(root / "sparse"))  # fmt: skip
+    assert result.returncode == 2 and "not a COLMAP database" in result.stderr
+    assert not (root / "sparse").exists()
+
+    (scene["images"] / "b.png").unlink()
+    result = colmap(scene, root / "new.db")
+    assert result.returncode == 2 and "b.png: no such image" in result.stderr
+    assert not (root / "new.db").exists()
+    cv2.imwrite(str(scene["images"] / "b.png"), np.zeros((100, 100), np.uint8))
+    result = colmap(scene, root / "new.db")
+    assert result.returncode == 2 and "100 x 100" in result.stderr
+
+    result = colmap(scene, root / "new.db", "--camera-model", "FISHY")
+    assert result.returncode == 2 and "not a COLMAP camera model" in result.stderr
+
+
+def test_missing_pycolmap_says_how_to_install(tmp_path: Path, scene: dict) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "pycolmap.py").write_text("raise ImportError('No module named pycolmap')\n")
+    for args in (
+        ("colmap", "--images", str(scene["images"]), "--database", str(tmp_path / "x.db")),
+        ("reconstruct", "--images", str(scene["images"]), "--database", str(tmp_path / "x.db")),
+    ):
+        result = run_cli(*args, env={"PYTHONPATH": str(blocker)}, cwd=tmp_path)
+        assert result.returncode == 2
+        assert "pip install 'sp-extract[colmap]'" in result.stderr
+    help_text = run_cli("colmap", "--help", env={"PYTHONPATH": str(blocker)}).stdout
+    assert "sp-extract[colmap]" in help_text
+
+
+def reconstruct_photos(root: Path, photos: Path, weights: Path, *extract_options: str) -> dict:
+    """The five commands of the README on the real photos; returns the reconstruct report."""
+    feats, pairs, matches = root / "feats.h5", root / "pairs.txt", root / "matches.h5"
+    database, sparse, report = root / "db.db", root / "sparse", root / "report.json"
+    root.mkdir()
+    steps = [
+        (str(photos), "--out", str(feats), "--weights", str(weights), "-q", *extract_options),
+        ("pairs", "exhaustive", "--features", str(feats), "--out", str(pairs)),
+        ("match-pairs", str(pairs), "--features", str(feats), "--out", str(matches), "-q"),
+        ("colmap", "--images", str(photos), "--features", str(feats), "--matches", str(matches),
+         "--database", str(database), "--num-threads", "1"),
+        ("reconstruct", "--database", str(database), "--images", str(photos), "--out", str(sparse),
+         "--num-threads", "1", "--json-report", str(report)),
+    ]  # fmt: skip
+    for step in steps:
+        result = run_cli(*step, timeout=600)
+        assert result.returncode == 0, (step[0], result.stderr)
+    data = json.loads(report.read_text())
+    for model in data["models"]:  # the binary models are there and agree with the report
+        written = pycolmap.Reconstruction(model["path"])
+        assert written.num_reg_images() == model["registered_images"]
+        assert written.num_points3D() == model["points3D"]
+    return data
+
+
+def test_sacre_coeur_reconstruction(tmp_path: Path, sacre_coeur: Path, real_weights: Path) -> None:
+    plain = reconstruct_photos(tmp_path / "plain", sacre_coeur, real_weights)
+    refined = reconstruct_photos(tmp_path / "subpixel", sacre_coeur, real_weights, "--subpixel")
+    errors = []
+    for data in (plain, refined):
+        best = max(data["models"], key=lambda m: m["registered_images"])
+        assert best["registered_images"] == 10
+        assert best["points3D"] >= 1000
+        assert best["mean_reprojection_error_px"] < 1.0
+        assert best["mean_track_length"] > 2.0
+        errors.append(best["mean_reprojection_error_px"])
+    print(f"mean reprojection error: {errors[0]:.4f} px, with --subpixel {errors[1]:.4f} px")
+    assert errors[1] < errors[0]
+
+
+def test_reconstruct_synthetic_scene(scene: dict) -> None:
+    root = scene["root"]
+    database, sparse, report = root / "db.db", root / "sparse", root / "report.json"
+    assert colmap(scene, database).returncode == 0
+
+    def reconstruct(*extra: str):
+        return run_cli("reconstruct", "--database", str(database), "--images", str(scene["images"]),
+                       "--out", str(sparse), "--json-report", str(report), *extra)  # fmt: skip
+
+    result = reconstruct()
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads(report.read_text())["models"]
+    assert model["path"] == str(sparse / "0")
+    assert model["registered_images"] == len(IMAGES) and model["points3D"] == POINTS  # exact projections
+    assert model["mean_track_length"] == pytest.approx(len(IMAGES))
+    assert model["mean_reprojection_error_px"] < 0.01
+    assert sorted(p.name for p in (sparse / "0").iterdir()) == sorted(
+        ["cameras.bin", "frames.bin", "images.bin", "points3D.bin", "rigs.bin"]
+    )
+    result = reconstruct()
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert reconstruct("--overwrite").returncode == 0
+    assert not [p for p in root.iterdir() if p.name.startswith(".sparse")]
+
+    with pycolmap.Database.open(database) as db:  # without verified pairs nothing can be built
+        db.clear_two_view_geometries()
+    result = reconstruct("--overwrite")
+    assert result.returncode == 1 and "no model" in result.stderr
+    assert json.loads(report.read_text())["models"] == []
