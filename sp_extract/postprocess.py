@@ -120,7 +120,6 @@ def postprocess(
     return [Features(xy, s, d) for xy, (_, s), d in zip(keypoints, selected, sampled)]
 
 
-
 def to_original_frame(
     keypoints: np.ndarray, working_size: tuple[int, int], original_size: tuple[int, int]
 ) -> np.ndarray:

@@ -10,7 +10,14 @@ import pytest
 from conftest import run_cli
 
 from sp_extract.errors import ConfigError
-from sp_extract.pairs import exhaustive_pairs, pair_key, read_name_list, read_pairs, sequential_pairs
+from sp_extract.pairs import (
+    exhaustive_pairs,
+    pair_key,
+    read_name_list,
+    read_pairs,
+    sequential_pairs,
+    write_pairs,
+)
 from sp_extract.store import StoreWriter
 
 
@@ -160,3 +167,12 @@ def test_cli_pairs_errors(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--window must be >= 1" in result.stderr
     assert not out.exists()
+
+
+def test_write_pairs_refuses_names_with_white_space(tmp_path: Path) -> None:
+    out = tmp_path / "pairs.txt"
+    write_pairs([("a.jpg", "sub/b.jpg")], out)
+    assert out.read_text() == "a.jpg sub/b.jpg\n"
+    with pytest.raises(ConfigError, match="pairs.txt: image name 'my photo.jpg' contains white space"):
+        write_pairs([("a.jpg", "my photo.jpg")], out)
+    assert out.read_text() == "a.jpg sub/b.jpg\n"
