@@ -3,7 +3,8 @@
 The store must work with hloc unchanged, so the tests read it the way hloc does: image names are
 the parent groups of every dataset in the file, keypoints come from ``name/keypoints`` with the
 ``uncertainty`` attribute, and the matcher loads every dataset of an image group as a float
-tensor and fakes the image from ``image_size`` (width, height).
+tensor and fakes the image from ``image_size`` (width, height). ``snapshot`` records a store
+byte for byte, to tell whether entries were rewritten.
 """
 
 from __future__ import annotations
@@ -44,3 +45,17 @@ def load_for_matching(path: Path, name: str, suffix: str = "0") -> dict[str, tor
             data[key + suffix] = torch.from_numpy(value.__array__()).float()
         data["image" + suffix] = torch.empty((1,) + tuple(group["image_size"])[::-1])
     return data
+
+
+def snapshot(path: Path) -> dict[str, tuple]:
+    """Every dataset of a store by path: (dtype, shape, raw bytes, attributes)."""
+    entries: dict[str, tuple] = {}
+    with h5py.File(str(path), "r") as fd:
+
+        def visit(name: str, obj: h5py.HLObject) -> None:
+            if isinstance(obj, h5py.Dataset):
+                data = np.asarray(obj[()])
+                entries[name] = (data.dtype, data.shape, data.tobytes(), dict(obj.attrs))
+
+        fd.visititems(visit)
+    return entries

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli, write_image
+from hloc_reader import snapshot
 
 from sp_extract.report import Progress
 
@@ -24,17 +25,6 @@ SUMMARY_START = "extract: "
 
 def extract_cli(images: Path, out: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_cli(str(images), "--out", str(out), "--weights", str(weights), "--num-workers", "0", *extra)
-
-
-def store_contents(path: Path) -> dict[str, bytes]:
-    contents: dict[str, bytes] = {}
-    with h5py.File(path, "r") as h5:
-        h5.visititems(
-            lambda name, obj: (
-                contents.__setitem__(name, obj[()].tobytes()) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    return contents
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -55,7 +45,7 @@ def test_default_command_and_extract_spelled_out_agree(
     assert bare.returncode == 0, bare.stderr
     assert spelled.returncode == 0, spelled.stderr
     assert bare.stdout == spelled.stdout == ""  # everything for the user goes to stderr
-    bare_store, spelled_store = store_contents(tmp_path / "bare.h5"), store_contents(tmp_path / "spelled.h5")
+    bare_store, spelled_store = snapshot(tmp_path / "bare.h5"), snapshot(tmp_path / "spelled.h5")
     assert len(bare_store) == 12 and bare_store == spelled_store
 
 

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import torch
 from conftest import run_cli, write_image
+from hloc_reader import snapshot
 
 from sp_extract.config import ExtractConfig
 from sp_extract.extract import extract
@@ -23,20 +24,6 @@ def first_run(images: Path, out: Path, weights: Path) -> None:
 
 def extract_cli(images: Path, out: Path, weights: Path, *extra: str):
     return run_cli(str(images), "--out", str(out), "--weights", str(weights), "--num-workers", "0", *extra)
-
-
-def snapshot(store: Path) -> dict[str, tuple]:
-    """Every dataset of the store: (dtype, shape, raw bytes, attributes)."""
-    entries: dict[str, tuple] = {}
-    with h5py.File(store, "r") as h5:
-
-        def visit(name: str, obj: h5py.HLObject) -> None:
-            if isinstance(obj, h5py.Dataset):
-                data = obj[()]
-                entries[name] = (data.dtype, data.shape, np.asarray(data).tobytes(), dict(obj.attrs))
-
-        h5.visititems(visit)
-    return entries
 
 
 def test_second_run_skips_everything(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
