@@ -352,6 +352,25 @@ def match_pairs(
 
 
 # -- COLMAP: database and reconstruction (issue 4) ----------------------------------------------
+def _colmap_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--seed, --num-threads, --verbose and --json-report of the two COLMAP commands."""
+    options = (
+        click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices."),
+        click.option(
+            "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
+        ),
+        click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log."),
+        click.option(
+            "--json-report",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write the summary as JSON to this file.",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option(
     "--images",
@@ -388,16 +407,7 @@ def match_pairs(
 )
 @click.option("--single-camera", is_flag=True, help="One camera shared by all images (same size required).")
 @click.option("--overwrite", is_flag=True, help="Replace a database that holds other images.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the verification's RANSAC.")
-@click.option(
-    "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
-)
-@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
-@click.option(
-    "--json-report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write what was written as JSON to this file.",
-)
+@_colmap_options
 @reports_errors
 def colmap(
     images: Path,
@@ -460,16 +470,7 @@ def colmap(
     help="Folder for the models: OUT/0, OUT/1, ... in COLMAP's binary format.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices.")
-@click.option(
-    "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
-)
-@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
-@click.option(
-    "--json-report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the models' statistics as JSON to this file.",
-)
+@_colmap_options
 @reports_errors
 def reconstruct(
     database: Path,

@@ -60,6 +60,19 @@ def colmap_logging(verbose: bool) -> Iterator[None]:
         pycolmap.logging.minloglevel = previous
 
 
+@contextlib.contextmanager
+def failures_reported(target: Path, action: str) -> Iterator[None]:
+    """I/O errors and pycolmap's failures (``RuntimeError``) as one-line ``StoreError``s."""
+    try:
+        yield
+    except OSError as error:
+        raise StoreError(
+            f"{target}: cannot {action} ({error.strerror or error}); {target} is unchanged"
+        ) from error
+    except RuntimeError as error:
+        raise StoreError(f"{target}: COLMAP failed to {action} ({error}); {target} is unchanged") from error
+
+
 def _temporary_beside(path: Path, suffix: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
 
@@ -336,44 +349,41 @@ def write_database(
     temporary = _temporary_beside(database)
     temporary.unlink(missing_ok=True)
     try:
-        if summary.updated:
-            shutil.copyfile(database, temporary)
-        with colmap_logging(verbose):
-            db = pycolmap.Database.open(temporary)
-            try:
-                if summary.updated:
-                    old_ids = {image.name: image.image_id for image in db.read_all_images()}
-                    db.clear_all_tables()
-                with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
-                    ids, counts = _write_images(
-                        db, fh5, images, names, old_ids, camera_model, single_camera, summary
-                    )
-                    for key, name0, name1 in pairs:
-                        found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)
-                        db.write_matches(ids[name0], ids[name1], found)
-                        summary.matched_pairs += 1
-                        summary.matches += len(found)
-            finally:
-                db.close()
-            verification = pycolmap.TwoViewGeometryOptions()
-            verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
-            verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-            verification.ransac.random_seed = seed
-            verifier = pycolmap.GeometricVerifierOptions()
-            verifier.num_threads = num_threads
-            pycolmap.set_random_seed(seed)
-            pycolmap.geometric_verification(
-                temporary, verifier_options=verifier, two_view_geometry_options=verification
-            )
-            with contextlib.closing(pycolmap.Database.open(temporary)) as db:
-                summary.verified_pairs = db.num_verified_image_pairs()
-                summary.inlier_matches = db.num_inlier_matches()
-        _fsync(temporary)
-        os.replace(temporary, database)
-    except OSError as error:
-        raise StoreError(f"{database}: cannot write the database ({error.strerror or error})") from error
-    except RuntimeError as error:  # pycolmap reports its failures as RuntimeError
-        raise StoreError(f"{database}: COLMAP failed ({error}); the database is unchanged") from error
+        with failures_reported(database, "write the database"):
+            if summary.updated:
+                shutil.copyfile(database, temporary)
+            with colmap_logging(verbose):
+                db = pycolmap.Database.open(temporary)
+                try:
+                    if summary.updated:
+                        old_ids = {image.name: image.image_id for image in db.read_all_images()}
+                        db.clear_all_tables()
+                    with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
+                        ids, counts = _write_images(
+                            db, fh5, images, names, old_ids, camera_model, single_camera, summary
+                        )
+                        for key, name0, name1 in pairs:
+                            found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)
+                            db.write_matches(ids[name0], ids[name1], found)
+                            summary.matched_pairs += 1
+                            summary.matches += len(found)
+                finally:
+                    db.close()
+                verification = pycolmap.TwoViewGeometryOptions()
+                verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
+                verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
+                verification.ransac.random_seed = seed
+                verifier = pycolmap.GeometricVerifierOptions()
+                verifier.num_threads = num_threads
+                pycolmap.set_random_seed(seed)
+                pycolmap.geometric_verification(
+                    temporary, verifier_options=verifier, two_view_geometry_options=verification
+                )
+                with contextlib.closing(pycolmap.Database.open(temporary)) as db:
+                    summary.verified_pairs = db.num_verified_image_pairs()
+                    summary.inlier_matches = db.num_inlier_matches()
+            _fsync(temporary)
+            os.replace(temporary, database)
     finally:
         temporary.unlink(missing_ok=True)
     summary.wall_time_s = time.monotonic() - started
@@ -443,7 +453,9 @@ def reconstruct(
         raise ConfigError(f"{database}: no such database (write it with sp-extract colmap)")
     if not images.is_dir():
         raise ConfigError(f"{images}: no such image folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     names = check_database(database)
     summary = ReconstructSummary(str(database), str(out), images=len(names))
@@ -451,21 +463,19 @@ def reconstruct(
     options.random_seed = seed
     options.num_threads = num_threads
     pycolmap.set_random_seed(seed)
-    temporary = _temporary_beside(out, "building")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    temporary, previous = _temporary_beside(out, "building"), _temporary_beside(out, "previous")
     try:
-        with colmap_logging(verbose):
-            models = pycolmap.incremental_mapping(database, images, temporary, options)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(temporary, out)
-    except OSError as error:
-        raise StoreError(f"{out}: cannot write the models ({error.strerror or error})") from error
-    except RuntimeError as error:  # pycolmap reports its failures as RuntimeError
-        raise StoreError(f"{out}: COLMAP's mapper failed ({error}); {out} is unchanged") from error
+        with failures_reported(out, "write the models"):
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            with colmap_logging(verbose):
+                models = pycolmap.incremental_mapping(database, images, temporary, options)
+            if out.exists():  # moved aside, not deleted, until the new models are in place
+                os.replace(out, previous)
+            os.replace(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
     for index in sorted(models):
         model = models[index]
         summary.models.append(
