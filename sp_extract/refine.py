@@ -44,9 +44,10 @@ def refine_keypoints(scores: torch.Tensor, keypoints: list[torch.Tensor]) -> lis
 
     ``keypoints[i]`` is an (N, 2) tensor of integer x, y on image i's map (the dense scores
     before non-maximum suppression). Returns refined (N, 2) float tensors, same order. At the
-    map's edges the missing neighbours repeat the edge value.
+    map's edges the missing neighbours repeat the edge value. Computed in float32 whatever the
+    maps' type (the floor of the logarithm would vanish in float16).
     """
-    logs = torch.log(scores.clamp_min(_LOG_FLOOR))
+    logs = torch.log(scores.float().clamp_min(_LOG_FLOOR))
     padded = F.pad(logs[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
     steps = torch.arange(3, device=scores.device)
     refined = []
@@ -55,5 +56,5 @@ def refine_keypoints(scores: torch.Tensor, keypoints: list[torch.Tensor]) -> lis
         patches = padded[
             image, y[:, None, None] + steps[None, :, None], x[:, None, None] + steps[None, None, :]
         ]
-        refined.append(xy.to(scores.dtype) + quadratic_offsets(patches))
+        refined.append(xy.float() + quadratic_offsets(patches))
     return refined

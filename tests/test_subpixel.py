@@ -31,11 +31,14 @@ def test_recovers_gaussian_peaks_better_than_the_pixel_grid() -> None:
         truths.append(centres)
         integers.append(torch.from_numpy(np.round(centres)).float())  # the integer peaks
     scores = torch.from_numpy(np.stack(maps)).float()
+    half = refine_keypoints(scores.half(), integers)  # half-precision maps are refined in float32
     for found, truth, start in zip(refine_keypoints(scores, integers), truths, integers):
         refined_error = np.abs(found.numpy() - truth).max()
         grid_error = np.abs(start.numpy() - truth)
         assert grid_error.max() > 0.3  # the test is not trivial
         assert refined_error < 0.01 < grid_error.mean()  # log-scores of a Gaussian are a quadratic
+    for found, truth in zip(half, truths):
+        assert found.dtype == torch.float32 and np.abs(found.numpy() - truth).max() < 0.05
 
 
 def plain_refine(scores: np.ndarray, x: int, y: int) -> np.ndarray:
