@@ -92,6 +92,8 @@ def cli() -> None:
     sp-extract IMAGES_DIR --out feats.h5      extract (same as 'sp-extract extract ...')
     sp-extract pairs exhaustive               pairs of the images in feats.h5 -> pairs.txt
     sp-extract match-pairs pairs.txt          match them -> matches.h5 (hloc layout)
+    sp-extract colmap --images DIR            COLMAP database of them -> database.db
+    sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     130/143 interrupted by SIGINT/SIGTERM (finished work is saved).
     """
