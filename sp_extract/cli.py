@@ -133,6 +133,22 @@ def cli() -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+    default="auto",
+    show_default=True,
+    help="What runs the network. auto: onnxruntime on the CPU at fp32, else torch; "
+    "openvino needs the [openvino] extra.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Network arithmetic; fp16/bf16 are faster on GPUs but change the features slightly "
+    "(a setting of the store).",
+)
+@click.option(
     "--weights",
     default=None,
     help="superpoint-v1 (default, non-commercial), superpoint-v6-mit, or a file "
@@ -159,6 +175,8 @@ def extract(
     batch_size: int,
     num_workers: int | None,
     device: str,
+    backend: str,
+    precision: str,
     weights: str | None,
     image_list: Path | None,
     overwrite: bool,
@@ -182,6 +200,7 @@ def extract(
         resize_force=resize_force,
         fp32_descriptors=fp32_descriptors,
         subpixel=subpixel,
+        precision=precision,
     )
     summary = run_extract(
         images_dir,
@@ -194,6 +213,7 @@ def extract(
         image_list=image_list,
         overwrite=overwrite,
         quiet=quiet,
+        backend=backend,
     )
     finish_run(summary, json_report)
 
@@ -351,6 +371,40 @@ def match_pairs(
         quiet=quiet,
     )
     finish_run(summary, json_report)
+
+
+# -- deployment: exporting the network (issue 5) ------------------------------------------------
+@cli.command()
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "openvino"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: one .onnx file; openvino: OUT (.xml) and its .bin (needs the [openvino] extra).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="As for extract: superpoint-v1 (default), superpoint-v6-mit or a file. Env: SP_EXTRACT_WEIGHTS.",
+)
+@reports_errors
+def export(out: Path, fmt: str, weights: str | None) -> None:
+    """Write the SuperPoint network to OUT for deployment (ONNX or OpenVINO IR, float32).
+
+    \b
+    input   image        float32 [batch, 1, height, width], grayscale in [0, 1]
+    output  scores       float32 [batch, 8*(height//8), 8*(width//8)], keypoint probability per pixel
+    output  descriptors  float32 [batch, 256, height//8, width//8], unit-norm descriptor per 8x8 cell
+    Batch, height and width are dynamic. Keypoint selection (NMS, border, threshold, top-k,
+    descriptor sampling) is not in the graph; README "Export" describes it. The weights'
+    licence applies to the exported model.
+    """
+    from .backends import export_model
+
+    for path in export_model(out, fmt, weights):
+        click.echo(f"wrote {path}", err=True)
 
 
 # -- COLMAP: database and reconstruction (issue 4) ----------------------------------------------

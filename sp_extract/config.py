@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
 
+PRECISIONS = ("fp32", "fp16", "bf16")  # network arithmetic; fp16 / bf16 change the features slightly
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -25,6 +26,7 @@ class ExtractConfig:
     resize_max: int = 1024
     resize_force: bool = False
     fp32_descriptors: bool = False
+    precision: str = "fp32"
     subpixel: bool = False
 
     def __post_init__(self) -> None:
@@ -36,6 +38,8 @@ class ExtractConfig:
             raise ConfigError(f"--nms-radius must be >= 0, got {self.nms_radius}")
         if self.border < 0:
             raise ConfigError(f"--border must be >= 0, got {self.border}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resize_max < 0:
             raise ConfigError(f"--resize-max must be >= 0 (0 = native size), got {self.resize_max}")
 

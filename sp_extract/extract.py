@@ -6,20 +6,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
 from .discover import discover_images, read_image_list
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .interrupt import graceful_stop
 from .loader import decode_all, make_batches
+from .model import DESCRIPTOR_DIM, STRIDE
 from .postprocess import Features, postprocess, to_original_frame
 from .report import Progress, Summary
 from .store import StoreWriter
@@ -67,7 +73,13 @@ class SuperPoint(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> list[Features]:
-        scores, descriptors = self.net(images)
+        if min(images.shape[-2:]) < STRIDE:  # no 8 x 8 cell: the network's output is empty
+            empty = images.new_zeros((0, 2)), images.new_zeros(0), images.new_zeros((0, DESCRIPTOR_DIM))
+            return [Features(*empty) for _ in range(len(images))]
+        return self.postprocess(*run_torch(self.net, images, self.config.precision))
+
+    def postprocess(self, scores: torch.Tensor, descriptors: torch.Tensor) -> list[Features]:
+        """Per-image features of the network's dense outputs for one batch, with these settings."""
         c = self.config
         return postprocess(
             scores, descriptors, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel
@@ -75,7 +87,7 @@ class SuperPoint(torch.nn.Module):
 
 
 def feature_datasets(
-    features: Features, image: DecodedImage, fp32_descriptors: bool
+    features: Features, image: DecodedImage, config: ExtractConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """One image's features as the store's datasets (hloc layout) and dataset attributes."""
     height, width = image.image.shape
@@ -85,7 +97,7 @@ def feature_datasets(
     datasets = {
         "keypoints": keypoints,
         "scores": features.scores.cpu().numpy().astype(np.float32),
-        "descriptors": descriptors.astype(np.float32 if fp32_descriptors else np.float16),
+        "descriptors": descriptors.astype(np.float32 if config.fp32_descriptors else np.float16),
         "image_size": np.asarray(image.original_size, dtype=np.int64),
     }
     return datasets, {"keypoints": {"uncertainty": float(DETECTION_NOISE * scale.mean())}}
@@ -93,6 +105,111 @@ def feature_datasets(
 
 def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class BackgroundWriter:
+    """``StoreWriter.add`` on its own thread behind a bounded queue, so writing overlaps compute.
+
+    ``saved`` returns how many entries became durable since its last call, so progress counts
+    only saved images. An error on the writing thread is raised again by the next call.
+    """
+
+    def __init__(self, writer: StoreWriter, depth: int = 32) -> None:
+        self.writer = writer
+        self.busy_s = 0.0  # time spent writing, for the stage breakdown
+        self._queue: queue.Queue[tuple | None] = queue.Queue(depth)
+        self._lock = threading.Lock()
+        self._saved = 0
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="sp-extract-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None or self._discard:
+                continue
+            started = time.perf_counter()
+            try:
+                count = len(self.writer.add(*item))
+            except BaseException as error:  # handed to the main thread by _check
+                self._error = error
+                continue
+            with self._lock:
+                self._saved += count
+            self.busy_s += time.perf_counter() - started
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def add(self, name: str, datasets: dict[str, np.ndarray], attrs: dict[str, dict[str, float]]) -> None:
+        """Queue one entry; blocks while the queue is full."""
+        self._check()
+        self._queue.put((name, datasets, attrs))
+
+    def saved(self) -> int:
+        """Entries made durable since the last call."""
+        self._check()
+        with self._lock:
+            count, self._saved = self._saved, 0
+        return count
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self) -> int:
+        """Write everything queued and flush; returns the entries saved since ``saved``."""
+        self._stop()
+        count = self.saved()
+        started = time.perf_counter()
+        count += len(self.writer.flush())
+        self.busy_s += time.perf_counter() - started
+        return count
+
+    def abandon(self) -> None:
+        """Stop the thread without writing what is still queued (after an error)."""
+        self._discard = True
+        self._stop()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` PyTorch CPU threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[stage]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+def timed_items(items: Iterable, timings: dict[str, float], stage: str) -> Iterator:
+    """The items of ``items``, the time spent waiting for each added to ``timings[stage]``."""
+    iterator = iter(items)
+    while True:
+        with timed(timings, stage):
+            item = next(iterator, StopIteration)
+        if item is StopIteration:
+            return
+        yield item
 
 
 def extract(
@@ -106,12 +223,16 @@ def extract(
     image_list: Path | str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
+    backend: str = "auto",
+    timings: dict[str, float] | None = None,
 ) -> Summary:
     """Extract SuperPoint features of every image below ``images`` into the store ``out``.
 
     Images already in the store are skipped (resume). Returns the run's ``Summary``; a failed
     image is recorded there and the run goes on. Raises ``SpExtractError`` for configuration
-    problems (no images, bad weights, unusable store).
+    problems (no images, bad weights, unusable store). ``backend`` runs the network (see
+    ``backends``); ``timings``, if given, receives the seconds spent per stage: ``decode``
+    (waiting for the decoding workers), ``network``, ``postprocess``, ``write`` (on its thread).
     """
     config = config or ExtractConfig()
     if batch_size < 1:
@@ -127,34 +248,46 @@ def extract(
     summary = Summary(command="extract", output=str(out), total=len(names))
     started = time.monotonic()
     target = resolve_device(device)
+    backend = choose_backend(backend, target, config.precision)
     model = SuperPoint(weights, config)
     settings = {**asdict(config), "weights_sha1": model.weights_sha1}
-    info = {"weights": model.weights_label, "images": str(root)}
     num_workers = default_workers() if num_workers is None else num_workers
-    with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
-        todo = [n for n in names if n not in writer.done]
-        summary.skipped = len(names) - len(todo)
-        progress = Progress(len(todo), "images", quiet=quiet)
-        model = model.to(target)
-        try:
-            with graceful_stop() as stop:
-                loader = decode_all(root, todo, config, num_workers)
-                for batch in make_batches(loader, batch_size):
-                    for failure in batch.failures:
-                        summary.failed.append({"name": failure.name, "reason": failure.error})
-                        progress.message(f"failed: {failure.name}: {failure.error}")
-                    if batch.images:
-                        tensor = batch.tensor(pin=target.type == "cuda").to(target, non_blocking=True)
-                        for image, features in zip(batch.images, model(tensor)):
-                            datasets, attrs = feature_datasets(features, image, config.fp32_descriptors)
-                            summary.counts.append(len(datasets["scores"]))
-                            progress.advance(len(writer.add(image.name, datasets, attrs)))
-                    if stop:
-                        summary.interrupted, summary.exit_code = True, stop.exit_code
-                        break
-                progress.advance(len(writer.flush()))
-        finally:
-            progress.close()
+    timings = {} if timings is None else timings
+    # Thread budget: the network gets every core (decoding costs ~1% of its time per image, in
+    # single-threaded workers); post-processing, between network calls, runs on one thread
+    # unless torch runs the network itself.
+    with torch_threads(cpu_cores() if backend == "torch" else 1):
+        runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
+        info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
+        with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
+            todo = [n for n in names if n not in writer.done]
+            summary.skipped = len(names) - len(todo)
+            progress = Progress(len(todo), "images", quiet=quiet)
+            background = BackgroundWriter(writer)
+            try:
+                with graceful_stop() as stop, torch.inference_mode():
+                    batches = make_batches(decode_all(root, todo, config, num_workers), batch_size)
+                    for batch in timed_items(batches, timings, "decode"):
+                        for failure in batch.failures:
+                            summary.failed.append({"name": failure.name, "reason": failure.error})
+                            progress.message(f"failed: {failure.name}: {failure.error}")
+                        if batch.images:
+                            with timed(timings, "network"):
+                                dense = runner(batch.tensor(pin=target.type == "cuda"))
+                            with timed(timings, "postprocess"):
+                                for image, features in zip(batch.images, model.postprocess(*dense)):
+                                    datasets, attrs = feature_datasets(features, image, config)
+                                    summary.counts.append(len(datasets["scores"]))
+                                    background.add(image.name, datasets, attrs)
+                        progress.advance(background.saved())
+                        if stop:
+                            summary.interrupted, summary.exit_code = True, stop.exit_code
+                            break
+                    progress.advance(background.close())
+            finally:
+                background.abandon()
+                timings["write"] = background.busy_s
+                progress.close()
     summary.done = progress.completed
     if not summary.interrupted:
         summary.exit_code = EXIT_SOME_FAILED if summary.failed else EXIT_OK

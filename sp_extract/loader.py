@@ -65,7 +65,7 @@ def decode_all(
     dataset = ImageDataset(root, names, config)
     if num_workers == 0:
         return (dataset[i] for i in range(len(dataset)))
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=None,
         shuffle=False,
@@ -75,6 +75,19 @@ def decode_all(
         prefetch_factor=4,
         persistent_workers=False,
     )
+    return _forked(loader)
+
+
+def _forked(loader: DataLoader) -> Iterator[DecodedImage]:
+    """Iterate ``loader``, forking its workers while OpenCV's thread pool is off: a worker forked
+    with the pool's threads idle would deadlock in its first OpenCV call that touches the pool."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        iterator = iter(loader)  # starts the worker processes
+    finally:
+        cv2.setNumThreads(threads)
+    yield from iterator
 
 
 @dataclass

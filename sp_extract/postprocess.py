@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,21 +28,31 @@ class Features:
     descriptors: torch.Tensor
 
 
+def max_filter(maps: torch.Tensor, radius: int) -> torch.Tensor:
+    """Maximum over the (2r+1)^2 window around each pixel of (B, H, W) float maps.
+
+    Equals ``max_pool2d(kernel 2r+1, stride 1, padding r)``. On the CPU it is computed by
+    OpenCV's dilation, some 50x faster than PyTorch's max-pool on one-channel maps.
+    """
+    if maps.device.type != "cpu":
+        return F.max_pool2d(maps, kernel_size=2 * radius + 1, stride=1, padding=radius)
+    array = np.ascontiguousarray(maps.float().numpy())
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return torch.from_numpy(np.stack([cv2.dilate(image, kernel) for image in array]).reshape(array.shape))
+
+
 def nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
-    """Zero every score that is not a local maximum in a (2r+1)^2 window (reference NMS)."""
+    """Zero every score (>= 0) that is not a local maximum in a (2r+1)^2 window (reference NMS)."""
     if radius == 0:
         return scores
 
-    def max_pool(x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
-
-    zeros = torch.zeros_like(scores)
-    is_max = scores == max_pool(scores)
+    # scores are >= 0, so multiplying by a mask zeroes like torch.where, at a fraction of its cost
+    is_max = scores == max_filter(scores, radius)
     for _ in range(2):
-        suppressed = max_pool(is_max.float()) > 0
-        remaining = torch.where(suppressed, zeros, scores)
-        is_max = is_max | ((remaining == max_pool(remaining)) & ~suppressed)
-    return torch.where(is_max, scores, zeros)
+        kept = max_filter(is_max.float(), radius) == 0
+        remaining = scores * kept
+        is_max = is_max | ((remaining == max_filter(remaining, radius)) & kept)
+    return scores * is_max
 
 
 def remove_borders(scores: torch.Tensor, border: int) -> torch.Tensor:

@@ -1,0 +1,373 @@
+"""Extraction benchmark: sp-extract's pipeline against hloc's one-image-at-a-time loop, same run.
+
+Usage: python benchmarks/extract.py [--count 24] [--repeats 3] [--json results.json]
+
+Over a folder of real photos (default ../shared/data/sacre_coeur, repeated through symbolic
+links to --count images) it measures, with the same weights and settings:
+
+- baseline: the loop of hloc's extract_features (and transformers' examples), written out below:
+  one image at a time, eager fp32 PyTorch in NCHW layout, the HDF5 file opened per image;
+- pipeline: ``sp_extract.extract`` as the CLI runs it (backend auto, decoding workers,
+  background writer), with its stage breakdown;
+- network: the pipeline's backend alone on the same decoded batches (its bare throughput);
+- the keypoints of pipeline and baseline compared image by image;
+- the effect of reduced-scale JPEG decoding on keypoint positions (--resize-max 512);
+- ``sp-extract --help`` time, and peak memory for a few dozen vs a few hundred small images.
+
+Times are medians over --repeats runs after a warm-up; the other processes of the machine
+are not controlled, so run it on a quiet machine for figures to publish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import torch
+
+from sp_extract.backends import choose_backend, make_backend
+from sp_extract.config import ExtractConfig
+from sp_extract.decode import load_image, read_gray, resize, working_size
+from sp_extract.extract import cpu_cores, extract, resolve_device, torch_threads
+from sp_extract.loader import make_batches
+from sp_extract.postprocess import postprocess, to_original_frame
+from sp_extract.weights import load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CONV_SCALE = {"1": 1, "2": 2, "3": 4, "4": 8, "P": 8, "D": 8}  # conv{block}: input stride
+
+
+def network_flops(net: torch.nn.Module, height: int, width: int) -> int:
+    """Floating-point operations (2 per multiply-add) of the network's convolutions on one image."""
+    total = 0
+    for name, conv in net.named_modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            scale = CONV_SCALE[name[len("conv")]]
+            cells = (height // scale) * (width // scale)
+            total += (
+                2 * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * cells
+            )
+    return total
+
+
+def repeated_folder(source: Path, count: int, destination: Path) -> list[str]:
+    """``count`` symbolic links to the photos of ``source``, cycling through them."""
+    photos = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    names = []
+    for index in range(count):
+        name = f"{index:04d}_{photos[index % len(photos)].name}"
+        (destination / name).symlink_to(photos[index % len(photos)].resolve())
+        names.append(name)
+    return names
+
+
+def baseline_loop(folder: Path, names: list[str], out: Path, weights: str, config: ExtractConfig) -> dict:
+    """hloc's loop: decode, eager fp32 NCHW network, post-process, open the HDF5 file, write."""
+    net = load_weights(weights).build()
+    stages = {"decode": [], "network": [], "postprocess": [], "write": []}
+    totals = []
+    with torch_threads(cpu_cores()), torch.no_grad():
+        for name in names:
+            started = time.perf_counter()
+            image = load_image(folder, name, config)
+            decoded = time.perf_counter()
+            scores, descriptors = net(torch.from_numpy(image.image)[None, None])
+            networked = time.perf_counter()
+            (features,) = postprocess(
+                scores, descriptors, config.threshold, config.nms_radius, config.border, config.max_keypoints
+            )
+            height, width = image.image.shape
+            keypoints = to_original_frame(features.keypoints.numpy(), (width, height), image.original_size)
+            processed = time.perf_counter()
+            with h5py.File(out, "a") as h5:
+                group = h5.require_group(name)
+                group.create_dataset("keypoints", data=keypoints)
+                group.create_dataset("scores", data=features.scores.numpy())
+                group.create_dataset("descriptors", data=features.descriptors.numpy().T.astype(np.float16))
+                group.create_dataset("image_size", data=np.asarray(image.original_size))
+            written = time.perf_counter()
+            for stage, seconds in zip(
+                stages, (decoded - started, networked - decoded, processed - networked, written - processed)
+            ):
+                stages[stage].append(seconds)
+            totals.append(written - started)
+    per_image = statistics.median(totals)
+    return {
+        "images_per_s": 1 / per_image,
+        "stages_s": {k: statistics.median(v) * len(names) for k, v in stages.items()},
+        "network_s_per_image": statistics.median(stages["network"]),
+    }
+
+
+def pipeline_runs(
+    folder: Path, out: Path, weights: str, config: ExtractConfig, backend: str, batch_size: int, repeats: int
+) -> dict:
+    """``extract`` over the folder ``repeats`` times (store rewritten); the median run."""
+    runs = []
+    for _ in range(repeats):
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        summary = extract(
+            folder,
+            out,
+            config,
+            weights=weights,
+            backend=backend,
+            batch_size=batch_size,
+            overwrite=True,
+            timings=timings,
+        )
+        wall = time.perf_counter() - started
+        assert summary.exit_code == 0, summary.lines()
+        runs.append({"images_per_s": summary.done / wall, "wall_s": wall, "stages_s": timings})
+    median = sorted(runs, key=lambda run: run["wall_s"])[len(runs) // 2]
+    with h5py.File(out, "r") as h5:
+        median["backend"] = h5.attrs["backend"]
+    return median
+
+
+def bare_network(
+    folder: Path,
+    names: list[str],
+    weights: str,
+    config: ExtractConfig,
+    backend: str,
+    batch_size: int,
+    repeats: int,
+) -> dict:
+    """The pipeline's backend alone on the same decoded batches: images/s and GFLOP/s."""
+    loaded = load_weights(weights)
+    device = resolve_device("auto")
+    name = choose_backend(backend, device, config.precision)
+    images = [load_image(folder, n, config) for n in names]
+    batches = list(make_batches(images, batch_size))
+    flops = sum(network_flops(loaded.build(), *image.image.shape) for image in images)
+    with torch_threads(cpu_cores() if name == "torch" else 1), torch.inference_mode():
+        runner = make_backend(name, loaded.build(), device, config.precision, cpu_cores(), loaded.sha1)
+        runner(batches[0].tensor())  # warm-up
+        walls = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for batch in batches:
+                runner(batch.tensor())
+            walls.append(time.perf_counter() - started)
+    wall = statistics.median(walls)
+    return {
+        "images_per_s": len(images) / wall,
+        "gflop_per_s": flops / wall / 1e9,
+        "gflop_per_image": flops / len(images) / 1e9,
+        "backend": runner.name,
+    }
+
+
+def compare_stores(fast: Path, baseline: Path, names: list[str]) -> dict:
+    """Per image: same keypoint set? and the largest score and descriptor differences."""
+    same, score_diff, descriptor_diff = 0, 0.0, 0.0
+    with h5py.File(fast, "r") as a, h5py.File(baseline, "r") as b:
+        for name in names:
+            ka, kb = a[name]["keypoints"][()], b[name]["keypoints"][()]
+            order_a, order_b = np.lexsort(ka.T), np.lexsort(kb.T)
+            if ka.shape == kb.shape and np.array_equal(ka[order_a], kb[order_b]):
+                same += 1
+                score_diff = max(
+                    score_diff,
+                    float(np.abs(a[name]["scores"][()][order_a] - b[name]["scores"][()][order_b]).max()),
+                )
+                da = a[name]["descriptors"][()].astype(np.float32)[:, order_a]
+                db = b[name]["descriptors"][()].astype(np.float32)[:, order_b]
+                descriptor_diff = max(descriptor_diff, float(np.abs(da - db).max()))
+    return {
+        "images": len(names),
+        "same_keypoints": same,
+        "max_score_diff": score_diff,
+        "max_descriptor_diff": descriptor_diff,
+    }
+
+
+def reduced_decode_effect(source: Path, weights: str, backend: str, resize_max: int = 512) -> dict:
+    """Keypoints from reduced-scale JPEG decoding (the pipeline's) vs full decoding, same network."""
+    config = ExtractConfig(resize_max=resize_max)
+    loaded = load_weights(weights)
+    name = choose_backend(backend, torch.device("cpu"), "fp32")
+    runner = make_backend(name, loaded.build(), torch.device("cpu"), "fp32", cpu_cores(), loaded.sha1)
+    distances, counts, decode_s = [], [], {"reduced": 0.0, "full": 0.0}
+    for photo in sorted(source.glob("*.jpg")):
+        started = time.perf_counter()
+        reduced = load_image(source, photo.name, config)
+        decode_s["reduced"] += time.perf_counter() - started
+        started = time.perf_counter()
+        gray = read_gray(photo)
+        size = working_size(gray.shape[1], gray.shape[0], resize_max, False)
+        full = resize(gray, size) / np.float32(255.0)
+        decode_s["full"] += time.perf_counter() - started
+        keypoints = []  # in working-size pixels
+        for image in (reduced.image, full):
+            (features,) = postprocess(*runner(torch.from_numpy(image)[None, None]), 0.005, 4, 4, -1)
+            keypoints.append(features.keypoints.numpy())
+        counts.append((len(keypoints[0]), len(keypoints[1])))
+        nearest = np.sqrt(((keypoints[0][:, None] - keypoints[1][None]) ** 2).sum(-1)).min(1)
+        distances.extend(nearest.tolist())
+    distances = np.asarray(distances)
+    return {
+        "resize_max": resize_max,
+        "keypoints_reduced": int(sum(c[0] for c in counts)),
+        "keypoints_full": int(sum(c[1] for c in counts)),
+        "same_position": float(np.mean(distances == 0)),
+        "within_1px": float(np.mean(distances <= 1.0)),
+        "within_2px": float(np.mean(distances <= 2.0)),
+        "median_nearest_px": float(np.median(distances)),
+        "decode_ms_per_image": {k: 1000 * v / len(counts) for k, v in decode_s.items()},
+    }
+
+
+def help_seconds(repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sp_extract", "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def peak_memory_mb(count: int, weights: str, work: Path) -> float:
+    """Peak RSS (MiB) of the largest process of an ``sp-extract`` run over ``count`` small images."""
+    folder = work / f"small-{count}"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        cv2.imwrite(str(folder / f"{index:05d}.jpg"), rng.integers(0, 256, (240, 320), dtype=np.uint8))
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "sp_extract",
+        str(folder),
+        "--out",
+        str(work / f"small-{count}.h5"),
+        "--weights",
+        weights,
+        "--quiet",
+    ]
+    output = subprocess.run(
+        [sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True
+    )
+    return int(output.stdout.strip()) / 1024
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{model}, {cpu_cores()} cores, torch {torch.__version__}"
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"| {label.ljust(width)} | {value} |" for label, value in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=SHARED / "data" / "sacre_coeur")
+    parser.add_argument("--weights", default=str(SHARED / "weights" / "superpoint_v1.pth"))
+    parser.add_argument("--count", type=int, default=24, help="images in the benchmark folder")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the pipeline and network (median)")
+    parser.add_argument("--resize-max", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--memory-counts", default="40,400", help="small-image counts for peak memory")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = parser.parse_args()
+    config = ExtractConfig(resize_max=args.resize_max)
+    results: dict = {"machine": machine(), "count": args.count, "resize_max": args.resize_max}
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(temporary)
+        folder = work / "images"
+        folder.mkdir()
+        names = repeated_folder(args.images, args.count, folder)
+        results["help_s"] = help_seconds()
+        warmup = work / "warmup"
+        warmup.mkdir()
+        repeated_folder(args.images, 2, warmup)
+        extract(warmup, work / "warmup.h5", config, weights=args.weights, backend=args.backend)
+        results["pipeline"] = pipeline_runs(
+            folder, work / "fast.h5", args.weights, config, args.backend, args.batch_size, args.repeats
+        )
+        results["network"] = bare_network(
+            folder, names, args.weights, config, args.backend, args.batch_size, args.repeats
+        )
+        results["baseline"] = baseline_loop(folder, names, work / "baseline.h5", args.weights, config)
+        results["agreement"] = compare_stores(work / "fast.h5", work / "baseline.h5", names)
+        results["reduced_decode"] = reduced_decode_effect(args.images, args.weights, args.backend)
+        results["peak_memory_mb"] = {
+            int(n): peak_memory_mb(int(n), args.weights, work) for n in args.memory_counts.split(",")
+        }
+    gflop = results["network"]["gflop_per_image"]
+    base, fast, net = results["baseline"], results["pipeline"], results["network"]
+    base["gflop_per_s"] = gflop / base["network_s_per_image"]
+    agreement, reduced = results["agreement"], results["reduced_decode"]
+    stages = " / ".join(f"{k} {v:.1f} s" for k, v in fast["stages_s"].items())
+    base_stages = " / ".join(f"{k} {v:.1f} s" for k, v in base["stages_s"].items())
+    rows = [
+        ("machine", results["machine"]),
+        ("images", f"{args.count} photos, --resize-max {args.resize_max}, {gflop:.0f} GFLOP a frame"),
+        (
+            "baseline (hloc loop, eager fp32 NCHW)",
+            f"{base['images_per_s']:.3f} images/s, network {base['gflop_per_s']:.0f} GFLOP/s",
+        ),
+        ("baseline stages (per run)", base_stages),
+        (f"sp-extract ({fast['backend']})", f"{fast['images_per_s']:.3f} images/s"),
+        ("speed-up over baseline", f"{fast['images_per_s'] / base['images_per_s']:.2f}x"),
+        ("pipeline stages (main thread; write on its own thread)", stages),
+        (
+            f"bare network ({net['backend']})",
+            f"{net['images_per_s']:.3f} images/s, {net['gflop_per_s']:.0f} GFLOP/s",
+        ),
+        ("end-to-end / bare network", f"{fast['images_per_s'] / net['images_per_s']:.1%}"),
+        (
+            "same keypoints as baseline",
+            f"{agreement['same_keypoints']}/{agreement['images']} images, "
+            f"scores within {agreement['max_score_diff']:.1e}, descriptors (fp16) within "
+            f"{agreement['max_descriptor_diff']:.1e}",
+        ),
+        (
+            f"reduced JPEG decode at {reduced['resize_max']} px",
+            "{same_position:.1%} of keypoints on the same pixel, {within_1px:.1%} within 1 px, "
+            "{within_2px:.1%} within 2 px (working size); {keypoints_reduced} vs {keypoints_full} keypoints; "
+            "decode {reduced_ms:.1f} vs {full_ms:.1f} ms an image".format(
+                **reduced,
+                reduced_ms=reduced["decode_ms_per_image"]["reduced"],
+                full_ms=reduced["decode_ms_per_image"]["full"],
+            ),
+        ),
+        ("sp-extract --help", f"{results['help_s']:.2f} s"),
+        (
+            "peak memory (largest process)",
+            ", ".join(f"{n} images: {mb:.0f} MiB" for n, mb in results["peak_memory_mb"].items()),
+        ),
+    ]
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
