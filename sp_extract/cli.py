@@ -8,6 +8,7 @@ or 1 (some images failed); an interrupted run exits 130 (SIGINT) or 143 (SIGTERM
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_SIGINT, SpExtractError
+from .interrupt import ABORTED
 
 if TYPE_CHECKING:
     from .report import Summary
@@ -40,13 +42,15 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except SystemExit:  # the command is over: Ctrl-C must not break its clean exit
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            raise
         except SpExtractError as error:
             click.echo(f"sp-extract: error: {error}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
-            click.echo(
-                "sp-extract: aborted; finished results are kept and the next run picks them up", err=True
-            )
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C would only break the clean-up
+            click.echo(ABORTED, err=True)
             sys.exit(EXIT_SIGINT)
 
     return wrapper
@@ -371,6 +375,35 @@ def match_pairs(
         quiet=quiet,
     )
     finish_run(summary, json_report)
+
+
+# -- reliability: salvaging damaged stores (issue 6) ------------------------------------------
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Repaired store to create (must not exist) [default: STORE.repaired.h5 beside STORE].",
+)
+@click.option(
+    "--json-report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write what was copied and lost as JSON to this file.",
+)
+@reports_errors
+def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
+    """Copy every readable, complete entry of a damaged STORE into a new store.
+
+    For a store truncated or corrupted by a crash of some other program: entries whose
+    datasets are all readable (checksums verified where present) are copied, with the store's
+    settings, into --out, which appears atomically; each lost entry is reported. Results a
+    killed sp-extract run left in STORE.parts/ are included. STORE itself is not changed.
+    Exit 0: nothing lost, 1: some entries lost, 2: nothing could be read.
+    """
+    from .store import repair_store
+
+    finish_run(repair_store(store, out), json_report)
 
 
 # -- deployment: exporting the network (issue 5) ------------------------------------------------

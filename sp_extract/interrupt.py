@@ -1,19 +1,25 @@
 """Graceful interruption: the first SIGINT/SIGTERM asks a run to stop after what is in hand.
 
 The run saves what is finished, prints its summary and exits 130 (SIGINT) or 143 (SIGTERM).
-A second signal aborts at once (``KeyboardInterrupt``); stores stay intact either way, since
-nothing is ever modified in place. ``graceful_stop`` nests: an inner one (the store's fold)
+A second signal aborts at once: the process exits on the spot (an exception could be swallowed
+by a destructor, or be interrupted itself on the way out); stores stay intact either way, since
+nothing is modified in place and whatever is half-written is a temporary file the next run
+deletes. ``graceful_stop`` nests: an inner one (the store's fold)
 shares the flag of the outer one (the run), or, alone, can deliver the signal again on exit.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import EXIT_SIGINT, EXIT_SIGTERM
+
+ABORTED = "sp-extract: aborted; finished results are kept and the next run picks them up"
 
 
 class StopFlag:
@@ -47,8 +53,10 @@ def graceful_stop(redeliver: bool = False) -> Iterator[StopFlag]:
         return
 
     def handle(signum: int, _frame: object) -> None:
-        if flag:
-            raise KeyboardInterrupt
+        if flag:  # the second signal: stop now
+            show_cursor = "\x1b[?25h" if sys.stderr.isatty() else ""  # a progress bar hid it
+            os.write(2, f"{show_cursor}\n{ABORTED}\n".encode())
+            os._exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
         flag.signum = signum
         flag.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
 

@@ -7,7 +7,7 @@ fsynced and renamed into ``STORE.parts/`` (from then on they are durable and rep
 atomic step; a run killed at any instant leaves the old store intact and its parts folded in
 by the next run. Every directory entry that durability depends on (the parts folder, each
 part, the renamed store) is fsynced in its folder. Datasets carry a Fletcher-32 checksum, so
-bit rot is detected on read. One writer at a time: an OS-level lock (``flock``) on
+bit rot is detected on read. One writer at a time: an OS-level lock (``lockf``) on
 ``STORE.lock``, released by the kernel when its holder dies. ``repair_store`` salvages the
 readable, complete entries of a damaged store into a new one.
 """
@@ -140,32 +140,51 @@ def part_files(store: Path) -> list[Path]:
 
 
 class StoreLock:
-    """Exclusive ``flock`` on ``STORE.lock``; the file holds the holder's pid."""
+    """Exclusive lock on ``STORE.lock``; the file holds the holder's pid.
+
+    A POSIX record lock (``lockf``): the kernel releases it the moment its process dies, and,
+    unlike ``flock``, forked children (decoding workers) do not inherit it, so a killed run
+    whose workers are still winding down does not block the next one. POSIX locks do not
+    exclude the process holding them, so a second writer in the same process is refused here.
+    """
+
+    _held: set[tuple[int, int]] = set()  # (device, inode) of the lock files this process holds
 
     def __init__(self, store: Path) -> None:
         self.store = store
         self.path = store.with_name(store.name + ".lock")
         self.fd: int | None = None
+        self._key: tuple[int, int] | None = None
+
+    def _refuse(self, holder: str) -> StoreError:
+        return StoreError(
+            f"{self.store}: another sp-extract process (pid {holder or 'unknown'}) is writing this "
+            "store; wait for it to finish"
+        )
 
     def acquire(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) in self._held:  # never open it: closing would unlock it
+                raise self._refuse(str(os.getpid()))
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as error:
                 raise StoreError(
                     f"{self.store}: cannot write in {self.store.parent} ({describe_error(error)})"
                 ) from error
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
                 os.close(fd)
-                raise StoreError(
-                    f"{self.store}: another sp-extract process (pid {holder}) is writing this store; "
-                    "wait for it to finish"
-                ) from None
-            try:  # the file may have been unlinked by its previous holder between open and flock
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise StoreError(f"{self.path}: cannot lock ({describe_error(error)})") from error
+                raise self._refuse(holder) from None
+            info = os.fstat(fd)
+            try:  # the file may have been unlinked by its previous holder between open and lock
+                same = info.st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -173,7 +192,8 @@ class StoreLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+        self.fd, self._key = fd, (info.st_dev, info.st_ino)
+        self._held.add(self._key)
 
     def release(self) -> None:
         if self.fd is None:
@@ -181,7 +201,8 @@ class StoreLock:
         with contextlib.suppress(OSError):
             self.path.unlink()
         os.close(self.fd)
-        self.fd = None
+        self._held.discard(self._key)
+        self.fd = self._key = None
 
 
 class StoreWriter:

@@ -19,9 +19,22 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from conftest import run_cli, write_image
 
 Entries = dict[str, dict[str, tuple[np.ndarray, dict]]]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def make_workspace(root: Path, weights: Path, count: int = 48) -> dict:
+    """``count`` 320 x 240 images (a few seconds of work) and their features from one
+    uninterrupted run: ``{"root", "images", "reference", "options"}``."""
+    for index in range(count):
+        write_image(root / "images" / f"im{index:02d}.png", 320, 240, seed=index)
+    reference = root / "reference.h5"
+    options = ["--weights", str(weights), "--batch-size", "1", "--num-workers", "1", "--max-keypoints", "512"]
+    result = run_cli(str(root / "images"), "--out", str(reference), *options)
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "images": root / "images", "reference": reference, "options": options}
 
 
 def read_entries(path: Path) -> Entries:

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_image
+from conftest import run_cli
 from reliability import (
     Run,
     assert_entries_equal,
     durable_names,
     lock_held_by,
+    make_workspace,
     part_paths,
     read_entries,
 )
@@ -158,34 +159,19 @@ def kill_campaign(command: list[str], store: Path, reference: Path, seed: int) -
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -> dict[str, Path]:
-    """48 images, their features from one uninterrupted run, and the exhaustive pairs."""
-    root = tmp_path_factory.mktemp("kill")
-    for index in range(48):
-        write_image(root / "images" / f"im{index:02d}.png", 320, 240, seed=index)
-    reference = root / "reference.h5"
-    options = [
-        "--weights",
-        str(random_weights),
-        "--batch-size",
-        "1",
-        "--num-workers",
-        "1",
-        "--max-keypoints",
-        "512",
-    ]
-    result = run_cli(str(root / "images"), "--out", str(reference), *options)
+def workspace(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -> dict:
+    """48 images, their features from one uninterrupted run, and pairs of them."""
+    space = make_workspace(tmp_path_factory.mktemp("kill"), random_weights)
+    pairs = space["root"] / "pairs.txt"
+    features = str(space["reference"])
+    result = run_cli("pairs", "sequential", "--window", "8", "--features", features, "--out", str(pairs))
     assert result.returncode == 0, result.stderr
-    result = run_cli(
-        "pairs", "sequential", "--window", "8", "--features", str(reference), "--out", str(root / "pairs.txt")
-    )
-    assert result.returncode == 0, result.stderr
-    return {"root": root, "reference": reference, "options": options}
+    return space
 
 
 def test_extraction_survives_sigkill_at_any_moment(workspace: dict, tmp_path: Path) -> None:
     store = tmp_path / "feats.h5"
-    command = [str(workspace["root"] / "images"), "--out", str(store), *workspace["options"]]
+    command = [str(workspace["images"]), "--out", str(store), *workspace["options"]]
     seed = int.from_bytes(os.urandom(4), "little")
     hits = kill_campaign(command, store, workspace["reference"], seed)
     assert any(hit.endswith("killed in the fold") for hit in hits), hits

@@ -1,0 +1,70 @@
+"""Graceful interrupt of a real extraction: Ctrl-C (SIGINT to the process group, workers
+included, as a terminal sends it) or SIGTERM saves what is finished, prints the summary and
+exits 130 / 143; a second Ctrl-C aborts at once. Either way the store stays readable and
+the next run completes it, equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from reliability import Run, assert_entries_equal, durable_names, make_workspace, part_paths, read_entries
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -> dict:
+    return make_workspace(tmp_path_factory.mktemp("interrupt"), random_weights)
+
+
+def start_and_wait_for_a_part(workspace: dict, store: Path) -> Run:
+    run = Run(str(workspace["images"]), "--out", str(store), *workspace["options"])
+    assert run.wait_until(lambda: bool(part_paths(store))), run.text
+    return run
+
+
+def resume_to_completion(workspace: dict, store: Path) -> None:
+    result = run_cli(str(workspace["images"]), "--out", str(store), *workspace["options"])
+    assert result.returncode == 0, result.stderr
+    expected = read_entries(workspace["reference"])
+    assert read_entries(store).keys() == expected.keys()
+    assert_entries_equal(read_entries(store), expected)
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group", "code"), [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)]
+)
+def test_signal_saves_finished_work_and_prints_the_summary(
+    workspace: dict, tmp_path: Path, signum: int, to_group: bool, code: int
+) -> None:
+    store = tmp_path / "feats.h5"
+    run = start_and_wait_for_a_part(workspace, store)
+    if to_group:
+        run.signal_group(signum)
+    else:
+        run.process.send_signal(signum)
+
+    assert run.finish() == code, run.text
+    assert "Traceback" not in run.text and "exited unexpectedly" not in run.text, run.text
+    summary = [line for line in run.text.splitlines() if line.startswith("extract: ")]
+    assert len(summary) == 1 and summary[0].endswith("(interrupted)"), run.text
+    saved = int(summary[0].split()[1])
+    stored = read_entries(store)  # folded in: the store itself holds the finished images
+    assert 0 < saved == len(stored) < 48 and not part_paths(store), run.text
+    assert_entries_equal(stored, read_entries(workspace["reference"]))
+    resume_to_completion(workspace, store)
+
+
+def test_second_ctrl_c_aborts_at_once_without_corruption(workspace: dict, tmp_path: Path) -> None:
+    store = tmp_path / "feats.h5"
+    run = start_and_wait_for_a_part(workspace, store)
+    while run.process.poll() is None and "aborted" not in run.text:  # Ctrl-C again, 20 ms apart
+        run.signal_group(signal.SIGINT)
+        run.drain(0.02)
+
+    assert run.finish(timeout=30) == 130, run.text
+    assert "Traceback" not in run.text, run.text
+    assert "sp-extract: aborted; finished results are kept" in run.text, run.text
+    assert durable_names(store), run.text  # the finished part is kept for the next run
+    resume_to_completion(workspace, store)
