@@ -73,9 +73,8 @@ class SuperPoint(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> list[Features]:
-        if min(images.shape[-2:]) < STRIDE:  # no 8 x 8 cell: the network's output is empty
-            empty = images.new_zeros((0, 2)), images.new_zeros(0), images.new_zeros((0, DESCRIPTOR_DIM))
-            return [Features(*empty) for _ in range(len(images))]
+        if min(images.shape[-2:]) < STRIDE:
+            return no_features(len(images))
         return self.postprocess(*run_torch(self.net, images, self.config.precision))
 
     def postprocess(self, scores: torch.Tensor, descriptors: torch.Tensor) -> list[Features]:
@@ -84,6 +83,13 @@ class SuperPoint(torch.nn.Module):
         return postprocess(
             scores, descriptors, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel
         )
+
+
+def no_features(count: int) -> list[Features]:
+    """Features of ``count`` images smaller than one 8 x 8 cell: the network's output is empty,
+    so they have no keypoint (they are stored so, not failed)."""
+    empty = torch.zeros((0, 2)), torch.zeros(0), torch.zeros((0, DESCRIPTOR_DIM))
+    return [Features(*empty) for _ in range(count)]
 
 
 def feature_datasets(
@@ -273,9 +279,11 @@ def extract(
                             progress.message(f"failed: {failure.name}: {failure.error}")
                         if batch.images:
                             with timed(timings, "network"):
-                                dense = runner(batch.tensor(pin=target.type == "cuda"))
+                                tensor = batch.tensor(pin=target.type == "cuda")
+                                dense = runner(tensor) if min(tensor.shape[-2:]) >= STRIDE else None
                             with timed(timings, "postprocess"):
-                                for image, features in zip(batch.images, model.postprocess(*dense)):
+                                found = model.postprocess(*dense) if dense else no_features(len(tensor))
+                                for image, features in zip(batch.images, found):
                                     datasets, attrs = feature_datasets(features, image, config)
                                     summary.counts.append(len(datasets["scores"]))
                                     background.add(image.name, datasets, attrs)

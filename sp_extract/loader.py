@@ -22,8 +22,6 @@ from .config import ExtractConfig
 from .decode import DecodedImage, load_image
 from .discover import is_utf8, printable
 
-MIN_SIDE = 8  # the network halves the image three times: a smaller side leaves no cell
-
 
 class ImageDataset(Dataset):
     """Decodes ``root/names[i]`` on access; never raises for a bad image."""
@@ -41,12 +39,7 @@ class ImageDataset(Dataset):
         if not is_utf8(name):
             reason = "file name is not valid UTF-8 (HDF5 and COLMAP need UTF-8 image names)"
             return DecodedImage(printable(name), None, (0, 0), reason)
-        item = load_image(self.root, name, self.config)
-        if item.image is not None and min(item.image.shape) < MIN_SIDE:
-            height, width = item.image.shape
-            item.error = f"too small: {width} x {height} px to the network, at least {MIN_SIDE} px a side"
-            item.image = None
-        return item
+        return load_image(self.root, name, self.config)
 
 
 def _keep(item: DecodedImage) -> DecodedImage:

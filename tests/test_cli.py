@@ -169,8 +169,9 @@ def test_image_list_selects_and_reports_missing_entries(
 
 @pytest.fixture
 def images_with_bad_files(small_images: Path) -> Path:
-    """small_images plus a zero-byte file, a truncated JPEG, a text file named .jpg, a thumbnail too
-    small for the network and a good image whose file name is not UTF-8."""
+    """small_images plus a zero-byte file, a truncated JPEG, a text file named .jpg, a good image
+    whose file name is not UTF-8, and a thumbnail smaller than one 8 x 8 cell (not a failure: it
+    is stored with no keypoints)."""
     (small_images / "empty.jpg").write_bytes(b"")
     full = write_image(small_images / "whole.jpg", 200, 160, seed=4).read_bytes()
     (small_images / "sub" / "truncated.jpg").write_bytes(full[: len(full) // 2])
@@ -185,7 +186,6 @@ BAD_REASONS = {
     "empty.jpg": "empty file",
     "sub/truncated.jpg": "truncated",
     "text.jpg": "format",
-    "tiny.png": "too small",
     "\\xe9t\\xe9.png": "not valid UTF-8",
 }
 
@@ -213,10 +213,11 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(
     for name, reason in BAD_REASONS.items():
         assert re.search(rf"^failed: {re.escape(name)}: .*{reason}", result.stderr, re.MULTILINE), name
     with h5py.File(out, "r") as h5:
-        assert sorted(h5) == ["a.png", "b.jpg", "sub"] and list(h5["sub"]) == ["c.png"]
+        assert sorted(h5) == ["a.png", "b.jpg", "sub", "tiny.png"] and list(h5["sub"]) == ["c.png"]
+        assert h5["tiny.png/keypoints"].shape == (0, 2)
     report = json.loads(report_path.read_text())
     assert report["exit_code"] == 1
-    assert (report["total"], report["done"], report["skipped"], report["failed_count"]) == (8, 3, 0, 5)
+    assert (report["total"], report["done"], report["skipped"], report["failed_count"]) == (8, 4, 0, 4)
     reasons = {entry["name"]: entry["reason"] for entry in report["failed"]}
     assert set(reasons) == set(BAD_REASONS)
     for name, reason in BAD_REASONS.items():
@@ -226,7 +227,7 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(
     again = extract_cli(images_with_bad_files, out, random_weights, "--json-report", str(report_path))
     assert again.returncode == 1
     report = json.loads(report_path.read_text())
-    assert (report["done"], report["skipped"], report["failed_count"]) == (0, 3, 5)
+    assert (report["done"], report["skipped"], report["failed_count"]) == (0, 4, 4)
 
 
 def test_json_report_content(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
