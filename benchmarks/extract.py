@@ -6,7 +6,8 @@ Over a folder of real photos (default ../shared/data/sacre_coeur, repeated throu
 links to --count images) it measures, with the same weights and settings:
 
 - baseline: the loop of hloc's extract_features (and transformers' examples), written out below:
-  one image at a time, eager fp32 PyTorch in NCHW layout, the HDF5 file opened per image;
+  one image at a time, eager fp32 PyTorch in NCHW layout, hloc's max-pool NMS, the HDF5 file
+  opened per image;
 - pipeline: ``sp_extract.extract`` as the CLI runs it (backend auto, decoding workers,
   background writer), with its stage breakdown;
 - network: the pipeline's backend alone on the same decoded batches (its bare throughput);
@@ -38,9 +39,17 @@ import torch
 from sp_extract.backends import choose_backend, make_backend
 from sp_extract.config import ExtractConfig
 from sp_extract.decode import load_image, read_gray, resize, working_size
+from sp_extract.errors import SpExtractError
 from sp_extract.extract import cpu_cores, extract, resolve_device, torch_threads
 from sp_extract.loader import make_batches
-from sp_extract.postprocess import postprocess, to_original_frame
+from sp_extract.postprocess import (
+    Features,
+    postprocess,
+    remove_borders,
+    sample_descriptors,
+    select_keypoints,
+    to_original_frame,
+)
 from sp_extract.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +81,30 @@ def repeated_folder(source: Path, count: int, destination: Path) -> list[str]:
     return names
 
 
+def hloc_simple_nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
+    """hloc's / SuperGlue's ``simple_nms``: PyTorch max-pools and ``torch.where``."""
+
+    def max_pool(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.max_pool2d(x, kernel_size=radius * 2 + 1, stride=1, padding=radius)
+
+    zeros = torch.zeros_like(scores)
+    max_mask = scores == max_pool(scores)
+    for _ in range(2):
+        supp_mask = max_pool(max_mask.float()) > 0
+        supp_scores = torch.where(supp_mask, zeros, scores)
+        new_max_mask = supp_scores == max_pool(supp_scores)
+        max_mask = max_mask | (new_max_mask & (~supp_mask))
+    return torch.where(max_mask, scores, zeros)
+
+
+def hloc_postprocess(scores: torch.Tensor, descriptors: torch.Tensor, config: ExtractConfig) -> Features:
+    """One image's keypoints the way hloc's SuperPoint wrapper finds them (same math as ours)."""
+    scores = remove_borders(hloc_simple_nms(scores, config.nms_radius), config.border)
+    ((keypoints, kept),) = select_keypoints(scores, config.threshold, config.max_keypoints)
+    (sampled,) = sample_descriptors([keypoints], descriptors)
+    return Features(keypoints, kept, sampled)
+
+
 def baseline_loop(folder: Path, names: list[str], out: Path, weights: str, config: ExtractConfig) -> dict:
     """hloc's loop: decode, eager fp32 NCHW network, post-process, open the HDF5 file, write."""
     net = load_weights(weights).build()
@@ -84,9 +117,7 @@ def baseline_loop(folder: Path, names: list[str], out: Path, weights: str, confi
             decoded = time.perf_counter()
             scores, descriptors = net(torch.from_numpy(image.image)[None, None])
             networked = time.perf_counter()
-            (features,) = postprocess(
-                scores, descriptors, config.threshold, config.nms_radius, config.border, config.max_keypoints
-            )
+            features = hloc_postprocess(scores, descriptors, config)
             height, width = image.image.shape
             keypoints = to_original_frame(features.keypoints.numpy(), (width, height), image.original_size)
             processed = time.perf_counter()
@@ -293,6 +324,10 @@ def main() -> None:
     parser.add_argument("--resize-max", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--compare", default="torch,onnxruntime,openvino", help="backends whose bare network to compare"
+    )
+    parser.add_argument("--compare-count", type=int, default=8, help="images for --compare")
     parser.add_argument("--memory-counts", default="40,400", help="small-image counts for peak memory")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
@@ -315,6 +350,14 @@ def main() -> None:
             folder, names, args.weights, config, args.backend, args.batch_size, args.repeats
         )
         results["baseline"] = baseline_loop(folder, names, work / "baseline.h5", args.weights, config)
+        results["backends"] = {}
+        for backend in args.compare.split(",") if args.compare else []:
+            try:
+                results["backends"][backend] = bare_network(
+                    folder, names[: args.compare_count], args.weights, config, backend, args.batch_size, 1
+                )
+            except SpExtractError as error:
+                results["backends"][backend] = {"error": str(error)}
         results["agreement"] = compare_stores(work / "fast.h5", work / "baseline.h5", names)
         results["reduced_decode"] = reduced_decode_effect(args.images, args.weights, args.backend)
         results["peak_memory_mb"] = {
@@ -364,6 +407,14 @@ def main() -> None:
             ", ".join(f"{n} images: {mb:.0f} MiB" for n, mb in results["peak_memory_mb"].items()),
         ),
     ]
+    for backend, result in results["backends"].items():
+        rows.append(
+            (
+                f"bare network, --backend {backend} ({args.compare_count} images)",
+                result.get("error")
+                or f"{result['images_per_s']:.3f} images/s, {result['gflop_per_s']:.0f} GFLOP/s",
+            )
+        )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -53,19 +53,25 @@ def photo_reference(real_weights: Path, sacre_coeur: Path) -> tuple[torch.Tensor
     return image, (scores, descriptors), features
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime", "openvino"])
+# every backend; on a GPU machine also PyTorch on the GPU
+RUNNERS = [("torch", "cpu"), ("onnxruntime", "cpu"), ("openvino", "cpu")]
+RUNNERS += [("torch", "cuda")] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize(("name", "device"), RUNNERS)
 def test_backend_reproduces_reference_on_photo(
-    name: str, real_weights: Path, photo_reference: tuple, private_cache: Path
+    name: str, device: str, real_weights: Path, photo_reference: tuple, private_cache: Path
 ) -> None:
     image, reference, ref_features = photo_reference
     loaded = load_weights(str(real_weights))
-    backend = make_backend(name, loaded.build(), CPU, "fp32", 2, loaded.sha1)
+    backend = make_backend(name, loaded.build(), torch.device(device), "fp32", 2, loaded.sha1)
     scores, descriptors = backend(image)
+    (features,) = postprocess(scores, descriptors, 0.005, 4, 4, -1)  # on the backend's device
+    scores, descriptors = scores.cpu(), descriptors.cpu()
     assert scores.dtype == descriptors.dtype == torch.float32
     assert scores.shape == reference[0].shape and descriptors.shape == reference[1].shape
     np.testing.assert_allclose(scores.numpy(), reference[0].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(descriptors.numpy(), reference[1].numpy(), rtol=0, atol=1e-4)
-    (features,) = postprocess(scores, descriptors, 0.005, 4, 4, -1)
     assert len(ref_features.keypoints) > 300  # a real photo: many keypoints to agree on
     assert_same_features(features, ref_features)
     assert backend.name.startswith(name)
