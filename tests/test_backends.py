@@ -217,10 +217,12 @@ class FakeStore:
         self.fail_on = fail_on
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
         self.pending: list[str] = []
         self.durable: list[str] = []
 
     def add(self, name: str, datasets: dict, attrs: dict) -> list[str]:
+        self.entered.set()
         self.gate.wait()
         if name == self.fail_on:
             raise StoreError(f"{name}: disk full")
@@ -258,6 +260,7 @@ def test_background_writer_abandon_drops_what_is_queued() -> None:
     writer = BackgroundWriter(store)
     for name in "abc":
         writer.add(name, {}, {})
+    assert store.entered.wait(10)  # the thread is writing "a"; "b" and "c" wait in the queue
     threading.Timer(0.2, store.gate.set).start()
     writer.abandon()
     assert store.pending == ["a"] and store.durable == []
