@@ -139,6 +139,94 @@ def part_files(store: Path) -> list[Path]:
     return sorted(folder.glob("part-*.h5")) if folder.is_dir() else []
 
 
+class _WriteThrough(io.RawIOBase):
+    """The file HDF5 writes a part or a new store through, which never reports a failure to it.
+
+    An HDF5 library that saw a write fail cannot close that file any more and crashes the
+    process at exit. So the first I/O error (disk full, file size limit) is kept here, HDF5
+    carries on into nothing, and ``commit`` raises the error once HDF5 has closed the file;
+    the half-written temporary is then deleted by the caller.
+    """
+
+    def __init__(self, path: Path, create: bool) -> None:
+        super().__init__()
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
+        self._fd = os.open(path, flags, 0o644)
+        self._position = 0
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: os.fstat(self._fd).st_size}
+        self._position = start[whence] + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = os.pread(self._fd, len(view), self._position)
+        view[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            try:
+                done += os.pwrite(self._fd, view[done:], self._position + done)
+            except OSError as error:
+                self.error = error
+        self._position += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as error:
+                self.error = error
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        """fsync and close; raises the first error met on the way."""
+        try:
+            if self.error is None:
+                os.fsync(self._fd)
+        except OSError as error:
+            self.error = error
+        finally:
+            os.close(self._fd)
+            super().close()
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def _hdf5_writing(path: Path, create: bool) -> Iterator[h5py.File]:
+    """``h5py.File`` writing ``path`` through ``_WriteThrough``; durable (fsynced) on exit."""
+    target = _WriteThrough(path, create)
+    try:
+        with h5py.File(target, "w" if create else "r+") as h5:
+            yield h5
+    finally:
+        target.commit()
+
+
 class StoreLock:
     """Exclusive lock on ``STORE.lock``; the file holds the holder's pid.
 
@@ -309,7 +397,7 @@ class StoreWriter:
             if not self.parts_dir.is_dir():
                 self.parts_dir.mkdir()
                 _fsync_path(self.parts_dir.parent, directory=True)
-            with h5py.File(temporary, "w") as h5:
+            with _hdf5_writing(temporary, create=True) as h5:
                 self._write_header(h5)
                 for name, datasets, attrs in self._buffer:
                     group = h5.create_group(name)
@@ -317,7 +405,6 @@ class StoreWriter:
                         dataset = group.create_dataset(key, data=array, fletcher32=np.ndim(array) > 0)
                         for attr, value in attrs.get(key, {}).items():
                             dataset.attrs[attr] = value
-            _fsync_path(temporary)
             os.replace(temporary, final)
             _fsync_path(self.parts_dir, directory=True)
         except (OSError, RuntimeError) as error:
@@ -338,9 +425,10 @@ class StoreWriter:
             return
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            if self.path.exists() and not self._discard_existing:
+            copy = self.path.exists() and not self._discard_existing
+            if copy:
                 shutil.copyfile(self.path, temporary)
-            with h5py.File(temporary, "a" if temporary.exists() else "w") as out:
+            with _hdf5_writing(temporary, create=not copy) as out:
                 self._write_header(out)
                 for part in parts:
                     with h5py.File(part, "r") as source:
@@ -348,7 +436,6 @@ class StoreWriter:
                             if name in out:  # folded already by a run killed before deleting parts
                                 del out[name]
                             source.copy(source[name], out, name=name)
-            _fsync_path(temporary)
             os.replace(temporary, self.path)
             _fsync_path(self.path.parent, directory=True)
         except (OSError, RuntimeError) as error:
