@@ -15,8 +15,10 @@ links to --count images) it measures, with the same weights and settings:
 - the effect of reduced-scale JPEG decoding on keypoint positions (--resize-max 512);
 - ``sp-extract --help`` time, and peak memory for a few dozen vs a few hundred small images.
 
-Times are medians over --repeats runs after a warm-up; the other processes of the machine
-are not controlled, so run it on a quiet machine for figures to publish.
+After a warm-up, pipeline, bare network and baseline (a third of the images each time) take
+turns --repeats times, so that all meet the same conditions; rates are medians (the baseline's
+from its median time an image). Other processes of the machine are not controlled: run it on a
+quiet machine for figures to publish.
 """
 
 from __future__ import annotations
@@ -105,11 +107,13 @@ def hloc_postprocess(scores: torch.Tensor, descriptors: torch.Tensor, config: Ex
     return Features(keypoints, kept, sampled)
 
 
-def baseline_loop(folder: Path, names: list[str], out: Path, weights: str, config: ExtractConfig) -> dict:
-    """hloc's loop: decode, eager fp32 NCHW network, post-process, open the HDF5 file, write."""
+def baseline_loop(
+    folder: Path, names: list[str], out: Path, weights: str, config: ExtractConfig, times: dict
+) -> None:
+    """hloc's loop: decode, eager fp32 NCHW network, post-process, open the HDF5 file, write.
+
+    Appends each image's seconds to ``times["total"]`` and ``times[stage]``."""
     net = load_weights(weights).build()
-    stages = {"decode": [], "network": [], "postprocess": [], "write": []}
-    totals = []
     with torch_threads(cpu_cores()), torch.no_grad():
         for name in names:
             started = time.perf_counter()
@@ -128,44 +132,48 @@ def baseline_loop(folder: Path, names: list[str], out: Path, weights: str, confi
                 group.create_dataset("descriptors", data=features.descriptors.numpy().T.astype(np.float16))
                 group.create_dataset("image_size", data=np.asarray(image.original_size))
             written = time.perf_counter()
-            for stage, seconds in zip(
-                stages, (decoded - started, networked - decoded, processed - networked, written - processed)
-            ):
-                stages[stage].append(seconds)
-            totals.append(written - started)
-    per_image = statistics.median(totals)
+            seconds = (decoded - started, networked - decoded, processed - networked, written - processed)
+            for stage, value in zip(("decode", "network", "postprocess", "write"), seconds):
+                times.setdefault(stage, []).append(value)
+            times.setdefault("total", []).append(written - started)
+
+
+def baseline_summary(times: dict, count: int) -> dict:
+    """Images/s from the median time an image; stage seconds for ``count`` images."""
     return {
-        "images_per_s": 1 / per_image,
-        "stages_s": {k: statistics.median(v) * len(names) for k, v in stages.items()},
-        "network_s_per_image": statistics.median(stages["network"]),
+        "images_per_s": 1 / statistics.median(times["total"]),
+        "stages_s": {k: statistics.median(v) * count for k, v in times.items() if k != "total"},
+        "network_s_per_image": statistics.median(times["network"]),
     }
 
 
-def pipeline_runs(
-    folder: Path, out: Path, weights: str, config: ExtractConfig, backend: str, batch_size: int, repeats: int
+def pipeline_run(
+    folder: Path, out: Path, weights: str, config: ExtractConfig, backend: str, batch_size: int
 ) -> dict:
-    """``extract`` over the folder ``repeats`` times (store rewritten); the median run."""
-    runs = []
-    for _ in range(repeats):
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        summary = extract(
-            folder,
-            out,
-            config,
-            weights=weights,
-            backend=backend,
-            batch_size=batch_size,
-            overwrite=True,
-            timings=timings,
-        )
-        wall = time.perf_counter() - started
-        assert summary.exit_code == 0, summary.lines()
-        runs.append({"images_per_s": summary.done / wall, "wall_s": wall, "stages_s": timings})
-    median = sorted(runs, key=lambda run: run["wall_s"])[len(runs) // 2]
+    """One ``extract`` over the folder (the store rewritten): images/s and stage times."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    summary = extract(
+        folder,
+        out,
+        config,
+        weights=weights,
+        backend=backend,
+        batch_size=batch_size,
+        overwrite=True,
+        timings=timings,
+    )
+    wall = time.perf_counter() - started
+    assert summary.exit_code == 0, summary.lines()
     with h5py.File(out, "r") as h5:
-        median["backend"] = h5.attrs["backend"]
-    return median
+        backend_name = h5.attrs["backend"]
+    return {"images_per_s": summary.done / wall, "wall_s": wall, "stages_s": timings, "backend": backend_name}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median images/s, with every run's rate."""
+    median = sorted(runs, key=lambda run: run["images_per_s"])[len(runs) // 2]
+    return {**median, "all_images_per_s": [run["images_per_s"] for run in runs]}
 
 
 def bare_network(
@@ -310,6 +318,10 @@ def machine() -> str:
     return f"{model}, {cpu_cores()} cores, torch {torch.__version__}"
 
 
+def rates(result: dict) -> str:
+    return ", ".join(f"{rate:.3f}" for rate in result["all_images_per_s"])
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"| {label.ljust(width)} | {value} |" for label, value in rows)
@@ -343,13 +355,25 @@ def main() -> None:
         warmup.mkdir()
         repeated_folder(args.images, 2, warmup)
         extract(warmup, work / "warmup.h5", config, weights=args.weights, backend=args.backend)
-        results["pipeline"] = pipeline_runs(
-            folder, work / "fast.h5", args.weights, config, args.backend, args.batch_size, args.repeats
-        )
-        results["network"] = bare_network(
-            folder, names, args.weights, config, args.backend, args.batch_size, args.repeats
-        )
-        results["baseline"] = baseline_loop(folder, names, work / "baseline.h5", args.weights, config)
+        runs: dict[str, list] = {"pipeline": [], "network": []}
+        baseline_times: dict[str, list[float]] = {}
+        for index in range(args.repeats):  # interleaved, so that all three meet the same conditions
+            runs["pipeline"].append(
+                pipeline_run(folder, work / "fast.h5", args.weights, config, args.backend, args.batch_size)
+            )
+            runs["network"].append(
+                bare_network(folder, names, args.weights, config, args.backend, args.batch_size, 1)
+            )
+            baseline_loop(
+                folder,
+                names[index :: args.repeats],
+                work / "baseline.h5",
+                args.weights,
+                config,
+                baseline_times,
+            )
+        results["pipeline"], results["network"] = median_run(runs["pipeline"]), median_run(runs["network"])
+        results["baseline"] = baseline_summary(baseline_times, len(names))
         results["backends"] = {}
         for backend in args.compare.split(",") if args.compare else []:
             try:
@@ -377,12 +401,12 @@ def main() -> None:
             f"{base['images_per_s']:.3f} images/s, network {base['gflop_per_s']:.0f} GFLOP/s",
         ),
         ("baseline stages (per run)", base_stages),
-        (f"sp-extract ({fast['backend']})", f"{fast['images_per_s']:.3f} images/s"),
+        (f"sp-extract ({fast['backend']})", f"{fast['images_per_s']:.3f} images/s (runs: {rates(fast)})"),
         ("speed-up over baseline", f"{fast['images_per_s'] / base['images_per_s']:.2f}x"),
         ("pipeline stages (main thread; write on its own thread)", stages),
         (
             f"bare network ({net['backend']})",
-            f"{net['images_per_s']:.3f} images/s, {net['gflop_per_s']:.0f} GFLOP/s",
+            f"{net['images_per_s']:.3f} images/s, {net['gflop_per_s']:.0f} GFLOP/s (runs: {rates(net)})",
         ),
         ("end-to-end / bare network", f"{fast['images_per_s'] / net['images_per_s']:.1%}"),
         (
