@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import run_cli, write_image
-from reliability import one_line_error
+from reliability import one_line_error, read_entries
 
 
 def text_file(path: Path, reference: Path) -> None:
@@ -88,3 +88,17 @@ def test_out_in_a_missing_folder(reference: tuple[Path, Path], random_weights: P
     assert result.returncode == 2
     assert "does not exist" in one_line_error(result.stderr)
     assert not out.parent.exists()
+
+
+def test_out_as_a_symbolic_link_updates_its_target(
+    reference: tuple[Path, Path], random_weights: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "real" / "feats.h5"
+    target.parent.mkdir()
+    link = tmp_path / "feats.h5"
+    link.symlink_to(target)
+    for _ in range(2):  # creates the target, then resumes it
+        result = run_cli(str(reference[0]), "--out", str(link), "--weights", str(random_weights))
+        assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and link.resolve() == target
+    assert read_entries(target).keys() == read_entries(reference[1]).keys()
