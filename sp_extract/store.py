@@ -139,34 +139,26 @@ def part_files(store: Path) -> list[Path]:
     return sorted(folder.glob("part-*.h5")) if folder.is_dir() else []
 
 
-class _WriteThrough(io.RawIOBase):
-    """The file HDF5 writes a part or a new store through, which never reports a failure to it.
+class _DescriptorFile(io.RawIOBase):
+    """A file for h5py's file-object driver: positioned reads (``pread``) on a descriptor."""
 
-    An HDF5 library that saw a write fail cannot close that file any more and crashes the
-    process at exit. So the first I/O error (disk full, file size limit) is kept here, HDF5
-    carries on into nothing, and ``commit`` raises the error once HDF5 has closed the file;
-    the half-written temporary is then deleted by the caller.
-    """
-
-    def __init__(self, path: Path, create: bool) -> None:
+    def __init__(self, fd: int) -> None:
         super().__init__()
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
-        self._fd = os.open(path, flags, 0o644)
+        self._fd = fd
         self._position = 0
-        self.error: OSError | None = None
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: os.fstat(self._fd).st_size}
-        self._position = start[whence] + offset
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size()}[whence]
+        self._position = start + offset
         return self._position
 
     def tell(self) -> int:
@@ -178,6 +170,29 @@ class _WriteThrough(io.RawIOBase):
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class _WriteThrough(_DescriptorFile):
+    """The file HDF5 writes a part or a new store through, which never reports a failure to it.
+
+    An HDF5 library that saw a write fail cannot close that file any more and crashes the
+    process at exit. So the first I/O error (disk full, file size limit) is kept here, HDF5
+    carries on into nothing, and ``commit`` raises the error once HDF5 has closed the file;
+    the half-written temporary is then deleted by the caller.
+    """
+
+    def __init__(self, path: Path, create: bool) -> None:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
+        super().__init__(os.open(path, flags, 0o644))
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -210,8 +225,7 @@ class _WriteThrough(io.RawIOBase):
         except OSError as error:
             self.error = error
         finally:
-            os.close(self._fd)
-            super().close()
+            self.close()
         if self.error is not None:
             raise self.error
 
@@ -499,7 +513,7 @@ def stored_end_of_file(path: Path) -> int | None:
     return None
 
 
-class _ZeroPadded(io.RawIOBase):
+class _ZeroPadded(_DescriptorFile):
     """A read-only view of a truncated file that reads as zeros up to its recorded size.
 
     Lets HDF5 open a store cut short by a crash; whatever lay in the lost tail reads as zeros,
@@ -507,46 +521,26 @@ class _ZeroPadded(io.RawIOBase):
     """
 
     def __init__(self, path: Path, size: int) -> None:
-        super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        self._real = os.fstat(self._file.fileno()).st_size
-        self._size = size
-        self._position = 0
+        super().__init__(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        self._recorded = size
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = start + offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
+    def size(self) -> int:
+        return self._recorded
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        count = max(0, min(len(view), self._size - self._position))
-        real = max(0, min(count, self._real - self._position))
-        if real:
-            self._file.seek(self._position)
-            real = self._file.readinto(view[:real]) or 0
+        count = max(0, min(len(view), self._recorded - self._position))
+        real = super().readinto(view[:count])  # what the file still has; advances the position
         view[real:count] = bytes(count - real)
-        self._position += count
+        self._position += count - real
         return count
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
 
 
 @contextlib.contextmanager
 def _open_damaged(path: Path) -> Iterator[tuple[h5py.File, int]]:
     """Open a possibly truncated store read-only; yields the file and its real size in bytes."""
     real_size = path.stat().st_size
+    padded: _ZeroPadded | None = None
     try:
         h5 = h5py.File(path, "r")
     except H5_ERRORS as error:
@@ -566,6 +560,8 @@ def _open_damaged(path: Path) -> Iterator[tuple[h5py.File, int]]:
         yield h5, real_size
     finally:
         h5.close()
+        if padded is not None:
+            padded.close()
 
 
 def _intact(dataset: h5py.Dataset, real_size: int) -> bool:
