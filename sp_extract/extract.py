@@ -22,7 +22,7 @@ from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
 from .discover import discover_images, read_image_list
-from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from .errors import ConfigError
 from .interrupt import graceful_stop
 from .loader import decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
@@ -296,8 +296,4 @@ def extract(
                 background.abandon()
                 timings["write"] = background.busy_s
                 progress.close()
-    summary.done = progress.completed
-    if not summary.interrupted:
-        summary.exit_code = EXIT_SOME_FAILED if summary.failed else EXIT_OK
-    summary.wall_time_s = time.monotonic() - started
-    return summary
+    return summary.finish(progress.completed, started)

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from .errors import ConfigError
 from .extract import resolve_device
 from .interrupt import graceful_stop
 from .pairs import Pair, pair_key, read_pairs
@@ -343,11 +343,7 @@ def match_pairs(
                 progress.advance(len(writer.flush()))
         finally:
             progress.close()
-    summary.done = progress.completed
-    if not summary.interrupted:
-        summary.exit_code = EXIT_SOME_FAILED if summary.failed else EXIT_OK
-    summary.wall_time_s = time.monotonic() - started
-    return summary
+    return summary.finish(progress.completed, started)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ConfigError
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 
 
 @dataclass
@@ -33,6 +33,14 @@ class Summary:
     exit_code: int = 0
     unit: str = "images"
     count_label: str = "keypoints per image"
+
+    def finish(self, completed: int, started: float) -> Summary:
+        """Close the run: ``completed`` items durable, wall time since ``started`` (monotonic)."""
+        self.done = completed
+        if not self.interrupted:
+            self.exit_code = EXIT_SOME_FAILED if self.failed else EXIT_OK
+        self.wall_time_s = time.monotonic() - started
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
