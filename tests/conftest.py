@@ -26,6 +26,14 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tests' weights and exported-model cache out of the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("sp-extract-cache")
+    os.environ["SP_EXTRACT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_weights() -> Path:
     """Magic Leap's SuperPoint v1 weights (../shared/weights/superpoint_v1.pth)."""
