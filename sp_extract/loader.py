@@ -8,7 +8,10 @@ waiting, or at the end. Images that failed to decode pass straight through as fa
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from .config import ExtractConfig
 from .decode import DecodedImage, load_image
 from .discover import is_utf8, printable
+
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
 
 class ImageDataset(Dataset):
@@ -46,7 +51,22 @@ def _keep(item: DecodedImage) -> DecodedImage:
     return item
 
 
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A worker whose parent was SIGKILLed, or left at once on a second Ctrl-C, would otherwise
+    hang for ever on its full result pipe.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _init_worker(_: int) -> None:
+    _die_with_parent()
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 

@@ -5,7 +5,9 @@ the next run completes it, equal to an uninterrupted run."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -67,4 +69,27 @@ def test_second_ctrl_c_aborts_at_once_without_corruption(workspace: dict, tmp_pa
     assert "Traceback" not in run.text, run.text
     assert "sp-extract: aborted; finished results are kept" in run.text, run.text
     assert durable_names(store), run.text  # the finished part is kept for the next run
+    assert group_ends(run.process.pid), "decoding workers outlived the aborted run"
+    resume_to_completion(workspace, store)
+
+
+def group_ends(group: int, timeout: float = 15) -> bool:
+    """Whether every process of ``group`` (the run and its decoding workers) ends in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    os.killpg(group, signal.SIGKILL)  # leave nothing behind, then fail
+    return False
+
+
+def test_sigkill_of_the_main_process_takes_its_workers_along(workspace: dict, tmp_path: Path) -> None:
+    store = tmp_path / "feats.h5"
+    run = start_and_wait_for_a_part(workspace, store)
+    run.process.kill()  # the main process only, as the OOM killer does
+    run.finish(timeout=30)
+    assert group_ends(run.process.pid), "decoding workers outlived their killed parent"
     resume_to_completion(workspace, store)
