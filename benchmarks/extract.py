@@ -237,8 +237,8 @@ def compare_stores(fast: Path, baseline: Path, names: list[str]) -> dict:
 
 
 def reduced_decode_effect(source: Path, weights: str, backend: str, resize_max: int = 512) -> dict:
-    """Keypoints from reduced-scale JPEG decoding (the pipeline's) vs full decoding, same network."""
-    config = ExtractConfig(resize_max=resize_max)
+    """Keypoints from reduced-scale JPEG decoding (``--reduced-decode``) vs full decoding."""
+    config = ExtractConfig(resize_max=resize_max, reduced_decode=True)
     loaded = load_weights(weights)
     name = choose_backend(backend, torch.device("cpu"), "fp32")
     runner = make_backend(name, loaded.build(), torch.device("cpu"), "fp32", cpu_cores(), loaded.sha1)

@@ -131,6 +131,12 @@ def cli() -> None:
     is_flag=True,
     help="Move keypoints to sub-pixel score peaks (quadratic fit); lowers SfM reprojection error.",
 )
+@click.option(
+    "--reduced-decode",
+    is_flag=True,
+    help="Decode JPEGs at 1/2, 1/4 or 1/8 scale when the working size allows (faster on large "
+    "photos; pixels differ slightly from a full decode). Always on above 100 Mpx.",
+)
 @click.option("--batch-size", default=4, show_default=True, help="Images per network batch.")
 @click.option(
     "--num-workers", type=int, default=None, help="Decoding processes [default: cores - 1, at most 4]."
@@ -176,6 +182,7 @@ def extract(
     resize_force: bool,
     fp32_descriptors: bool,
     subpixel: bool,
+    reduced_decode: bool,
     batch_size: int,
     num_workers: int | None,
     device: str,
@@ -204,6 +211,7 @@ def extract(
         resize_force=resize_force,
         fp32_descriptors=fp32_descriptors,
         subpixel=subpixel,
+        reduced_decode=reduced_decode,
         precision=precision,
     )
     summary = run_extract(

@@ -28,6 +28,7 @@ class ExtractConfig:
     fp32_descriptors: bool = False
     precision: str = "fp32"
     subpixel: bool = False
+    reduced_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.max_keypoints == 0 or self.max_keypoints < -1:

@@ -6,9 +6,11 @@ is ignored, as COLMAP and hloc do, so keypoints live in the stored pixel frame.
 
 Hostile files are refused before decoding: the header (JPEG SOF, PNG IHDR, BMP, PNM, TIFF,
 WebP) is parsed first, so a file whose content is not an image, or a decompression bomb, costs
-no memory. A JPEG whose working size is at most half its stored size is decoded at 1/2, 1/4 or
-1/8 scale by the JPEG decoder itself (memory stays bounded for 600 Mpx photos), then area-resized
-to the exact working size. Every failure is a ``DecodeError`` with a short reason.
+no memory. With ``reduced_decode`` (and always above 100 Mpx, so memory stays bounded for
+600 Mpx photos), a JPEG whose working size is at most half its stored size is decoded at 1/2,
+1/4 or 1/8 scale by the JPEG decoder itself, then area-resized to the exact working size; the
+default full decode gives hloc's pixels exactly. Every failure is a ``DecodeError`` with a
+short reason.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _REDUCED_FLAGS = {
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
 MAX_DECODE_PIXELS = 250_000_000  # larger decodes are refused (decompression bombs)
+MAX_FULL_DECODE_PIXELS = 100_000_000  # larger JPEGs are always decoded reduced (bounded memory)
 _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -213,14 +216,15 @@ def _to_gray_255(pixels: np.ndarray) -> np.ndarray:
 
 def decode_file(path: Path, config: ExtractConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """Grayscale [0, 255] pixels of ``path`` at least as large as the working size, and the
-    original (width, height). JPEGs are decoded reduced when the working size allows it."""
+    original (width, height). JPEGs may be decoded reduced (see the module's docstring)."""
     with _open_regular(Path(path)) as file:
         try:
             header = read_header(file)
             if header.width <= 0 or header.height <= 0:
                 raise DecodeError(f"corrupt {header.format} header (size {header.width} x {header.height})")
             size = working_size(header.width, header.height, config.resize_max, config.resize_force)
-            factor = _reduction(header, size)
+            huge = header.width * header.height > MAX_FULL_DECODE_PIXELS
+            factor = _reduction(header, size) if config.reduced_decode or huge else 1
             pixels = -(-header.width // factor) * -(-header.height // factor)
             if pixels > MAX_DECODE_PIXELS:
                 raise DecodeError(

@@ -173,7 +173,7 @@ def test_reduced_decoding_matches_full_decoding_and_area_resize(tmp_path: Path, 
     smooth = cv2.normalize(smooth, None, 0, 255, cv2.NORM_MINMAX)
     assert cv2.imwrite(str(tmp_path / "photo.jpg"), smooth, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
-    decoded = load_image(tmp_path, "photo.jpg", ExtractConfig(resize_max=resize_max))
+    decoded = load_image(tmp_path, "photo.jpg", ExtractConfig(resize_max=resize_max, reduced_decode=True))
 
     full = cv2.imread(str(tmp_path / "photo.jpg"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
     size = (resize_max, resize_max * 3 // 4)
