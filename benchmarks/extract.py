@@ -8,7 +8,7 @@ links to --count images) it measures, with the same weights and settings:
 - baseline: the loop of hloc's extract_features (and transformers' examples), written out below:
   one image at a time, eager fp32 PyTorch in NCHW layout, hloc's max-pool NMS, the HDF5 file
   opened per image;
-- pipeline: ``sp_extract.extract`` as the CLI runs it (backend auto, decoding workers,
+- pipeline: ``sp_extract.pipeline.extract`` as the CLI runs it (backend auto, decoding workers,
   background writer), with its stage breakdown;
 - network: the pipeline's backend alone on the same decoded batches (its bare throughput);
 - the keypoints of pipeline and baseline compared image by image;
@@ -42,8 +42,8 @@ from sp_extract.backends import choose_backend, make_backend
 from sp_extract.config import ExtractConfig
 from sp_extract.decode import load_image, read_gray, resize, working_size
 from sp_extract.errors import SpExtractError
-from sp_extract.extract import cpu_cores, extract, resolve_device, torch_threads
 from sp_extract.loader import make_batches
+from sp_extract.pipeline import cpu_cores, extract, resolve_device, torch_threads
 from sp_extract.postprocess import (
     Features,
     postprocess,

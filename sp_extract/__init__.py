@@ -12,8 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SuperPoint": "sp_extract.extract",
-    "extract": "sp_extract.extract",
+    "SuperPoint": "sp_extract.pipeline",
+    "extract": "sp_extract.pipeline",
     "ExtractConfig": "sp_extract.config",
     "load_weights": "sp_extract.weights",
 }
@@ -25,11 +25,5 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(_LAZY[name])
-        # Importing the submodule sp_extract.extract binds it to this package's attribute
-        # "extract", shadowing the function: bind the public names of that module explicitly.
-        for public, source in _LAZY.items():
-            if source == module.__name__:
-                globals()[public] = getattr(module, public)
-        return globals()[name]
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'sp_extract' has no attribute {name!r}")

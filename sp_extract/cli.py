@@ -200,7 +200,7 @@ def extract(
     only the images not yet in the store; a store made with other settings is refused.
     """
     from .config import ExtractConfig
-    from .extract import extract as run_extract
+    from .pipeline import extract as run_extract
 
     config = ExtractConfig(
         max_keypoints=max_keypoints,

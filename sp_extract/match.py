@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .extract import resolve_device
 from .interrupt import graceful_stop
 from .pairs import Pair, pair_key, read_pairs
+from .pipeline import resolve_device
 from .report import Progress, Summary
 from .store import StoreWriter, read_store_info
 

@@ -26,7 +26,7 @@ from sp_extract.backends import choose_backend, make_backend, onnx_model
 from sp_extract.config import ExtractConfig
 from sp_extract.decode import load_image
 from sp_extract.errors import ConfigError, StoreError
-from sp_extract.extract import BackgroundWriter, extract
+from sp_extract.pipeline import BackgroundWriter, extract
 from sp_extract.postprocess import max_filter, postprocess
 from sp_extract.weights import load_weights
 

@@ -22,7 +22,7 @@ from superpoint_reference import (
 )
 
 from sp_extract.config import ExtractConfig
-from sp_extract.extract import SuperPoint
+from sp_extract.pipeline import SuperPoint
 from sp_extract.weights import load_weights
 
 
