@@ -76,14 +76,15 @@ def stacked(*options: Callable[..., Any]) -> Callable[..., Any]:
     return apply
 
 
+json_report_option = click.option(
+    "--json-report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the run's summary as JSON to this file.",
+)
 run_options = stacked(  # every store-writing command has these
     click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming."),
     click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only."),
-    click.option(
-        "--json-report",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="Write the run's summary as JSON to this file.",
-    ),
+    json_report_option,
 )
 
 
@@ -409,7 +410,7 @@ def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
     killed sp-extract run left in STORE.parts/ are included. STORE itself is not changed.
     Exit 0: nothing lost, 1: some entries lost, 2: nothing could be read.
     """
-    from .store import repair_store
+    from .repair import repair_store
 
     finish_run(repair_store(store, out), json_report)
 
@@ -449,23 +450,14 @@ def export(out: Path, fmt: str, weights: str | None) -> None:
 
 
 # -- COLMAP: database and reconstruction (issue 4) ----------------------------------------------
-def _colmap_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--seed, --num-threads, --verbose and --json-report of the two COLMAP commands."""
-    options = (
-        click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices."),
-        click.option(
-            "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
-        ),
-        click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log."),
-        click.option(
-            "--json-report",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="Write the summary as JSON to this file.",
-        ),
-    )
-    for option in reversed(options):
-        command = option(command)
-    return command
+_colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report of both commands
+    click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices."),
+    click.option(
+        "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
+    ),
+    click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log."),
+    json_report_option,
+)
 
 
 @cli.command()
