@@ -6,8 +6,7 @@ refused on resume (unless ``--overwrite``). Defaults are those of the reference 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -43,11 +42,3 @@ class ExtractConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resize_max < 0:
             raise ConfigError(f"--resize-max must be >= 0 (0 = native size), got {self.resize_max}")
-
-    def to_json(self) -> str:
-        """Canonical JSON of the settings, as stored in the feature store."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ExtractConfig:
-        return cls(**json.loads(text))
