@@ -76,6 +76,17 @@ def stacked(*options: Callable[..., Any]) -> Callable[..., Any]:
     return apply
 
 
+def file_option(name: str, default: str, help: str) -> Callable[..., Any]:
+    """A ``NAME FILE`` option defaulting to the path ``default`` (shown in --help)."""
+    return click.option(
+        name,
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=Path(default),
+        show_default=True,
+        help=help,
+    )
+
+
 json_report_option = click.option(
     "--json-report",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -233,13 +244,7 @@ def extract(
 
 # -- matching: pairs files and match stores (issue 3) ----------------------------------------
 _source_options = stacked(
-    click.option(
-        "--features",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=Path("feats.h5"),
-        show_default=True,
-        help="Take the image names from this feature store.",
-    ),
+    file_option("--features", "feats.h5", "Take the image names from this feature store."),
     click.option(
         "--images",
         type=click.Path(file_okay=False, path_type=Path),
@@ -303,13 +308,7 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
 
 @cli.command("match-pairs")
 @click.argument("pairs_file", metavar="PAIRS", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--features",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("feats.h5"),
-    show_default=True,
-    help="Feature store to match.",
-)
+@file_option("--features", "feats.h5", "Feature store to match.")
 @click.option(
     "--out",
     "-o",
@@ -467,27 +466,9 @@ _colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report
     type=click.Path(file_okay=False, path_type=Path),
     help="The image folder the features were extracted from (for sizes and EXIF focal lengths).",
 )
-@click.option(
-    "--features",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("feats.h5"),
-    show_default=True,
-    help="Feature store.",
-)
-@click.option(
-    "--matches",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("matches.h5"),
-    show_default=True,
-    help="Match store made from --features by match-pairs.",
-)
-@click.option(
-    "--database",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("database.db"),
-    show_default=True,
-    help="COLMAP database to write or update.",
-)
+@file_option("--features", "feats.h5", "Feature store.")
+@file_option("--matches", "matches.h5", "Match store made from --features by match-pairs.")
+@file_option("--database", "database.db", "COLMAP database to write or update.")
 @click.option(
     "--camera-model",
     default="SIMPLE_RADIAL",
@@ -537,13 +518,7 @@ def colmap(
 
 
 @cli.command()
-@click.option(
-    "--database",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("database.db"),
-    show_default=True,
-    help="COLMAP database written by 'sp-extract colmap'.",
-)
+@file_option("--database", "database.db", "COLMAP database written by 'sp-extract colmap'.")
 @click.option(
     "--images",
     required=True,
