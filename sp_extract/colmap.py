@@ -13,7 +13,6 @@ pycolmap is an optional dependency (``pip install 'sp-extract[colmap]'``), impor
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sqlite3
@@ -28,7 +27,9 @@ import h5py
 import numpy as np
 
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
-from .store import read_store_info
+from .pairs import flat_name
+from .report import JsonReport
+from .store import fsync_path, read_store_info
 
 INSTALL_HINT = "pycolmap is not installed; install the COLMAP extra: pip install 'sp-extract[colmap]'"
 COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)
@@ -77,20 +78,7 @@ def _temporary_beside(path: Path, suffix: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- reading the stores --------------------------------------------------------------------------
-def flat_name(name: str) -> str:
-    """An image name as it appears in a match store's pair key (hloc: ``/`` becomes ``-``)."""
-    return name.replace("/", "-")
-
-
 def resolve_pairs(
     pair_keys: list[str], names: list[str], features: Path, matches: Path
 ) -> list[tuple[str, str, str]]:
@@ -207,18 +195,8 @@ def check_database(path: Path) -> list[str]:
         raise StoreError(f"{path}: unreadable COLMAP database ({error})") from error
 
 
-class _Report:
-    """``write_json`` of the ``--json-report`` option, for the dataclasses below."""
-
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def write_json(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-
 @dataclass
-class DatabaseSummary(_Report):
+class DatabaseSummary(JsonReport):
     """What ``write_database`` wrote; ``to_dict`` is the ``--json-report`` content."""
 
     database: str
@@ -382,7 +360,7 @@ def write_database(
                 with contextlib.closing(pycolmap.Database.open(temporary)) as db:
                     summary.verified_pairs = db.num_verified_image_pairs()
                     summary.inlier_matches = db.num_inlier_matches()
-            _fsync(temporary)
+            fsync_path(temporary)
             os.replace(temporary, database)
     finally:
         temporary.unlink(missing_ok=True)
@@ -404,7 +382,7 @@ class ModelStats:
 
 
 @dataclass
-class ReconstructSummary(_Report):
+class ReconstructSummary(JsonReport):
     """What ``reconstruct`` did; ``to_dict`` is the ``--json-report`` content."""
 
     database: str

@@ -19,9 +19,14 @@ from .store import read_store_info
 Pair = tuple[str, str]
 
 
+def flat_name(name: str) -> str:
+    """An image name as it appears in a match store's pair key (hloc: ``/`` becomes ``-``)."""
+    return name.replace("/", "-")
+
+
 def pair_key(name0: str, name1: str) -> str:
-    """The match store's group of a pair: hloc's ``names_to_pair`` (``/`` in names becomes ``-``)."""
-    return name0.replace("/", "-") + "/" + name1.replace("/", "-")
+    """The match store's group of a pair: hloc's ``names_to_pair``."""
+    return flat_name(name0) + "/" + flat_name(name1)
 
 
 def source_names(features: Path | None, images: Path | None) -> list[str]:

@@ -17,8 +17,21 @@ from typing import Any, TextIO
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 
 
+class JsonReport:
+    """``write_json`` of the ``--json-report`` option, for summaries that have ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_json(self, path: Path) -> None:
+        try:
+            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot write the JSON report ({error.strerror or error})") from error
+
+
 @dataclass
-class Summary:
+class Summary(JsonReport):
     """What one run did; ``to_dict`` is the ``--json-report`` content."""
 
     command: str
@@ -72,12 +85,6 @@ class Summary:
         ]
         lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
         return lines
-
-    def write_json(self, path: Path) -> None:
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot write the JSON report ({error.strerror or error})") from error
 
 
 class Progress:

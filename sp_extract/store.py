@@ -48,7 +48,8 @@ Entry = dict[str, np.ndarray]
 EntryAttrs = dict[str, dict[str, Any]]
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -409,7 +410,7 @@ class StoreWriter:
         try:
             if not self.parts_dir.is_dir():
                 self.parts_dir.mkdir()
-                _fsync_path(self.parts_dir.parent, directory=True)
+                fsync_path(self.parts_dir.parent, directory=True)
             with _hdf5_writing(temporary, create=True) as h5:
                 self._write_header(h5)
                 for name, datasets, attrs in self._buffer:
@@ -419,7 +420,7 @@ class StoreWriter:
                         for attr, value in attrs.get(key, {}).items():
                             dataset.attrs[attr] = value
             os.replace(temporary, final)
-            _fsync_path(self.parts_dir, directory=True)
+            fsync_path(self.parts_dir, directory=True)
         except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
             raise StoreError(
@@ -450,7 +451,7 @@ class StoreWriter:
                                 del out[name]
                             source.copy(source[name], out, name=name)
             os.replace(temporary, self.path)
-            _fsync_path(self.path.parent, directory=True)
+            fsync_path(self.path.parent, directory=True)
         except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
             raise StoreError(

@@ -383,3 +383,13 @@ def test_reconstruct_synthetic_scene(scene: dict) -> None:
     result = reconstruct("--overwrite")
     assert result.returncode == 1 and "no model" in result.stderr
     assert json.loads(report.read_text())["models"] == []
+
+
+def test_unwritable_json_report_is_a_config_error(tmp_path: Path) -> None:
+    from sp_extract.colmap import DatabaseSummary, ReconstructSummary
+    from sp_extract.errors import ConfigError
+
+    target = tmp_path / "missing-folder" / "report.json"
+    for summary in (DatabaseSummary(str(tmp_path / "db.db")), ReconstructSummary("db.db", str(tmp_path))):
+        with pytest.raises(ConfigError, match="cannot write the JSON report"):
+            summary.write_json(target)
