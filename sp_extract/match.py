@@ -34,6 +34,7 @@ VERIFY_MIN_MATCHES = {"fundamental": 8, "homography": 4}  # fewer matches cannot
 VERIFY_CONFIDENCE = 0.999
 VERIFY_MAX_ITERS = 10_000
 MAX_BATCH_ELEMENTS = 1 << 27  # distance-matrix entries per batch (512 MiB in float32)
+CPU_WORK_ELEMENTS = 1 << 20  # on the CPU, per batch and per block of rows: 4 MiB, the L2 caches
 
 
 @dataclass(frozen=True)
@@ -66,59 +67,90 @@ class MatchConfig:
         return settings
 
 
-def _padded(descriptors: Sequence[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, length, D) float32 copy of the (N_i, D) descriptors and the (B, length) padding mask."""
+def _augmented(descriptors: Sequence[torch.Tensor], length: int, second: bool) -> tuple[torch.Tensor, ...]:
+    """The (N_i, D) descriptors padded to (B, length, D + 2) float32 rows whose products are
+    squared L2 distances, |x|^2 + |y|^2 - 2 x.y = [x, |x|^2, 1] . [-2 y, 1, |y|^2] (image 0's
+    rows on the left, ``second`` image 1's on the right), and the (B, length) padding mask.
+    Padding rows have an infinite norm, so every distance to them is infinite."""
     first = descriptors[0]
-    out = first.new_zeros((len(descriptors), length, first.shape[1]), dtype=torch.float32)
+    dim = first.shape[1]
+    out = first.new_zeros((len(descriptors), length, dim + 2), dtype=torch.float32)
     for row, d in zip(out, descriptors):
-        row[: len(d)] = d
+        row[: len(d), :dim] = d
     sizes = torch.tensor([len(d) for d in descriptors], device=first.device)
     padding = torch.arange(length, device=first.device)[None] >= sizes[:, None]
+    norms = out[..., :dim].square().sum(-1).masked_fill_(padding, float("inf"))
+    out[..., dim + second] = norms
+    out[..., dim + (not second)] = 1.0
+    if second:
+        out[..., :dim] *= -2.0
     return out, padding
 
 
+def _smallest(values: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The ``k`` smallest entries along ``dim`` (fewer if ``dim`` is shorter), kept as a dim of
+    that size; ``amin`` for ``k`` = 1, much faster than ``topk`` or ``min``, which find indices."""
+    if k == 1:
+        return values.amin(dim, keepdim=True)
+    return values.topk(min(k, values.shape[dim]), dim=dim, largest=False).values
+
+
 def nearest_neighbours(
-    descriptors0: Sequence[torch.Tensor], descriptors1: Sequence[torch.Tensor], config: MatchConfig
+    descriptors0: Sequence[torch.Tensor],
+    descriptors1: Sequence[torch.Tensor],
+    config: MatchConfig,
+    work_elements: int = MAX_BATCH_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Match B pairs at once: ``descriptors0[i]`` (N0_i, D) against ``descriptors1[i]`` (N1_i, D).
 
-    Distances are exact L2 distances computed in float32; descriptors are padded to the batch
-    maximum and the padding masked. A keypoint of image 0 matches its nearest neighbour in image 1
-    if that passes Lowe's ratio (skipped, as in hloc, for a pair where an image has fewer than two
-    keypoints), the distance threshold and, with ``mutual``, is matched back the same way (the
-    mutual check compares distances, so exact ties in a column keep every tied keypoint).
+    Distances are exact L2 distances computed in float32, in one matrix product with the norms
+    (``_augmented``); descriptors are padded to the batch maximum and the padding masked. A
+    keypoint of image 0 matches its nearest neighbour in image 1 if that passes Lowe's ratio
+    (skipped, as in hloc, for a pair where an image has fewer than two keypoints), the distance
+    threshold and, with ``mutual``, is matched back the same way (the mutual check compares
+    distances, so exact ties in a column keep every tied keypoint). The distance matrix is made
+    in blocks of rows of at most ``work_elements`` entries, each reduced (row minima, running
+    column minima) while it is in the cache, so it is never held whole.
     Returns ``matches0`` (B, M) int64, -1 for none, and ``scores0`` (B, M) float32, 0 for none,
     where score = 1 - d^2 / 4 (hloc's (1 + cosine) / 2 for unit descriptors); row i is valid up
     to N0_i.
     """
     length0 = max(2, *(len(d) for d in descriptors0))
     length1 = max(2, *(len(d) for d in descriptors1))
-    a, padding0 = _padded(descriptors0, length0)
-    b, padding1 = _padded(descriptors1, length1)
-    norms0 = (a * a).sum(-1).masked_fill_(padding0, float("inf"))
-    norms1 = (b * b).sum(-1).masked_fill_(padding1, float("inf"))
-    distances = torch.baddbmm(norms1[:, None, :], a, b.transpose(1, 2), alpha=-2.0)
-    distances.add_(norms0[:, :, None]).clamp_(min=0.0)
+    left, padding0 = _augmented(descriptors0, length0, second=False)
+    right, padding1 = _augmented(descriptors1, length1, second=True)
+    right = right.transpose(1, 2)
+    ratio = config.ratio
+    k = 1 if ratio is None else 2  # the ratio test needs the two nearest
+    rows = max(1, work_elements // (len(left) * length1))
+    row_values, row_indices, column = [], [], None
+    for start in range(0, length0, rows):
+        distances = torch.bmm(left[:, start : start + rows], right)  # squared, may round below 0
+        if k == 1:
+            values, indices = distances.min(2, keepdim=True)
+        else:
+            values, indices = distances.topk(k, dim=2, largest=False)
+        row_values.append(values)
+        row_indices.append(indices[..., 0])
+        if config.mutual:  # the k smallest of each column so far
+            smallest = _smallest(distances, k, 1)
+            column = smallest if column is None else _smallest(torch.cat((column, smallest), 1), k, 1)
+    # clamping to 0 commutes with taking minima, so it is done on the minima only
+    values, matches = torch.cat(row_values, 1).clamp_(min=0.0), torch.cat(row_indices, 1)
+    best = values[..., 0]
     counts0 = (~padding0).sum(1)
     counts1 = (~padding1).sum(1)
     ratio_on = ((counts0 >= 2) & (counts1 >= 2))[:, None]
-    ratio = config.ratio
-    if ratio is None:
-        best, matches = distances.min(2)
-        ok = torch.isfinite(best)
-    else:
-        values, indices = distances.topk(2, dim=2, largest=False)
-        best, matches = values[..., 0], indices[..., 0]
-        ok = torch.isfinite(best) & (~ratio_on | (best <= ratio**2 * values[..., 1]))
+    ok = torch.isfinite(best)
+    if ratio is not None:
+        ok &= ~ratio_on | (best <= ratio**2 * values[..., 1])
     if config.max_distance is not None:
         ok &= best <= config.max_distance**2
-    if config.mutual:  # the match is also the smallest of its column (and passes the ratio there)
-        if ratio is None:
-            ok &= best <= distances.amin(1).gather(1, matches)
-        else:
-            column = distances.topk(2, dim=1, largest=False).values
-            column = column.gather(2, matches[:, None, :].expand(-1, 2, -1))
-            ok &= (best <= column[:, 0]) & (~ratio_on | (column[:, 0] <= ratio**2 * column[:, 1]))
+    if column is not None:  # the match is also the smallest of its column (and passes the ratio there)
+        column = column.clamp_(min=0.0).gather(2, matches[:, None, :].expand(-1, column.shape[1], -1))
+        ok &= best <= column[:, 0]
+        if ratio is not None:
+            ok &= ~ratio_on | (column[:, 0] <= ratio**2 * column[:, 1])
     scores = torch.where(ok, (1.0 - best / 4.0).clamp(0.0, 1.0), torch.zeros_like(best))
     return torch.where(ok, matches, torch.full_like(matches, -1)), scores
 
@@ -255,15 +287,17 @@ def tile_order(pairs: list[Pair], counts: dict[str, int], block_descriptors: int
     return sorted(pairs, key=lambda p: sorted((block[p[0]], block[p[1]])))
 
 
-def plan_batches(pairs: list[Pair], counts: dict[str, int], batch_size: int) -> Iterator[list[Pair]]:
+def plan_batches(
+    pairs: list[Pair], counts: dict[str, int], batch_size: int, max_elements: int = MAX_BATCH_ELEMENTS
+) -> Iterator[list[Pair]]:
     """Consecutive pairs in batches of at most ``batch_size`` whose padded distance matrices fit
-    ``MAX_BATCH_ELEMENTS`` (a single pair always forms a batch)."""
+    ``max_elements`` entries (a single pair always forms a batch)."""
     batch: list[Pair] = []
     rows = columns = 0
     for pair in pairs:
         grown_rows, grown_columns = max(rows, counts[pair[0]]), max(columns, counts[pair[1]])
         if batch and (
-            len(batch) == batch_size or (len(batch) + 1) * grown_rows * grown_columns > MAX_BATCH_ELEMENTS
+            len(batch) == batch_size or (len(batch) + 1) * grown_rows * grown_columns > max_elements
         ):
             yield batch
             batch, grown_rows, grown_columns = [], counts[pair[0]], counts[pair[1]]
@@ -330,8 +364,10 @@ def match_pairs(
                 cache = FeatureCache(h5, target, budget, keypoints=config.verify is not None)
                 todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
                 pending: _Batch | None = None
-                for pairs_in_batch in plan_batches(todo, counts, batch_size):
-                    batch = _Batch.start(pairs_in_batch, cache, config, summary, progress)
+                # CPU: small batches, matrices in cache-sized blocks; GPU: large batches, one block
+                work = CPU_WORK_ELEMENTS if target.type == "cpu" else MAX_BATCH_ELEMENTS
+                for pairs_in_batch in plan_batches(todo, counts, batch_size, work):
+                    batch = _Batch.start(pairs_in_batch, cache, config, work, summary, progress)
                     if pending is not None:  # on CUDA, saved while the device matches ``batch``
                         pending.save(config, writer, summary, progress, pool)
                     pending = batch
@@ -358,7 +394,13 @@ class _Batch:
 
     @classmethod
     def start(
-        cls, pairs: list[Pair], cache: FeatureCache, config: MatchConfig, summary: Summary, progress: Progress
+        cls,
+        pairs: list[Pair],
+        cache: FeatureCache,
+        config: MatchConfig,
+        work_elements: int,
+        summary: Summary,
+        progress: Progress,
     ) -> _Batch | None:
         """Fetch the features, queue the matching and the copy of its results to the host
         (asynchronous on CUDA). Pairs whose features cannot be read are recorded as failed."""
@@ -376,7 +418,7 @@ class _Batch:
         if not ready:
             return None
         matches, scores = nearest_neighbours(
-            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config
+            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config, work_elements
         )
         cuda = matches.device.type == "cuda"
         matches = matches.to(torch.int32).to("cpu", non_blocking=cuda)

@@ -79,9 +79,10 @@ def related_descriptors(rng: np.random.Generator, n0: int, n1: int, dim: int = 2
     return d0, unit(d1) if n1 else d1.astype(np.float16)
 
 
+@pytest.mark.parametrize("work_elements", [1 << 27, 700])  # whole; blocks of 1 row (batched) or more
 @pytest.mark.parametrize(("mutual", "ratio", "max_distance"), CONFIGS)
 def test_nearest_neighbours_equal_brute_force(
-    mutual: bool, ratio: float | None, max_distance: float | None
+    mutual: bool, ratio: float | None, max_distance: float | None, work_elements: int
 ) -> None:
     rng = np.random.default_rng(7)
     pairs = [related_descriptors(rng, n0, n1) for n0, n1 in SIZES]
@@ -89,11 +90,11 @@ def test_nearest_neighbours_equal_brute_force(
     as_tensor = [
         (torch.from_numpy(a.T).T, torch.from_numpy(b.T).T) for a, b in pairs
     ]  # (N, D) views, as read
-    batched = nearest_neighbours([a for a, _ in as_tensor], [b for _, b in as_tensor], config)
+    batched = nearest_neighbours([a for a, _ in as_tensor], [b for _, b in as_tensor], config, work_elements)
     matched_total = 0
     for row, (d0, d1) in enumerate(pairs):
         expected, expected_scores = reference_match(d0, d1, mutual, ratio, max_distance)
-        single = nearest_neighbours([as_tensor[row][0]], [as_tensor[row][1]], config)
+        single = nearest_neighbours([as_tensor[row][0]], [as_tensor[row][1]], config, work_elements)
         for matches, scores in ((batched[0][row], batched[1][row]), (single[0][0], single[1][0])):
             np.testing.assert_array_equal(matches[: len(d0)].numpy(), expected)
             np.testing.assert_allclose(scores[: len(d0)].numpy(), expected_scores, atol=1e-5)
