@@ -165,7 +165,7 @@ def pipeline_run(
     )
     wall = time.perf_counter() - started
     assert summary.exit_code == 0, summary.lines()
-    main_thread = ("decode", "network", "postprocess")  # "write" runs on its own thread
+    main_thread = ("decode", "network")  # post-processing and writing run on another thread
     timings["start-up and fold"] = wall - sum(timings[stage] for stage in main_thread)
     with h5py.File(out, "r") as h5:
         backend_name = h5.attrs["backend"]

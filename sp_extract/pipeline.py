@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .decode import DecodedImage
 from .discover import discover_images, read_image_list
 from .errors import ConfigError
 from .interrupt import graceful_stop
-from .loader import decode_all, make_batches
+from .loader import BACKGROUND_NICE, decode_all, lower_priority, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .postprocess import Features, postprocess, to_original_frame
 from .report import Progress, Summary
@@ -32,6 +33,8 @@ from .store import StoreWriter
 from .weights import load_weights
 
 DETECTION_NOISE = 2.0  # keypoint uncertainty in working-size pixels, as hloc records it
+Dense = tuple[torch.Tensor, torch.Tensor]  # the network's dense (scores, descriptors) of a batch
+Entry = tuple[str, dict[str, np.ndarray], dict[str, dict[str, float]]]  # StoreWriter.add's arguments
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -73,23 +76,23 @@ class SuperPoint(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> list[Features]:
-        if min(images.shape[-2:]) < STRIDE:
-            return no_features(len(images))
-        return self.postprocess(*run_torch(self.net, images, self.config.precision))
+        network = functools.partial(run_torch, self.net, precision=self.config.precision)
+        return self.postprocess(dense_outputs(network, images), len(images))
 
-    def postprocess(self, scores: torch.Tensor, descriptors: torch.Tensor) -> list[Features]:
-        """Per-image features of the network's dense outputs for one batch, with these settings."""
+    def postprocess(self, dense: Dense | None, count: int) -> list[Features]:
+        """Per-image features of the dense outputs of a batch of ``count`` images (None: images
+        smaller than one 8 x 8 cell, which have no keypoint; they are stored so, not failed)."""
+        if dense is None:
+            empty = torch.zeros((0, 2)), torch.zeros(0), torch.zeros((0, DESCRIPTOR_DIM))
+            return [Features(*empty) for _ in range(count)]
         c = self.config
-        return postprocess(
-            scores, descriptors, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel
-        )
+        return postprocess(*dense, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel)
 
 
-def no_features(count: int) -> list[Features]:
-    """Features of ``count`` images smaller than one 8 x 8 cell: the network's output is empty,
-    so they have no keypoint (they are stored so, not failed)."""
-    empty = torch.zeros((0, 2)), torch.zeros(0), torch.zeros((0, DESCRIPTOR_DIM))
-    return [Features(*empty) for _ in range(count)]
+def dense_outputs(network: Callable[[torch.Tensor], Dense], images: torch.Tensor) -> Dense | None:
+    """``network``'s dense (scores, descriptors) on a batch, None if the images are smaller than
+    one 8 x 8 cell (the network has no output there)."""
+    return network(images) if min(images.shape[-2:]) >= STRIDE else None
 
 
 def feature_datasets(
@@ -109,6 +112,23 @@ def feature_datasets(
     return datasets, {"keypoints": {"uncertainty": float(DETECTION_NOISE * scale.mean())}}
 
 
+def finish_batch(
+    model: SuperPoint,
+    images: list[DecodedImage],
+    dense: Dense | None,
+    summary: Summary,
+    timings: dict[str, float],
+) -> list[Entry]:
+    """Post-process one batch's dense outputs into store entries (run on the writer's thread)."""
+    with torch.inference_mode(), timed(timings, "postprocess", time.thread_time):
+        entries = []
+        for image, features in zip(images, model.postprocess(dense, len(images))):
+            datasets, attrs = feature_datasets(features, image, model.config)
+            summary.counts.append(len(datasets["scores"]))
+            entries.append((image.name, datasets, attrs))
+    return entries
+
+
 def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
@@ -119,16 +139,21 @@ def cpu_cores() -> int:
 
 
 class BackgroundWriter:
-    """``StoreWriter.add`` on its own thread behind a bounded queue, so writing overlaps compute.
+    """Finishes work on its own thread behind a bounded queue, so it overlaps the network.
 
-    ``saved`` returns how many entries became durable since its last call, so progress counts
-    only saved images. An error on the writing thread is raised again by the next call.
+    A job (``add``) is called on the thread and returns store entries, which the thread hands
+    to ``StoreWriter.add``: the pipeline queues the post-processing of each batch this way.
+    ``nice`` > 0 lowers the thread's scheduling priority (Linux), so that on a CPU busy with the
+    network it runs when a core would otherwise wait. ``saved`` returns how many entries became
+    durable since its last call, so progress counts only saved images. An error on the thread
+    is raised again by the next call.
     """
 
-    def __init__(self, writer: StoreWriter, depth: int = 32) -> None:
+    def __init__(self, writer: StoreWriter, depth: int = 32, nice: int = 0) -> None:
         self.writer = writer
-        self.busy_s = 0.0  # time spent writing, for the stage breakdown
-        self._queue: queue.Queue[tuple | None] = queue.Queue(depth)
+        self.nice = nice
+        self.busy_s = 0.0  # CPU time spent writing, for the stage breakdown
+        self._queue: queue.Queue[Callable[[], list[Entry]] | None] = queue.Queue(depth)
         self._lock = threading.Lock()
         self._saved = 0
         self._error: BaseException | None = None
@@ -137,27 +162,29 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        lower_priority(self.nice)
+        while (job := self._queue.get()) is not None:
             if self._error is not None or self._discard:
                 continue
-            started = time.perf_counter()
             try:
-                count = len(self.writer.add(*item))
+                entries = job()
+                started = time.thread_time()
+                count = sum(len(self.writer.add(*entry)) for entry in entries)
             except BaseException as error:  # handed to the main thread by _check
                 self._error = error
                 continue
             with self._lock:
                 self._saved += count
-            self.busy_s += time.perf_counter() - started
+            self.busy_s += time.thread_time() - started
 
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def add(self, name: str, datasets: dict[str, np.ndarray], attrs: dict[str, dict[str, float]]) -> None:
-        """Queue one entry; blocks while the queue is full."""
+    def add(self, job: Callable[[], list[Entry]]) -> None:
+        """Queue a job that makes store entries; blocks while the queue is full."""
         self._check()
-        self._queue.put((name, datasets, attrs))
+        self._queue.put(job)
 
     def saved(self) -> int:
         """Entries made durable since the last call."""
@@ -198,13 +225,16 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the seconds the block takes to ``timings[stage]``."""
-    started = time.perf_counter()
+def timed(
+    timings: dict[str, float], stage: str, clock: Callable[[], float] = time.perf_counter
+) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[stage]``, by ``clock`` (wall time; for work
+    on a background thread, ``time.thread_time``: the thread's own CPU time)."""
+    started = clock()
     try:
         yield
     finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+        timings[stage] = timings.get(stage, 0.0) + clock() - started
 
 
 def timed_items(items: Iterable, timings: dict[str, float], stage: str) -> Iterator:
@@ -237,8 +267,9 @@ def extract(
     Images already in the store are skipped (resume). Returns the run's ``Summary``; a failed
     image is recorded there and the run goes on. Raises ``SpExtractError`` for configuration
     problems (no images, bad weights, unusable store). ``backend`` runs the network (see
-    ``backends``); ``timings``, if given, receives the seconds spent per stage: ``decode``
-    (waiting for the decoding workers), ``network``, ``postprocess``, ``write`` (on its thread).
+    ``backends``); ``timings``, if given, receives the seconds spent per stage: on the main
+    thread (wall time) ``decode`` (waiting for the decoding workers) and ``network``; on the
+    background thread (its CPU time) ``postprocess`` and ``write``.
     """
     config = config or ExtractConfig()
     if batch_size < 1:
@@ -259,9 +290,10 @@ def extract(
     settings = {**asdict(config), "weights_sha1": model.weights_sha1}
     num_workers = default_workers() if num_workers is None else num_workers
     timings = {} if timings is None else timings
-    # Thread budget: the network gets every core (decoding costs ~1% of its time per image, in
-    # single-threaded workers); post-processing, between network calls, runs on one thread
-    # unless torch runs the network itself.
+    # Thread budget: the network gets every core. Decoding (~1% of its time an image, in
+    # single-threaded workers), post-processing and writing (on one thread) fill the moments a
+    # core would wait: on the CPU they run at the lowest priority, so they never delay it.
+    nice = BACKGROUND_NICE if target.type == "cpu" else 0
     with torch_threads(cpu_cores() if backend == "torch" else 1):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
@@ -269,24 +301,20 @@ def extract(
             todo = [n for n in names if n not in writer.done]
             summary.skipped = len(names) - len(todo)
             progress = Progress(len(todo), "images", quiet=quiet)
-            background = BackgroundWriter(writer)
+            background = BackgroundWriter(writer, depth=2, nice=nice)
             try:
                 with graceful_stop() as stop, torch.inference_mode():
-                    batches = make_batches(decode_all(root, todo, config, num_workers), batch_size)
-                    for batch in timed_items(batches, timings, "decode"):
+                    decoded = decode_all(root, todo, config, num_workers, nice)
+                    for batch in timed_items(make_batches(decoded, batch_size), timings, "decode"):
                         for failure in batch.failures:
                             summary.failed.append({"name": failure.name, "reason": failure.error})
                             progress.message(f"failed: {failure.name}: {failure.error}")
                         if batch.images:
                             with timed(timings, "network"):
-                                tensor = batch.tensor(pin=target.type == "cuda")
-                                dense = runner(tensor) if min(tensor.shape[-2:]) >= STRIDE else None
-                            with timed(timings, "postprocess"):
-                                found = model.postprocess(*dense) if dense else no_features(len(tensor))
-                                for image, features in zip(batch.images, found):
-                                    datasets, attrs = feature_datasets(features, image, config)
-                                    summary.counts.append(len(datasets["scores"]))
-                                    background.add(image.name, datasets, attrs)
+                                dense = dense_outputs(runner, batch.tensor(pin=target.type == "cuda"))
+                            background.add(
+                                functools.partial(finish_batch, model, batch.images, dense, summary, timings)
+                            )
                         progress.advance(background.saved())
                         if stop:
                             summary.interrupted, summary.exit_code = True, stop.exit_code

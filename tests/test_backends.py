@@ -8,9 +8,11 @@ precision are recorded as they should be; the background writer counts only dura
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -235,11 +237,16 @@ class FakeStore:
         return done
 
 
+def entry(name: str) -> Callable[[], list]:
+    """A writer job making one empty entry."""
+    return lambda: [(name, {}, {})]
+
+
 def test_background_writer_counts_only_durable_entries() -> None:
     store = FakeStore()
     writer = BackgroundWriter(store, depth=1)
     for name in "abc":
-        writer.add(name, {}, {})
+        writer.add(entry(name))
     counted = writer.saved()
     assert counted <= len(store.durable) <= 2  # "c" waits for the final flush
     assert counted + writer.close() == 3
@@ -248,10 +255,25 @@ def test_background_writer_counts_only_durable_entries() -> None:
 
 def test_background_writer_reraises_errors_of_its_thread() -> None:
     writer = BackgroundWriter(FakeStore(fail_on="b"))
-    writer.add("a", {}, {})
-    writer.add("b", {}, {})
+    writer.add(entry("a"))
+    writer.add(entry("b"))
     with pytest.raises(StoreError, match="b: disk full"):
         writer.close()
+
+
+def test_background_writer_runs_jobs_at_lower_priority() -> None:
+    seen: list[int] = []
+
+    def job() -> list:
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # the calling thread's, on Linux
+        return [("a", {}, {})]
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    writer = BackgroundWriter(FakeStore(), nice=3)
+    writer.add(job)
+    assert writer.close() == 1
+    assert seen == [min(before + 3, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the main thread keeps its priority
 
 
 def test_background_writer_abandon_drops_what_is_queued() -> None:
@@ -259,7 +281,7 @@ def test_background_writer_abandon_drops_what_is_queued() -> None:
     store.gate.clear()  # the thread holds "a" until the gate opens
     writer = BackgroundWriter(store)
     for name in "abc":
-        writer.add(name, {}, {})
+        writer.add(entry(name))
     assert store.entered.wait(10)  # the thread is writing "a"; "b" and "c" wait in the queue
     threading.Timer(0.2, store.gate.set).start()
     writer.abandon()
