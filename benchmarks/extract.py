@@ -43,7 +43,7 @@ from sp_extract.config import ExtractConfig
 from sp_extract.decode import load_image, read_gray, resize, working_size
 from sp_extract.errors import SpExtractError
 from sp_extract.loader import make_batches
-from sp_extract.pipeline import cpu_cores, extract, resolve_device, torch_threads
+from sp_extract.pipeline import cpu_cores, default_batch_size, extract, resolve_device, torch_threads
 from sp_extract.postprocess import (
     Features,
     postprocess,
@@ -148,7 +148,7 @@ def baseline_summary(times: dict, count: int) -> dict:
 
 
 def pipeline_run(
-    folder: Path, out: Path, weights: str, config: ExtractConfig, backend: str, batch_size: int
+    folder: Path, out: Path, weights: str, config: ExtractConfig, backend: str, batch_size: int | None
 ) -> dict:
     """One ``extract`` over the folder (the store rewritten): images/s and stage times."""
     timings: dict[str, float] = {}
@@ -184,7 +184,7 @@ def bare_network(
     weights: str,
     config: ExtractConfig,
     backend: str,
-    batch_size: int,
+    batch_size: int | None,
     repeats: int,
 ) -> dict:
     """The pipeline's backend alone on the same decoded batches: images/s and GFLOP/s."""
@@ -192,7 +192,7 @@ def bare_network(
     device = resolve_device("auto")
     name = choose_backend(backend, device, config.precision)
     images = [load_image(folder, n, config) for n in names]
-    batches = list(make_batches(images, batch_size))
+    batches = list(make_batches(images, batch_size or default_batch_size(device)))
     flops = sum(network_flops(loaded.build(), *image.image.shape) for image in images)
     with torch_threads(cpu_cores() if name == "torch" else 1), torch.inference_mode():
         runner = make_backend(name, loaded.build(), device, config.precision, cpu_cores(), loaded.sha1)
@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=24, help="images in the benchmark folder")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the pipeline and network (median)")
     parser.add_argument("--resize-max", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--backend", default="auto")
     parser.add_argument(
         "--compare", default="torch,onnxruntime,openvino", help="backends whose bare network to compare"

@@ -133,6 +133,12 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images per network batch: 1 on the CPU, where batching measured no faster (and a batch
+    would wait for images of its size), 8 on a GPU."""
+    return 1 if device.type == "cpu" else 8
+
+
 def cpu_cores() -> int:
     """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -254,7 +260,7 @@ def extract(
     config: ExtractConfig | None = None,
     weights: str | None = None,
     device: str = "auto",
-    batch_size: int = 4,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     image_list: Path | str | None = None,
     overwrite: bool = False,
@@ -266,13 +272,14 @@ def extract(
 
     Images already in the store are skipped (resume). Returns the run's ``Summary``; a failed
     image is recorded there and the run goes on. Raises ``SpExtractError`` for configuration
-    problems (no images, bad weights, unusable store). ``backend`` runs the network (see
-    ``backends``); ``timings``, if given, receives the seconds spent per stage: on the main
-    thread (wall time) ``decode`` (waiting for the decoding workers) and ``network``; on the
-    background thread (its CPU time) ``postprocess`` and ``write``.
+    problems (no images, bad weights, unusable store). ``batch_size`` None is the device's
+    ``default_batch_size``. ``backend`` runs the network (see ``backends``). ``timings``, if
+    given, receives the seconds spent per stage: on the main thread (wall time) ``decode``
+    (waiting for the decoding workers) and ``network``; on the background thread (its CPU
+    time) ``postprocess`` and ``write``.
     """
     config = config or ExtractConfig()
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0 (0 decodes in the main process), got {num_workers}")
@@ -289,6 +296,7 @@ def extract(
     model = SuperPoint(weights, config)
     settings = {**asdict(config), "weights_sha1": model.weights_sha1}
     num_workers = default_workers() if num_workers is None else num_workers
+    batch_size = batch_size or default_batch_size(target)
     timings = {} if timings is None else timings
     # Thread budget: the network gets every core. Decoding (~1% of its time an image, in
     # single-threaded workers), post-processing and writing (on one thread) fill the moments a

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from superpoint_reference import assert_same_features, dense_v1
-from superpoint_reference import max_filter as reference_max_filter
 from superpoint_reference import postprocess as reference_postprocess
 
 from sp_extract import backends
@@ -29,7 +28,7 @@ from sp_extract.config import ExtractConfig
 from sp_extract.decode import load_image
 from sp_extract.errors import ConfigError, StoreError
 from sp_extract.pipeline import BackgroundWriter, extract
-from sp_extract.postprocess import max_filter, postprocess
+from sp_extract.postprocess import postprocess
 from sp_extract.weights import load_weights
 
 CPU = torch.device("cpu")
@@ -128,15 +127,6 @@ def test_missing_openvino_says_how_to_install(random_weights: Path, monkeypatch:
     loaded = load_weights(str(random_weights))
     with pytest.raises(ConfigError, match=r"pip install 'sp-extract\[openvino\]'"):
         make_backend("openvino", loaded.build(), CPU, "fp32", 1, loaded.sha1)
-
-
-def test_max_filter_matches_plain_loops() -> None:
-    rng = np.random.default_rng(3)
-    maps = rng.integers(0, 5, size=(2, 37, 53)).astype(np.float32) / 4  # many ties
-    for radius in (1, 4):
-        ours = max_filter(torch.from_numpy(maps), radius).numpy()
-        for image, mine in zip(maps, ours):
-            np.testing.assert_array_equal(mine, reference_max_filter(image, radius))
 
 
 def test_decoding_workers_start_after_opencv_ran_threads_here(small_images: Path) -> None:

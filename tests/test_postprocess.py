@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from superpoint_reference import assert_same_features, to_original_hloc
+from superpoint_reference import nms as reference_nms
 from superpoint_reference import postprocess as reference_postprocess
 
-from sp_extract.postprocess import postprocess, to_original_frame
+from sp_extract.postprocess import nms_opencv, nms_torch, postprocess, to_original_frame
 
 THRESHOLD = 0.005
 # every device here: a GPU machine also checks the non-CPU code paths
@@ -80,6 +81,20 @@ def test_quantised_maps_with_plateaus_and_ties_match_reference(nms_radius: int, 
     dense = descriptor_maps(2, 40, 56, seed=1)
     for max_keypoints in (-1, 5, 20):
         run_both(scores, dense, nms_radius, border, max_keypoints, device=device)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_opencv_and_torch_nms_equal_the_reference(radius: int) -> None:
+    """Both implementations, whichever device runs this: plateaus and ties, then smooth maps."""
+    rng = np.random.default_rng(radius)
+    ties = rng.integers(0, 5, size=(2, 37, 53)) / 4
+    maps = np.concatenate([ties, rng.random((2, 37, 53)) ** 6]).astype(np.float32)
+    by_torch = nms_torch(torch.from_numpy(maps), radius).numpy()
+    for image, torch_result in zip(maps, by_torch):
+        expected = reference_nms(image, radius)
+        assert 0 < np.count_nonzero(expected) < np.count_nonzero(image)
+        np.testing.assert_array_equal(nms_opencv(image, radius), expected)
+        np.testing.assert_array_equal(torch_result, expected)
 
 
 def test_plateau_is_kept_whole_and_lower_neighbour_dropped() -> None:

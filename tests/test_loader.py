@@ -1,0 +1,63 @@
+"""Batching: same-size batches, bounded waiting, and batched extraction equal to one image at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from conftest import write_image
+
+from sp_extract import ExtractConfig, extract
+from sp_extract.decode import DecodedImage
+from sp_extract.loader import make_batches
+
+
+def decoded(name: str, height: int, width: int = 16) -> DecodedImage:
+    return DecodedImage(name, np.zeros((height, width), np.float32), (width, height))
+
+
+def test_batches_hold_one_size_and_pass_failures_through() -> None:
+    items = [decoded("a", 8), decoded("b", 16), DecodedImage("bad", None, (0, 0), "corrupt")]
+    items += [decoded("c", 8), decoded("d", 16), decoded("e", 8)]
+    batches = list(make_batches(items, batch_size=2))
+    assert [[i.name for i in b.images] for b in batches if b.images] == [["a", "c"], ["b", "d"], ["e"]]
+    assert [[i.name for i in b.failures] for b in batches if b.failures] == [["bad"]]
+    for batch in batches:
+        assert len({i.image.shape for i in batch.images}) <= 1
+        assert not (batch.images and batch.failures)
+
+
+def test_waiting_images_are_bounded() -> None:
+    """Sizes that never fill a batch are released once too many images wait."""
+    items = [decoded(str(i), 8 + 8 * i) for i in range(10)]  # ten different sizes
+    consumed = []
+
+    def source():
+        for item in items:
+            consumed.append(item.name)
+            yield item
+
+    batches = make_batches(source(), batch_size=4, max_waiting=3)
+    first = next(batches)
+    assert [i.name for i in first.images] == ["0"] and len(consumed) == 4  # not the whole input
+    rest = [i.name for b in batches for i in b.images]
+    assert sorted(["0", *rest]) == sorted(i.name for i in items)
+
+
+def test_batched_extraction_equals_one_image_at_a_time(tmp_path: Path, random_weights: Path) -> None:
+    root = tmp_path / "images"
+    for index in range(5):  # two sizes, so that batches of 2 form and a partial one remains
+        write_image(root / f"{index}.png", 96 if index % 2 else 64, 64, seed=index)
+    config = ExtractConfig(threshold=0.0)
+    stores = {}
+    for batch_size in (1, 2):
+        stores[batch_size] = tmp_path / f"batch{batch_size}.h5"
+        summary = extract(root, stores[batch_size], config, str(random_weights), batch_size=batch_size)
+        assert summary.done == 5
+    with h5py.File(stores[1], "r") as one, h5py.File(stores[2], "r") as batched:
+        for index in range(5):
+            name = f"{index}.png"
+            assert len(one[name]["keypoints"]) > 0
+            for key in ("keypoints", "scores", "descriptors"):
+                np.testing.assert_allclose(batched[name][key][()], one[name][key][()], atol=1e-3)
