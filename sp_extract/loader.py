@@ -9,7 +9,6 @@ waiting, or at the end. Images that failed to decode pass straight through as fa
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import signal
 import sys
@@ -27,7 +26,6 @@ from .decode import DecodedImage, load_image
 from .discover import is_utf8, printable
 
 PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
-BACKGROUND_NICE = 19  # the lowest scheduling priority, for work that must not slow the network
 
 
 class ImageDataset(Dataset):
@@ -67,25 +65,16 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def lower_priority(nice: int) -> None:
-    """Lower the calling thread's scheduling priority by ``nice`` (on Linux, nice values are per
-    thread; elsewhere the whole process's)."""
-    if nice > 0 and hasattr(os, "nice"):
-        os.nice(nice)
-
-
-def _init_worker(nice: int, _: int) -> None:
+def _init_worker(_: int) -> None:
     _die_with_parent()
-    lower_priority(nice)
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
 def decode_all(
-    root: Path, names: list[str], config: ExtractConfig, num_workers: int, nice: int = 0
+    root: Path, names: list[str], config: ExtractConfig, num_workers: int
 ) -> Iterable[DecodedImage]:
-    """Decoded images in ``names`` order, ``num_workers`` processes decoding ahead, their
-    priority lowered by ``nice``."""
+    """Decoded images in ``names`` order, ``num_workers`` processes decoding ahead."""
     dataset = ImageDataset(root, names, config)
     if num_workers == 0:
         return (dataset[i] for i in range(len(dataset)))
@@ -95,7 +84,7 @@ def decode_all(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_keep,
-        worker_init_fn=functools.partial(_init_worker, nice),
+        worker_init_fn=_init_worker,
         prefetch_factor=4,
         persistent_workers=False,
     )

@@ -25,7 +25,7 @@ from .decode import DecodedImage
 from .discover import discover_images, read_image_list
 from .errors import ConfigError
 from .interrupt import graceful_stop
-from .loader import BACKGROUND_NICE, decode_all, lower_priority, make_batches
+from .loader import decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .postprocess import Features, postprocess, to_original_frame
 from .report import Progress, Summary
@@ -149,15 +149,12 @@ class BackgroundWriter:
 
     A job (``add``) is called on the thread and returns store entries, which the thread hands
     to ``StoreWriter.add``: the pipeline queues the post-processing of each batch this way.
-    ``nice`` > 0 lowers the thread's scheduling priority (Linux), so that on a CPU busy with the
-    network it runs when a core would otherwise wait. ``saved`` returns how many entries became
-    durable since its last call, so progress counts only saved images. An error on the thread
-    is raised again by the next call.
+    ``saved`` returns how many entries became durable since its last call, so progress counts
+    only saved images. An error on the thread is raised again by the next call.
     """
 
-    def __init__(self, writer: StoreWriter, depth: int = 32, nice: int = 0) -> None:
+    def __init__(self, writer: StoreWriter, depth: int = 32) -> None:
         self.writer = writer
-        self.nice = nice
         self.busy_s = 0.0  # CPU time spent writing, for the stage breakdown
         self._queue: queue.Queue[Callable[[], list[Entry]] | None] = queue.Queue(depth)
         self._lock = threading.Lock()
@@ -168,7 +165,6 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        lower_priority(self.nice)
         while (job := self._queue.get()) is not None:
             if self._error is not None or self._discard:
                 continue
@@ -298,10 +294,8 @@ def extract(
     num_workers = default_workers() if num_workers is None else num_workers
     batch_size = batch_size or default_batch_size(target)
     timings = {} if timings is None else timings
-    # Thread budget: the network gets every core. Decoding (~1% of its time an image, in
-    # single-threaded workers), post-processing and writing (on one thread) fill the moments a
-    # core would wait: on the CPU they run at the lowest priority, so they never delay it.
-    nice = BACKGROUND_NICE if target.type == "cpu" else 0
+    # Thread budget: the network gets every core; decoding (single-threaded workers) and
+    # post-processing with writing (one thread) cost a few % of its time and overlap it.
     with torch_threads(cpu_cores() if backend == "torch" else 1):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
@@ -309,10 +303,10 @@ def extract(
             todo = [n for n in names if n not in writer.done]
             summary.skipped = len(names) - len(todo)
             progress = Progress(len(todo), "images", quiet=quiet)
-            background = BackgroundWriter(writer, depth=2, nice=nice)
+            background = BackgroundWriter(writer, depth=2)
             try:
                 with graceful_stop() as stop, torch.inference_mode():
-                    decoded = decode_all(root, todo, config, num_workers, nice)
+                    decoded = decode_all(root, todo, config, num_workers)
                     for batch in timed_items(make_batches(decoded, batch_size), timings, "decode"):
                         for failure in batch.failures:
                             summary.failed.append({"name": failure.name, "reason": failure.error})

@@ -8,7 +8,6 @@ precision are recorded as they should be; the background writer counts only dura
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -249,21 +248,6 @@ def test_background_writer_reraises_errors_of_its_thread() -> None:
     writer.add(entry("b"))
     with pytest.raises(StoreError, match="b: disk full"):
         writer.close()
-
-
-def test_background_writer_runs_jobs_at_lower_priority() -> None:
-    seen: list[int] = []
-
-    def job() -> list:
-        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # the calling thread's, on Linux
-        return [("a", {}, {})]
-
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    writer = BackgroundWriter(FakeStore(), nice=3)
-    writer.add(job)
-    assert writer.close() == 1
-    assert seen == [min(before + 3, 19)]
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the main thread keeps its priority
 
 
 def test_background_writer_abandon_drops_what_is_queued() -> None:
