@@ -43,7 +43,7 @@ from sp_extract.config import ExtractConfig
 from sp_extract.decode import load_image, read_gray, resize, working_size
 from sp_extract.errors import SpExtractError
 from sp_extract.loader import make_batches
-from sp_extract.pipeline import cpu_cores, default_batch_size, extract, resolve_device, torch_threads
+from sp_extract.pipeline import cpu_cores, default_batch_size, extract, library_threads, resolve_device
 from sp_extract.postprocess import (
     Features,
     postprocess,
@@ -114,7 +114,7 @@ def baseline_loop(
 
     Appends each image's seconds to ``times["total"]`` and ``times[stage]``."""
     net = load_weights(weights).build()
-    with torch_threads(cpu_cores()), torch.no_grad():
+    with library_threads(cpu_cores()), torch.no_grad():
         for name in names:
             started = time.perf_counter()
             image = load_image(folder, name, config)
@@ -194,7 +194,7 @@ def bare_network(
     images = [load_image(folder, n, config) for n in names]
     batches = list(make_batches(images, batch_size or default_batch_size(device)))
     flops = sum(network_flops(loaded.build(), *image.image.shape) for image in images)
-    with torch_threads(cpu_cores() if name == "torch" else 1), torch.inference_mode():
+    with library_threads(cpu_cores() if name == "torch" else 1), torch.inference_mode():
         runner = make_backend(name, loaded.build(), device, config.precision, cpu_cores(), loaded.sha1)
         runner(batches[0].tensor())  # warm-up
         walls = []
@@ -410,7 +410,7 @@ def main() -> None:
             + ", ".join(f"{r['vs_baseline']:.2f}x" for r in results["rounds"])
             + ")",
         ),
-        ("pipeline stages (main thread; write on its own thread)", stages),
+        ("pipeline stages (main thread wall; postprocess, write: CPU on their thread)", stages),
         (
             f"bare network ({net['backend']})",
             f"{net['images_per_s']:.3f} images/s, {net['gflop_per_s']:.0f} GFLOP/s (runs: {rates(net)})",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -216,14 +217,18 @@ class BackgroundWriter:
 
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` PyTorch CPU threads, then restore the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
+def library_threads(torch_count: int, opencv_count: int | None = None) -> Iterator[None]:
+    """Run the block with ``torch_count`` PyTorch CPU threads and, if given, ``opencv_count``
+    OpenCV threads; restore the previous counts after it."""
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(torch_count)
+    if opencv_count is not None:
+        cv2.setNumThreads(opencv_count)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
 
 
 @contextlib.contextmanager
@@ -295,8 +300,9 @@ def extract(
     batch_size = batch_size or default_batch_size(target)
     timings = {} if timings is None else timings
     # Thread budget: the network gets every core; decoding (single-threaded workers) and
-    # post-processing with writing (one thread) cost a few % of its time and overlap it.
-    with torch_threads(cpu_cores() if backend == "torch" else 1):
+    # post-processing with writing (one thread, PyTorch and OpenCV single-threaded unless
+    # PyTorch runs the network) cost a few % of its time and overlap it.
+    with library_threads(cpu_cores() if backend == "torch" else 1, opencv_count=1):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
         with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
