@@ -157,7 +157,11 @@ def cli() -> None:
     "faster; 8 on a GPU].",
 )
 @click.option(
-    "--num-workers", type=int, default=None, help="Decoding processes [default: cores - 1, at most 4]."
+    "--num-workers",
+    type=int,
+    default=None,
+    help="Decoding processes, 0 to decode in the main process [default: 0 when the network runs on a "
+    "CPU of at most 2 cores, else cores - 1, at most 4].",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option(

@@ -130,8 +130,14 @@ def finish_batch(
     return entries
 
 
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: none (decode in the main process, between network calls) when the
+    network runs on a CPU of at most 2 cores, which it fills: there a worker process slowed it
+    more than decoding costs (measured, 2 cores); else cores - 1, at most 4."""
+    cores = cpu_cores()
+    if device.type == "cpu" and cores <= 2:
+        return 0
+    return max(1, min(4, cores - 1))
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -296,7 +302,7 @@ def extract(
     backend = choose_backend(backend, target, config.precision)
     model = SuperPoint(weights, config)
     settings = {**asdict(config), "weights_sha1": model.weights_sha1}
-    num_workers = default_workers() if num_workers is None else num_workers
+    num_workers = default_workers(target) if num_workers is None else num_workers
     batch_size = batch_size or default_batch_size(target)
     timings = {} if timings is None else timings
     # Thread budget: the network gets every core; decoding (single-threaded workers) and

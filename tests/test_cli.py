@@ -40,8 +40,15 @@ def test_default_command_and_extract_spelled_out_agree(
 ) -> None:
     bare = extract_cli(small_images, tmp_path / "bare.h5", random_weights)
     spelled = run_cli(
-        "extract", str(small_images), "--out", str(tmp_path / "spelled.h5"), "--weights", str(random_weights)
-    )  # default --num-workers: decoding in a worker process
+        "extract",
+        str(small_images),
+        "--out",
+        str(tmp_path / "spelled.h5"),
+        "--weights",
+        str(random_weights),
+        "--num-workers",
+        "1",
+    )  # decoding in a worker process, the other in the main process: same store
     assert bare.returncode == 0, bare.stderr
     assert spelled.returncode == 0, spelled.stderr
     assert bare.stdout == spelled.stdout == ""  # everything for the user goes to stderr

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
+import torch
 from conftest import write_image
 
-from sp_extract import ExtractConfig, extract
+from sp_extract import ExtractConfig, extract, pipeline
 from sp_extract.decode import DecodedImage
 from sp_extract.loader import make_batches
 
@@ -61,3 +63,15 @@ def test_batched_extraction_equals_one_image_at_a_time(tmp_path: Path, random_we
             assert len(one[name]["keypoints"]) > 0
             for key in ("keypoints", "scores", "descriptors"):
                 np.testing.assert_allclose(batched[name][key][()], one[name][key][()], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("device", "cores", "workers"),
+    [("cpu", 1, 0), ("cpu", 2, 0), ("cpu", 3, 2), ("cpu", 16, 4), ("cuda", 2, 1), ("cuda", 16, 4)],
+)
+def test_default_decoding_workers(
+    monkeypatch: pytest.MonkeyPatch, device: str, cores: int, workers: int
+) -> None:
+    """A network filling a CPU of 2 cores decodes in the main process; otherwise workers decode."""
+    monkeypatch.setattr(pipeline, "cpu_cores", lambda: cores)
+    assert pipeline.default_workers(torch.device(device)) == workers
