@@ -126,10 +126,7 @@ def nearest_neighbours(
     row_values, row_indices, column = [], [], None
     for start in range(0, length0, rows):
         distances = torch.bmm(left[:, start : start + rows], right)  # squared, may round below 0
-        if k == 1:
-            values, indices = distances.min(2, keepdim=True)
-        else:
-            values, indices = distances.topk(k, dim=2, largest=False)
+        values, indices = distances.min(2, keepdim=True) if k == 1 else distances.topk(k, 2, largest=False)
         row_values.append(values)
         row_indices.append(indices[..., 0])
         if config.mutual:  # the k smallest of each column so far

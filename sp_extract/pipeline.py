@@ -160,7 +160,7 @@ class BackgroundWriter:
     only saved images. An error on the thread is raised again by the next call.
     """
 
-    def __init__(self, writer: StoreWriter, depth: int = 32) -> None:
+    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
         self.writer = writer
         self.busy_s = 0.0  # CPU time spent writing, for the stage breakdown
         self._queue: queue.Queue[Callable[[], list[Entry]] | None] = queue.Queue(depth)
@@ -211,9 +211,9 @@ class BackgroundWriter:
         """Write everything queued and flush; returns the entries saved since ``saved``."""
         self._stop()
         count = self.saved()
-        started = time.perf_counter()
+        started = time.thread_time()
         count += len(self.writer.flush())
-        self.busy_s += time.perf_counter() - started
+        self.busy_s += time.thread_time() - started
         return count
 
     def abandon(self) -> None:
@@ -315,7 +315,7 @@ def extract(
             todo = [n for n in names if n not in writer.done]
             summary.skipped = len(names) - len(todo)
             progress = Progress(len(todo), "images", quiet=quiet)
-            background = BackgroundWriter(writer, depth=2)
+            background = BackgroundWriter(writer)
             try:
                 with graceful_stop() as stop, torch.inference_mode():
                     decoded = decode_all(root, todo, config, num_workers)
