@@ -8,7 +8,7 @@ links to --count images) it measures, with the same weights and settings:
 - baseline: the loop of hloc's extract_features (and transformers' examples), written out below:
   one image at a time, eager fp32 PyTorch in NCHW layout, hloc's max-pool NMS, the HDF5 file
   opened per image;
-- pipeline: ``sp_extract.pipeline.extract`` as the CLI runs it (backend auto, decoding workers,
+- pipeline: ``sp_extract.extraction.pipeline.extract`` as the CLI runs it (backend auto, decoding workers,
   background writer), with its stage breakdown;
 - network: the pipeline's backend alone on the same decoded batches (its bare throughput);
 - the keypoints of pipeline and baseline compared image by image;
@@ -38,13 +38,19 @@ import h5py
 import numpy as np
 import torch
 
-from sp_extract.backends import choose_backend, make_backend
-from sp_extract.config import ExtractConfig
-from sp_extract.decode import load_image, read_gray, resize, working_size
 from sp_extract.errors import SpExtractError
-from sp_extract.loader import make_batches
-from sp_extract.pipeline import cpu_cores, default_batch_size, extract, library_threads, resolve_device
-from sp_extract.postprocess import (
+from sp_extract.extraction.backends import choose_backend, make_backend
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.decode import load_image, read_gray, resize, working_size
+from sp_extract.extraction.loader import make_batches
+from sp_extract.extraction.pipeline import (
+    cpu_cores,
+    default_batch_size,
+    extract,
+    library_threads,
+    resolve_device,
+)
+from sp_extract.extraction.postprocess import (
     Features,
     postprocess,
     remove_borders,
@@ -52,7 +58,7 @@ from sp_extract.postprocess import (
     select_keypoints,
     to_original_frame,
 )
-from sp_extract.weights import load_weights
+from sp_extract.extraction.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from sp_extract import ExtractConfig, extract
-from sp_extract.match import MatchConfig, match_pairs
-from sp_extract.pairs import exhaustive_pairs, pair_key, write_pairs
-from sp_extract.pipeline import resolve_device
-from sp_extract.store import StoreWriter, read_store_info
+from sp_extract.extraction.pipeline import resolve_device
+from sp_extract.matching.run import MatchConfig, match_pairs
+from sp_extract.pairs.core import exhaustive_pairs, pair_key, write_pairs
+from sp_extract.store.writer import StoreWriter, read_store_info
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -12,9 +12,9 @@ import argparse
 from pathlib import Path
 
 from sp_extract import ExtractConfig, extract
-from sp_extract.colmap import reconstruct, write_database
-from sp_extract.match import match_pairs
-from sp_extract.pairs import exhaustive_pairs, source_names, write_pairs
+from sp_extract.matching.run import match_pairs
+from sp_extract.pairs.core import exhaustive_pairs, source_names, write_pairs
+from sp_extract.sfm.colmap import reconstruct, write_database
 
 
 def main() -> None:

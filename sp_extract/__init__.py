@@ -12,10 +12,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SuperPoint": "sp_extract.pipeline",
-    "extract": "sp_extract.pipeline",
-    "ExtractConfig": "sp_extract.config",
-    "load_weights": "sp_extract.weights",
+    "SuperPoint": "sp_extract.extraction.pipeline",
+    "extract": "sp_extract.extraction.pipeline",
+    "ExtractConfig": "sp_extract.extraction.config",
+    "load_weights": "sp_extract.extraction.weights",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -221,8 +221,8 @@ def extract(
     Image names are paths relative to IMAGES_DIR, as COLMAP records them. Re-running extracts
     only the images not yet in the store; a store made with other settings is refused.
     """
-    from .config import ExtractConfig
-    from .pipeline import extract as run_extract
+    from .extraction.config import ExtractConfig
+    from .extraction.pipeline import extract as run_extract
 
     config = ExtractConfig(
         max_keypoints=max_keypoints,
@@ -272,7 +272,7 @@ _source_options = stacked(
 
 
 def _write_pairs(pairs: list[tuple[str, str]], out: Path) -> None:
-    from .pairs import write_pairs
+    from .pairs.core import write_pairs
 
     write_pairs(pairs, out)
     click.echo(f"{len(pairs)} pairs written to {out}", err=True)
@@ -288,7 +288,7 @@ def pairs() -> None:
 @reports_errors
 def exhaustive(features: Path, images: Path | None, out: Path) -> None:
     """Every unordered pair of images once: n (n - 1) / 2 pairs."""
-    from .pairs import exhaustive_pairs, source_names
+    from .pairs.core import exhaustive_pairs, source_names
 
     _write_pairs(exhaustive_pairs(source_names(features, images)), out)
 
@@ -300,7 +300,7 @@ def exhaustive(features: Path, images: Path | None, out: Path) -> None:
 @reports_errors
 def sequential(window: int, loop: bool, features: Path, images: Path | None, out: Path) -> None:
     """Each image with the next --window images in name order (video, drone strips)."""
-    from .pairs import sequential_pairs, source_names
+    from .pairs.core import sequential_pairs, source_names
 
     _write_pairs(sequential_pairs(source_names(features, images), window, loop), out)
 
@@ -311,7 +311,7 @@ def sequential(window: int, loop: bool, features: Path, images: Path | None, out
 @reports_errors
 def from_list(image_list: Path, features: Path, images: Path | None, out: Path) -> None:
     """Every unordered pair of the images named in IMAGE_LIST (one name a line)."""
-    from .pairs import exhaustive_pairs, read_name_list, source_names
+    from .pairs.core import exhaustive_pairs, read_name_list, source_names
 
     _write_pairs(exhaustive_pairs(read_name_list(image_list, source_names(features, images))), out)
 
@@ -371,8 +371,8 @@ def match_pairs(
     matchers. The pairs file is checked completely before matching. Re-running matches only the
     pairs not yet in the store; a store made with other settings or features is refused.
     """
-    from .match import MatchConfig
-    from .match import match_pairs as run_match_pairs
+    from .matching.run import MatchConfig
+    from .matching.run import match_pairs as run_match_pairs
 
     config = MatchConfig(
         mutual=mutual,
@@ -419,7 +419,7 @@ def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
     killed sp-extract run left in STORE.parts/ are included. STORE itself is not changed.
     Exit 0: nothing lost, 1: some entries lost, 2: nothing could be read.
     """
-    from .repair import repair_store
+    from .store.repair import repair_store
 
     finish_run(repair_store(store, out), json_report)
 
@@ -452,7 +452,7 @@ def export(out: Path, fmt: str, weights: str | None) -> None:
     descriptor sampling) is not in the graph; README "Export" describes it. The weights'
     licence applies to the exported model.
     """
-    from .backends import export_model
+    from .extraction.backends import export_model
 
     for path in export_model(out, fmt, weights):
         click.echo(f"wrote {path}", err=True)
@@ -510,7 +510,7 @@ def colmap(
     the same images is updated (image ids kept); one with other images is refused unless
     --overwrite. Install pycolmap with: pip install 'sp-extract[colmap]'.
     """
-    from .colmap import write_database
+    from .sfm.colmap import write_database
 
     summary = write_database(
         images,
@@ -562,7 +562,7 @@ def reconstruct(
     reprojection error. Exit 0: at least one model, 1: none could be built.
     Install pycolmap with: pip install 'sp-extract[colmap]'.
     """
-    from .colmap import reconstruct as run_reconstruct
+    from .sfm.colmap import reconstruct as run_reconstruct
 
     summary = run_reconstruct(
         database, images, out, overwrite=overwrite, seed=seed, num_threads=num_threads, verbose=verbose

@@ -49,7 +49,7 @@ def sacre_coeur() -> Path:
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised v1-layout state dict, for fast tests that need no trained network."""
-    from sp_extract.model import SuperPoint
+    from sp_extract.extraction.model import SuperPoint
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "random_v1.pth"

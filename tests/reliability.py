@@ -1,6 +1,6 @@
 """Helpers of the reliability tests (issue 6): real sp-extract processes and plain store reading.
 
-Stores are read here with plain h5py, independently of ``sp_extract.store``.
+Stores are read here with plain h5py, independently of ``sp_extract.store.writer``.
 """
 
 from __future__ import annotations

@@ -21,14 +21,14 @@ import torch
 from superpoint_reference import assert_same_features, dense_v1
 from superpoint_reference import postprocess as reference_postprocess
 
-from sp_extract import backends
-from sp_extract.backends import choose_backend, make_backend, onnx_model
-from sp_extract.config import ExtractConfig
-from sp_extract.decode import load_image
 from sp_extract.errors import ConfigError, StoreError
-from sp_extract.pipeline import BackgroundWriter, extract
-from sp_extract.postprocess import postprocess
-from sp_extract.weights import load_weights
+from sp_extract.extraction import backends
+from sp_extract.extraction.backends import choose_backend, make_backend, onnx_model
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.decode import load_image
+from sp_extract.extraction.pipeline import BackgroundWriter, extract
+from sp_extract.extraction.postprocess import postprocess
+from sp_extract.extraction.weights import load_weights
 
 CPU = torch.device("cpu")
 
@@ -132,8 +132,8 @@ def test_decoding_workers_start_after_opencv_ran_threads_here(small_images: Path
     """OpenCV's idle thread pool, copied into a forked worker, used to deadlock it (a hang)."""
     script = (
         "import sys, time, cv2, numpy as np\n"
-        "from sp_extract.config import ExtractConfig\n"
-        "from sp_extract.loader import decode_all\n"
+        "from sp_extract.extraction.config import ExtractConfig\n"
+        "from sp_extract.extraction.loader import decode_all\n"
         "cv2.setNumThreads(2)\n"
         "cv2.resize(np.ones((3000, 4000), np.float32), (1000, 750), interpolation=cv2.INTER_AREA)\n"
         "time.sleep(0.5)  # the pool's threads now wait for work\n"

@@ -19,7 +19,7 @@ import pycolmap
 import pytest
 from conftest import run_cli
 
-from sp_extract.store import StoreWriter
+from sp_extract.store.writer import StoreWriter
 
 # name: (width, height, EXIF FocalLengthIn35mmFilm or None)
 IMAGES = {"a.jpg": (400, 300, 50), "b.png": (400, 300, None), "sub/c.png": (360, 240, None)}
@@ -386,8 +386,8 @@ def test_reconstruct_synthetic_scene(scene: dict) -> None:
 
 
 def test_unwritable_json_report_is_a_config_error(tmp_path: Path) -> None:
-    from sp_extract.colmap import DatabaseSummary, ReconstructSummary
     from sp_extract.errors import ConfigError
+    from sp_extract.sfm.colmap import DatabaseSummary, ReconstructSummary
 
     target = tmp_path / "missing-folder" / "report.json"
     for summary in (DatabaseSummary(str(tmp_path / "db.db")), ReconstructSummary("db.db", str(tmp_path))):

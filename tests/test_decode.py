@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sp_extract.config import ExtractConfig
-from sp_extract.decode import load_image, working_size
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.decode import load_image, working_size
 
 # ITU-R BT.601 luma, the weights of OpenCV's and libpng's RGB -> gray conversion
 LUMA_RGB = np.array([0.299, 0.587, 0.114])

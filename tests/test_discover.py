@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sp_extract.discover import discover_images, is_utf8, printable, read_image_list
 from sp_extract.errors import ConfigError
+from sp_extract.extraction.discover import discover_images, is_utf8, printable, read_image_list
 
 EXTENSIONS = ["jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp"]
 

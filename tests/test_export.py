@@ -11,8 +11,8 @@ import torch
 from conftest import run_cli
 from superpoint_reference import dense_v1
 
-from sp_extract.config import ExtractConfig
-from sp_extract.decode import load_image
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.decode import load_image
 
 
 def reference(weights: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

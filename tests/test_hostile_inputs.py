@@ -18,8 +18,8 @@ import pytest
 from conftest import write_image
 from reliability import cli_env, drop_root_file_override, read_entries, run_limited
 
-from sp_extract.config import ExtractConfig
-from sp_extract.decode import load_image
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.decode import load_image
 
 
 def flat_jpeg(width: int, height: int, components: int = 1, adobe: bool = False) -> bytes:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import write_image
 
-from sp_extract import ExtractConfig, extract, pipeline
-from sp_extract.decode import DecodedImage
-from sp_extract.loader import make_batches
+from sp_extract import ExtractConfig, extract
+from sp_extract.extraction import pipeline
+from sp_extract.extraction.decode import DecodedImage
+from sp_extract.extraction.loader import make_batches
 
 
 def decoded(name: str, height: int, width: int = 16) -> DecodedImage:

@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from sp_extract.match import FeatureCache, MatchConfig, nearest_neighbours, tile_order, verify_matches
-from sp_extract.store import StoreWriter
+from sp_extract.matching.run import FeatureCache, MatchConfig, nearest_neighbours, tile_order, verify_matches
+from sp_extract.store.writer import StoreWriter
 
 CONFIGS = [
     (True, None, None),

@@ -21,9 +21,9 @@ from superpoint_reference import (
     random_v6_state,
 )
 
-from sp_extract.config import ExtractConfig
-from sp_extract.pipeline import SuperPoint
-from sp_extract.weights import load_weights
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.pipeline import SuperPoint
+from sp_extract.extraction.weights import load_weights
 
 
 def photo_crops(folder: Path, count: int, height: int = 240, width: int = 320) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 
 from sp_extract.errors import ConfigError
-from sp_extract.pairs import (
+from sp_extract.pairs.core import (
     exhaustive_pairs,
     pair_key,
     read_name_list,
@@ -18,7 +18,7 @@ from sp_extract.pairs import (
     sequential_pairs,
     write_pairs,
 )
-from sp_extract.store import StoreWriter
+from sp_extract.store.writer import StoreWriter
 
 
 def names_of(count: int) -> list[str]:

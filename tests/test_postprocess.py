@@ -9,7 +9,7 @@ from superpoint_reference import assert_same_features, to_original_hloc
 from superpoint_reference import nms as reference_nms
 from superpoint_reference import postprocess as reference_postprocess
 
-from sp_extract.postprocess import nms_opencv, nms_torch, postprocess, to_original_frame
+from sp_extract.extraction.postprocess import nms_opencv, nms_torch, postprocess, to_original_frame
 
 THRESHOLD = 0.005
 # every device here: a GPU machine also checks the non-CPU code paths

@@ -17,7 +17,7 @@ import pytest
 from conftest import run_cli, write_image
 from reliability import assert_entries_equal, one_line_error, read_entries
 
-from sp_extract.store import StoreWriter
+from sp_extract.store.writer import StoreWriter
 
 
 @pytest.fixture(scope="module")

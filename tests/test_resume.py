@@ -11,9 +11,9 @@ import torch
 from conftest import run_cli, write_image
 from hloc_reader import snapshot
 
-from sp_extract.config import ExtractConfig
-from sp_extract.model import SuperPoint
-from sp_extract.pipeline import extract
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.model import SuperPoint
+from sp_extract.extraction.pipeline import extract
 
 
 def first_run(images: Path, out: Path, weights: Path) -> None:

@@ -15,9 +15,9 @@ import torch
 from hloc_reader import get_keypoints, list_h5_names, load_for_matching
 
 import sp_extract
-from sp_extract.config import ExtractConfig
-from sp_extract.decode import load_image
-from sp_extract.pipeline import SuperPoint, extract
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.decode import load_image
+from sp_extract.extraction.pipeline import SuperPoint, extract
 
 NAMES = {"a.png", "b.jpg", "sub/c.png"}
 CONFIG = ExtractConfig(resize_max=64, max_keypoints=300)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from conftest import run_cli
 
-from sp_extract.postprocess import postprocess, sample_descriptors
-from sp_extract.refine import MAX_OFFSET, refine_keypoints
+from sp_extract.extraction.postprocess import postprocess, sample_descriptors
+from sp_extract.extraction.refine import MAX_OFFSET, refine_keypoints
 
 
 def gaussian_blobs(shape: tuple[int, int], centres: np.ndarray, sigma: float = 1.3) -> np.ndarray:

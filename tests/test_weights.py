@@ -24,9 +24,9 @@ import torch
 from conftest import run_cli, write_image
 from superpoint_reference import dense_v1, dense_v6, random_v6_state
 
-from sp_extract import weights
 from sp_extract.errors import WeightsError
-from sp_extract.weights import load_weights
+from sp_extract.extraction import weights
+from sp_extract.extraction.weights import load_weights
 
 # Magic Leap layer -> transformers' SuperPointForKeypointDetection module
 V1_TO_HF = {

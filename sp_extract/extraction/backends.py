@@ -23,8 +23,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from . import model as model_module
-from .errors import ConfigError
 from .weights import cache_dir, load_weights
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")

@@ -26,8 +26,8 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 
+from ..errors import DecodeError
 from .config import ExtractConfig
-from .errors import DecodeError
 
 _READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 _REDUCED_FLAGS = {

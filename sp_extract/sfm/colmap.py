@@ -26,10 +26,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
-from .pairs import flat_name
-from .report import JsonReport
-from .store import fsync_path, read_store_info
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
+from ..pairs.core import flat_name
+from ..report import JsonReport
+from ..store.writer import fsync_path, read_store_info
 
 INSTALL_HINT = "pycolmap is not installed; install the COLMAP extra: pip install 'sp-extract[colmap]'"
 COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)

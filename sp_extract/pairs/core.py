@@ -12,9 +12,9 @@ import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from .discover import discover_images
-from .errors import ConfigError
-from .store import read_store_info
+from ..errors import ConfigError
+from ..extraction.discover import discover_images
+from ..store.writer import read_store_info
 
 Pair = tuple[str, str]
 

@@ -20,17 +20,17 @@ import cv2
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+from ..interrupt import graceful_stop
+from ..report import Progress, Summary
+from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
 from .discover import discover_images, read_image_list
-from .errors import ConfigError
-from .interrupt import graceful_stop
 from .loader import decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .postprocess import Features, postprocess, to_original_frame
-from .report import Progress, Summary
-from .store import StoreWriter
 from .weights import load_weights
 
 DETECTION_NOISE = 2.0  # keypoint uncertainty in working-size pixels, as hloc records it

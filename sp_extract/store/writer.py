@@ -30,9 +30,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__
-from .errors import StoreError
-from .interrupt import graceful_stop
+from .. import __version__
+from ..errors import StoreError
+from ..interrupt import graceful_stop
 
 KIND_ATTR = "sp_extract_kind"
 VERSION_ATTR = "sp_extract_version"

@@ -18,9 +18,9 @@ from typing import Any
 
 import h5py
 
-from .errors import StoreError
-from .report import Summary
-from .store import (
+from ..errors import StoreError
+from ..report import Summary
+from .writer import (
     H5_ERRORS,
     KIND_ATTR,
     MARKERS,

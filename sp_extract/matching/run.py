@@ -23,12 +23,12 @@ import h5py
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .interrupt import graceful_stop
-from .pairs import Pair, pair_key, read_pairs
-from .pipeline import resolve_device
-from .report import Progress, Summary
-from .store import StoreWriter, read_store_info
+from ..errors import ConfigError
+from ..extraction.pipeline import resolve_device
+from ..interrupt import graceful_stop
+from ..pairs.core import Pair, pair_key, read_pairs
+from ..report import Progress, Summary
+from ..store.writer import StoreWriter, read_store_info
 
 VERIFY_MIN_MATCHES = {"fundamental": 8, "homography": 4}  # fewer matches cannot be verified
 VERIFY_CONFIDENCE = 0.999

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import WeightsError
+from ..errors import WeightsError
 from .model import LAYER_NAMES, SuperPoint
 
 

@@ -10,8 +10,8 @@ import os
 import posixpath
 from pathlib import Path
 
+from ..errors import ConfigError
 from .config import IMAGE_EXTENSIONS
-from .errors import ConfigError
 
 
 def is_image_name(name: str) -> bool:

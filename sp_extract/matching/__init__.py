@@ -1,0 +1,1 @@
+"""Matching stage: matchers for stored features and the match-pairs run."""

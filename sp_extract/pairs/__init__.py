@@ -1,0 +1,1 @@
+"""Image pairs to match: strategies that make them and the pairs-file format."""

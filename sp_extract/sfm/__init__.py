@@ -1,0 +1,1 @@
+"""Hand-off to COLMAP: database import and reconstruction."""
