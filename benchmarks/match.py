@@ -28,7 +28,8 @@ import torch
 
 from sp_extract import ExtractConfig, extract
 from sp_extract.extraction.pipeline import resolve_device
-from sp_extract.matching.run import MatchConfig, match_pairs
+from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.run import match_pairs
 from sp_extract.pairs.core import exhaustive_pairs, pair_key, write_pairs
 from sp_extract.store.writer import StoreWriter, read_store_info
 

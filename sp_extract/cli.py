@@ -371,7 +371,7 @@ def match_pairs(
     matchers. The pairs file is checked completely before matching. Re-running matches only the
     pairs not yet in the store; a store made with other settings or features is refused.
     """
-    from .matching.run import MatchConfig
+    from .matching.config import MatchConfig
     from .matching.run import match_pairs as run_match_pairs
 
     config = MatchConfig(

@@ -17,7 +17,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from sp_extract.matching.run import FeatureCache, MatchConfig, nearest_neighbours, tile_order, verify_matches
+from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.nn import nearest_neighbours
+from sp_extract.matching.run import FeatureCache, tile_order
+from sp_extract.matching.verify import verify_matches
 from sp_extract.store.writer import StoreWriter
 
 CONFIGS = [

@@ -1,10 +1,9 @@
-"""Matching stage: nearest-neighbour matches of stored descriptors for a list of image pairs.
+"""The match-pairs run: reads the pairs, feeds stored features through the bounded feature
+cache to the matcher in batches, verifies (optional) and writes the match store.
 
-Owns the match store's content (hloc layout: one group per pair at ``pair_key(name0, name1)``
+The match store's content is hloc's layout: one group per pair at ``pair_key(name0, name1)``
 holding ``matches0``, int32, an index into image 1 or -1 for each keypoint of image 0, and
-``matching_scores0``, float16), the batched matcher (mutual check, Lowe's ratio, distance
-threshold, as hloc's ``NN-mutual``, ``NN-ratio`` and ``NN-superpoint``), the bounded feature
-cache and the optional geometric verification (OpenCV's USAC MAGSAC).
+``matching_scores0``, float16.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import h5py
 import numpy as np
 import torch
@@ -29,160 +27,9 @@ from ..interrupt import graceful_stop
 from ..pairs.core import Pair, pair_key, read_pairs
 from ..report import Progress, Summary
 from ..store.writer import StoreWriter, read_store_info
-
-VERIFY_MIN_MATCHES = {"fundamental": 8, "homography": 4}  # fewer matches cannot be verified
-VERIFY_CONFIDENCE = 0.999
-VERIFY_MAX_ITERS = 10_000
-MAX_BATCH_ELEMENTS = 1 << 27  # distance-matrix entries per batch (512 MiB in float32)
-CPU_WORK_ELEMENTS = 1 << 20  # on the CPU, per batch and per block of rows: 4 MiB, the L2 caches
-
-
-@dataclass(frozen=True)
-class MatchConfig:
-    """Matcher settings; all are recorded in the match store and checked on resume."""
-
-    mutual: bool = True
-    ratio: float | None = None
-    max_distance: float | None = None
-    verify: str | None = None
-    verify_threshold: float = 4.0
-
-    def __post_init__(self) -> None:
-        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.max_distance is not None and not 0.0 < self.max_distance <= 2.0:
-            raise ConfigError(
-                f"--max-distance must be in (0, 2] (L2 distance of unit descriptors), got {self.max_distance}"
-            )
-        if self.verify is not None and self.verify not in VERIFY_MIN_MATCHES:
-            raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MIN_MATCHES)}, got {self.verify}")
-        if self.verify_threshold <= 0:
-            raise ConfigError(f"--verify-threshold must be > 0 pixels, got {self.verify_threshold}")
-
-    def settings(self) -> dict[str, Any]:
-        """The settings as recorded; the threshold only counts when verification is on."""
-        settings = asdict(self)
-        if self.verify is None:
-            settings["verify_threshold"] = None
-        return settings
-
-
-def _augmented(descriptors: Sequence[torch.Tensor], length: int, second: bool) -> tuple[torch.Tensor, ...]:
-    """The (N_i, D) descriptors padded to (B, length, D + 2) float32 rows whose products are
-    squared L2 distances, |x|^2 + |y|^2 - 2 x.y = [x, |x|^2, 1] . [-2 y, 1, |y|^2] (image 0's
-    rows on the left, ``second`` image 1's on the right), and the (B, length) padding mask.
-    Padding rows have an infinite norm, so every distance to them is infinite."""
-    first = descriptors[0]
-    dim = first.shape[1]
-    out = first.new_zeros((len(descriptors), length, dim + 2), dtype=torch.float32)
-    for row, d in zip(out, descriptors):
-        row[: len(d), :dim] = d
-    sizes = torch.tensor([len(d) for d in descriptors], device=first.device)
-    padding = torch.arange(length, device=first.device)[None] >= sizes[:, None]
-    norms = out[..., :dim].square().sum(-1).masked_fill_(padding, float("inf"))
-    out[..., dim + second] = norms
-    out[..., dim + (not second)] = 1.0
-    if second:
-        out[..., :dim] *= -2.0
-    return out, padding
-
-
-def _smallest(values: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """The ``k`` smallest entries along ``dim`` (fewer if ``dim`` is shorter), kept as a dim of
-    that size; ``amin`` for ``k`` = 1, much faster than ``topk`` or ``min``, which find indices."""
-    if k == 1:
-        return values.amin(dim, keepdim=True)
-    return values.topk(min(k, values.shape[dim]), dim=dim, largest=False).values
-
-
-def nearest_neighbours(
-    descriptors0: Sequence[torch.Tensor],
-    descriptors1: Sequence[torch.Tensor],
-    config: MatchConfig,
-    work_elements: int = MAX_BATCH_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Match B pairs at once: ``descriptors0[i]`` (N0_i, D) against ``descriptors1[i]`` (N1_i, D).
-
-    Distances are exact L2 distances computed in float32, in one matrix product with the norms
-    (``_augmented``); descriptors are padded to the batch maximum and the padding masked. A
-    keypoint of image 0 matches its nearest neighbour in image 1 if that passes Lowe's ratio
-    (skipped, as in hloc, for a pair where an image has fewer than two keypoints), the distance
-    threshold and, with ``mutual``, is matched back the same way (the mutual check compares
-    distances, so exact ties in a column keep every tied keypoint). The distance matrix is made
-    in blocks of rows of at most ``work_elements`` entries, each reduced (row minima, running
-    column minima) while it is in the cache, so it is never held whole.
-    Returns ``matches0`` (B, M) int64, -1 for none, and ``scores0`` (B, M) float32, 0 for none,
-    where score = 1 - d^2 / 4 (hloc's (1 + cosine) / 2 for unit descriptors); row i is valid up
-    to N0_i.
-    """
-    length0 = max(2, *(len(d) for d in descriptors0))
-    length1 = max(2, *(len(d) for d in descriptors1))
-    left, padding0 = _augmented(descriptors0, length0, second=False)
-    right, padding1 = _augmented(descriptors1, length1, second=True)
-    right = right.transpose(1, 2)
-    ratio = config.ratio
-    k = 1 if ratio is None else 2  # the ratio test needs the two nearest
-    rows = max(1, work_elements // (len(left) * length1))
-    row_values, row_indices, column = [], [], None
-    for start in range(0, length0, rows):
-        distances = torch.bmm(left[:, start : start + rows], right)  # squared, may round below 0
-        values, indices = distances.min(2, keepdim=True) if k == 1 else distances.topk(k, 2, largest=False)
-        row_values.append(values)
-        row_indices.append(indices[..., 0])
-        if config.mutual:  # the k smallest of each column so far
-            smallest = _smallest(distances, k, 1)
-            column = smallest if column is None else _smallest(torch.cat((column, smallest), 1), k, 1)
-    # clamping to 0 commutes with taking minima, so it is done on the minima only
-    values, matches = torch.cat(row_values, 1).clamp_(min=0.0), torch.cat(row_indices, 1)
-    best = values[..., 0]
-    counts0 = (~padding0).sum(1)
-    counts1 = (~padding1).sum(1)
-    ratio_on = ((counts0 >= 2) & (counts1 >= 2))[:, None]
-    ok = torch.isfinite(best)
-    if ratio is not None:
-        ok &= ~ratio_on | (best <= ratio**2 * values[..., 1])
-    if config.max_distance is not None:
-        ok &= best <= config.max_distance**2
-    if column is not None:  # the match is also the smallest of its column (and passes the ratio there)
-        column = column.clamp_(min=0.0).gather(2, matches[:, None, :].expand(-1, column.shape[1], -1))
-        ok &= best <= column[:, 0]
-        if ratio is not None:
-            ok &= ~ratio_on | (column[:, 0] <= ratio**2 * column[:, 1])
-    scores = torch.where(ok, (1.0 - best / 4.0).clamp(0.0, 1.0), torch.zeros_like(best))
-    return torch.where(ok, matches, torch.full_like(matches, -1)), scores
-
-
-def verify_matches(
-    keypoints0: np.ndarray, keypoints1: np.ndarray, matches0: np.ndarray, model: str, threshold: float
-) -> tuple[np.ndarray, int]:
-    """Keep the matches that are inliers of a fundamental matrix or a homography (USAC MAGSAC).
-
-    ``threshold`` is OpenCV's maximum error in pixels. A pair with too few matches, or whose
-    model cannot be estimated, keeps none. Returns the filtered ``matches0`` and the inlier count.
-    """
-    index = np.flatnonzero(matches0 >= 0)
-    kept = np.full_like(matches0, -1)
-    if len(index) < VERIFY_MIN_MATCHES[model]:
-        return kept, 0
-    points0 = keypoints0[index].astype(np.float64)
-    points1 = keypoints1[matches0[index]].astype(np.float64)
-    try:
-        if model == "fundamental":
-            found, mask = cv2.findFundamentalMat(
-                points0, points1, cv2.USAC_MAGSAC, threshold, VERIFY_CONFIDENCE, VERIFY_MAX_ITERS
-            )
-        else:
-            found, mask = cv2.findHomography(
-                points0, points1, cv2.USAC_MAGSAC, threshold, maxIters=VERIFY_MAX_ITERS,
-                confidence=VERIFY_CONFIDENCE,
-            )  # fmt: skip
-    except cv2.error:  # degenerate configurations (all points on a line, say)
-        return kept, 0
-    if found is None or mask is None:
-        return kept, 0
-    inliers = index[mask.ravel().astype(bool)]
-    kept[inliers] = matches0[inliers]
-    return kept, len(inliers)
+from .config import MatchConfig
+from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
+from .verify import verify_matches
 
 
 @dataclass
