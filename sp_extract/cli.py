@@ -7,7 +7,9 @@ or 1 (some images failed); an interrupted run exits 130 (SIGINT) or 143 (SIGTERM
 
 from __future__ import annotations
 
+import difflib
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -18,19 +20,31 @@ import click
 
 from . import __version__
 from .errors import EXIT_SIGINT, SpExtractError
-from .interrupt import ABORTED
+from .interrupt import ABORTED, signals_raise
 
 if TYPE_CHECKING:
     from .report import Summary
 
 
 class DefaultCommandGroup(click.Group):
-    """A group whose ``extract`` command runs when the first word is not a command name."""
+    """A group whose ``extract`` command runs when the first word is not a command name.
+
+    ``help [COMMAND]`` shows the help. A first word that is no existing path but close to a
+    command name (``match_pairs``, ``reconstrcut``) is a mistyped command, not a folder.
+    """
 
     default_command = "extract"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        first = args[0] if args else None
+        if first == "help" and not os.path.lexists(first):
+            args = [args[1], "--help"] if args[1:] and args[1] in self.commands else ["--help"]
+        elif first is not None and first not in self.commands and not first.startswith("-"):
+            typo = first.replace("_", "-").lower()
+            close = difflib.get_close_matches(typo, list(self.commands), n=1, cutoff=0.6)
+            if close and not os.path.lexists(first):
+                raise click.UsageError(f"no command or folder '{first}' (did you mean '{close[0]}'?)", ctx)
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version", "-V"):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
@@ -41,17 +55,18 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with signals_raise():  # SIGTERM unwinds a command as Ctrl-C does (a run takes over)
+                return command(*args, **kwargs)
         except SystemExit:  # the command is over: Ctrl-C must not break its clean exit
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise
         except SpExtractError as error:
             click.echo(f"sp-extract: error: {error}", err=True)
             sys.exit(error.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:  # Interrupted (SIGINT, SIGTERM) or Ctrl-C
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C would only break the clean-up
             click.echo(ABORTED, err=True)
-            sys.exit(EXIT_SIGINT)
+            sys.exit(getattr(interrupt, "exit_code", EXIT_SIGINT))
 
     return wrapper
 
@@ -87,9 +102,21 @@ def file_option(name: str, default: str, help: str) -> Callable[..., Any]:
     )
 
 
+def writable_report(_ctx: click.Context, _param: click.Parameter, path: Path | None) -> Path | None:
+    """``--json-report``'s check, before any work: its folder exists and the file can be written."""
+    if path is not None:
+        folder = path.parent
+        if not folder.is_dir():
+            raise click.BadParameter(f"{path}: the folder {folder} does not exist")
+        if not os.access(path if path.exists() else folder, os.W_OK):
+            raise click.BadParameter(f"{path}: cannot be written (permission denied)")
+    return path
+
+
 json_report_option = click.option(
     "--json-report",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=writable_report,
     help="Write the run's summary as JSON to this file.",
 )
 run_options = stacked(  # every store-writing command has these
@@ -100,7 +127,7 @@ run_options = stacked(  # every store-writing command has these
 
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="sp-extract")
+@click.version_option(__version__, "-V", "--version", prog_name="sp-extract")
 def cli() -> None:
     """Batch SuperPoint features for Structure-from-Motion, in hloc/COLMAP-compatible HDF5.
 
@@ -271,6 +298,22 @@ _source_options = stacked(
 )
 
 
+def _pairable(names: list[str]) -> list[str]:
+    """``names`` without those a pairs file cannot hold (white space), with a warning naming them."""
+    from .pairs.core import unpairable
+    from .report import counted, listed
+
+    spaced = unpairable(names)
+    if spaced:
+        click.echo(
+            f"warning: {counted(len(spaced), 'image')} left out, white space in the name (pairs files "
+            f"separate names by white space): {listed(spaced)}; rename them and extract them again",
+            err=True,
+        )
+    left_out = set(spaced)
+    return [name for name in names if name not in left_out]
+
+
 def _write_pairs(pairs: list[tuple[str, str]], out: Path) -> None:
     from .pairs.core import write_pairs
 
@@ -290,7 +333,7 @@ def exhaustive(features: Path, images: Path | None, out: Path) -> None:
     """Every unordered pair of images once: n (n - 1) / 2 pairs."""
     from .pairs.core import exhaustive_pairs, source_names
 
-    _write_pairs(exhaustive_pairs(source_names(features, images)), out)
+    _write_pairs(exhaustive_pairs(_pairable(source_names(features, images))), out)
 
 
 @pairs.command()
@@ -302,7 +345,7 @@ def sequential(window: int, loop: bool, features: Path, images: Path | None, out
     """Each image with the next --window images in name order (video, drone strips)."""
     from .pairs.core import sequential_pairs, source_names
 
-    _write_pairs(sequential_pairs(source_names(features, images), window, loop), out)
+    _write_pairs(sequential_pairs(_pairable(source_names(features, images)), window, loop), out)
 
 
 @pairs.command("from-list")
@@ -313,7 +356,8 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
     """Every unordered pair of the images named in IMAGE_LIST (one name a line)."""
     from .pairs.core import exhaustive_pairs, read_name_list, source_names
 
-    _write_pairs(exhaustive_pairs(read_name_list(image_list, source_names(features, images))), out)
+    names = read_name_list(image_list, source_names(features, images))
+    _write_pairs(exhaustive_pairs(_pairable(names)), out)
 
 
 @cli.command("match-pairs")
@@ -407,6 +451,7 @@ def match_pairs(
 @click.option(
     "--json-report",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=writable_report,
     help="Write what was copied and lost as JSON to this file.",
 )
 @reports_errors
@@ -431,9 +476,9 @@ def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
     "--format",
     "fmt",
     type=click.Choice(["onnx", "openvino"]),
-    default="onnx",
-    show_default=True,
-    help="onnx: one .onnx file; openvino: OUT (.xml) and its .bin (needs the [openvino] extra).",
+    default=None,
+    help="onnx: one .onnx file; openvino: OUT (.xml) and its .bin (needs the [openvino] extra) "
+    "[default: from OUT's extension, .onnx or .xml].",
 )
 @click.option(
     "--weights",
@@ -441,7 +486,7 @@ def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
     help="As for extract: superpoint-v1 (default), superpoint-v6-mit or a file. Env: SP_EXTRACT_WEIGHTS.",
 )
 @reports_errors
-def export(out: Path, fmt: str, weights: str | None) -> None:
+def export(out: Path, fmt: str | None, weights: str | None) -> None:
     """Write the SuperPoint network to OUT for deployment (ONNX or OpenVINO IR, float32).
 
     \b
@@ -508,7 +553,8 @@ def colmap(
     keypoints shifted by +0.5 into COLMAP's convention, the raw matches, then COLMAP's geometric
     verification, so 'sp-extract reconstruct' or COLMAP's mapper can run on it. A database with
     the same images is updated (image ids kept); one with other images is refused unless
-    --overwrite. Install pycolmap with: pip install 'sp-extract[colmap]'.
+    --overwrite. Exit 1 when no pair passes the verification (the database is written).
+    Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
     from .sfm.colmap import write_database
 
@@ -558,9 +604,10 @@ def reconstruct(
 ) -> None:
     """Run COLMAP's incremental mapper (pycolmap) on a database; write the models to --out.
 
-    Prints, per model, the registered images, 3D points, mean track length and mean
-    reprojection error. Exit 0: at least one model, 1: none could be built.
-    Install pycolmap with: pip install 'sp-extract[colmap]'.
+    Every image the database names must be in --images. Prints, per model, the registered
+    images, 3D points, mean track length and mean reprojection error, and the images no model
+    registered. Exit 0: at least one model, 1: none could be built.
+    Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
     from .sfm.colmap import reconstruct as run_reconstruct
 

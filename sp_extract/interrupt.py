@@ -70,3 +70,50 @@ def graceful_stop(redeliver: bool = False) -> Iterator[StopFlag]:
             signal.signal(signum, handler)
     if redeliver and flag.signum is not None:
         signal.raise_signal(flag.signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGINT or SIGTERM stopped a command that is not a resumable run; ``exit_code`` says which.
+
+    A ``KeyboardInterrupt``, so ``finally`` blocks and context managers undo what was half
+    done (temporary files, child processes) as they do for Ctrl-C.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread for the duration of the block.
+
+    For the commands whose work is one step (pairs, colmap, reconstruct): the exception
+    unwinds it, removing what was half-written. A ``graceful_stop`` inside the block takes over
+    the signals for its run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this child process when its parent (pid ``parent``) dies (Linux
+    ``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)

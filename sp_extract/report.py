@@ -17,6 +17,17 @@ from typing import Any, TextIO
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """``count`` with its noun: ``1 model``, ``2 models``, ``1 match`` (``plural`` given)."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
+def listed(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, quoted, and how many more."""
+    text = ", ".join(f"'{name}'" for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 class JsonReport:
     """``write_json`` of the ``--json-report`` option, for summaries that have ``to_dict``."""
 
@@ -46,6 +57,10 @@ class Summary(JsonReport):
     exit_code: int = 0
     unit: str = "images"
     count_label: str = "keypoints per image"
+    warnings: list[str] = field(default_factory=list)
+    device: str = ""  # what ran the work, e.g. "cuda:0" and "torch 2.13.0 (cuda, fp16)"
+    backend: str = ""
+    failures_shown: bool = False  # each failure was printed as it happened: not listed again
 
     def finish(self, completed: int, started: float) -> Summary:
         """Close the run: ``completed`` items durable, wall time since ``started`` (monotonic)."""
@@ -57,15 +72,15 @@ class Summary(JsonReport):
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["counts"]
+        del data["counts"], data["failures_shown"]
         data["failed_count"] = len(self.failed)
         data["throughput_per_s"] = round(self.done / self.wall_time_s, 3) if self.wall_time_s else 0.0
         data[self.count_label.replace(" ", "_")] = self.count_stats()
         return data
 
-    def count_stats(self) -> dict[str, float]:
-        if not self.counts:
-            return {"min": 0, "mean": 0.0, "median": 0.0, "max": 0}
+    def count_stats(self) -> dict[str, float | None]:
+        if not self.counts:  # nothing processed: no statistics (null in JSON)
+            return {"min": None, "mean": None, "median": None, "max": None}
         return {
             "min": min(self.counts),
             "mean": round(statistics.fmean(self.counts), 1),
@@ -77,13 +92,24 @@ class Summary(JsonReport):
         stats = self.count_stats()
         rate = self.done / self.wall_time_s if self.wall_time_s else 0.0
         lines = [
-            f"{self.command}: {self.done} {self.unit} saved, {self.skipped} already in {self.output}, "
-            f"{len(self.failed)} failed" + (" (interrupted)" if self.interrupted else ""),
-            f"{self.count_label}: min {stats['min']}, mean {stats['mean']}, median {stats['median']}, "
-            f"max {stats['max']}",
-            f"wall time {self.wall_time_s:.1f} s, {rate:.2f} {self.unit}/s",
+            f"{self.command}: {counted(self.done, self.unit[:-1], self.unit)} saved, {self.skipped} already "
+            f"in {self.output}, {len(self.failed)} failed"
+            + (" (listed above)" if self.failed and self.failures_shown else "")
+            + (" (interrupted)" if self.interrupted else "")
         ]
-        lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
+        if self.counts:
+            lines += [
+                f"{self.count_label}: min {stats['min']}, mean {stats['mean']}, median {stats['median']}, "
+                f"max {stats['max']}",
+                f"wall time {self.wall_time_s:.1f} s, {rate:.2f} {self.unit}/s",
+            ]
+        else:  # statistics of nothing would only be zeros
+            lines.append(f"no {self.unit} saved in this run; wall time {self.wall_time_s:.1f} s")
+        if self.device:
+            lines.append(f"device {self.device}" + (f", backend {self.backend}" if self.backend else ""))
+        if not self.failures_shown:
+            lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return lines
 
 

@@ -202,13 +202,21 @@ def make_backend(
     return OnnxRuntimeBackend(onnx_model(net, weights_sha1), threads)
 
 
-def export_model(out: Path, fmt: str, weights: str | None = None) -> list[Path]:
+def export_model(out: Path, fmt: str | None = None, weights: str | None = None) -> list[Path]:
     """Write the network with ``weights`` for deployment; returns the files written.
 
     ``onnx``: the ONNX graph the onnxruntime backend runs. ``openvino``: that graph as OpenVINO
-    IR, ``out`` (.xml) with its float32 weights beside it (.bin).
+    IR, ``out`` (.xml) with its float32 weights beside it (.bin). ``fmt`` None: from ``out``'s
+    extension (.onnx, .xml), else ``ConfigError``.
     """
     out = Path(out)
+    by_suffix = {".onnx": "onnx", ".xml": "openvino"}
+    if fmt is None:
+        if out.suffix.lower() not in by_suffix:
+            raise ConfigError(f"{out}: end OUT in .onnx (ONNX) or .xml (OpenVINO IR), or pass --format")
+        fmt = by_suffix[out.suffix.lower()]
+    if fmt == "onnx" and out.suffix.lower() == ".xml":
+        raise ConfigError(f"{out}: .xml is OpenVINO's extension; end an ONNX model in .onnx")
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt}: not one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "openvino" and out.suffix != ".xml":

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import ConfigError
 from ..interrupt import graceful_stop
-from ..report import Progress, Summary
+from ..pairs.core import unpairable
+from ..report import Progress, Summary, counted, listed
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
@@ -60,11 +61,46 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def as_image_batch(images: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """What ``SuperPoint`` accepts as a (B, 1, H, W) float32 tensor in [0, 1] on ``device``.
+
+    A torch tensor or numpy array, shaped (B, 1, H, W) or (H, W) (one image); float values in
+    [0, 1], or 8-bit (divided by 255) or, for numpy, 16-bit integers (divided by 65535). Anything
+    else raises ``TypeError`` or ``ValueError`` saying what to pass instead.
+    """
+    if isinstance(images, np.ndarray):
+        if images.dtype in (np.uint8, np.uint16):
+            images = images.astype(np.float32) / np.iinfo(images.dtype).max
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    elif not isinstance(images, torch.Tensor):
+        raise TypeError(f"SuperPoint takes a torch tensor or a numpy array, not {type(images).__name__}")
+    if images.ndim == 2:
+        images = images[None, None]
+    if images.ndim != 4 or images.shape[1] != 1:
+        colour = " (colour: convert to grayscale first)" if 3 in images.shape[-3:] else ""
+        raise ValueError(
+            f"SuperPoint takes grayscale images shaped (B, 1, H, W) or one (H, W) image, not "
+            f"{tuple(images.shape)}{colour}"
+        )
+    if images.dtype == torch.uint8:
+        return images.to(device).float() / 255
+    if not images.is_floating_point():
+        raise TypeError(f"SuperPoint takes float images in [0, 1] or 8-bit images, not {images.dtype}")
+    images = images.to(device, torch.float32)
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"SuperPoint takes float images in [0, 1], these range from {images.min().item():g} to "
+            f"{images.max().item():g} (8-bit values: divide by 255, or pass them as uint8)"
+        )
+    return images
+
+
 class SuperPoint(torch.nn.Module):
     """SuperPoint with the reference post-processing: images in, features out.
 
     >>> model = SuperPoint("superpoint-v1", ExtractConfig(max_keypoints=2048))
-    >>> features = model(images)  # (B, 1, H, W) float in [0, 1], one size per batch
+    >>> image = cv2.imread("photo.jpg", cv2.IMREAD_GRAYSCALE)  # (H, W) uint8
+    >>> features = model(image)  # or (B, 1, H, W) floats in [0, 1], one size per batch
     """
 
     def __init__(self, weights: str | None = None, config: ExtractConfig | None = None) -> None:
@@ -76,7 +112,9 @@ class SuperPoint(torch.nn.Module):
         self.weights_label = loaded.label
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> list[Features]:
+    def forward(self, images: torch.Tensor | np.ndarray) -> list[Features]:
+        """Features of each image of ``images`` (see ``as_image_batch`` for what is accepted)."""
+        images = as_image_batch(images, next(self.net.parameters()).device)
         network = functools.partial(run_torch, self.net, precision=self.config.precision)
         return self.postprocess(dense_outputs(network, images), len(images))
 
@@ -296,7 +334,13 @@ def extract(
         raise ConfigError(
             f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp)"
         )
-    summary = Summary(command="extract", output=str(out), total=len(names))
+    summary = Summary(command="extract", output=str(out), total=len(names), failures_shown=not quiet)
+    spaced = unpairable(names)
+    if spaced:
+        summary.warnings.append(
+            f"{counted(len(spaced), 'image name')} with white space can never be paired (pairs files, as "
+            f"hloc and COLMAP read them, separate names by white space): {listed(spaced)}; rename them"
+        )
     started = time.monotonic()
     target = resolve_device(device)
     backend = choose_backend(backend, target, config.precision)
@@ -310,6 +354,7 @@ def extract(
     # PyTorch runs the network) cost a few % of its time and overlap it.
     with library_threads(cpu_cores() if backend == "torch" else 1, opencv_count=1):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
+        summary.device, summary.backend = str(target), runner.name
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
         with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
             todo = [n for n in names if n not in writer.done]
@@ -338,4 +383,10 @@ def extract(
                 background.abandon()
                 timings["write"] = background.busy_s
                 progress.close()
+    if summary.counts and not any(summary.counts):
+        summary.warnings.append(
+            f"no keypoints in any of the {counted(len(summary.counts), 'image')} saved: check --resize-max "
+            f"{config.resize_max} (a side under 8 px has none), --threshold {config.threshold} and --border "
+            f"{config.border} (defaults 1024, 0.005, 4)"
+        )
     return summary.finish(progress.completed, started)

@@ -154,7 +154,7 @@ def plan_batches(
 def _features_identity(features: Path) -> tuple[dict[str, Any], list[str]]:
     if not features.is_file():
         raise ConfigError(f"{features}: no such feature store (extract features first, or pass --features)")
-    settings, names = read_store_info(features, "features")
+    settings, names = read_store_info(features, "features", "--features")
     return {"features": str(features.resolve()), "features_settings": settings}, names
 
 
@@ -189,6 +189,7 @@ def match_pairs(
     )
     started = time.monotonic()
     target = resolve_device(device)
+    summary.device, summary.failures_shown = str(target), not quiet
     settings = {**config.settings(), **identity}
     info = {"pairs": str(pairs_file)}
     with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:

@@ -19,6 +19,12 @@ from ..store.writer import read_store_info
 Pair = tuple[str, str]
 
 
+def unpairable(names: Collection[str]) -> list[str]:
+    """The names a pairs file cannot hold: with white space, which separates its two names (as
+    hloc and COLMAP read it)."""
+    return [name for name in names if len(name.split()) != 1]
+
+
 def flat_name(name: str) -> str:
     """An image name as it appears in a match store's pair key (hloc: ``/`` becomes ``-``)."""
     return name.replace("/", "-")
@@ -35,7 +41,7 @@ def source_names(features: Path | None, images: Path | None) -> list[str]:
         return discover_images(images)
     if features is None or not features.is_file():
         raise ConfigError(f"{features}: no such feature store; pass --features FILE or --images DIR")
-    _, names = read_store_info(features, "features")
+    _, names = read_store_info(features, "features", "--features")
     return names
 
 
@@ -135,10 +141,10 @@ def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
 def write_pairs(pairs: list[Pair], path: Path) -> None:
     """Write a pairs file atomically (a temporary file renamed over ``path``)."""
     path = Path(path)
-    spaced = next((n for pair in pairs for n in pair if len(n.split()) != 1), None)
-    if spaced is not None:
+    spaced = unpairable({n for pair in pairs for n in pair})
+    if spaced:
         raise ConfigError(
-            f"{path}: image name '{spaced}' contains white space, which pairs files cannot hold"
+            f"{path}: image name '{spaced[0]}' contains white space, which pairs files cannot hold"
         )
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -5,9 +5,11 @@ images named as in the feature store, keypoints shifted by +0.5 into COLMAP's pi
 and the raw matches, then runs pycolmap's geometric verification, so COLMAP's mapper can run on
 the database directly. ``reconstruct`` runs pycolmap's incremental mapper and reports each model.
 Both write into a temporary file or folder beside the target and rename it into place: a failed
-or interrupted run leaves the previous database or models untouched.
+or interrupted run leaves the previous database or models untouched. pycolmap's long steps
+(verification, mapping) run in a child process (``child``), so SIGINT and SIGTERM stop them.
 
-pycolmap is an optional dependency (``pip install 'sp-extract[colmap]'``), imported on use.
+pycolmap is an optional dependency (``pip install pycolmap``, or ``pip install
+'sp-extract[colmap]'``), imported on use.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,10 +32,14 @@ import numpy as np
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..pairs.core import flat_name
-from ..report import JsonReport
+from ..report import JsonReport, counted, listed
 from ..store.writer import fsync_path, read_store_info
+from .child import run_in_child
 
-INSTALL_HINT = "pycolmap is not installed; install the COLMAP extra: pip install 'sp-extract[colmap]'"
+INSTALL_HINT = (
+    "pycolmap is not installed; install it with: pip install pycolmap "
+    "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
+)
 COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)
 DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
 # hloc's verification settings for nearest-neighbour matches, which hold many outliers
@@ -41,20 +49,31 @@ _DATABASE_TABLES = {"cameras", "images", "keypoints", "matches", "two_view_geome
 
 
 def import_pycolmap() -> ModuleType:
-    """pycolmap, or a ``ConfigError`` saying how to install it."""
+    """pycolmap, or a ``ConfigError`` saying how to install it.
+
+    Importing pycolmap installs glog's failure handler for SIGTERM, which dumps a stack trace and
+    kills the process on the spot; the SIGINT and SIGTERM handlers from before are put back, so
+    an interrupted command still removes what it had half-written.
+    """
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         import pycolmap
     except ImportError as error:
         raise ConfigError(INSTALL_HINT) from error
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signum, handler)
     return pycolmap
 
 
 @contextlib.contextmanager
 def colmap_logging(verbose: bool) -> Iterator[None]:
-    """COLMAP's own log lines on stderr only when ``verbose``; errors always."""
+    """COLMAP's own log lines on stderr only when ``verbose``: its failures reach the user as
+    exceptions or counts, which the commands turn into their own one-line messages."""
     pycolmap = import_pycolmap()
     previous = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = 0 if verbose else 2
+    pycolmap.logging.minloglevel = 0 if verbose else 3  # 3: FATAL, which aborts anyway
     try:
         yield
     finally:
@@ -76,6 +95,27 @@ def failures_reported(target: Path, action: str) -> Iterator[None]:
 
 def _temporary_beside(path: Path, suffix: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
+
+
+def check_images_present(images: Path, names: list[str], source: Path, has_it: str, way_out: str) -> None:
+    """Refuse (``ConfigError``) to go on when images named in ``source`` are not in ``images``.
+
+    None there: the wrong folder. Some missing: deleted or moved since ``source`` was written
+    (``has_it``: what ``source`` holds of an image); ``way_out`` says how to go on without them.
+    """
+    missing = [name for name in names if not (images / name).is_file()]
+    if not missing:
+        return
+    if len(missing) == len(names):
+        raise ConfigError(
+            f"{images}: holds none of the {counted(len(names), 'image')} of {source} (e.g. '{names[0]}'); "
+            "--images must be the folder the features were extracted from"
+        )
+    more = f" (and {counted(len(missing) - 1, 'other image')})" if len(missing) > 1 else ""
+    raise ConfigError(
+        f"{images / missing[0]}: no such image{more}, though {source} {has_it}: deleted or moved "
+        f"since; put it back, or {way_out}"
+    )
 
 
 # -- reading the stores --------------------------------------------------------------------------
@@ -208,6 +248,7 @@ class DatabaseSummary(JsonReport):
     verified_pairs: int = 0
     inlier_matches: int = 0
     updated: bool = False
+    warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
     exit_code: int = EXIT_OK
 
@@ -217,10 +258,12 @@ class DatabaseSummary(JsonReport):
     def lines(self) -> list[str]:
         verb = "updated" if self.updated else "written"
         return [
-            f"colmap: {self.database} {verb}: {self.images} images, {self.cameras} cameras, "
-            f"{self.keypoints} keypoints",
-            f"{self.matched_pairs} matched pairs ({self.matches} matches), {self.verified_pairs} verified "
-            f"pairs ({self.inlier_matches} inlier matches)",
+            f"colmap: {self.database} {verb}: {counted(self.images, 'image')}, "
+            f"{counted(self.cameras, 'camera')}, {counted(self.keypoints, 'keypoint')}",
+            f"{counted(self.matched_pairs, 'matched pair')} ({counted(self.matches, 'match', 'matches')}), "
+            f"{counted(self.verified_pairs, 'verified pair')} "
+            f"({counted(self.inlier_matches, 'inlier match', 'inlier matches')})",
+            *(f"warning: {warning}" for warning in self.warnings),
             f"wall time {self.wall_time_s:.1f} s",
         ]
 
@@ -309,10 +352,17 @@ def write_database(
         raise ConfigError(f"{images}: no such image folder")
     if not database.parent.is_dir():
         raise ConfigError(f"{database}: the folder {database.parent} does not exist")
-    feature_settings, names = read_store_info(features, "features")
-    match_settings, pair_keys = read_store_info(matches, "matches")
+    feature_settings, names = read_store_info(features, "features", "--features")
+    match_settings, pair_keys = read_store_info(matches, "matches", "--matches")
     check_same_features(features, feature_settings, matches, match_settings)
     pairs = resolve_pairs(pair_keys, names, features, matches)
+    check_images_present(
+        images,
+        names,
+        features,
+        "holds its features",
+        "extract the folder as it is now into a new feature store and match again",
+    )
     summary = DatabaseSummary(str(database))
     old_ids: dict[str, int] = {}
     if database.exists() and not overwrite:
@@ -347,25 +397,43 @@ def write_database(
                             summary.matches += len(found)
                 finally:
                     db.close()
-                verification = pycolmap.TwoViewGeometryOptions()
-                verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
-                verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-                verification.ransac.random_seed = seed
-                verifier = pycolmap.GeometricVerifierOptions()
-                verifier.num_threads = num_threads
-                pycolmap.set_random_seed(seed)
-                pycolmap.geometric_verification(
-                    temporary, verifier_options=verifier, two_view_geometry_options=verification
-                )
-                with contextlib.closing(pycolmap.Database.open(temporary)) as db:
-                    summary.verified_pairs = db.num_verified_image_pairs()
-                    summary.inlier_matches = db.num_inlier_matches()
+            run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
+            with contextlib.closing(sqlite3.connect(temporary)) as db:  # pairs with inliers only
+                found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
+                summary.verified_pairs, inliers = found.fetchone()
+                summary.inlier_matches = inliers or 0
             fsync_path(temporary)
             os.replace(temporary, database)
     finally:
-        temporary.unlink(missing_ok=True)
+        for suffix in ("", "-journal", "-wal", "-shm"):  # SQLite's files beside the database
+            temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)
+    if not summary.inlier_matches:
+        summary.exit_code = EXIT_SOME_FAILED
+        summary.warnings.append(
+            "no pair passed COLMAP's geometric verification "
+            f"({counted(summary.matched_pairs, 'matched pair')}, 0 inlier matches), so reconstruct has "
+            f"nothing to build on; check that --camera-model {camera_model} fits the photos and that the "
+            "matches are right"
+        )
     summary.wall_time_s = time.monotonic() - started
     return summary
+
+
+def verify_pairs(database: Path, seed: int, num_threads: int, verbose: bool) -> None:
+    """pycolmap's geometric verification of the matches in ``database``, with hloc's RANSAC
+    settings for nearest-neighbour matches (run in a child process by ``write_database``)."""
+    pycolmap = import_pycolmap()
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
+    verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
+    verification.ransac.random_seed = seed
+    verifier = pycolmap.GeometricVerifierOptions()
+    verifier.num_threads = num_threads
+    pycolmap.set_random_seed(seed)
+    with colmap_logging(verbose):
+        pycolmap.geometric_verification(
+            database, verifier_options=verifier, two_view_geometry_options=verification
+        )
 
 
 # -- reconstruction ------------------------------------------------------------------------------
@@ -389,6 +457,7 @@ class ReconstructSummary(JsonReport):
     output: str
     images: int = 0
     models: list[ModelStats] = field(default_factory=list)
+    unregistered_images: list[str] = field(default_factory=list)  # in no model
     wall_time_s: float = 0.0
     exit_code: int = EXIT_OK
 
@@ -396,17 +465,28 @@ class ReconstructSummary(JsonReport):
         return {"command": "reconstruct", **asdict(self)}
 
     def lines(self) -> list[str]:
-        lines = [f"reconstruct: {len(self.models)} models from {self.images} images in {self.database}"]
+        lines = [
+            f"reconstruct: {counted(len(self.models), 'model')} from {counted(self.images, 'image')} "
+            f"in {self.database}"
+        ]
         for model in self.models:
             lines.append(
-                f"{model.path}: {model.registered_images} images registered, {model.points3D} 3D points, "
-                f"mean track length {model.mean_track_length:.2f}, "
+                f"{model.path}: {counted(model.registered_images, 'image')} registered, "
+                f"{model.points3D} 3D points, mean track length {model.mean_track_length:.2f}, "
                 f"mean reprojection error {model.mean_reprojection_error_px:.3f} px"
             )
         if not self.models:
             lines.append("no model could be reconstructed (too few verified matches between the images?)")
+        if self.unregistered_images:
+            lines.append(
+                f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
+                f"{listed(self.unregistered_images, UNREGISTERED_SHOWN)}"
+            )
         lines.append(f"wall time {self.wall_time_s:.1f} s")
         return lines
+
+
+UNREGISTERED_SHOWN = 20  # names listed in the printed summary; the JSON report has them all
 
 
 def reconstruct(
@@ -420,11 +500,13 @@ def reconstruct(
 ) -> ReconstructSummary:
     """Run pycolmap's incremental mapper on ``database``; models go to ``out/0``, ``out/1``, ...
 
-    Models are built in a temporary folder beside ``out`` and moved into place at the end. A
-    non-empty ``out`` is refused unless ``overwrite`` (which replaces it). ``seed`` fixes COLMAP's
-    random choices (with ``num_threads=1`` the run is repeatable).
+    Every image the database names must be in ``images`` (``ConfigError`` otherwise). Models are
+    built in a temporary folder beside ``out`` and moved into place at the end. A non-empty
+    ``out`` is refused unless ``overwrite`` (which replaces it). ``seed`` fixes COLMAP's random
+    choices (with ``num_threads=1`` the run is repeatable). The summary lists the images that
+    no model registered.
     """
-    pycolmap = import_pycolmap()
+    import_pycolmap()
     started = time.monotonic()
     database, images, out = Path(database), Path(images), Path(out)
     if not database.is_file():
@@ -436,27 +518,53 @@ def reconstruct(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     names = check_database(database)
+    check_images_present(
+        images,
+        names,
+        database,
+        "names it",
+        "rebuild the database from the folder as it is now (extract, match, colmap)",
+    )
     summary = ReconstructSummary(str(database), str(out), images=len(names))
-    options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = seed
-    options.num_threads = num_threads
-    pycolmap.set_random_seed(seed)
     temporary, previous = _temporary_beside(out, "building"), _temporary_beside(out, "previous")
     try:
         with failures_reported(out, "write the models"):
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
-            with colmap_logging(verbose):
-                models = pycolmap.incremental_mapping(database, images, temporary, options)
+            models, registered = run_in_child(
+                map_images, database, images, temporary, out, seed, num_threads, verbose
+            )
             if out.exists():  # moved aside, not deleted, until the new models are in place
                 os.replace(out, previous)
             os.replace(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(previous, ignore_errors=True)
+    summary.models = models
+    summary.unregistered_images = [name for name in names if name not in registered]
+    summary.exit_code = EXIT_OK if summary.models else EXIT_SOME_FAILED
+    summary.wall_time_s = time.monotonic() - started
+    return summary
+
+
+def map_images(
+    database: Path, images: Path, building: Path, out: Path, seed: int, num_threads: int, verbose: bool
+) -> tuple[list[ModelStats], set[str]]:
+    """pycolmap's incremental mapper, writing the models into ``building`` (run in a child
+    process by ``reconstruct``): each model's statistics, with its path once moved to ``out``,
+    and the names of the images some model registered."""
+    pycolmap = import_pycolmap()
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = seed
+    options.num_threads = num_threads
+    pycolmap.set_random_seed(seed)
+    with colmap_logging(verbose):
+        models = pycolmap.incremental_mapping(database, images, building, options)
+    stats, registered = [], set()
     for index in sorted(models):
         model = models[index]
-        summary.models.append(
+        registered |= {model.images[image_id].name for image_id in model.reg_image_ids()}
+        stats.append(
             ModelStats(
                 path=str(out / str(index)),
                 registered_images=model.num_reg_images(),
@@ -466,6 +574,4 @@ def reconstruct(
                 mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
             )
         )
-    summary.exit_code = EXIT_OK if summary.models else EXIT_SOME_FAILED
-    summary.wall_time_s = time.monotonic() - started
-    return summary
+    return stats, registered

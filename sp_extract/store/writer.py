@@ -98,18 +98,23 @@ def unreadable_error(path: Path, error: BaseException) -> StoreError:
     )
 
 
-def read_store_info(path: Path, kind: str) -> tuple[dict[str, Any], list[str]]:
-    """Settings and entry names of an existing store, checking that it is ours and of ``kind``."""
+def read_store_info(path: Path, kind: str, option: str = "--out") -> tuple[dict[str, Any], list[str]]:
+    """Settings and entry names of an existing store, checking that it is ours and of ``kind``.
+
+    ``option`` is the option that named ``path``: a refused input (``--features``, ``--matches``)
+    is answered with what that option needs, never with advice to replace or remove the file.
+    """
+    needed = f"{option} must name a {kind[:-1].replace('matche', 'match')} store written by sp-extract"
     if not h5py.is_hdf5(path):
-        raise StoreError(f"{path}: exists but is not an HDF5 file; choose another --out or remove it")
+        advice = "choose another --out" if option == "--out" else needed
+        raise StoreError(f"{path}: exists but is not an HDF5 file; {advice}")
     try:
         with h5py.File(path, "r") as h5:
             found = h5.attrs.get(KIND_ATTR)
             if found is None:
-                raise StoreError(
-                    f"{path}: an HDF5 file not written by sp-extract; choose another --out, "
-                    "or pass --overwrite to replace it"
-                )
+                if option == "--out":
+                    needed = "choose another --out, or pass --overwrite to replace it"
+                raise StoreError(f"{path}: an HDF5 file not written by sp-extract; {needed}")
             if found != kind:
                 raise StoreError(f"{path}: an sp-extract {found} store, not a {kind} store")
             settings = json.loads(h5.attrs[SETTINGS_ATTR])
