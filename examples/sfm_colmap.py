@@ -9,15 +9,17 @@ pip install 'sp-extract[colmap]'.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sp_extract import ExtractConfig, extract
+from sp_extract.errors import SpExtractError
 from sp_extract.matching.run import match_pairs
-from sp_extract.pairs.core import exhaustive_pairs, source_names, write_pairs
+from sp_extract.pairs.core import exhaustive_pairs, source_names, unpairable, write_pairs
 from sp_extract.sfm.colmap import reconstruct, write_database
 
 
-def main() -> None:
+def run() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -35,7 +37,9 @@ def main() -> None:
 
     summary = extract(args.images, feats, ExtractConfig(subpixel=args.subpixel), weights=args.weights)
     print(*summary.lines(), sep="\n")
-    write_pairs(exhaustive_pairs(source_names(feats, None)), pairs)
+    names = source_names(feats, None)
+    left_out = set(unpairable(names))  # white space in the name (the summary above warned)
+    write_pairs(exhaustive_pairs([name for name in names if name not in left_out]), pairs)
     print(*match_pairs(pairs, feats, matches).lines(), sep="\n")
     print(*write_database(args.images, feats, matches, database).lines(), sep="\n")
     result = reconstruct(database, args.images, sparse, overwrite=True)
@@ -44,6 +48,16 @@ def main() -> None:
             f"{model.path}: {model.registered_images} images, {model.points3D} points, "
             f"{model.mean_reprojection_error_px:.3f} px"
         )
+
+
+def main() -> None:
+    """``run``, with sp-extract's expected failures (weights not found, no images, a store of
+    other settings, pycolmap missing ...) as one line and their exit code, as the CLI does."""
+    try:
+        run()
+    except SpExtractError as error:
+        print(f"sfm_colmap.py: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

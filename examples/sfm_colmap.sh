@@ -3,14 +3,25 @@
 #   examples/sfm_colmap.sh IMAGES_DIR [WORK_DIR] [extra extraction options, e.g. --subpixel]
 # Needs the COLMAP extra: pip install 'sp-extract[colmap]'. The models land in WORK_DIR/sparse/N
 # in COLMAP's binary format; open them with COLMAP's GUI or pycolmap.Reconstruction.
+# WORK_DIR defaults to ./sfm; options may follow IMAGES_DIR directly (examples/sfm_colmap.sh
+# photos/ --subpixel).
 set -euo pipefail
-if [[ $# -lt 1 ]]; then
-    echo "usage: $0 IMAGES_DIR [WORK_DIR] [extraction options...]" >&2
+usage="usage: $0 IMAGES_DIR [WORK_DIR] [extraction options...]"
+if [[ $# -lt 1 || $1 == -* ]]; then
+    if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+        echo "$usage"
+        exit 0
+    fi
+    echo "$usage" >&2
     exit 2
 fi
 images=$1
-work=${2:-sfm}
-shift $(( $# >= 2 ? 2 : 1 ))
+shift
+work=sfm
+if [[ $# -gt 0 && $1 != -* ]]; then  # a WORK_DIR, not an option
+    work=$1
+    shift
+fi
 mkdir -p "$work"
 
 sp-extract "$images" --out "$work/feats.h5" "$@"

@@ -133,17 +133,13 @@ def test_unusable_output_is_a_config_error(small_images: Path, random_weights: P
     assert_one_line_error(extract_cli(small_images, nowhere, random_weights), "no/such/dir")
 
 
-def test_unwritable_json_report_is_a_config_error(
+def test_unwritable_json_report_is_refused_before_the_run(
     small_images: Path, random_weights: Path, tmp_path: Path
 ) -> None:
     report = tmp_path / "no" / "report.json"
     result = extract_cli(small_images, tmp_path / "feats.h5", random_weights, "--json-report", str(report))
-    assert result.returncode == 2
-    summary, error = result.stderr.splitlines()[:3], result.stderr.splitlines()[3:]
-    assert summary[0].startswith(SUMMARY_START) and len(error) == 1
-    assert error[0].startswith(f"sp-extract: error: {report}: cannot write the JSON report")
-    with h5py.File(tmp_path / "feats.h5", "r") as h5:  # the extraction itself is saved
-        assert sorted(h5) == ["a.png", "b.jpg", "sub"]
+    assert_one_line_error(result, "--json-report", f"the folder {report.parent} does not exist")
+    assert not (tmp_path / "feats.h5").exists()  # checked before any work
 
 
 @pytest.mark.parametrize("content", [None, "notes.txt", "missing"])

@@ -151,5 +151,6 @@ def write_pairs(pairs: list[Pair], path: Path) -> None:
         temporary.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise ConfigError(f"{path}: cannot write pairs ({error.strerror or error})") from error
+    finally:  # also when interrupted: no half-written temporary left behind
+        temporary.unlink(missing_ok=True)
