@@ -28,9 +28,9 @@ def run_script(code: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_readme_example_runs(small_images: Path, random_weights: Path) -> None:
     example = readme_python_example()
     assert "from sp_extract import" in example and "extract(" in example and "SuperPoint(" in example
-    # run beside small_images ("images/"), with the test's weights; `images` is the user's tensor
+    # run as written beside small_images ("images/"), with the test's weights and one of its photos
     code = example.replace("../shared/weights/superpoint_v1.pth", str(random_weights))
-    code = "import torch\nimages = torch.rand(2, 1, 64, 96)\n" + code
+    code = code.replace("images/photo.jpg", "images/b.jpg")
 
     result = run_script(code, cwd=small_images.parent)
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import struct
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pycolmap
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
+from reliability import Run
 
+from sp_extract.pairs.core import pair_key
 from sp_extract.store.writer import StoreWriter
 
 # name: (width, height, EXIF FocalLengthIn35mmFilm or None)
@@ -303,14 +309,16 @@ def test_missing_pycolmap_says_how_to_install(tmp_path: Path, scene: dict) -> No
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "pycolmap.py").write_text("raise ImportError('No module named pycolmap')\n")
+    blocked = os.pathsep.join([str(blocker), str(ROOT)])  # this checkout's sp_extract, no pycolmap
     for args in (
         ("colmap", "--images", str(scene["images"]), "--database", str(tmp_path / "x.db")),
         ("reconstruct", "--images", str(scene["images"]), "--database", str(tmp_path / "x.db")),
     ):
-        result = run_cli(*args, env={"PYTHONPATH": str(blocker)}, cwd=tmp_path)
+        result = run_cli(*args, env={"PYTHONPATH": blocked}, cwd=tmp_path)
         assert result.returncode == 2
+        assert "pip install pycolmap" in result.stderr  # what works outside a checkout
         assert "pip install 'sp-extract[colmap]'" in result.stderr
-    help_text = run_cli("colmap", "--help", env={"PYTHONPATH": str(blocker)}).stdout
+    help_text = run_cli("colmap", "--help", env={"PYTHONPATH": blocked}).stdout
     assert "sp-extract[colmap]" in help_text
 
 
@@ -393,3 +401,145 @@ def test_unwritable_json_report_is_a_config_error(tmp_path: Path) -> None:
     for summary in (DatabaseSummary(str(tmp_path / "db.db")), ReconstructSummary("db.db", str(tmp_path))):
         with pytest.raises(ConfigError, match="cannot write the JSON report"):
             summary.write_json(target)
+
+
+GLOG_LINE = re.compile(r"^[IWEF]\d{8} ", re.MULTILINE)  # COLMAP's own log: E20261201 11:19:09.89 ...
+
+
+def test_images_missing_from_images_are_named_with_their_cause(scene: dict) -> None:
+    root, images = scene["root"], scene["images"]
+    database = root / "db.db"
+    assert colmap(scene, database).returncode == 0
+    empty = root / "empty"
+    empty.mkdir()
+
+    def reconstruct(folder: Path):
+        return run_cli("reconstruct", "--database", str(database), "--images", str(folder),
+                       "--out", str(root / "sparse"))  # fmt: skip
+
+    result = reconstruct(empty)  # the wrong folder: refused, not a model built without colours
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{empty}: holds none of the 3 images of {database}" in result.stderr
+    (images / "b.png").rename(root / "b.png")  # deleted or moved since extraction
+    result = reconstruct(images)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{images / 'b.png'}: no such image, though {database} names it: deleted or moved since" in (
+        result.stderr
+    )
+    assert "put it back, or rebuild the database" in result.stderr
+    assert not (root / "sparse").exists()
+    result = colmap(scene, root / "new.db")
+    assert (
+        result.returncode == 2
+        and "deleted or moved since; put it back, or extract the folder" in result.stderr
+    )
+    assert f"though {scene['features']} holds its features" in result.stderr
+    assert not (root / "new.db").exists()
+
+
+def test_camera_model_that_verifies_nothing_warns_and_colmap_log_needs_verbose(scene: dict) -> None:
+    root = scene["root"]
+    database = root / "fisheye.db"
+    result = colmap(scene, database, "--camera-model", "FISHEYE")  # pinhole scene: RANSAC finds nothing
+    assert result.returncode == 1, result.stderr
+    assert "3 matched pairs (450 matches), 0 verified pairs (0 inlier matches)" in result.stderr
+    assert "warning: no pair passed COLMAP's geometric verification" in result.stderr
+    assert "--camera-model FISHEYE" in result.stderr and database.exists()
+    report = root / "report.json"
+    args = ["reconstruct", "--database", str(database), "--images", str(scene["images"]),
+            "--out", str(root / "sparse"), "--json-report", str(report)]  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 1 and "reconstruct: 0 models from 3 images" in result.stderr
+    assert "not registered in any model: 3 images: 'a.jpg', 'b.png', 'sub/c.png'" in result.stderr
+    assert json.loads(report.read_text())["unregistered_images"] == ["a.jpg", "b.png", "sub/c.png"]
+    assert not GLOG_LINE.search(result.stderr), result.stderr  # "Failed to create any sparse model"
+    assert GLOG_LINE.search(run_cli(*args, "--overwrite", "--verbose").stderr)
+
+
+def test_reconstruct_lists_the_images_it_could_not_register(tmp_path: Path) -> None:
+    spec = {**IMAGES, "lonely.png": (320, 240, None)}  # its features match nothing listed
+    images, features, _, _ = make_scene(tmp_path, spec)
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.jpg\nb.png\nsub/c.png\n")
+    pairs, matches = tmp_path / "pairs.txt", tmp_path / "matches.h5"
+    steps = [
+        ("pairs", "from-list", str(listed), "--features", str(features), "--out", str(pairs)),
+        ("match-pairs", str(pairs), "--features", str(features), "--out", str(matches), "-q"),
+        ("colmap", "--images", str(images), "--features", str(features), "--matches", str(matches),
+         "--database", str(tmp_path / "db.db")),
+        ("reconstruct", "--database", str(tmp_path / "db.db"), "--images", str(images),
+         "--out", str(tmp_path / "sparse"), "--json-report", str(tmp_path / "report.json")),
+    ]  # fmt: skip
+    for step in steps:
+        result = run_cli(*step)
+        assert result.returncode == 0, (step[0], result.stderr)
+    assert "reconstruct: 1 model from 4 images" in result.stderr
+    assert "not registered in any model: 1 image: 'lonely.png'" in result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["unregistered_images"] == ["lonely.png"] and report["models"][0]["registered_images"] == 3
+
+
+def slow_colmap_job(root: Path, count: int = 10, keypoints: int = 600) -> dict:
+    """Stores whose verification takes many seconds: random keypoints, every pair matched at
+    random, so that RANSAC runs its 20,000 trials on every pair."""
+    rng = np.random.default_rng(0)
+    names = [f"im{index:02d}.png" for index in range(count)]
+    images = root / "images"
+    images.mkdir(parents=True)
+    with StoreWriter(root / "feats.h5", "features", SETTINGS) as writer:
+        for name in names:
+            assert cv2.imwrite(str(images / name), np.zeros((240, 320), np.uint8))
+            writer.add(name, {
+                "keypoints": rng.uniform([0, 0], [320, 240], (keypoints, 2)).astype(np.float32),
+                "scores": np.ones(keypoints, np.float32),
+                "descriptors": np.zeros((256, keypoints), np.float16),
+                "image_size": np.array([320, 240], np.int64),
+            })  # fmt: skip
+    with StoreWriter(root / "matches.h5", "matches", {"features_settings": SETTINGS}) as writer:
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                matches0 = rng.permutation(keypoints).astype(np.int32)
+                scores = np.ones(keypoints, np.float16)
+                writer.add(pair_key(a, b), {"matches0": matches0, "matching_scores0": scores})
+    return {"images": images, "features": root / "feats.h5", "matches": root / "matches.h5"}
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def lasting_child(run: Run, timeout: float = 120) -> int:
+    """The child process that ``run`` keeps for more than a second (start-up helpers come and go)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.process.poll() is None:
+        found = children_of(run.process.pid)
+        run.drain(1.0)
+        lasting = [pid for pid in found if pid in children_of(run.process.pid)]
+        if lasting:
+            return lasting[0]
+    pytest.fail(f"no lasting child process: {run.text}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_colmap_stops_at_once_on_a_signal_and_leaves_nothing(tmp_path: Path, signum: int) -> None:
+    job = slow_colmap_job(tmp_path)
+    database = tmp_path / "db.db"
+    stores = ("--features", str(job["features"]), "--matches", str(job["matches"]))
+    run = Run(
+        "colmap", "--images", str(job["images"]), *stores, "--database", str(database), "--num-threads", "1"
+    )
+    child = lasting_child(run)  # pycolmap's verification, in its child process
+    if signum == signal.SIGINT:
+        run.signal_group(signum)  # Ctrl-C in a terminal: the whole process group
+    else:
+        os.kill(run.process.pid, signum)  # kill PID: the main process only
+    sent = time.monotonic()
+    code = run.finish(timeout=60)
+    assert code == (130 if signum == signal.SIGINT else 143), run.text
+    assert time.monotonic() - sent < 10  # the 45 pairs would take far longer
+    assert "aborted" in run.text and "Traceback" not in run.text and "SIGTERM" not in run.text
+    assert not Path(f"/proc/{child}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "images", "matches.h5"]

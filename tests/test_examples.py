@@ -1,0 +1,72 @@
+"""examples/: argument handling and error paths (the full pipeline is tests/test_colmap.py's).
+
+``sfm_colmap.sh`` runs with a stand-in ``sp-extract`` first on PATH that records its arguments,
+so the test checks what the script asks for without running the five commands.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "examples" / "sfm_colmap.sh"
+
+
+def run_shell_example(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """The shell example in ``tmp_path``; its result and the argument lists it gave sp-extract."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir(exist_ok=True)
+    recorder = bin_dir / "sp-extract"
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\t" "$@" >> "{log}"\necho >> "{log}"\n')
+    recorder.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
+    calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return result, calls
+
+
+def test_shell_example_options_without_work_dir(tmp_path: Path) -> None:
+    result, calls = run_shell_example(tmp_path, "photos", "--subpixel", "--max-keypoints", "2048")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "sfm").is_dir() and not (tmp_path / "--subpixel").exists()
+    assert calls[0] == ["photos", "--out", "sfm/feats.h5", "--subpixel", "--max-keypoints", "2048"]
+    assert [call[0] for call in calls] == ["photos", "pairs", "match-pairs", "colmap", "reconstruct"]
+
+    result, calls = run_shell_example(tmp_path, "photos", "work", "--subpixel")
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == ["photos", "--out", "work/feats.h5", "--subpixel"] and (tmp_path / "work").is_dir()
+    assert calls[-1][calls[-1].index("--out") + 1] == "work/sparse"
+
+
+def test_shell_example_usage(tmp_path: Path) -> None:
+    for args, code in (((), 2), (("--subpixel",), 2), (("-h",), 0), (("--help",), 0)):
+        result, calls = run_shell_example(tmp_path, *args)
+        assert result.returncode == code and calls == []
+        assert "usage:" in (result.stdout if code == 0 else result.stderr)
+
+
+def test_python_example_errors_are_one_line(small_images: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "sfm_colmap.py"),
+        str(small_images),
+        str(tmp_path / "w"),
+    ]
+    result = subprocess.run(
+        [*command, "--weights", str(tmp_path / "missing.pth")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("sfm_colmap.py: error: ") and result.stderr.count("\n") == 1
+    assert "missing.pth" in result.stderr
