@@ -261,14 +261,16 @@ def test_output_is_plain_text_when_not_a_terminal_and_quiet_keeps_only_the_summa
     quiet = extract_cli(images_with_bad_files, tmp_path / "quiet.h5", random_weights, "--quiet")
     assert loud.returncode == quiet.returncode == 1
     assert "\x1b[" not in loud.stderr  # no terminal control sequences in a log file
-    # failures are reported as they happen and again in the summary; quiet keeps the summary only
-    assert loud.stderr.count("failed: text.jpg:") == 2
+    # each failure is printed once: as it happens, or in the summary when quiet
+    assert loud.stderr.count("failed: text.jpg:") == 1
+    assert f"{len(BAD_REASONS)} failed (listed above)" in loud.stderr.splitlines()[len(BAD_REASONS)]
     assert quiet.stderr.count("failed: text.jpg:") == 1
     quiet_lines = quiet.stderr.splitlines()
-    assert quiet_lines[0].startswith(SUMMARY_START)
+    assert quiet_lines[0].startswith(SUMMARY_START) and quiet_lines[0].endswith(f"{len(BAD_REASONS)} failed")
     assert quiet_lines[1].startswith("keypoints per image:") and quiet_lines[2].startswith("wall time")
-    assert all(line.startswith("failed: ") for line in quiet_lines[3:])
-    assert len(quiet_lines) == 3 + len(BAD_REASONS)
+    assert quiet_lines[3].startswith("device cpu, backend ")
+    assert all(line.startswith("failed: ") for line in quiet_lines[4:])
+    assert len(quiet_lines) == 4 + len(BAD_REASONS)
 
 
 def test_progress_bar_on_a_terminal(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
