@@ -21,6 +21,7 @@ from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.nn import nearest_neighbours
 from sp_extract.matching.run import FeatureCache, tile_order
 from sp_extract.matching.verify import verify_matches
+from sp_extract.report import counted
 from sp_extract.store.writer import StoreWriter
 
 CONFIGS = [
@@ -219,7 +220,7 @@ def test_symmetric_pairs_resume_and_settings(tmp_path: Path, random_features) ->
     second = write_pairs_file(tmp_path / "p2.txt", ["b.jpg a.jpg", "sub/c.png f.jpg", "g.jpg f.jpg"])
     result = run_cli("match-pairs", str(second), "--features", str(feats), "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert "1 pairs saved, 2 already in" in result.stderr
+    assert "1 pair saved, 2 already in" in result.stderr
     check_against_reference(
         out, descriptors, [("a.jpg", "b.jpg"), ("f.jpg", "sub/c.png"), ("g.jpg", "f.jpg")],
         mutual=True, ratio=None, max_distance=None,
@@ -330,7 +331,7 @@ def test_interrupt_saves_finished_pairs_and_resumes(tmp_path: Path) -> None:
     assert 0 < saved < 435
     result = run_cli("match-pairs", str(pairs), "--features", str(feats), "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert f"{435 - saved} pairs saved, {saved} already in" in result.stderr
+    assert f"{counted(435 - saved, 'pair')} saved, {saved} already in" in result.stderr
 
 
 def test_feature_cache_reads_each_image_once_within_budget(random_features) -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import run_cli, write_image
 from reliability import assert_entries_equal, one_line_error, read_entries
 
+from sp_extract.report import counted
 from sp_extract.store.writer import StoreWriter
 
 
@@ -62,7 +63,7 @@ def test_truncated_store(intact: dict, tmp_path: Path, keep: float) -> None:
     # the repaired store is a store: extraction resumes it, redoing only the lost images
     result = run_cli(str(intact["images"]), "--out", str(repaired), *intact["options"])
     assert result.returncode == 0, result.stderr
-    assert f"{len(missing)} images saved, {len(copied)} already in" in result.stderr
+    assert f"{counted(len(missing), 'image')} saved, {len(copied)} already in" in result.stderr
     assert_entries_equal(read_entries(repaired), intact["entries"])
     assert read_entries(repaired).keys() == intact["entries"].keys()
 
