@@ -46,6 +46,7 @@ class Summary(JsonReport):
     exit_code: int = 0
     unit: str = "images"
     count_label: str = "keypoints per image"
+    notes: list[str] = field(default_factory=list)  # about the output store, printed last
 
     def finish(self, completed: int, started: float) -> Summary:
         """Close the run: ``completed`` items durable, wall time since ``started`` (monotonic)."""
@@ -84,7 +85,7 @@ class Summary(JsonReport):
             f"wall time {self.wall_time_s:.1f} s, {rate:.2f} {self.unit}/s",
         ]
         lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
-        return lines
+        return lines + self.notes
 
 
 class Progress:

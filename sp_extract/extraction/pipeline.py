@@ -338,4 +338,5 @@ def extract(
                 background.abandon()
                 timings["write"] = background.busy_s
                 progress.close()
+        summary.notes += writer.notes
     return summary.finish(progress.completed, started)
