@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreError
-from ..interrupt import graceful_stop
+from ..interrupt import graceful_stop, stop_requests
 
 KIND_ATTR = "sp_extract_kind"
 REPLACING_ATTR = "sp_extract_replacing"  # on the parts of an --overwrite run not yet folded
@@ -463,6 +463,7 @@ class StoreWriter:
         self.notes: list[str] = []  # what the user should know about the store after ``close``
         self.lock = StoreLock(self.path)
         self._buffer: list[tuple[str, Entry, EntryAttrs]] = []
+        self._stops_at_open = stop_requests()
         self._last_flush = time.monotonic()
         self._sequence = 0
         self.lock.acquire()
@@ -490,21 +491,17 @@ class StoreWriter:
         if overwrite:
             return self._open_replacing()
         done: set[str] = set()
-        if self.path.exists():
-            store = read_store(self.path, self.kind)
-            self._check_settings(store.settings, self.path)
-            done.update(store.names)
-            self.store_id = store.store_id  # None for an older store: it stays without one
-        else:
-            self.store_id = uuid.uuid4().hex
-        for part in part_files(self.path):
-            info = read_store(part, self.kind)  # complete: renamed after fsync
-            if info.replacing and info.store_id != self.store_id:
-                raise StoreError(
-                    f"{self.path}: {self.parts_dir} holds the unfinished results of an --overwrite "
-                    "run; run that command again (with --overwrite) to finish replacing the store, "
-                    f"or delete {self.parts_dir} to keep the store as it is"
-                )
+        store = read_store(self.path, self.kind) if self.path.exists() else None
+        # an older store without an id stays without one; a new store gets one
+        self.store_id = store.store_id if store else uuid.uuid4().hex
+        parts = [read_store(part, self.kind) for part in part_files(self.path)]  # complete: renamed
+        if any(part.replacing and part.store_id != self.store_id for part in parts):
+            raise StoreError(
+                f"{self.path}: {self.parts_dir} holds the unfinished results of an --overwrite run; "
+                "run that command again (with --overwrite) to finish replacing the store, or delete "
+                f"{self.parts_dir} to keep the store as it is"
+            )
+        for info in [store, *parts] if store else parts:
             self._check_settings(info.settings, self.path)
             done.update(info.names)
         return done
@@ -633,11 +630,11 @@ class StoreWriter:
     def close(self) -> None:
         """Flush, fold and release the lock. A first SIGINT/SIGTERM meanwhile lets the fold
         finish (and is then handled as usual); a second one aborts it, the old store intact.
-        A replacement stopped by a signal is not folded: the old store stays as it is."""
+        A replacement whose run a signal stopped is not folded: the old store stays as it is."""
         try:
-            with graceful_stop(redeliver=True) as stop:
+            with graceful_stop(redeliver=True):
                 self.flush()
-                if self._discard_existing and stop:
+                if self._discard_existing and stop_requests() != self._stops_at_open:
                     self.notes.append(
                         f"{self.path} is unchanged: the new store replaces it once complete; run the "
                         "same command (with --overwrite) again to finish it"
