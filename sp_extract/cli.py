@@ -2,7 +2,8 @@
 
 Heavy modules (torch, OpenCV, h5py) are imported inside the commands, so ``--help`` is fast.
 Expected failures print one line ``sp-extract: error: ...`` and exit 2 (usage, configuration)
-or 1 (some images failed); an interrupted run exits 130 (SIGINT) or 143 (SIGTERM).
+or 1 (some images failed); an interrupted run exits 130 (SIGINT) or 143 (SIGTERM); anything
+unexpected prints one line and exits 3, its traceback in a log file (or shown with ``--debug``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import functools
 import os
 import signal
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, SpExtractError
+from .errors import EXIT_SIGINT, EXIT_UNEXPECTED, SpExtractError
 from .interrupt import ABORTED, signals_raise
 
 if TYPE_CHECKING:
@@ -34,19 +37,47 @@ class DefaultCommandGroup(click.Group):
     """
 
     default_command = "extract"
+    global_flags = ("--debug",)  # options of the group itself, given before the command
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        first = args[0] if args else None
-        if first == "help" and not os.path.lexists(first):
-            args = [args[1], "--help"] if args[1:] and args[1] in self.commands else ["--help"]
-        elif first is not None and first not in self.commands and not first.startswith("-"):
-            typo = first.replace("_", "-").lower()
+        first = next((i for i, arg in enumerate(args) if arg not in self.global_flags), len(args))
+        head, rest = args[:first], args[first:]
+        word = rest[0] if rest else None
+        if word == "help" and not os.path.lexists(word):
+            rest = [rest[1], "--help"] if rest[1:] and rest[1] in self.commands else ["--help"]
+        elif word is not None and word not in self.commands and not word.startswith("-"):
+            typo = word.replace("_", "-").lower()
             close = difflib.get_close_matches(typo, list(self.commands), n=1, cutoff=0.6)
-            if close and not os.path.lexists(first):
-                raise click.UsageError(f"no command or folder '{first}' (did you mean '{close[0]}'?)", ctx)
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version", "-V"):
-            args = [self.default_command, *args]
-        return super().parse_args(ctx, args)
+            if close and not os.path.lexists(word):
+                raise click.UsageError(f"no command or folder '{word}' (did you mean '{close[0]}'?)", ctx)
+        if rest and rest[0] not in self.commands and rest[0] not in ("--help", "-h", "--version", "-V"):
+            rest = [self.default_command, *rest]
+        return super().parse_args(ctx, [*head, *rest])
+
+
+def unexpected_error(command: str, error: Exception) -> str:
+    """The one line for an unexpected exception; its traceback goes to stderr with ``--debug``,
+    else to a log file that the line names."""
+    context = click.get_current_context(silent=True)
+    debug = bool(context and context.find_root().params.get("debug"))
+    text = "".join(traceback.format_exception(error))
+    where = "shown above"
+    if debug:
+        click.echo(text, err=True, nl=False)
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(
+                "w", prefix="sp-extract-error-", suffix=".log", delete=False, encoding="utf-8"
+            ) as log:
+                log.write(f"sp-extract {__version__}: {' '.join(sys.argv)}\n{text}")
+            where = f"in {log.name}"
+        except OSError:
+            where = "not saved (no room for a log file); run again with 'sp-extract --debug' to see it"
+    cause = (str(error).strip().splitlines() or [""])[0]
+    return (
+        f"unexpected error in {command}: {type(error).__name__}{': ' + cause if cause else ''} "
+        f"(traceback {where}); please report it. Finished results are kept"
+    )
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,6 +98,9 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C would only break the clean-up
             click.echo(ABORTED, err=True)
             sys.exit(getattr(interrupt, "exit_code", EXIT_SIGINT))
+        except Exception as error:  # a bug or an unforeseen failure: not "some items failed" (1)
+            click.echo(f"sp-extract: error: {unexpected_error(command.__name__, error)}", err=True)
+            sys.exit(EXIT_UNEXPECTED)
 
     return wrapper
 
@@ -128,7 +162,14 @@ run_options = stacked(  # every store-writing command has these
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="sp-extract")
-def cli() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="SP_EXTRACT_DEBUG",
+    help="Print the traceback of an unexpected error (exit 3) instead of saving it to a log file. "
+    "Env: SP_EXTRACT_DEBUG=1.",
+)
+def cli(debug: bool) -> None:
     """Batch SuperPoint features for Structure-from-Motion, in hloc/COLMAP-compatible HDF5.
 
     \b
@@ -138,6 +179,7 @@ def cli() -> None:
     sp-extract colmap --images DIR            COLMAP database of them -> database.db
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
+    3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),
     130/143 interrupted by SIGINT/SIGTERM (finished work is saved).
     """
 
@@ -449,13 +491,19 @@ def match_pairs(
     help="Repaired store to create (must not exist) [default: STORE.repaired.h5 beside STORE].",
 )
 @click.option(
+    "--check",
+    is_flag=True,
+    help="Only check: read every dataset of STORE and its parts (every checksum), list the damaged "
+    "entries; writes nothing.",
+)
+@click.option(
     "--json-report",
     type=click.Path(dir_okay=False, path_type=Path),
     callback=writable_report,
-    help="Write what was copied and lost as JSON to this file.",
+    help="Write what was copied and lost (with --check: what was found) as JSON to this file.",
 )
 @reports_errors
-def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
+def repair(store: Path, out: Path | None, check: bool, json_report: Path | None) -> None:
     """Copy every readable, complete entry of a damaged STORE into a new store.
 
     For a store truncated or corrupted by a crash of some other program: entries whose
@@ -463,10 +511,14 @@ def repair(store: Path, out: Path | None, json_report: Path | None) -> None:
     settings, into --out, which appears atomically; each lost entry is reported. Results a
     killed sp-extract run left in STORE.parts/ are included. STORE itself is not changed.
     Exit 0: nothing lost, 1: some entries lost, 2: nothing could be read.
+    With --check: exit 0 if every entry is intact, 1 if some are damaged (listed).
     """
-    from .store.repair import repair_store
+    from .errors import ConfigError
+    from .store.repair import check_store, repair_store
 
-    finish_run(repair_store(store, out), json_report)
+    if check and out is not None:
+        raise ConfigError("--check writes nothing; drop --out (or --check to repair)")
+    finish_run(check_store(store) if check else repair_store(store, out), json_report)
 
 
 # -- deployment: exporting the network (issue 5) ------------------------------------------------

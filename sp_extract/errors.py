@@ -9,6 +9,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNEXPECTED = 3  # an unexpected error (a bug, an unforeseen failure): one line, traceback logged
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 

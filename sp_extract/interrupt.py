@@ -34,6 +34,13 @@ class StopFlag:
 
 
 _active: StopFlag | None = None
+_received = 0  # stop signals caught by graceful_stop in this process
+
+
+def stop_requests() -> int:
+    """How many stop signals ``graceful_stop`` caught so far in this process (compare two
+    readings to learn whether a run was asked to stop in between)."""
+    return _received
 
 
 @contextmanager
@@ -53,6 +60,8 @@ def graceful_stop(redeliver: bool = False) -> Iterator[StopFlag]:
         return
 
     def handle(signum: int, _frame: object) -> None:
+        global _received
+        _received += 1
         if flag:  # the second signal: stop now
             show_cursor = "\x1b[?25h" if sys.stderr.isatty() else ""  # a progress bar hid it
             os.write(2, f"{show_cursor}\n{ABORTED}\n".encode())

@@ -61,6 +61,7 @@ class Summary(JsonReport):
     device: str = ""  # what ran the work, e.g. "cuda:0" and "torch 2.13.0 (cuda, fp16)"
     backend: str = ""
     failures_shown: bool = False  # each failure was printed as it happened: not listed again
+    notes: list[str] = field(default_factory=list)  # about the output store, printed last
 
     def finish(self, completed: int, started: float) -> Summary:
         """Close the run: ``completed`` items durable, wall time since ``started`` (monotonic)."""
@@ -110,7 +111,7 @@ class Summary(JsonReport):
         if not self.failures_shown:
             lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
         lines += [f"warning: {warning}" for warning in self.warnings]
-        return lines
+        return lines + self.notes
 
 
 class Progress:

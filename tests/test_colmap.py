@@ -12,12 +12,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import time
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pycolmap
 import pytest
@@ -265,12 +267,14 @@ def test_stores_that_do_not_belong_together(scene: dict) -> None:
     cases = {
         # extracted with other settings than the features the matches were made from
         "other settings": (write_features(root / "f1.h5", {**SETTINGS, "nms_radius": 3}, sizes, 60), None),
-        # same settings, other keypoints: the matches do not fit
-        "does not fit": (write_features(root / "f2.h5", SETTINGS, sizes, 20), None),
+        # same settings, another extraction: the matches record the feature store's id
+        "another extraction": (write_features(root / "f2.h5", SETTINGS, sizes, 20), None),
+        # a match store from before store ids: the keypoint counts still give it away
+        "does not fit": (root / "f2.h5", without_store_id(scene["matches"], root / "m2.h5")),
     }
     partial = write_features(root / "f3.h5", SETTINGS, {"a.jpg": sizes["a.jpg"], "b.png": sizes["b.png"]}, 60)
     full = write_features(root / "f4.h5", SETTINGS, sizes, 60)
-    cases["has no features"] = (partial, match(root, full, root / "m4.h5"))
+    cases["has no features"] = (partial, without_store_id(match(root, full, root / "m4.h5"), root / "m5.h5"))
     for message, (features, matches) in cases.items():
         result = colmap(scene, database, features=features, matches=matches)
         assert result.returncode == 2, (message, result.stderr)
@@ -278,7 +282,17 @@ def test_stores_that_do_not_belong_together(scene: dict) -> None:
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert not database.exists()
         assert not list(root.glob(".db.db*"))
-    assert "sub-c.png" in colmap(scene, database, features=partial, matches=root / "m4.h5").stderr
+    assert "sub-c.png" in colmap(scene, database, features=partial, matches=root / "m5.h5").stderr
+
+
+def without_store_id(matches: Path, out: Path) -> Path:
+    """A copy of a match store as written before feature stores had an id (settings only)."""
+    shutil.copyfile(matches, out)
+    with h5py.File(out, "r+") as h5:
+        settings = json.loads(h5.attrs["sp_extract_settings"])
+        del settings["features_id"]
+        h5.attrs["sp_extract_settings"] = json.dumps(settings, sort_keys=True)
+    return out
 
 
 def test_bad_database_and_images(scene: dict) -> None:

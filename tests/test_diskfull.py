@@ -1,10 +1,12 @@
 """Disk full and unwritable output, for real: a file-size limit (RLIMIT_FSIZE, the writes fail
-with EFBIG), a tiny tmpfs (ENOSPC) and a read-only remount (EROFS), a read-only folder. Each
-time: one clear line, exit 2, the previous store byte for byte intact, and the finished
-results kept: the next run, with room, completes the store equal to an uninterrupted run."""
+with EFBIG), a tiny tmpfs (ENOSPC; also full before the lock file) and a read-only remount
+(EROFS), a read-only folder. Each time: one clear line, exit 2, the previous store byte for
+byte intact, and the finished results kept: the next run, with room, completes the store equal
+to an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -24,6 +26,9 @@ from reliability import (
     read_entries,
     run_limited,
 )
+
+from sp_extract.errors import StoreError
+from sp_extract.store.writer import StoreWriter
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +139,38 @@ def test_read_only_folder(workspace: dict, tmp_path: Path) -> None:
 
     assert_refused_and_intact(result, store, digest, "permission denied")
     complete_with_room(workspace, store)
+
+
+def fill_up(folder: Path) -> None:
+    """Write a file in ``folder`` until its file system has not one byte left."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, bytes(size)):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_disk_full_when_taking_the_lock(workspace: dict, tiny_filesystem: Path) -> None:
+    """The pid written into STORE.lock is the first byte a run writes: one line, exit 2 (not a
+    traceback and exit 1), no lock file left; through the Python API no descriptor leaks."""
+    fill_up(tiny_filesystem)
+    store = tiny_filesystem / "feats.h5"
+    result = run_cli(str(workspace["images"]), "--out", str(store), *workspace["options"])
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr)
+    assert f"cannot write the lock file {store}.lock (disk full)" in line, line
+    assert sorted(os.listdir(tiny_filesystem)) == ["filler"]
+
+    before = open_descriptors()
+    for _ in range(3):
+        with pytest.raises(StoreError, match="disk full"):
+            StoreWriter(store, "features", {})
+    assert open_descriptors() == before
+    assert sorted(os.listdir(tiny_filesystem)) == ["filler"]

@@ -5,7 +5,9 @@ the next run completes it, equal to an uninterrupted run."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -93,3 +95,50 @@ def test_sigkill_of_the_main_process_takes_its_workers_along(workspace: dict, tm
     run.finish(timeout=30)
     assert group_ends(run.process.pid), "decoding workers outlived their killed parent"
     resume_to_completion(workspace, store)
+
+
+def test_interrupted_overwrite_keeps_the_old_store_and_the_same_command_finishes_it(
+    workspace: dict, tmp_path: Path
+) -> None:
+    """--overwrite replaces the store only once the new one is complete, whether the run is
+    stopped by Ctrl-C or killed; the same command run again resumes the new run's results."""
+    store = tmp_path / "feats.h5"
+    listing = tmp_path / "four.txt"
+    listing.write_text("".join(f"im{index:02d}.png\n" for index in range(4)))
+    old_options = [*workspace["options"][:-1], "256"]  # the old store: other settings (max keypoints)
+    images = str(workspace["images"])
+    result = run_cli(images, "--out", str(store), "--image-list", str(listing), *old_options)
+    assert result.returncode == 0, result.stderr
+    old = hashlib.sha256(store.read_bytes()).hexdigest()
+    command = [images, "--out", str(store), *workspace["options"], "--overwrite"]
+
+    def new_parts() -> set[str]:
+        return {name for part in part_paths(store) for name in read_entries(part)}
+
+    run = Run(*command)  # Ctrl-C
+    assert run.wait_until(lambda: bool(part_paths(store))), run.text
+    run.signal_group(signal.SIGINT)
+    assert run.finish() == 130, run.text
+    assert f"{store} is unchanged: the new store replaces it once complete" in run.text, run.text
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == old  # untouched
+    first = new_parts()
+    assert first, run.text  # the new run's finished images wait in parts
+
+    run = Run(*command)  # the same command resumes them; SIGKILL it
+    assert run.wait_until(lambda: len(part_paths(store)) > 1 and new_parts() > first), run.text
+    run.kill()
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == old
+    durable = new_parts()
+    assert durable > first
+
+    result = run_cli(images, "--out", str(store), *workspace["options"])  # a plain run must not mix
+    assert result.returncode == 2 and "unfinished results of an --overwrite run" in result.stderr
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == old
+
+    result = run_cli(*command)
+    assert result.returncode == 0, result.stderr
+    saved, already = map(int, re.search(r"(\d+) images saved, (\d+) already in", result.stderr).groups())
+    assert already == len(durable) and saved + already == 48, result.stderr  # resumed
+    expected = read_entries(workspace["reference"])
+    assert read_entries(store).keys() == expected.keys() and not part_paths(store)
+    assert_entries_equal(read_entries(store), expected)

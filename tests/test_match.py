@@ -197,8 +197,11 @@ def test_match_pairs_cli_layout_and_reference(tmp_path: Path, random_features) -
         assert h5["sub-c.png"]["sub-d-e.jpg"]["matches0"][()].tolist() == [-1]
         assert h5["sub-d-e.jpg"]["f.jpg"]["matches0"].shape == (0,)
         settings = json.loads(h5.attrs["sp_extract_settings"])
+        assert h5.attrs["features_path"] == str(feats.resolve())  # for people, not an identity
+    with h5py.File(feats, "r") as h5:
+        feature_store_id = h5.attrs["sp_extract_store_id"]
     assert settings["ratio"] == 0.95 and settings["mutual"] is True
-    assert settings["features"] == str(feats.resolve())
+    assert "features" not in settings and settings["features_id"] == feature_store_id
     assert settings["features_settings"] == {"weights_sha1": "test"}
     data = json.loads(report.read_text())
     assert data["done"] == len(pairs) and data["unit"] == "pairs" and data["exit_code"] == 0
@@ -232,10 +235,12 @@ def test_symmetric_pairs_resume_and_settings(tmp_path: Path, random_features) ->
     )
     assert result.returncode == 2
     assert "made with other settings (max_distance: None (store) vs 0.7 (now))" in result.stderr
-    other_feats = tmp_path / "other.h5"
-    other_feats.write_bytes(feats.read_bytes())
+    other_feats = tmp_path / "other.h5"  # extracted again: same settings, a new store
+    with StoreWriter(other_feats, "features", {"weights_sha1": "test"}) as writer, h5py.File(feats) as h5:
+        for name in IMAGES:
+            writer.add(name, {key: h5[name][key][()] for key in ("keypoints", "descriptors")})
     result = run_cli("match-pairs", str(second), "--features", str(other_feats), "-o", str(out))
-    assert result.returncode == 2 and "features: " in result.stderr and "other.h5" in result.stderr
+    assert result.returncode == 2 and "features_id: " in result.stderr, result.stderr
     assert out.read_bytes() == before
 
     result = run_cli(

@@ -383,6 +383,7 @@ def extract(
                 background.abandon()
                 timings["write"] = background.busy_s
                 progress.close()
+        summary.notes += writer.notes
     if summary.counts and not any(summary.counts):
         summary.warnings.append(
             f"no keypoints in any of the {counted(len(summary.counts), 'image')} saved: check --resize-max "

@@ -21,12 +21,12 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
 from ..pairs.core import Pair, pair_key, read_pairs
 from ..report import Progress, Summary
-from ..store.writer import StoreWriter, read_store_info
+from ..store.writer import StoreWriter, read_settings, read_store
 from .config import MatchConfig
 from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
 from .verify import verify_matches
@@ -88,7 +88,9 @@ class FeatureCache:
         try:
             features = self._read(name)
         except (OSError, KeyError, ValueError, TypeError) as error:
-            self.failed[name] = f"unreadable features ({error})"
+            damaged = isinstance(error, OSError)  # a failed checksum, a damaged header
+            hint = f"; check the store: sp-extract repair --check {self.h5.filename}" if damaged else ""
+            self.failed[name] = f"unreadable features ({error}){hint}"
             return None
         self.entries[name] = features
         self.bytes += features.descriptors.nbytes
@@ -152,10 +154,32 @@ def plan_batches(
 
 
 def _features_identity(features: Path) -> tuple[dict[str, Any], list[str]]:
+    """What a match store records of its feature store, and the store's image names: its
+    extraction settings (weights checksum included) and its store id, which a copy or a move
+    keeps, growth keeps, and a replacement (--overwrite) changes; not its path."""
     if not features.is_file():
         raise ConfigError(f"{features}: no such feature store (extract features first, or pass --features)")
-    settings, names = read_store_info(features, "features", "--features")
-    return {"features": str(features.resolve()), "features_settings": settings}, names
+    store = read_store(features, "features", "--features")
+    return {"features_settings": store.settings, "features_id": store.store_id}, store.names
+
+
+def _legacy_identity(out: Path, features: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity to resume ``out`` with. A match store written before feature stores had an id
+    recorded its feature store by absolute path: it is resumed as before (by that path) when
+    ``features`` is that very file, and refused otherwise (its matches may be of other features)."""
+    recorded = (read_settings(out, "matches") or {}).get("features")
+    if recorded is None:
+        return identity
+    try:
+        same = os.path.samefile(recorded, features)
+    except OSError:
+        same = False
+    if not same:
+        raise StoreError(
+            f"{out}: an older match store that names its feature store by path ({recorded}), not "
+            f"{features}; match again with --overwrite (or pass --features {recorded})"
+        )
+    return {"features": recorded, "features_settings": identity["features_settings"]}
 
 
 def match_pairs(
@@ -183,6 +207,8 @@ def match_pairs(
         raise ConfigError(f"--cache-mb must be >= 1, got {cache_mb}")
     pairs_file, features, out = Path(pairs_file), Path(features), Path(out)
     identity, names = _features_identity(features)
+    if not overwrite and out.is_file():
+        identity = _legacy_identity(out, features, identity)
     pairs = read_pairs(pairs_file, set(names))
     summary = Summary(
         command="match-pairs", output=str(out), total=len(pairs), unit="pairs", count_label="matches per pair"
@@ -191,7 +217,7 @@ def match_pairs(
     target = resolve_device(device)
     summary.device, summary.failures_shown = str(target), not quiet
     settings = {**config.settings(), **identity}
-    info = {"pairs": str(pairs_file)}
+    info = {"pairs": str(pairs_file), "features_path": str(features.resolve())}  # for people only
     with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
         todo = [
             p for p in pairs if pair_key(*p) not in writer.done and pair_key(p[1], p[0]) not in writer.done
@@ -224,6 +250,7 @@ def match_pairs(
                 progress.advance(len(writer.flush()))
         finally:
             progress.close()
+    summary.notes += writer.notes
     return summary.finish(progress.completed, started)
 
 

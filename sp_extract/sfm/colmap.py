@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..pairs.core import flat_name
 from ..report import JsonReport, counted, listed
-from ..store.writer import fsync_path, read_store_info
+from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info
 from .child import run_in_child
 
 INSTALL_HINT = (
@@ -154,15 +154,19 @@ def resolve_pairs(
 
 
 def check_same_features(
-    features: Path, feature_settings: dict[str, Any], matches: Path, match_settings: dict[str, Any]
+    features: Path, feature_store: StoreInfo, matches: Path, match_settings: dict[str, Any]
 ) -> None:
-    """Refuse a match store made from another feature store (recorded by ``match-pairs``)."""
-    recorded = match_settings.get("features_settings")
-    if recorded != feature_settings:
-        source = match_settings.get("features", "an unknown feature store")
+    """Refuse a match store made from another feature store (its settings and store id, as
+    ``match-pairs`` records them; a match store that predates store ids has settings only)."""
+    if match_settings.get("features_settings") != feature_store.settings:
         raise StoreError(
-            f"{matches}: made from the features in {source}, which were extracted with other settings "
-            f"than {features}; match the features of {features} first (sp-extract match-pairs)"
+            f"{matches}: made from features extracted with other settings than {features}; match "
+            f"the features of {features} first (sp-extract match-pairs)"
+        )
+    if match_settings.get("features_id", feature_store.store_id) != feature_store.store_id:
+        raise StoreError(
+            f"{matches}: made from another extraction than {features} (its store id differs: "
+            f"re-extracted with --overwrite since); match again (sp-extract match-pairs --overwrite)"
         )
 
 
@@ -171,7 +175,7 @@ def read_matches(h5: h5py.File, key: str, counts: tuple[int, int], matches: Path
     try:
         matches0 = np.asarray(h5[key]["matches0"])
     except (OSError, KeyError, ValueError) as error:
-        raise StoreError(f"{matches}: pair '{key}' is unreadable ({error})") from error
+        raise damaged_error(matches, f"pair '{key}' unreadable: {describe_error(error)}") from error
     if matches0.ndim != 1 or len(matches0) != counts[0] or matches0.max(initial=-1) >= counts[1]:
         raise StoreError(
             f"{matches}: pair '{key}' does not fit the keypoints of the feature store "
@@ -289,7 +293,8 @@ def _write_images(
             keypoints = np.asarray(group["keypoints"], dtype=np.float32)
             size = tuple(int(v) for v in np.asarray(group["image_size"]))
         except (OSError, KeyError, ValueError, TypeError) as error:
-            raise StoreError(f"{h5.filename}: features of '{name}' are unreadable ({error})") from error
+            cause = f"features of '{name}' unreadable: {describe_error(error)}"
+            raise damaged_error(Path(h5.filename), cause) from error
         if shared is not None and single_camera:
             camera, rig_id, first = shared
             if (camera.width, camera.height) != size:
@@ -352,9 +357,10 @@ def write_database(
         raise ConfigError(f"{images}: no such image folder")
     if not database.parent.is_dir():
         raise ConfigError(f"{database}: the folder {database.parent} does not exist")
-    feature_settings, names = read_store_info(features, "features", "--features")
+    feature_store = read_store(features, "features", "--features")
+    names = feature_store.names
     match_settings, pair_keys = read_store_info(matches, "matches", "--matches")
-    check_same_features(features, feature_settings, matches, match_settings)
+    check_same_features(features, feature_store, matches, match_settings)
     pairs = resolve_pairs(pair_keys, names, features, matches)
     check_images_present(
         images,

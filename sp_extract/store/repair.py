@@ -3,7 +3,8 @@
 A store cut short by a crash of some older program, or with corrupted bytes (caught by the
 datasets' Fletcher-32 checksums), is read entry by entry; what is intact, plus the parts a
 killed run left, is written to a new store through ``StoreWriter`` (so crash-safe too), and
-what was lost is reported.
+what was lost is reported. ``check_store`` (``repair --check``) reads everything the same way
+and only reports.
 """
 
 from __future__ import annotations
@@ -13,28 +14,32 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 
-from ..errors import StoreError
-from ..report import Summary
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, StoreError
+from ..report import JsonReport, Summary
 from .writer import (
     H5_ERRORS,
     KIND_ATTR,
     MARKERS,
+    REPLACING_ATTR,
     REQUIRED,
     SETTINGS_ATTR,
+    STORE_ID_ATTR,
     VERSION_ATTR,
     DescriptorFile,
     Entry,
     EntryAttrs,
     StoreWriter,
     describe_error,
+    open_error,
     part_files,
     read_store_info,
-    unreadable_error,
+    shape_problem,
 )
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -96,7 +101,7 @@ def _open_damaged(path: Path) -> Iterator[tuple[h5py.File, int]]:
     except H5_ERRORS as error:
         recorded = stored_end_of_file(path)
         if recorded is None or recorded <= real_size:
-            raise unreadable_error(path, error) from error
+            raise open_error(path, error) from error
         padded = _ZeroPadded(path, recorded)
         try:
             h5 = h5py.File(padded, "r")
@@ -181,6 +186,30 @@ def _match_count(datasets: Entry) -> int:
 _ENTRY_COUNTS = {"features": lambda d: len(d["scores"]), "matches": _match_count}
 
 
+def _check_source(path: Path) -> None:
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    if not h5py.is_hdf5(path):
+        raise StoreError(f"{path}: not an HDF5 file, nothing to repair")
+
+
+def _read_header(h5: h5py.File, path: Path) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """The store's kind, settings and other attributes (what a repaired store takes over; not
+    the store's identity: the repaired store is a new store)."""
+    try:
+        kind = str(h5.attrs[KIND_ATTR])
+        settings = json.loads(h5.attrs[SETTINGS_ATTR])
+        own = (KIND_ATTR, VERSION_ATTR, SETTINGS_ATTR, STORE_ID_ATTR, REPLACING_ATTR)
+        info = {key: str(value) for key, value in h5.attrs.items() if key not in settings and key not in own}
+    except KeyError as error:
+        raise StoreError(f"{path}: not an sp-extract store (no {KIND_ATTR} attribute)") from error
+    except H5_ERRORS as error:
+        raise StoreError(f"{path}: its settings are unreadable; nothing can be salvaged") from error
+    if kind not in MARKERS:
+        raise StoreError(f"{path}: unknown store kind {kind!r}")
+    return kind, settings, info
+
+
 def repair_store(path: Path, out: Path | None = None) -> Summary:
     """Copy every readable, complete entry of ``path`` (and of its parts) into a new store ``out``.
 
@@ -189,30 +218,14 @@ def repair_store(path: Path, out: Path | None = None) -> Summary:
     """
     path = Path(path)
     out = Path(out) if out else path.with_name(f"{path.stem}.repaired{path.suffix or '.h5'}")
-    if not path.is_file():
-        raise StoreError(f"{path}: no such store")
     if out.exists() or out.is_symlink():
         raise StoreError(f"{out}: exists; remove it or choose another --out")
-    if not h5py.is_hdf5(path):
-        raise StoreError(f"{path}: not an HDF5 file, nothing to repair")
+    _check_source(path)
     started = time.monotonic()
     failures: dict[str, str] = {}
     counts: dict[str, int] = {}
     with _open_damaged(path) as (h5, real_size):
-        try:
-            kind = str(h5.attrs[KIND_ATTR])
-            settings = json.loads(h5.attrs[SETTINGS_ATTR])
-            info = {
-                key: str(value)
-                for key, value in h5.attrs.items()
-                if key not in settings and key not in (KIND_ATTR, VERSION_ATTR, SETTINGS_ATTR)
-            }
-        except KeyError as error:
-            raise StoreError(f"{path}: not an sp-extract store (no {KIND_ATTR} attribute)") from error
-        except H5_ERRORS as error:
-            raise StoreError(f"{path}: its settings are unreadable; nothing can be salvaged") from error
-        if kind not in MARKERS:
-            raise StoreError(f"{path}: unknown store kind {kind!r}")
+        kind, settings, info = _read_header(h5, path)
         with StoreWriter(out, kind, settings, info=info) as writer:
             _salvage(h5, real_size, writer, counts, failures)
             for part in part_files(path):  # durable results a killed run had not folded in yet
@@ -259,3 +272,71 @@ def _salvage(
         failures.pop(name, None)
         counts[name] = _ENTRY_COUNTS[writer.kind](datasets)
         writer.add(name, datasets, attrs)
+
+
+@dataclass
+class CheckReport(JsonReport):
+    """What ``check_store`` found; ``to_dict`` is the ``--json-report`` content."""
+
+    store: str
+    kind: str = ""
+    entries: int = 0
+    parts: int = 0
+    damaged: list[dict[str, str]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        parts = f" (and {self.parts} part files)" if self.parts else ""
+        lines = [
+            f"check: {self.entries} {self.kind} entries read in {self.store}{parts}, "
+            f"{len(self.damaged)} damaged, {self.wall_time_s:.1f} s"
+        ]
+        lines += [f"damaged: {d['name']}: {d['reason']}" for d in self.damaged]
+        if self.damaged:
+            lines.append(f"'sp-extract repair {self.store}' copies the intact entries into a new store")
+        return lines
+
+
+def check_store(path: Path) -> CheckReport:
+    """Read every dataset of the store ``path`` and of its parts, so that every Fletcher-32
+    checksum is verified, and check each entry's shapes; writes nothing. Damaged entries are
+    listed in the report (exit code 1), as ``repair`` would lose them."""
+    path = Path(path)
+    _check_source(path)
+    started = time.monotonic()
+    report = CheckReport(str(path))
+    damaged: dict[str, str] = {}
+    with _open_damaged(path) as (h5, real_size):
+        report.kind, _, _ = _read_header(h5, path)
+        report.entries += _verify(h5, report.kind, real_size, damaged, "")
+    for part in part_files(path):
+        report.parts += 1
+        try:
+            with _open_damaged(part) as (h5, size):
+                report.entries += _verify(h5, report.kind, size, damaged, f"{part.name}: ")
+        except StoreError as error:
+            damaged[str(part)] = str(error)
+    report.damaged = [{"name": name, "reason": reason} for name, reason in sorted(damaged.items())]
+    report.exit_code = EXIT_SOME_FAILED if damaged else EXIT_OK
+    report.wall_time_s = time.monotonic() - started
+    return report
+
+
+def _verify(h5: h5py.File, kind: str, real_size: int, damaged: dict[str, str], prefix: str) -> int:
+    """Read every entry of one file, the damaged ones into ``damaged``; returns the entry count."""
+    entries, lost = _entry_groups(h5)
+    for name in lost:
+        damaged[prefix + name] = "index unreadable; the entries below it are lost"
+    for name in entries:
+        try:
+            datasets, _ = _read_entry(h5[name], kind, real_size)
+            problem = shape_problem(kind, {key: values.shape for key, values in datasets.items()})
+            if problem:
+                raise ValueError(problem)
+        except H5_ERRORS as error:
+            damaged[prefix + name] = describe_error(error)
+    return len(entries)

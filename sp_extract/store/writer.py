@@ -23,7 +23,9 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,13 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StoreError
-from ..interrupt import graceful_stop
+from ..interrupt import graceful_stop, stop_requests
 
 KIND_ATTR = "sp_extract_kind"
+REPLACING_ATTR = "sp_extract_replacing"  # on the parts of an --overwrite run not yet folded
 VERSION_ATTR = "sp_extract_version"
 SETTINGS_ATTR = "sp_extract_settings"
+STORE_ID_ATTR = "sp_extract_store_id"  # see StoreWriter: kept while a store grows, new when replaced
 MARKERS = {"features": "keypoints", "matches": "matches0"}  # the dataset that marks an entry
 REQUIRED = {  # the datasets of a complete entry
     "features": ("keypoints", "scores", "descriptors", "image_size"),
@@ -91,15 +95,105 @@ def entry_names(h5: h5py.File | h5py.Group, marker: str) -> list[str]:
     return sorted(names)
 
 
-def unreadable_error(path: Path, error: BaseException) -> StoreError:
+def shape_problem(kind: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why an entry's dataset shapes cannot be right (None if they can); absent datasets pass.
+    ``None`` in an expected shape matches any size (the descriptor dimension)."""
+    marker = shapes[MARKERS[kind]]
+    count = marker[0] if marker else -1
+    expected = (
+        {"keypoints": (count, 2), "scores": (count,), "descriptors": (None, count), "image_size": (2,)}
+        if kind == "features"
+        else {"matches0": (count,), "matching_scores0": (count,)}
+    )
+    for key, shape in expected.items():
+        found = shapes.get(key, shape)
+        if len(found) != len(shape) or any(e is not None and f != e for f, e in zip(found, shape)):
+            return f"{key} of shape {found} does not fit {MARKERS[kind]} of shape {marker}"
+    return None
+
+
+def scan_entries(h5: h5py.File, kind: str) -> list[str]:
+    """The store's entry names, sorted, after checking what a run can check cheaply: every
+    dataset's header opens, and the dataset shapes of each entry agree (metadata only: no data
+    is read, so checksums are not verified here). Raises ``ValueError`` naming the first
+    damaged entry."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    def visit(name: str, obj: h5py.HLObject) -> None:
+        if isinstance(obj, h5py.Dataset):
+            group, _, key = name.rpartition("/")
+            shapes.setdefault(group, {})[key] = obj.shape
+
+    h5.visititems(visit)
+    names = sorted(group for group, datasets in shapes.items() if MARKERS[kind] in datasets)
+    for name in names:
+        problem = shape_problem(kind, shapes[name])
+        if problem:
+            raise ValueError(f"entry '{name}': {problem}")
+    return names
+
+
+def is_locked(error: BaseException) -> bool:
+    """Whether HDF5 refused to open a file because another program holds it (file locking)."""
+    text = str(error).lower()
+    return "unable to lock file" in text or "already open for" in text
+
+
+def open_error(path: Path, error: BaseException) -> StoreError:
+    """The one-line error for a store h5py cannot open or read: in use, unreadable, or damaged.
+
+    Only damage is answered with ``repair``; never ``--overwrite``, which would delete a store
+    that may well be intact (a store locked by hloc or a notebook, or not readable by us).
+    """
+    if is_locked(error):
+        return StoreError(
+            f"{path}: in use by another program (HDF5 file lock held by a process that opened it for "
+            "writing: an hloc run, a notebook's h5py.File); close it there and run again. The store "
+            "was not changed"
+        )
+    code = getattr(error, "errno", None)
+    if code in (errno.EACCES, errno.EPERM):
+        return StoreError(f"{path}: cannot read the store ({describe_error(error)})")
+    return damaged_error(path, describe_error(error))
+
+
+def damaged_error(path: Path, cause: str) -> StoreError:
+    """A store found damaged (truncated, corrupted bytes): name the way out, ``repair``."""
     return StoreError(
-        f"{path}: unreadable store, truncated or corrupt ({describe_error(error)}); "
-        f"salvage it with 'sp-extract repair {path}' or pass --overwrite"
+        f"{path}: damaged store, truncated or corrupt ({cause}); 'sp-extract repair --check "
+        f"{path}' lists the damaged entries, 'sp-extract repair {path}' copies the intact "
+        "ones into a new store"
     )
 
 
 def read_store_info(path: Path, kind: str, option: str = "--out") -> tuple[dict[str, Any], list[str]]:
-    """Settings and entry names of an existing store, checking that it is ours and of ``kind``.
+    """Settings and entry names of an existing store, checking that it is ours and of ``kind``."""
+    info = read_store(path, kind, option)
+    return info.settings, info.names
+
+
+def read_settings(path: Path, kind: str) -> dict[str, Any] | None:
+    """The settings of an existing store of ``kind``, read from its attributes alone (no scan of
+    its entries); None if it is not one (``read_store`` says why)."""
+    with contextlib.suppress(*H5_ERRORS), h5py.File(path, "r") as h5:
+        if h5.attrs.get(KIND_ATTR) == kind:
+            return json.loads(h5.attrs[SETTINGS_ATTR])
+    return None
+
+
+@dataclass
+class StoreInfo:
+    """What a run needs of an existing store: its settings, entry names and identity."""
+
+    settings: dict[str, Any]
+    names: list[str]
+    store_id: str | None  # None for a store written before sp-extract recorded one
+    replacing: bool = False  # a part of a run replacing the store (--overwrite), not yet folded
+
+
+def read_store(path: Path, kind: str, option: str = "--out") -> StoreInfo:
+    """``StoreInfo`` of an existing store of ``kind``, refusing another tool's file or a store
+    whose structure is damaged (``scan_entries``), with a one-line ``StoreError``.
 
     ``option`` is the option that named ``path``: a refused input (``--features``, ``--matches``)
     is answered with what that option needs, never with advice to replace or remove the file.
@@ -118,11 +212,21 @@ def read_store_info(path: Path, kind: str, option: str = "--out") -> tuple[dict[
             if found != kind:
                 raise StoreError(f"{path}: an sp-extract {found} store, not a {kind} store")
             settings = json.loads(h5.attrs[SETTINGS_ATTR])
-            return settings, entry_names(h5, MARKERS[kind])
+            store_id = h5.attrs.get(STORE_ID_ATTR)
+            return StoreInfo(
+                settings,
+                scan_entries(h5, kind),
+                None if store_id is None else str(store_id),
+                bool(h5.attrs.get(REPLACING_ATTR, False)),
+            )
     except StoreError:
         raise
+    except ValueError as error:
+        if is_locked(error):
+            raise open_error(path, error) from error
+        raise damaged_error(path, str(error)) from error
     except H5_ERRORS as error:
-        raise unreadable_error(path, error) from error
+        raise open_error(path, error) from error
 
 
 def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -297,8 +401,17 @@ class StoreLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as error:  # disk full, quota: give the lock up, leak no descriptor
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(fd)
+            raise StoreError(
+                f"{self.store}: cannot write the lock file {self.path} ({describe_error(error)}); "
+                "the store was not changed"
+            ) from error
         self.fd, self._key = fd, (info.st_dev, info.st_ino)
         self._held.add(self._key)
 
@@ -319,6 +432,16 @@ class StoreWriter:
     returns the names made durable by the flush it may trigger (every ``flush_entries`` entries
     or ``flush_seconds`` seconds); ``close`` folds everything into the store atomically. Use as
     a context manager; on an exception the parts stay for the next run, the store is not touched.
+
+    Identity: a store carries ``sp_extract_store_id``, a random id made when the store is
+    created or replaced (``overwrite``) and kept by every fold that only adds entries, so it
+    survives a copy or a move, stays while the store grows and changes whenever existing
+    entries may change. Match stores record it (see ``matching.run``).
+
+    Replacing (``overwrite``): the old store stays untouched until the new one is complete.
+    The new run's parts are marked as replacing (with the new store's id); an interrupted
+    (SIGINT/SIGTERM) or killed replacement leaves them beside the old store, and the same
+    command run again resumes them. A run without ``overwrite`` refuses such parts.
     """
 
     def __init__(
@@ -341,8 +464,11 @@ class StoreWriter:
         self.flush_entries = flush_entries
         self.flush_seconds = flush_seconds
         self.parts_dir = parts_dir(self.path)
+        self.store_id: str | None = None  # set by _open
+        self.notes: list[str] = []  # what the user should know about the store after ``close``
         self.lock = StoreLock(self.path)
         self._buffer: list[tuple[str, Entry, EntryAttrs]] = []
+        self._stops_at_open = stop_requests()
         self._last_flush = time.monotonic()
         self._sequence = 0
         self.lock.acquire()
@@ -368,17 +494,48 @@ class StoreWriter:
     def _open(self, overwrite: bool) -> set[str]:
         self._remove_stale_temporaries()
         if overwrite:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            return set()
+            return self._open_replacing()
         done: set[str] = set()
-        if self.path.exists():
-            settings, names = read_store_info(self.path, self.kind)
-            self._check_settings(settings, self.path)
-            done.update(names)
+        store = read_store(self.path, self.kind) if self.path.exists() else None
+        # an older store without an id stays without one; a new store gets one
+        self.store_id = store.store_id if store else uuid.uuid4().hex
+        parts = [read_store(part, self.kind) for part in part_files(self.path)]  # complete: renamed
+        if any(part.replacing and part.store_id != self.store_id for part in parts):
+            raise StoreError(
+                f"{self.path}: {self.parts_dir} holds the unfinished results of an --overwrite run; "
+                "run that command again (with --overwrite) to finish replacing the store, or delete "
+                f"{self.parts_dir} to keep the store as it is"
+            )
+        for info in [store, *parts] if store else parts:
+            self._check_settings(info.settings, self.path)
+            done.update(info.names)
+        return done
+
+    def _open_replacing(self) -> set[str]:
+        """Resume the parts of an unfinished replacement with these settings; delete any other
+        part (of the old store, of a replacement with other settings, or already folded)."""
+        current = None
+        with contextlib.suppress(*H5_ERRORS), h5py.File(self.path, "r") as h5:
+            current = h5.attrs.get(STORE_ID_ATTR)
+        done: set[str] = set()
         for part in part_files(self.path):
-            settings, names = read_store_info(part, self.kind)  # complete: renamed after fsync
-            self._check_settings(settings, self.path)
-            done.update(names)
+            try:
+                info = read_store(part, self.kind)
+            except StoreError:
+                info = None
+            resumable = (
+                info is not None
+                and info.replacing
+                and info.settings == self.settings
+                and info.store_id not in (None, current)
+                and self.store_id in (None, info.store_id)
+            )
+            if resumable:
+                self.store_id = info.store_id
+                done.update(info.names)
+            else:
+                part.unlink()
+        self.store_id = self.store_id or uuid.uuid4().hex
         return done
 
     def _check_settings(self, stored: dict[str, Any], where: Path) -> None:
@@ -397,10 +554,14 @@ class StoreWriter:
             return self.flush()
         return []
 
-    def _write_header(self, h5: h5py.File) -> None:
+    def _write_header(self, h5: h5py.File, part: bool = False) -> None:
         h5.attrs[KIND_ATTR] = self.kind
         h5.attrs[VERSION_ATTR] = __version__
         h5.attrs[SETTINGS_ATTR] = json.dumps(self.settings, sort_keys=True)
+        if self.store_id is not None:
+            h5.attrs[STORE_ID_ATTR] = self.store_id
+        if part and self._discard_existing:
+            h5.attrs[REPLACING_ATTR] = True
         for key, value in {**self.settings, **self.info}.items():
             h5.attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
 
@@ -417,7 +578,7 @@ class StoreWriter:
                 self.parts_dir.mkdir()
                 fsync_path(self.parts_dir.parent, directory=True)
             with _hdf5_writing(temporary, create=True) as h5:
-                self._write_header(h5)
+                self._write_header(h5, part=True)
                 for name, datasets, attrs in self._buffer:
                     group = h5.create_group(name)
                     for key, array in datasets.items():
@@ -473,10 +634,17 @@ class StoreWriter:
 
     def close(self) -> None:
         """Flush, fold and release the lock. A first SIGINT/SIGTERM meanwhile lets the fold
-        finish (and is then handled as usual); a second one aborts it, the old store intact."""
+        finish (and is then handled as usual); a second one aborts it, the old store intact.
+        A replacement whose run a signal stopped is not folded: the old store stays as it is."""
         try:
             with graceful_stop(redeliver=True):
                 self.flush()
+                if self._discard_existing and stop_requests() != self._stops_at_open:
+                    self.notes.append(
+                        f"{self.path} is unchanged: the new store replaces it once complete; run the "
+                        "same command (with --overwrite) again to finish it"
+                    )
+                    return
                 self.fold()
         finally:
             self.lock.release()
