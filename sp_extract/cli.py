@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, SpExtractError
+from .errors import EXIT_SIGINT, SpExtractError, SpExtractWarning
 from .interrupt import ABORTED
 
 if TYPE_CHECKING:
@@ -153,8 +154,8 @@ def cli() -> None:
     "--batch-size",
     type=int,
     default=None,
-    help="Images of one size per network batch [default: 1 on the CPU, where batching is no "
-    "faster; 8 on a GPU].",
+    help="Images of one size per network batch, halved when the GPU runs out of memory [default: "
+    "1 on the CPU, where batching is no faster; 8 on a GPU].",
 )
 @click.option(
     "--num-workers",
@@ -570,8 +571,20 @@ def reconstruct(
     finish_run(summary, json_report)
 
 
+def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Print sp-extract's own warnings as one line, as its errors; others as Python does."""
+    if issubclass(category, SpExtractWarning):
+        click.echo(f"sp-extract: warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, *args, **kwargs)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Console-script entry point; usage errors print one line, as every other error does."""
+    warnings.showwarning = show_warning
     try:
         code = cli.main(standalone_mode=False)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as error:  # click >= 8.2
