@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -263,8 +264,12 @@ def install_fault(monkeypatch: pytest.MonkeyPatch, fault: Callable[[torch.Tensor
 def test_extract_restores_process_wide_settings(
     monkeypatch: pytest.MonkeyPatch, small_images: Path, random_weights: Path, tmp_path: Path
 ) -> None:
-    """For Python API callers: cuDNN's flags read the same after ``extract``, returned or raised."""
+    """For Python API callers: cuDNN's flags, and the thread counts the run sets, read the same
+    after ``extract``, returned or raised."""
     fail = False
+
+    def state() -> dict[str, object]:
+        return {**tf32_state(), "torch threads": torch.get_num_threads(), "cv2 threads": cv2.getNumThreads()}
 
     def sets_flags(images: torch.Tensor, call: int) -> None:
         """Stands in for the torch backend on CUDA, which sets cuDNN's process-wide flags."""
@@ -273,13 +278,22 @@ def test_extract_restores_process_wide_settings(
             raise RuntimeError("device lost")
 
     install_fault(monkeypatch, sets_flags)
+    threads = torch.get_num_threads(), cv2.getNumThreads()
     with restored_settings():  # the test's own changes do not outlive it
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, True
-        for fail in (False, True):
-            before = tf32_state()
-            with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
-                extract(small_images, tmp_path / f"{fail}.h5", weights=str(random_weights), backend="torch")
-            assert tf32_state() == before
+        torch.set_num_threads(1)  # the run gives PyTorch every core and OpenCV one thread
+        cv2.setNumThreads(2)
+        try:
+            for fail in (False, True):
+                before = state()
+                with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+                    extract(
+                        small_images, tmp_path / f"{fail}.h5", weights=str(random_weights), backend="torch"
+                    )
+                assert state() == before
+        finally:
+            torch.set_num_threads(threads[0])
+            cv2.setNumThreads(threads[1])
 
 
 def test_out_of_memory_halves_the_batch_and_fails_only_an_image_too_large_alone(
