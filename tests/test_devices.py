@@ -334,21 +334,30 @@ def test_out_of_memory_halves_the_batch_and_fails_only_an_image_too_large_alone(
                 np.testing.assert_allclose(halves[name][key][()], one[name][key][()], atol=1e-3)
 
 
+@pytest.mark.parametrize("stage", ["network", "postprocess"])
 def test_failed_extract_leaves_no_decoding_worker_and_keeps_finished_images(
-    monkeypatch: pytest.MonkeyPatch, random_weights: Path, tmp_path: Path
+    stage: str, monkeypatch: pytest.MonkeyPatch, random_weights: Path, tmp_path: Path
 ) -> None:
-    """A backend error (here a stand-in raising at the second batch) ends the decoding worker
-    processes at once, although the exception, and the frames it holds, are still referenced
-    (as a notebook keeps the last one); the image finished before it is saved."""
+    """An error at the second batch, in the network (a stand-in backend raising) or in the
+    post-processing on the writer's thread (a stand-in raising, as a device out of memory
+    there would), ends the decoding worker processes at once, although the exception, and the
+    frames it holds, are still referenced (as a notebook keeps the last one); the image
+    finished before it is saved."""
     root = tmp_path / "images"
     for index in range(4):
         write_image(root / f"{index}.png", seed=index)
 
-    def device_lost(images: torch.Tensor, call: int) -> None:
-        if call == 2:
+    def device_lost(*args: object) -> None:
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
             raise RuntimeError("device lost")
 
-    install_fault(monkeypatch, device_lost)
+    calls: list[int] = []
+    if stage == "network":
+        install_fault(monkeypatch, device_lost)
+    else:
+        finish = pipeline.finish_batch
+        monkeypatch.setattr(pipeline, "finish_batch", lambda *args: device_lost() or finish(*args))
     options = {"weights": str(random_weights), "device": "cpu", "backend": "torch", "batch_size": 1}
     assert multiprocessing.active_children() == []
     with pytest.raises(RuntimeError, match="device lost") as raised:

@@ -282,13 +282,12 @@ class BackgroundWriter:
         self._stop()
 
     def salvage(self) -> None:
-        """After an error on the main thread: write what is queued and flush it, so finished
-        results are kept; errors doing so are dropped, the main thread's error is the one to
-        report. Nothing is written if the thread itself failed."""
+        """After an error: save what is finished. Write what is queued (unless the thread itself
+        failed: then it skips the rest) and flush the writer's buffer; errors doing so are
+        dropped, the error that ended the run is the one to report."""
         self._stop()
-        if self._error is None:
-            with contextlib.suppress(Exception):
-                self.writer.flush()
+        with contextlib.suppress(Exception):
+            self.writer.flush()
 
 
 @contextlib.contextmanager
