@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_UNEXPECTED, SpExtractError
+from .errors import EXIT_SIGINT, EXIT_UNEXPECTED, SpExtractError, SpExtractWarning
 from .interrupt import ABORTED, signals_raise
 
 if TYPE_CHECKING:
@@ -222,8 +223,8 @@ def cli(debug: bool) -> None:
     "--batch-size",
     type=int,
     default=None,
-    help="Images of one size per network batch [default: 1 on the CPU, where batching is no "
-    "faster; 8 on a GPU].",
+    help="Images of one size per network batch, halved when the GPU runs out of memory [default: "
+    "1 on the CPU, where batching is no faster; 8 on a GPU].",
 )
 @click.option(
     "--num-workers",
@@ -669,8 +670,20 @@ def reconstruct(
     finish_run(summary, json_report)
 
 
+def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Print sp-extract's own warnings as one line, as its errors; others as Python does."""
+    if issubclass(category, SpExtractWarning):
+        click.echo(f"sp-extract: warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, *args, **kwargs)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Console-script entry point; usage errors print one line, as every other error does."""
+    warnings.showwarning = show_warning
     try:
         code = cli.main(standalone_mode=False)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as error:  # click >= 8.2

@@ -32,5 +32,9 @@ class StoreError(SpExtractError):
     """The output store is unusable: not HDF5, another tool's file, other settings, locked."""
 
 
+class SpExtractWarning(UserWarning):
+    """Something the user should change although the run can go on (the CLI prints one line)."""
+
+
 class DecodeError(Exception):
     """One image cannot be decoded; reported for that image while the run goes on."""

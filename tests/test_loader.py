@@ -31,9 +31,8 @@ def test_batches_hold_one_size_and_pass_failures_through() -> None:
         assert not (batch.images and batch.failures)
 
 
-def test_waiting_images_are_bounded() -> None:
-    """Sizes that never fill a batch are released once too many images wait."""
-    items = [decoded(str(i), 8 + 8 * i) for i in range(10)]  # ten different sizes
+def consume(items: list[DecodedImage], batch_size: int, window: int | None = None) -> list[tuple]:
+    """make_batches on ``items``: per batch released, (names, images consumed so far)."""
     consumed = []
 
     def source():
@@ -41,11 +40,26 @@ def test_waiting_images_are_bounded() -> None:
             consumed.append(item.name)
             yield item
 
-    batches = make_batches(source(), batch_size=4, max_waiting=3)
-    first = next(batches)
-    assert [i.name for i in first.images] == ["0"] and len(consumed) == 4  # not the whole input
-    rest = [i.name for b in batches for i in b.images]
-    assert sorted(["0", *rest]) == sorted(i.name for i in items)
+    return [([i.name for i in b.images], len(consumed)) for b in make_batches(source(), batch_size, window)]
+
+
+def test_waiting_is_bounded_when_every_image_has_its_own_size() -> None:
+    """Each image waits for at most ``window`` later ones, so no more than window + 1 wait."""
+    items = [decoded(str(i), 8 + 8 * i) for i in range(10)]  # ten different sizes
+    batches = consume(items, batch_size=4, window=3)
+    assert batches[0] == (["0"], 5)  # released when the 4th image after it arrived
+    for index, (_, consumed) in enumerate(batches):  # batches of one image each
+        assert consumed - (index + 1) <= 3 + 1  # read but not released, once this one is
+    assert [n for names, _ in batches for n in names] == [i.name for i in items]  # in order, once each
+
+
+def test_recurring_sizes_still_fill_batches() -> None:
+    """Two sizes in alternation (portrait and landscape photos) fill batches within the
+    default window of twice the batch size; only the tail is partial."""
+    items = [decoded(str(i), 8 if i % 2 else 16) for i in range(19)]
+    batches = consume(items, batch_size=4)
+    assert [len(names) for names, _ in batches] == [4, 4, 4, 4, 2, 1]
+    assert batches[0] == (["0", "2", "4", "6"], 7)
 
 
 def test_batched_extraction_equals_one_image_at_a_time(tmp_path: Path, random_weights: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..devices import ShapeTuning, to_device
 from ..errors import ConfigError
 from . import model as model_module
 from .weights import cache_dir, load_weights
@@ -62,15 +63,16 @@ class TorchBackend:
         self.precision = precision
         self.layout = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
         self.net = net.to(device, memory_format=self.layout)
-        if device.type == "cuda":  # GPU-only: tune each of the few batch shapes once; fp32 is fp32
-            torch.backends.cudnn.benchmark = True
-            if precision == "fp32":
-                torch.backends.cudnn.allow_tf32 = False
+        self.tuning = ShapeTuning()
+        if device.type == "cuda" and precision == "fp32":  # GPU-only: fp32 is fp32, not TF32
+            torch.backends.cudnn.allow_tf32 = False
         self.name = f"torch {torch.__version__} ({device.type}, {precision})"
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
+        if self.device.type == "cuda":  # cuDNN tunes the convolutions of the shapes that repeat
+            torch.backends.cudnn.benchmark = self.tuning.benchmark(images.shape)
+        images = to_device(images, self.device).contiguous(memory_format=self.layout)
         return run_torch(self.net, images, self.precision)
 
 

@@ -2,8 +2,14 @@
 
 Decoding runs in a ``torch.utils.data.DataLoader`` with ``num_workers`` processes, in order.
 Images are grouped by working size (a batch holds images of one size only, so batched results
-equal one-at-a-time results); a batch is released when it is full, when too many images are
-waiting, or at the end. Images that failed to decode pass straight through as failures.
+equal one-at-a-time results); a batch is released when it is full, when its oldest image has
+waited for a bounded number of later images, or at the end. Images that failed to decode pass
+straight through as failures.
+
+Batches are not padded to shared sizes: SuperPoint's convolutions pad every layer's feature map
+with zeros at the image border, and its receptive field spans many cells, so zeros added beside
+an image change the scores and descriptors of every cell near that side (and keypoints the
+border removal would drop become interior), which would make results depend on the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +79,9 @@ def _init_worker(_: int) -> None:
 
 def decode_all(
     root: Path, names: list[str], config: ExtractConfig, num_workers: int
-) -> Iterable[DecodedImage]:
-    """Decoded images in ``names`` order, ``num_workers`` processes decoding ahead."""
+) -> Generator[DecodedImage, None, None]:
+    """Decoded images in ``names`` order, ``num_workers`` processes decoding ahead. ``close()``
+    the generator when done with it, in every exit path: that ends the worker processes."""
     dataset = ImageDataset(root, names, config)
     if num_workers == 0:
         return (dataset[i] for i in range(len(dataset)))
@@ -91,9 +98,12 @@ def decode_all(
     return _forked(loader)
 
 
-def _forked(loader: DataLoader) -> Iterator[DecodedImage]:
+def _forked(loader: DataLoader) -> Generator[DecodedImage, None, None]:
     """Iterate ``loader``, forking its workers while OpenCV's thread pool is off: a worker forked
-    with the pool's threads idle would deadlock in its first OpenCV call that touches the pool."""
+    with the pool's threads idle would deadlock in its first OpenCV call that touches the pool.
+    Close the generator (``decode_all``): that drops the last reference to the loader's
+    iterator, whose destructor ends the workers; left suspended, the generator would be kept
+    alive, with the workers, by any traceback that holds its caller's frame."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -120,29 +130,28 @@ class Batch:
 
 
 def make_batches(
-    items: Iterable[DecodedImage], batch_size: int, max_waiting: int | None = None
+    items: Iterable[DecodedImage], batch_size: int, window: int | None = None
 ) -> Iterator[Batch]:
     """Group decoded images into same-size batches of at most ``batch_size``.
 
-    At most ``max_waiting`` images (default ``4 * batch_size``) wait in partial batches; past
-    that the fullest partial batch is released, so memory stays bounded whatever the sizes.
+    An image waits for at most ``window`` later images (default ``2 * batch_size``): then its
+    partial batch is released. So at most ``window + 1`` images wait, and on a folder where
+    every image has its own size each one reaches the network ``window`` images late, while
+    sizes that recur within the window still form full batches.
     """
-    max_waiting = max_waiting or 4 * batch_size
-    waiting: dict[tuple[int, ...], list[DecodedImage]] = {}
-    count = 0
-    for item in items:
+    window = 2 * batch_size if window is None else window
+    waiting: dict[tuple[int, ...], list[tuple[int, DecodedImage]]] = {}  # shape -> (arrival, image)
+    for arrival, item in enumerate(items):
         if item.error is not None:
             yield Batch(failures=[item])
             continue
         bucket = waiting.setdefault(item.image.shape, [])
-        bucket.append(item)
-        count += 1
+        bucket.append((arrival, item))
         if len(bucket) >= batch_size:
-            count -= len(bucket)
-            yield Batch(images=waiting.pop(item.image.shape))
-        elif count > max_waiting:
-            shape = max(waiting, key=lambda s: len(waiting[s]))
-            count -= len(waiting[shape])
-            yield Batch(images=waiting.pop(shape))
+            del waiting[item.image.shape]
+            yield Batch(images=[image for _, image in bucket])
+        # buckets in order of their oldest image (dicts keep insertion order)
+        while waiting and next(iter(waiting.values()))[0][0] < arrival - window:
+            yield Batch(images=[image for _, image in waiting.pop(next(iter(waiting)))])
     for bucket in waiting.values():
-        yield Batch(images=bucket)
+        yield Batch(images=[image for _, image in bucket])

@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,8 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..devices import current_device, device_scope, for_other_thread, release_cached_memory
+from ..errors import ConfigError, SpExtractWarning
 from ..interrupt import graceful_stop
 from ..pairs.core import unpairable
 from ..report import Progress, Summary, counted, listed
@@ -29,12 +31,13 @@ from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
 from .discover import discover_images, read_image_list
-from .loader import decode_all, make_batches
+from .loader import Batch, decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .postprocess import Features, postprocess, to_original_frame
 from .weights import load_weights
 
 DETECTION_NOISE = 2.0  # keypoint uncertainty in working-size pixels, as hloc records it
+CPU_FP16_SLOWDOWN = 5  # PyTorch fp16 against fp32 on the CPU, measured (README, Performance)
 Dense = tuple[torch.Tensor, torch.Tensor]  # the network's dense (scores, descriptors) of a batch
 Entry = tuple[str, dict[str, np.ndarray], dict[str, dict[str, float]]]  # StoreWriter.add's arguments
 
@@ -134,6 +137,61 @@ def dense_outputs(network: Callable[[torch.Tensor], Dense], images: torch.Tensor
     return network(images) if min(images.shape[-2:]) >= STRIDE else None
 
 
+class MemoryBudget:
+    """Pixels one network call may hold: unbounded until the device runs out of memory, then
+    half the pixels of the call that failed, for the rest of the run."""
+
+    def __init__(self) -> None:
+        self.pixels: int | None = None
+
+    def lower(self, images: list[DecodedImage]) -> None:
+        """``images`` together did not fit: allow half their pixels from now on."""
+        half = len(images) * images[0].image.size // 2
+        self.pixels = half if self.pixels is None else min(self.pixels, half)
+
+    def split(self, images: list[DecodedImage]) -> list[list[DecodedImage]]:
+        """``images`` (of one size) in consecutive chunks within the budget, at least one each."""
+        count = len(images) if self.pixels is None else max(1, self.pixels // images[0].image.size)
+        return [images[start : start + count] for start in range(0, len(images), count)]
+
+
+def out_of_memory_reason(image: DecodedImage) -> str:
+    """Why an image that does not fit the device's memory even alone failed, and what to do."""
+    height, width = image.image.shape
+    return (
+        f"out of device memory at {width} x {height} px, even alone; lower --resize-max "
+        f"(say --resize-max {max(height, width) // 2}) or cut the image into tiles"
+    )
+
+
+def network_chunks(
+    runner: Callable[[torch.Tensor], Dense], images: list[DecodedImage], pin: bool, budget: MemoryBudget
+) -> Iterator[tuple[list[DecodedImage], Dense | None | str]]:
+    """The dense outputs of a batch's images, in chunks that fit the device's memory, ready for
+    post-processing on another thread (``for_other_thread``).
+
+    A chunk that runs out of memory is halved and retried (``budget`` remembers the limit for
+    later batches); an image that does not fit alone comes with the reason, a string, instead.
+    """
+    pending = budget.split(images) if images else []
+    while pending:
+        chunk = pending.pop(0)
+        fits = True
+        try:
+            dense = dense_outputs(runner, Batch(chunk).tensor(pin=pin))
+        except torch.cuda.OutOfMemoryError:  # = torch.OutOfMemoryError, as CUDA raises it
+            fits = False  # handled below, once the error and the frames it holds are released
+        if fits:
+            yield chunk, None if dense is None else for_other_thread(dense)
+            continue
+        release_cached_memory()
+        if len(chunk) == 1:
+            yield chunk, out_of_memory_reason(chunk[0])
+        else:
+            budget.lower(chunk)
+            pending[:0] = budget.split(chunk)
+
+
 def feature_datasets(
     features: Features, image: DecodedImage, config: ExtractConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
@@ -158,8 +216,10 @@ def finish_batch(
     summary: Summary,
     timings: dict[str, float],
 ) -> list[Entry]:
-    """Post-process one batch's dense outputs into store entries (run on the writer's thread)."""
-    with torch.inference_mode(), timed(timings, "postprocess", time.thread_time):
+    """Post-process one batch's dense outputs into store entries (run on the writer's thread,
+    with their device as its current CUDA device: a thread starts with GPU 0 current)."""
+    device = torch.device("cpu") if dense is None else dense[0].device
+    with torch.inference_mode(), timed(timings, "postprocess", time.thread_time), current_device(device):
         entries = []
         for image, features in zip(images, model.postprocess(dense, len(images))):
             datasets, attrs = feature_datasets(features, image, model.config)
@@ -259,6 +319,14 @@ class BackgroundWriter:
         self._discard = True
         self._stop()
 
+    def salvage(self) -> None:
+        """After an error: save what is finished. Write what is queued (unless the thread itself
+        failed: then it skips the rest) and flush the writer's buffer; errors doing so are
+        dropped, the error that ended the run is the one to report."""
+        self._stop()
+        with contextlib.suppress(Exception):
+            self.writer.flush()
+
 
 @contextlib.contextmanager
 def library_threads(torch_count: int, opencv_count: int | None = None) -> Iterator[None]:
@@ -344,6 +412,13 @@ def extract(
     started = time.monotonic()
     target = resolve_device(device)
     backend = choose_backend(backend, target, config.precision)
+    if backend == "torch" and target.type == "cpu" and config.precision == "fp16":
+        warnings.warn(
+            f"--precision fp16 on the CPU: PyTorch runs it about {CPU_FP16_SLOWDOWN}x slower than "
+            "fp32 (no fast fp16 convolutions); use bf16 or fp32, unless finishing a store made with fp16",
+            SpExtractWarning,
+            stacklevel=2,
+        )
     model = SuperPoint(weights, config)
     settings = {**asdict(config), "weights_sha1": model.weights_sha1}
     num_workers = default_workers(target) if num_workers is None else num_workers
@@ -352,7 +427,8 @@ def extract(
     # Thread budget: the network gets every core; decoding (single-threaded workers) and
     # post-processing with writing (one thread, PyTorch and OpenCV single-threaded unless
     # PyTorch runs the network) cost a few % of its time and overlap it.
-    with library_threads(cpu_cores() if backend == "torch" else 1, opencv_count=1):
+    threads = library_threads(cpu_cores() if backend == "torch" else 1, opencv_count=1)
+    with threads, device_scope(target):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
         summary.device, summary.backend = str(target), runner.name
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
@@ -361,24 +437,33 @@ def extract(
             summary.skipped = len(names) - len(todo)
             progress = Progress(len(todo), "images", quiet=quiet)
             background = BackgroundWriter(writer)
+            budget = MemoryBudget()
             try:
-                with graceful_stop() as stop, torch.inference_mode():
-                    decoded = decode_all(root, todo, config, num_workers)
+                with (
+                    graceful_stop() as stop,
+                    torch.inference_mode(),
+                    contextlib.closing(decode_all(root, todo, config, num_workers)) as decoded,
+                ):
                     for batch in timed_items(make_batches(decoded, batch_size), timings, "decode"):
-                        for failure in batch.failures:
-                            summary.failed.append({"name": failure.name, "reason": failure.error})
-                            progress.message(f"failed: {failure.name}: {failure.error}")
-                        if batch.images:
-                            with timed(timings, "network"):
-                                dense = dense_outputs(runner, batch.tensor(pin=target.type == "cuda"))
-                            background.add(
-                                functools.partial(finish_batch, model, batch.images, dense, summary, timings)
-                            )
+                        failed = [([failure], failure.error) for failure in batch.failures]
+                        chunks = network_chunks(runner, batch.images, target.type == "cuda", budget)
+                        for chunk, dense in timed_items(chunks, timings, "network"):
+                            if isinstance(dense, str):
+                                failed.append((chunk, dense))
+                                continue
+                            job = functools.partial(finish_batch, model, chunk, dense, summary, timings)
+                            background.add(job)
+                        for (image,), reason in failed:
+                            summary.failed.append({"name": image.name, "reason": reason})
+                            progress.message(f"failed: {image.name}: {reason}")
                         progress.advance(background.saved())
                         if stop:
                             summary.interrupted, summary.exit_code = True, stop.exit_code
                             break
                     progress.advance(background.close())
+            except Exception:
+                background.salvage()  # finished results are saved whatever failed
+                raise
             finally:
                 background.abandon()
                 timings["write"] = background.busy_s

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..devices import HostCopy, copy_to_host, device_scope
 from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
@@ -229,6 +230,7 @@ def match_pairs(
                 h5py.File(features, "r") as h5,
                 ThreadPoolExecutor(os.cpu_count()) as pool,  # OpenCV releases the GIL
                 graceful_stop() as stop,
+                device_scope(target),
             ):
                 counts, row_bytes = descriptor_counts(h5, list(dict.fromkeys(n for p in todo for n in p)))
                 budget = cache_mb << 20
@@ -260,9 +262,7 @@ class _Batch:
 
     pairs: list[Pair]
     loaded: list[tuple[ImageFeatures, ImageFeatures]]
-    matches: torch.Tensor
-    scores: torch.Tensor
-    done: torch.cuda.Event | None
+    results: HostCopy  # matches (int32) and scores
 
     @classmethod
     def start(
@@ -292,23 +292,14 @@ class _Batch:
         matches, scores = nearest_neighbours(
             [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config, work_elements
         )
-        cuda = matches.device.type == "cuda"
-        matches = matches.to(torch.int32).to("cpu", non_blocking=cuda)
-        scores = scores.to("cpu", non_blocking=cuda)
-        done = None
-        if cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return cls(ready, loaded, matches, scores, done)
+        return cls(ready, loaded, copy_to_host([matches.to(torch.int32), scores]))
 
     def save(
         self, config: MatchConfig, writer: StoreWriter, summary: Summary, progress: Progress, pool: Executor
     ) -> None:
         """Wait for the results, verify them if asked (pairs in parallel on ``pool``), and hand
         them to the writer."""
-        if self.done is not None:
-            self.done.synchronize()
-        matches, scores = self.matches.numpy(), self.scores.numpy()
+        matches, scores = (tensor.numpy() for tensor in self.results.wait())
         rows = [matches[row, : len(first.descriptors)].copy() for row, (first, _) in enumerate(self.loaded)]
         inliers: list[int | None] = [None] * len(rows)
         if config.verify is not None:
