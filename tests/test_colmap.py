@@ -557,3 +557,32 @@ def test_colmap_stops_at_once_on_a_signal_and_leaves_nothing(tmp_path: Path, sig
     assert "aborted" in run.text and "Traceback" not in run.text and "SIGTERM" not in run.text
     assert not Path(f"/proc/{child}").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "images", "matches.h5"]
+
+
+def test_reconstruct_stops_at_once_on_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in for a long incremental mapping (imported through ``sitecustomize`` into the real
+    ``sp-extract`` process) writes a partial model and sleeps; Ctrl-C must end the run at once
+    and leave neither the partial model nor an ``--out`` folder."""
+    database, images, sparse = tmp_path / "db.db", tmp_path / "images", tmp_path / "sparse"
+    images.mkdir()
+    with pycolmap.Database.open(database):
+        pass  # an empty COLMAP database: nothing to check against --images
+    stand_in = tmp_path / "stand_in"
+    stand_in.mkdir()
+    (stand_in / "sitecustomize.py").write_text(
+        "import pathlib, time\n"
+        "import pycolmap\n"
+        "def mapping(database, images, output, options):\n"
+        "    (pathlib.Path(output) / '0').mkdir()\n"
+        "    (pathlib.Path(output) / '0' / 'partial.bin').write_bytes(b'half a model')\n"
+        "    time.sleep(120)\n"
+        "pycolmap.incremental_mapping = mapping\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stand_in), str(ROOT)]))
+    run = Run("reconstruct", "--database", str(database), "--images", str(images), "--out", str(sparse))
+    assert run.wait_until(lambda: bool(list(tmp_path.glob(".sparse.*/0/partial.bin"))), timeout=120), run.text
+    run.signal_group(signal.SIGINT)
+    sent = time.monotonic()
+    assert run.finish(timeout=60) == 130, run.text
+    assert time.monotonic() - sent < 10 and "Traceback" not in run.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.db", "images", "stand_in"]

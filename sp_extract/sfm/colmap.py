@@ -229,7 +229,11 @@ def check_database(path: Path) -> list[str]:
             header = file.read(16)
         if header != b"SQLite format 3\x00":
             raise StoreError(f"{path}: not a COLMAP database (not an SQLite file)")
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        # immutable: a read-only connection to COLMAP's WAL-mode database would leave -wal and
+        # -shm files behind; without a -wal file there is nothing else to read
+        wal = path.with_name(path.name + "-wal").exists()
+        uri = f"{path.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             missing = _DATABASE_TABLES - tables
             if missing:
