@@ -128,14 +128,20 @@ def postprocess(
     border: int,
     max_keypoints: int,
     subpixel: bool = False,
+    allowed: torch.Tensor | None = None,
 ) -> list[Features]:
     """Dense maps of one batch -> per-image ``Features`` in network-input pixels.
 
     ``subpixel`` moves each kept keypoint to its sub-pixel peak (``refine.refine_keypoints``)
-    before the descriptors are sampled; scores stay those of the detected pixels.
+    before the descriptors are sampled; scores stay those of the detected pixels. ``allowed``
+    (B, H, W) bool, at least the score maps' size: keypoints detected where it is False (masked
+    pixels) are removed before the top-k, so ``max_keypoints`` keeps the best allowed ones.
     """
     dense = scores
     scores = remove_borders(nms(scores, nms_radius), border)
+    if allowed is not None:
+        height, width = scores.shape[-2:]
+        scores = scores.masked_fill(~allowed[:, :height, :width].to(scores.device), -1)
     selected = select_keypoints(scores, threshold, max_keypoints)
     keypoints = [xy for xy, _ in selected]
     if subpixel:
