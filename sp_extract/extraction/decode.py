@@ -2,7 +2,8 @@
 
 Output is a grayscale float32 array in [0, 1] at the working size (longest side ``resize_max``,
 aspect ratio kept, area interpolation, as hloc does), plus the original size. Pixels are
-decoded as stored (OpenCV's own EXIF rotation is off); with ``orientation="exif"`` the working
+decoded as stored, the frame COLMAP reads (OpenCV's own EXIF rotation is off, and undone for
+TIFF, which it turns regardless); with ``orientation="exif"`` the working
 image is then turned as a viewer shows it (``orientation``), and the pipeline maps keypoints back,
 so they live in the stored pixel frame that COLMAP and hloc use. With ``masks``, the image's mask
 is read and checked here too (``masks``). HEIF/HEIC is decoded by pillow-heif (``heif``).
@@ -33,7 +34,7 @@ from ..errors import DecodeError
 from .config import ExtractConfig
 from .heif import decode_heif, is_heif
 from .masks import allowed_pixels, read_mask
-from .orientation import read_orientation, to_viewer_frame
+from .orientation import read_orientation, to_viewer_frame, undo_orientation
 
 _READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 _REDUCED_FLAGS = {
@@ -268,7 +269,11 @@ def decode_stored(path: Path, config: ExtractConfig) -> tuple[np.ndarray, tuple[
     if decoded is None or decoded.size == 0:
         raise DecodeError(f"corrupt or truncated {header.format} image data")
     gray = _to_gray_255(decoded)
-    orientation = read_orientation(data, header.format) if config.orientation == "exif" else 1
+    orientation = read_orientation(data, header.format)
+    if header.format == "tiff" and orientation != 1:  # OpenCV turns TIFFs whatever its flags say
+        gray = undo_orientation(gray, orientation)
+    if config.orientation == "ignore":
+        orientation = 1
     if factor == 1:
         return gray, (gray.shape[1], gray.shape[0]), orientation
     return gray, (header.width, header.height), orientation

@@ -129,6 +129,16 @@ def to_viewer_frame(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
+def undo_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels of a (H, W) array that ``to_viewer_frame`` turned (a contiguous copy)."""
+    transpose, flip_rows, flip_columns = _STEPS[orientation]
+    if flip_columns:
+        pixels = pixels[:, ::-1]
+    if flip_rows:
+        pixels = pixels[::-1]
+    return np.ascontiguousarray(pixels.T if transpose else pixels)
+
+
 def to_stored_frame(keypoints: np.ndarray, orientation: int, viewed: tuple[int, int]) -> np.ndarray:
     """Map (N, 2) x, y keypoints of an image seen at ``viewed`` (width, height) by
     ``to_viewer_frame`` back into its stored pixels (pixel centres at integer coordinates)."""
