@@ -73,29 +73,18 @@ def _jpeg_orientation(data: bytes) -> int:
     return 1
 
 
-def _png_orientation(data: bytes) -> int:
-    position = 8
+def _chunk_orientation(data: bytes, png: bool) -> int:
+    """The orientation in the EXIF chunk of a PNG (``eXIf``) or WebP (RIFF ``EXIF``) file."""
+    position, layout, wanted = (8, ">I4s", b"eXIf") if png else (12, "<4sI", b"EXIF")
     while position + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, position)
-        if kind == b"eXIf":
-            return orientation_from_tiff(
-                _without_exif_prefix(memoryview(data)[position + 8 : position + 8 + length])
-            )
+        first, second = struct.unpack_from(layout, data, position)
+        kind, length = (second, first) if png else (first, second)
+        if kind == wanted:
+            payload = memoryview(data)[position + 8 : position + 8 + length]
+            return orientation_from_tiff(_without_exif_prefix(payload))
         if kind == b"IEND":
             break
-        position += 12 + length
-    return 1
-
-
-def _webp_orientation(data: bytes) -> int:
-    position = 12
-    while position + 8 <= len(data):
-        kind, length = struct.unpack_from("<4sI", data, position)
-        if kind == b"EXIF":
-            return orientation_from_tiff(
-                _without_exif_prefix(memoryview(data)[position + 8 : position + 8 + length])
-            )
-        position += 8 + length + (length & 1)  # chunks are padded to an even size
+        position += 8 + length + (4 if png else length & 1)  # PNG: a CRC; RIFF: padded to even
     return 1
 
 
@@ -105,10 +94,8 @@ def read_orientation(data: bytes, fmt: str) -> int:
         return _jpeg_orientation(data)
     if fmt == "tiff":
         return orientation_from_tiff(data)
-    if fmt == "png":
-        return _png_orientation(data)
-    if fmt == "webp":
-        return _webp_orientation(data)
+    if fmt in ("png", "webp"):
+        return _chunk_orientation(data, png=fmt == "png")
     return 1
 
 
