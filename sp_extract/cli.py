@@ -220,6 +220,28 @@ def cli(debug: bool) -> None:
     "photos; pixels differ slightly from a full decode). Always on above 100 Mpx.",
 )
 @click.option(
+    "--orientation",
+    type=click.Choice(["exif", "ignore"]),
+    default="exif",
+    show_default=True,
+    help="exif: the network sees each photo as a viewer shows it (EXIF orientation of JPEG, TIFF, "
+    "PNG, WebP); keypoints and image_size stay in the stored pixel frame, as COLMAP and hloc "
+    "expect. ignore: the stored pixels as they are (a setting of the store).",
+)
+@click.option(
+    "--masks",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="COLMAP-style masks: DIR/NAME.png for image NAME, the stored image's size; no keypoints "
+    "on zero pixels. An image without a mask uses the whole image (a setting of the store).",
+)
+@click.option(
+    "--tile",
+    default="auto",
+    show_default=True,
+    help="Run the network tile by tile (bounded memory for huge images at --resize-max 0; same "
+    "features): auto tiles images above about 5 Mpx, 0 never, SIZE in tiles of SIZE px (multiple of 8).",
+)
+@click.option(
     "--batch-size",
     type=int,
     default=None,
@@ -275,6 +297,9 @@ def extract(
     fp32_descriptors: bool,
     subpixel: bool,
     reduced_decode: bool,
+    orientation: str,
+    masks: Path | None,
+    tile: str,
     batch_size: int | None,
     num_workers: int | None,
     device: str,
@@ -305,6 +330,8 @@ def extract(
         subpixel=subpixel,
         reduced_decode=reduced_decode,
         precision=precision,
+        orientation=orientation,
+        masks=str(masks) if masks else None,
     )
     summary = run_extract(
         images_dir,
@@ -318,6 +345,7 @@ def extract(
         overwrite=overwrite,
         quiet=quiet,
         backend=backend,
+        tile=tile,
     )
     finish_run(summary, json_report)
 

@@ -181,3 +181,59 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+@dataclass
+class ExtractSummary(Summary):
+    """An extraction's summary: ``Summary`` plus what real photo collections need reported:
+    files not read (``unsupported``: image formats it cannot read, listed; ``other_files``: other
+    files, counted by extension), images turned by their EXIF orientation, masks, tiled images."""
+
+    unsupported: list[str] = field(default_factory=list)
+    other_files: dict[str, int] = field(default_factory=dict)
+    orientation_applied: int = 0
+    masks_used: bool = False
+    masks_missing: int = 0
+    masked_shares: list[float] = field(default_factory=list)  # per masked image: its zero pixels' share
+    tiled: int = 0
+
+    def note_image(self, orientation: int, masked_share: float | None) -> None:
+        """Record one extracted image: its EXIF orientation applied, its mask's masked share."""
+        self.orientation_applied += orientation != 1
+        if masked_share is not None:
+            self.masked_shares.append(masked_share)
+        elif self.masks_used:
+            self.masks_missing += 1
+
+    def masked_share_mean(self) -> float:
+        return round(statistics.fmean(self.masked_shares), 4) if self.masked_shares else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        del data["masked_shares"]
+        data["unsupported_count"] = len(self.unsupported)
+        data["masked_images"] = len(self.masked_shares)
+        data["masked_share_mean"] = self.masked_share_mean()
+        return data
+
+    def lines(self) -> list[str]:
+        lines = super().lines()
+        notes = (
+            [f"EXIF orientation applied to {self.orientation_applied}"] if self.orientation_applied else []
+        )
+        if self.masks_used:
+            notes.append(
+                f"masked {len(self.masked_shares)} (mean {100 * self.masked_share_mean():.1f}% of pixels), "
+                f"{self.masks_missing} without a mask (whole image used)"
+            )
+        if self.tiled:
+            notes.append(f"tiled network on {self.tiled}")
+        if notes:
+            lines.insert(2, "images: " + "; ".join(notes))
+        if self.other_files:
+            kinds = ", ".join(
+                f"{count} {ext or '(no extension)'}" for ext, count in sorted(self.other_files.items())
+            )
+            lines.append(f"not images, not read: {sum(self.other_files.values())} files ({kinds})")
+        lines += [f"unsupported format: {name}" for name in self.unsupported]
+        return lines

@@ -69,7 +69,7 @@ def exif_orientation_segment(orientation: int) -> bytes:
     return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
 
 
-def test_jpeg_exif_orientation_is_ignored(tmp_path: Path) -> None:
+def test_jpeg_exif_orientation_is_ignored_with_orientation_ignore(tmp_path: Path) -> None:
     height, width = 32, 64
     pixels = np.tile(np.linspace(0, 255, width).astype(np.uint8), (height, 1))
     pixels[: height // 2] //= 2  # not symmetric under any rotation or flip
@@ -82,7 +82,7 @@ def test_jpeg_exif_orientation_is_ignored(tmp_path: Path) -> None:
     # the crafted tag is real: a reader that honours EXIF turns the image upright
     assert cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).shape == (width, height)
 
-    decoded = load_image(tmp_path, "rotated.jpg", ExtractConfig(resize_max=0))
+    decoded = load_image(tmp_path, "rotated.jpg", ExtractConfig(resize_max=0, orientation="ignore"))
 
     assert decoded.error is None
     assert decoded.original_size == (width, height)

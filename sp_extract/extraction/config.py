@@ -7,11 +7,18 @@ refused on resume (unless ``--overwrite``). Defaults are those of the reference 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # network arithmetic; fp16 / bf16 change the features slightly
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS += (".heic", ".heif", ".hif")  # HEIF: read with the [heif] extra (pillow-heif)
+# image files that are not read: reported as "unsupported format", never skipped silently
+RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf", ".rw2")
+RAW_EXTENSIONS += (".raf", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".erf", ".kdc", ".dcr", ".mrw", ".rwl")
+OTHER_IMAGE_EXTENSIONS = (".gif", ".avif", ".jxl", ".jp2", ".j2k", ".exr", ".hdr", ".psd", ".svg", ".ico")
+ORIENTATIONS = ("exif", "ignore")  # exif: the network sees images as a viewer shows them
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class ExtractConfig:
     precision: str = "fp32"
     subpixel: bool = False
     reduced_decode: bool = False
+    orientation: str = "exif"  # "exif": the network sees images as a viewer shows them; "ignore"
+    masks: str | None = None  # folder of COLMAP-style masks (stored as its absolute path)
 
     def __post_init__(self) -> None:
         if self.max_keypoints == 0 or self.max_keypoints < -1:
@@ -42,3 +51,11 @@ class ExtractConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resize_max < 0:
             raise ConfigError(f"--resize-max must be >= 0 (0 = native size), got {self.resize_max}")
+        if self.orientation not in ORIENTATIONS:
+            raise ConfigError(
+                f"--orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}"
+            )
+        if self.masks is not None:
+            if not Path(self.masks).is_dir():
+                raise ConfigError(f"--masks {self.masks}: not a directory")
+            object.__setattr__(self, "masks", str(Path(self.masks).resolve()))

@@ -1,8 +1,12 @@
 """Stage 2, decode: read one image file into the network's input.
 
 Output is a grayscale float32 array in [0, 1] at the working size (longest side ``resize_max``,
-aspect ratio kept, area interpolation, as hloc does), plus the original size. EXIF orientation
-is ignored, as COLMAP and hloc do, so keypoints live in the stored pixel frame.
+aspect ratio kept, area interpolation, as hloc does), plus the original size. Pixels are
+decoded as stored, the frame COLMAP reads (OpenCV's own EXIF rotation is off, and undone for
+TIFF, which it turns regardless); with ``orientation="exif"`` the working
+image is then turned as a viewer shows it (``orientation``), and the pipeline maps keypoints back,
+so they live in the stored pixel frame that COLMAP and hloc use. With ``masks``, the image's mask
+is read and checked here too (``masks``). HEIF/HEIC is decoded by pillow-heif (``heif``).
 
 Hostile files are refused before decoding: the header (JPEG SOF, PNG IHDR, BMP, PNM, TIFF,
 WebP) is parsed first, so a file whose content is not an image, or a decompression bomb, costs
@@ -28,6 +32,9 @@ import numpy as np
 
 from ..errors import DecodeError
 from .config import ExtractConfig
+from .heif import decode_heif, is_heif
+from .masks import allowed_pixels, read_mask
+from .orientation import read_orientation, to_viewer_frame, undo_orientation
 
 _READ_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 _REDUCED_FLAGS = {
@@ -48,6 +55,9 @@ class DecodedImage:
     image: np.ndarray | None  # (H, W) float32 in [0, 1] at the working size
     original_size: tuple[int, int]  # (width, height) of the file's pixels
     error: str | None = None
+    orientation: int = 1  # EXIF orientation applied to ``image`` (1: as stored)
+    allowed: np.ndarray | None = None  # (H, W) bool, False on masked pixels; None: no mask
+    masked_share: float | None = None  # share of the mask's pixels that are zero; None: no mask
 
 
 @dataclass(frozen=True)
@@ -168,9 +178,13 @@ def read_header(file: BinaryIO) -> ImageHeader:
             return ImageHeader("tiff", *_tiff_header(file, head))
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
             return ImageHeader("webp", *_webp_header(head))
+        if is_heif(head):
+            return ImageHeader("heif", 0, 0)  # its size is read by the decoder, before decoding
     except (struct.error, ValueError, OverflowError, OSError) as error:
         raise DecodeError(f"corrupt image header ({error})") from error
-    raise DecodeError("not a readable image: unknown format (supported: jpeg, png, bmp, pnm, tiff, webp)")
+    raise DecodeError(
+        "not a readable image: unknown format (supported: jpeg, png, bmp, pnm, tiff, webp, heif)"
+    )
 
 
 def _reduction(header: ImageHeader, size: tuple[int, int]) -> int:
@@ -217,20 +231,33 @@ def _to_gray_255(pixels: np.ndarray) -> np.ndarray:
 def decode_file(path: Path, config: ExtractConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """Grayscale [0, 255] pixels of ``path`` at least as large as the working size, and the
     original (width, height). JPEGs may be decoded reduced (see the module's docstring)."""
+    return decode_stored(path, config)[:2]
+
+
+def _check_pixels(width: int, height: int, factor: int = 1) -> None:
+    pixels = -(-width // factor) * -(-height // factor)
+    if pixels > MAX_DECODE_PIXELS:
+        raise DecodeError(
+            f"too large to decode: {width} x {height} pixels "
+            f"({pixels / 1e6:.0f} Mpx to decode, limit {MAX_DECODE_PIXELS / 1e6:.0f} Mpx)"
+        )
+
+
+def decode_stored(path: Path, config: ExtractConfig) -> tuple[np.ndarray, tuple[int, int], int]:
+    """``decode_file`` and the file's EXIF orientation (1 when it has none, or when
+    ``config.orientation`` is ``ignore``). HEIF is returned as its decoder turns it (1)."""
     with _open_regular(Path(path)) as file:
         try:
             header = read_header(file)
+            if header.format == "heif":
+                gray = _to_gray_255(decode_heif(file, _check_pixels))
+                return gray, (gray.shape[1], gray.shape[0]), 1
             if header.width <= 0 or header.height <= 0:
                 raise DecodeError(f"corrupt {header.format} header (size {header.width} x {header.height})")
             size = working_size(header.width, header.height, config.resize_max, config.resize_force)
             huge = header.width * header.height > MAX_FULL_DECODE_PIXELS
             factor = _reduction(header, size) if config.reduced_decode or huge else 1
-            pixels = -(-header.width // factor) * -(-header.height // factor)
-            if pixels > MAX_DECODE_PIXELS:
-                raise DecodeError(
-                    f"too large to decode: {header.width} x {header.height} pixels "
-                    f"({pixels / 1e6:.0f} Mpx to decode, limit {MAX_DECODE_PIXELS / 1e6:.0f} Mpx)"
-                )
+            _check_pixels(header.width, header.height, factor)
             file.seek(0)
             data = file.read()
         except OSError as error:
@@ -242,9 +269,14 @@ def decode_file(path: Path, config: ExtractConfig) -> tuple[np.ndarray, tuple[in
     if decoded is None or decoded.size == 0:
         raise DecodeError(f"corrupt or truncated {header.format} image data")
     gray = _to_gray_255(decoded)
+    orientation = read_orientation(data, header.format)
+    if header.format == "tiff" and orientation != 1:  # OpenCV turns TIFFs whatever its flags say
+        gray = undo_orientation(gray, orientation)
+    if config.orientation == "ignore":
+        orientation = 1
     if factor == 1:
-        return gray, (gray.shape[1], gray.shape[0])
-    return gray, (header.width, header.height)
+        return gray, (gray.shape[1], gray.shape[0]), orientation
+    return gray, (header.width, header.height), orientation
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -265,9 +297,18 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def load_image(root: Path, name: str, config: ExtractConfig) -> DecodedImage:
     """Decode ``root/name`` for the network; errors are returned, not raised."""
     try:
-        gray, (width, height) = decode_file(Path(root) / name, config)
+        gray, (width, height), orientation = decode_stored(Path(root) / name, config)
+        mask = read_mask(config.masks, name, (width, height)) if config.masks else None
     except DecodeError as error:
         return DecodedImage(name, None, (0, 0), str(error))
     size = working_size(width, height, config.resize_max, config.resize_force)
-    image = resize(gray, size) / np.float32(255.0)
-    return DecodedImage(name, image.astype(np.float32, copy=False), (width, height))
+    image = resize(gray, size)
+    del gray  # at native size ``image`` is ``gray``: divide in place, no second full-size copy
+    np.divide(image, np.float32(255.0), out=image)
+    decoded = DecodedImage(
+        name, to_viewer_frame(image, orientation), (width, height), orientation=orientation
+    )
+    if mask is not None:
+        decoded.allowed = to_viewer_frame(allowed_pixels(mask, size), orientation)
+        decoded.masked_share = float(np.count_nonzero(mask == 0) / mask.size)
+    return decoded

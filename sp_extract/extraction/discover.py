@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from .config import IMAGE_EXTENSIONS
+from .config import IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, RAW_EXTENSIONS
 
 
 def is_image_name(name: str) -> bool:
@@ -33,12 +34,32 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def discover_images(root: Path) -> list[str]:
-    """All image names below ``root``, sorted."""
+@dataclass
+class Scan:
+    """What a folder (or an image list) holds: the images to extract, the image files in formats
+    that are not read (camera RAW, GIF, ...), and how many other files, by extension."""
+
+    names: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    other_files: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str) -> None:
+        lower = name.lower()
+        if is_image_name(name):
+            self.names.append(name)
+        elif lower.endswith(RAW_EXTENSIONS + OTHER_IMAGE_EXTENSIONS):
+            self.unsupported.append(name)
+        else:
+            extension = posixpath.splitext(lower)[1]
+            self.other_files[extension] = self.other_files.get(extension, 0) + 1
+
+
+def scan_folder(root: Path) -> Scan:
+    """Every file below ``root``, sorted by name into a ``Scan``."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"{root}: not a directory")
-    names: list[str] = []
+    scan = Scan()
     seen_dirs: set[tuple[int, int]] = set()
 
     def walk(directory: Path, prefix: str) -> None:
@@ -61,11 +82,32 @@ def discover_images(root: Path) -> list[str]:
                 is_dir = False
             if is_dir:
                 walk(Path(entry.path), f"{prefix}{entry.name}/")
-            elif is_image_name(entry.name):
-                names.append(prefix + entry.name)
+            else:
+                scan.add(prefix + entry.name)
 
     walk(root, "")
-    return sorted(names)
+    scan.names.sort()
+    scan.unsupported.sort()
+    return scan
+
+
+def discover_images(root: Path) -> list[str]:
+    """All image names below ``root``, sorted."""
+    return scan_folder(root).names
+
+
+def find_images(root: Path, image_list: Path | None = None) -> Scan:
+    """The images of ``image_list`` (see ``read_image_list``) if given, else of the folder
+    ``root``; files of unsupported formats are set apart in both cases."""
+    if image_list is None:
+        return scan_folder(root)
+    scan = Scan()
+    for name in read_image_list(image_list, root):
+        if name.lower().endswith(RAW_EXTENSIONS + OTHER_IMAGE_EXTENSIONS):
+            scan.unsupported.append(name)
+        else:
+            scan.names.append(name)
+    return scan
 
 
 def read_image_list(list_file: Path, root: Path) -> list[str]:

@@ -25,15 +25,17 @@ from ..devices import current_device, device_scope, for_other_thread, release_ca
 from ..errors import ConfigError, SpExtractWarning
 from ..interrupt import graceful_stop
 from ..pairs.core import unpairable
-from ..report import Progress, Summary, counted, listed
+from ..report import ExtractSummary, Progress, counted, listed
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
-from .discover import discover_images, read_image_list
+from .discover import find_images
 from .loader import Batch, decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
+from .orientation import to_stored_frame, viewed_size
 from .postprocess import Features, postprocess, to_original_frame
+from .tiling import TiledNetwork, parse_tile
 from .weights import load_weights
 
 DETECTION_NOISE = 2.0  # keypoint uncertainty in working-size pixels, as hloc records it
@@ -121,14 +123,17 @@ class SuperPoint(torch.nn.Module):
         network = functools.partial(run_torch, self.net, precision=self.config.precision)
         return self.postprocess(dense_outputs(network, images), len(images))
 
-    def postprocess(self, dense: Dense | None, count: int) -> list[Features]:
+    def postprocess(
+        self, dense: Dense | None, count: int, allowed: torch.Tensor | None = None
+    ) -> list[Features]:
         """Per-image features of the dense outputs of a batch of ``count`` images (None: images
-        smaller than one 8 x 8 cell, which have no keypoint; they are stored so, not failed)."""
+        smaller than one 8 x 8 cell, which have no keypoint; they are stored so, not failed).
+        ``allowed``: (B, H, W) bool, False on masked pixels (see ``postprocess.postprocess``)."""
         if dense is None:
             empty = torch.zeros((0, 2)), torch.zeros(0), torch.zeros((0, DESCRIPTOR_DIM))
             return [Features(*empty) for _ in range(count)]
         c = self.config
-        return postprocess(*dense, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel)
+        return postprocess(*dense, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel, allowed)
 
 
 def dense_outputs(network: Callable[[torch.Tensor], Dense], images: torch.Tensor) -> Dense | None:
@@ -196,8 +201,10 @@ def feature_datasets(
     features: Features, image: DecodedImage, config: ExtractConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """One image's features as the store's datasets (hloc layout) and dataset attributes."""
-    height, width = image.image.shape
-    keypoints = to_original_frame(features.keypoints.cpu().numpy(), (width, height), image.original_size)
+    height, width = image.image.shape  # as the network saw it; keypoints go back to the stored frame
+    keypoints = to_stored_frame(features.keypoints.cpu().numpy(), image.orientation, (width, height))
+    width, height = viewed_size((width, height), image.orientation)
+    keypoints = to_original_frame(keypoints, (width, height), image.original_size)
     scale = np.asarray(image.original_size, np.float32) / np.asarray((width, height), np.float32)
     descriptors = features.descriptors.cpu().numpy().T
     datasets = {
@@ -213,7 +220,7 @@ def finish_batch(
     model: SuperPoint,
     images: list[DecodedImage],
     dense: Dense | None,
-    summary: Summary,
+    summary: ExtractSummary,
     timings: dict[str, float],
 ) -> list[Entry]:
     """Post-process one batch's dense outputs into store entries (run on the writer's thread,
@@ -221,11 +228,26 @@ def finish_batch(
     device = torch.device("cpu") if dense is None else dense[0].device
     with torch.inference_mode(), timed(timings, "postprocess", time.thread_time), current_device(device):
         entries = []
-        for image, features in zip(images, model.postprocess(dense, len(images))):
+        for image, features in zip(images, model.postprocess(dense, len(images), allowed_pixels(images))):
             datasets, attrs = feature_datasets(features, image, model.config)
             summary.counts.append(len(datasets["scores"]))
+            summary.note_image(image.orientation, image.masked_share)
             entries.append((image.name, datasets, attrs))
     return entries
+
+
+def allowed_pixels(images: list[DecodedImage]) -> torch.Tensor | None:
+    """(B, H, W) bool of a batch's masks (True for an image without one); None if none has one."""
+    if all(image.allowed is None for image in images):
+        return None
+    return torch.from_numpy(
+        np.stack(
+            [
+                image.allowed if image.allowed is not None else np.ones_like(image.image, bool)
+                for image in images
+            ]
+        )
+    )
 
 
 def default_workers(device: torch.device) -> int:
@@ -380,7 +402,8 @@ def extract(
     quiet: bool = True,
     backend: str = "auto",
     timings: dict[str, float] | None = None,
-) -> Summary:
+    tile: str | int = "auto",
+) -> ExtractSummary:
     """Extract SuperPoint features of every image below ``images`` into the store ``out``.
 
     Images already in the store are skipped (resume). Returns the run's ``Summary``; a failed
@@ -389,20 +412,29 @@ def extract(
     ``default_batch_size``. ``backend`` runs the network (see ``backends``). ``timings``, if
     given, receives the seconds spent per stage: on the main thread (wall time) ``decode``
     (waiting for the decoding workers) and ``network``; on the background thread (its CPU
-    time) ``postprocess`` and ``write``.
+    time) ``postprocess`` and ``write``. ``tile``: ``auto`` runs the network tile by tile on
+    images too large for a memory budget, 0 never, N in tiles of N pixels (see ``tiling``).
     """
     config = config or ExtractConfig()
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0 (0 decodes in the main process), got {num_workers}")
+    tile_size = parse_tile(tile)
     root, out = Path(images), Path(out)
-    names = read_image_list(Path(image_list), root) if image_list else discover_images(root)
+    scan = find_images(root, Path(image_list) if image_list else None)
+    names = scan.names
     if not names:
-        raise ConfigError(
-            f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp)"
+        found = (
+            f"; not read: {len(scan.unsupported)} files of unsupported formats" if scan.unsupported else ""
         )
-    summary = Summary(command="extract", output=str(out), total=len(names), failures_shown=not quiet)
+        raise ConfigError(
+            f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp, "
+            f"heic, heif){found}"
+        )
+    summary = ExtractSummary(command="extract", output=str(out), total=len(names), failures_shown=not quiet)
+    summary.unsupported, summary.other_files = scan.unsupported, scan.other_files
+    summary.masks_used = config.masks is not None
     spaced = unpairable(names)
     if spaced:
         summary.warnings.append(
@@ -431,6 +463,7 @@ def extract(
     with threads, device_scope(target):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
         summary.device, summary.backend = str(target), runner.name
+        network = TiledNetwork(runner, tile_size)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
         with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
             todo = [n for n in names if n not in writer.done]
@@ -446,7 +479,7 @@ def extract(
                 ):
                     for batch in timed_items(make_batches(decoded, batch_size), timings, "decode"):
                         failed = [([failure], failure.error) for failure in batch.failures]
-                        chunks = network_chunks(runner, batch.images, target.type == "cuda", budget)
+                        chunks = network_chunks(network, batch.images, target.type == "cuda", budget)
                         for chunk, dense in timed_items(chunks, timings, "network"):
                             if isinstance(dense, str):
                                 failed.append((chunk, dense))
@@ -467,6 +500,7 @@ def extract(
             finally:
                 background.abandon()
                 timings["write"] = background.busy_s
+                summary.tiled = network.tiled_images
                 progress.close()
         summary.notes += writer.notes
     if summary.counts and not any(summary.counts):

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from .model import STRIDE
 from .refine import refine_keypoints
 
+NMS_BAND_ROWS = 512  # rows of the score map suppressed at once on the CPU (bounded memory)
+
 
 @dataclass
 class Features:
@@ -37,7 +39,10 @@ def nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
     if scores.device.type != "cpu":
         return nms_torch(scores, radius)
     maps = np.ascontiguousarray(scores.float().numpy())
-    return torch.from_numpy(np.stack([nms_opencv(image, radius) for image in maps]).reshape(maps.shape))
+    kept = np.empty_like(maps)
+    for image, out in zip(maps, kept):
+        nms_opencv_bands(image, radius, out)
+    return torch.from_numpy(kept)
 
 
 def nms_torch(scores: torch.Tensor, radius: int) -> torch.Tensor:
@@ -66,6 +71,19 @@ def nms_opencv(scores: np.ndarray, radius: int) -> np.ndarray:
         found = cv2.compare(remaining, cv2.dilate(remaining, kernel), cv2.CMP_EQ)
         is_max |= found & ~suppressed
     return scores * (is_max > 0)
+
+
+def nms_opencv_bands(scores: np.ndarray, radius: int, out: np.ndarray, band: int = NMS_BAND_ROWS) -> None:
+    """``nms_opencv`` of a (H, W) map into ``out``, in bands of ``band`` rows, so that its
+    temporaries stay small on huge maps. The suppression of a pixel depends on the map within
+    5 radii of it (three dilations a round, two rounds), so each band is computed with 6 radii
+    of the map around it and the result is the same as in one piece."""
+    height = scores.shape[0]
+    pad = 6 * radius
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        start, stop = max(0, top - pad), min(height, bottom + pad)
+        out[top:bottom] = nms_opencv(scores[start:stop], radius)[top - start : bottom - start]
 
 
 def remove_borders(scores: torch.Tensor, border: int) -> torch.Tensor:
@@ -128,14 +146,20 @@ def postprocess(
     border: int,
     max_keypoints: int,
     subpixel: bool = False,
+    allowed: torch.Tensor | None = None,
 ) -> list[Features]:
     """Dense maps of one batch -> per-image ``Features`` in network-input pixels.
 
     ``subpixel`` moves each kept keypoint to its sub-pixel peak (``refine.refine_keypoints``)
-    before the descriptors are sampled; scores stay those of the detected pixels.
+    before the descriptors are sampled; scores stay those of the detected pixels. ``allowed``
+    (B, H, W) bool, at least the score maps' size: keypoints detected where it is False (masked
+    pixels) are removed before the top-k, so ``max_keypoints`` keeps the best allowed ones.
     """
     dense = scores
     scores = remove_borders(nms(scores, nms_radius), border)
+    if allowed is not None:
+        height, width = scores.shape[-2:]
+        scores = scores.masked_fill(~allowed[:, :height, :width].to(scores.device), -1)
     selected = select_keypoints(scores, threshold, max_keypoints)
     keypoints = [xy for xy, _ in selected]
     if subpixel:
