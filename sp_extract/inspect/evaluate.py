@@ -94,8 +94,6 @@ def homography_pairs(
     """Synthetic pairs of every photo below ``images_dir`` at the working size: ``pairs_per_image``
     illumination and as many viewpoint pairs each. Unreadable photos are added to ``failed``."""
     names = discover_images(images_dir)
-    if not names:
-        raise ConfigError(f"{images_dir}: no images found")
     rng = np.random.default_rng(seed)
     for name in names:
         decoded = load_image(images_dir, name, config)
@@ -288,6 +286,10 @@ def run_evaluation(
     source = Path(source)
     if not source.is_dir():
         raise ConfigError(f"{source}: no such folder")
+    if kind == "hpatches":
+        hpatches_sequences(source)  # a wrong folder is refused before the network loads
+    elif not discover_images(source):
+        raise ConfigError(f"{source}: no images found")
     extractor = FeatureExtractor(weights, config, device)
     settings = {**asdict(config), "device": str(extractor.device)}
     if kind == "homography":
