@@ -104,11 +104,17 @@ def test_info_counts_matches_and_refuses_foreign_files(tmp_path: Path) -> None:
 
 
 # -- show ------------------------------------------------------------------------------------
-def test_show_draws_keypoints_at_their_pixels_and_a_contact_sheet(tmp_path: Path) -> None:
+def white_images(tmp_path: Path, width: int, height: int) -> Path:
+    """A folder with two white images, a.png and b.png."""
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a.png", "b.png"):
-        cv2.imwrite(str(images / name), np.full((100, 200), 255, np.uint8))
+        cv2.imwrite(str(images / name), np.full((height, width), 255, np.uint8))
+    return images
+
+
+def test_show_draws_keypoints_at_their_pixels_and_a_contact_sheet(tmp_path: Path) -> None:
+    images = white_images(tmp_path, 200, 100)
     points = np.array([[20.0, 30.0], [150.0, 70.0]])
     store = tmp_path / "feats.h5"
     make_features_store(
@@ -143,10 +149,7 @@ def test_show_draws_keypoints_at_their_pixels_and_a_contact_sheet(tmp_path: Path
 
 
 def test_show_draws_matches_side_by_side_in_either_pair_order(tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("a.png", "b.png"):
-        cv2.imwrite(str(images / name), np.full((50, 60), 255, np.uint8))
+    images = white_images(tmp_path, 60, 50)
     features = tmp_path / "feats.h5"
     sizes = {"a.png": (60, 50), "b.png": (60, 50)}
     make_features_store(

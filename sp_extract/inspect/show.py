@@ -164,7 +164,7 @@ def draw_matches(
 
 
 def write_png(picture: np.ndarray, path: Path) -> None:
-    if not cv2.imwrite(str(path), picture):
+    if not cv2.imwrite(str(path), picture, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise ConfigError(f"{path}: cannot write the PNG (does the folder exist and is it writable?)")
 
 
