@@ -654,6 +654,7 @@ _evaluate_options = stacked(  # the extraction options that change the features,
     click.option("--nms-radius", default=4, show_default=True, help="Non-maximum suppression radius (px)."),
     click.option("--border", default=4, show_default=True, help="Border without keypoints (px)."),
     click.option("--resize-max", default=1024, show_default=True, help="As for extract (px); 0: native."),
+    click.option("--resize-force", is_flag=True, help="As for extract: also upscale smaller images."),
     click.option("--subpixel", is_flag=True, help="As for extract: sub-pixel keypoints."),
     click.option("--reduced-decode", is_flag=True, help="As for extract: reduced-scale JPEG decoding."),
     click.option(
