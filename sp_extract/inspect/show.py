@@ -228,10 +228,10 @@ def show(
         finally:
             source.close()
     else:
-        if features is None or not Path(features).is_file():
-            raise ConfigError(
-                f"--features {features}: no such feature store (the one the matches were made from)"
-            )
+        if features is None:
+            raise ConfigError(f"{store}: a match store; pass --features, the feature store of its matches")
+        if not Path(features).is_file():
+            raise ConfigError(f"--features {features}: no such feature store")
         verify = read_store_info(store, "matches")[0].get("verify")
         source = FeatureSource(Path(features))
         try:
