@@ -179,6 +179,8 @@ def cli(debug: bool) -> None:
     sp-extract match-pairs pairs.txt          match them -> matches.h5 (hloc layout)
     sp-extract colmap --images DIR            COLMAP database of them -> database.db
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
+    sp-extract info feats.h5                  what a store holds; 'show' draws it
+    sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),
     130/143 interrupted by SIGINT/SIGTERM (finished work is saved).
@@ -696,6 +698,155 @@ def reconstruct(
         database, images, out, overwrite=overwrite, seed=seed, num_threads=num_threads, verbose=verbose
     )
     finish_run(summary, json_report)
+
+
+# -- inspection: info, show, evaluate (issue 14) -------------------------------------------------
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON (for scripts).")
+@click.option("--names", is_flag=True, help="List the entries (image names or pair keys), one a line.")
+@reports_errors
+def info(store: Path, as_json: bool, names: bool) -> None:
+    """Describe a feature or match STORE: settings, entries, counts, damage.
+
+    Reads attributes and dataset shapes, not the data (a match store's matches0 vectors are
+    read to count matches), so it is fast on 10^5 entries. Damage visible that way is listed;
+    checksums are verified only by 'sp-extract repair --check'.
+    """
+    import json
+
+    from .inspect.info import store_info
+
+    described = store_info(store)
+    if names:
+        for name in sorted(described.counts):
+            click.echo(name)
+    elif as_json:
+        click.echo(json.dumps(described.to_dict(), indent=2))
+    else:
+        for line in described.lines():
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The image folder the features were extracted from.",
+)
+@click.option(
+    "--features",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="For a match store: the feature store the matches were made from.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A .png file for one picture, else a folder: one PNG per picture and an index.html.",
+)
+@click.option(
+    "--max-size", default=1600, show_default=True, help="Downscale pictures to this longest side (px); 0: no."
+)
+@reports_errors
+def show(
+    store: Path, names: tuple[str, ...], images: Path, features: Path | None, out: Path, max_size: int
+) -> None:
+    """Draw keypoints (feature STORE, NAMES are images) or matches (match STORE, NAMES are pairs
+    NAME0 NAME1 ...) on the images, coloured by score.
+
+    \b
+    sp-extract show feats.h5 a.jpg --images DIR --out kp.png
+    sp-extract show matches.h5 a.jpg b.jpg --features feats.h5 --images DIR --out m.png
+    sp-extract show feats.h5 a.jpg b.jpg c.jpg --images DIR --out pictures/   (+ index.html)
+    """
+    from .inspect.show import show as draw
+
+    for path in draw(store, list(names), images, out, features, max_size):
+        click.echo(f"wrote {path}", err=True)
+
+
+_evaluate_options = stacked(  # the extraction options that change the features, and the report
+    click.option("--weights", default=None, help="As for extract. Env: SP_EXTRACT_WEIGHTS."),
+    click.option(
+        "--max-keypoints",
+        default=1000,
+        show_default=True,
+        help="Keep the best N per image (the paper's protocol keeps 1000 at 480 x 640); -1 all.",
+    ),
+    click.option("--threshold", default=0.005, show_default=True, help="Detection score threshold."),
+    click.option("--nms-radius", default=4, show_default=True, help="Non-maximum suppression radius (px)."),
+    click.option("--border", default=4, show_default=True, help="Border without keypoints (px)."),
+    click.option("--resize-max", default=1024, show_default=True, help="As for extract (px); 0: native."),
+    click.option("--resize-force", is_flag=True, help="As for extract: also upscale smaller images."),
+    click.option("--subpixel", is_flag=True, help="As for extract: sub-pixel keypoints."),
+    click.option("--reduced-decode", is_flag=True, help="As for extract: reduced-scale JPEG decoding."),
+    click.option(
+        "--precision",
+        type=click.Choice(["fp32", "fp16", "bf16"]),
+        default="fp32",
+        show_default=True,
+        help="Network arithmetic, as for extract.",
+    ),  # fmt: skip
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+    click.option("--quiet", "-q", is_flag=True, help="No line per pair; the table only."),
+    click.option(
+        "--json-report", type=click.Path(dir_okay=False, path_type=Path), help="Write the figures as JSON."
+    ),
+)
+
+
+def _run_evaluation(kind: str, source: Path, options: dict[str, Any], **extra: Any) -> None:
+    from .extraction.config import ExtractConfig
+    from .inspect.evaluate import run_evaluation
+
+    json_report = options.pop("json_report")
+    run = {key: options.pop(key) for key in ("weights", "device", "quiet")}
+    evaluation = run_evaluation(kind, source, ExtractConfig(**options), **run, **extra)
+    for line in evaluation.lines():
+        click.echo(line)
+    if json_report:
+        evaluation.write_json(json_report)
+    sys.exit(evaluation.exit_code)
+
+
+@cli.group()
+def evaluate() -> None:
+    """Measure keypoint and descriptor accuracy on image pairs with known homographies.
+
+    The SuperPoint paper's protocol: repeatability and localization error (3 px), matching
+    score, mean matching accuracy (MMA, 3 px; --json-report has 1..10 px) of mutual nearest
+    neighbours, homography accuracy at 1, 3 and 5 px (OpenCV RANSAC). Takes extract's options,
+    so the figures show what an option costs. Exit 1 if some images could not be read.
+    """
+
+
+@evaluate.command()
+@click.argument("images_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--pairs-per-image", default=3, show_default=True, help="Synthetic pairs of each kind a photo.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random homographies and lighting.")
+@_evaluate_options
+@reports_errors
+def homography(images_dir: Path, pairs_per_image: int, seed: int, **options: Any) -> None:
+    """Synthetic pairs from any photos in IMAGES_DIR: each photo (at the working size) against
+    random homographic warps of itself (viewpoint) and random gamma, gain, offset and noise
+    (illumination). Errors are in working-size pixels."""
+    _run_evaluation("homography", images_dir, options, pairs_per_image=pairs_per_image, seed=seed)
+
+
+@evaluate.command()
+@click.argument("hpatches_dir", type=click.Path(file_okay=False, path_type=Path))
+@_evaluate_options
+@reports_errors
+def hpatches(hpatches_dir: Path, **options: Any) -> None:
+    """The HPatches sequences in HPATCHES_DIR (i_* illumination, v_* viewpoint folders of
+    1.ppm .. 6.ppm and H_1_2 .. H_1_6): image 1 against each other. Errors are in the files'
+    pixels."""
+    _run_evaluation("hpatches", hpatches_dir, options)
 
 
 def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

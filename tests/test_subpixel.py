@@ -125,3 +125,19 @@ def test_cli_records_subpixel_and_stores_refined_keypoints(tmp_path, small_image
             assert np.any(after != np.round(after))
     result = run_cli(str(small_images), "--out", str(stores[True]), "--weights", str(random_weights), "-q")
     assert result.returncode == 2 and "subpixel" in result.stderr  # resume with other settings refused
+
+
+def test_every_compared_method_moves_towards_the_true_peak() -> None:
+    """The methods of benchmarks/subpixel.py: each beats the pixel grid on Gaussian peaks."""
+    from sp_extract.extraction.refine import METHODS
+
+    rng = np.random.default_rng(3)
+    grid = np.stack(np.meshgrid(np.arange(8, 90, 12), np.arange(8, 60, 12)), -1).reshape(-1, 2)
+    centres = grid + rng.uniform(-0.45, 0.45, size=grid.shape)
+    scores = torch.from_numpy(gaussian_blobs((64, 96), centres)[None]).float()
+    start = torch.from_numpy(np.round(centres)).float()
+    grid_error = np.abs(start.numpy() - centres).mean()
+    for method in METHODS:
+        found = refine_keypoints(scores, [start], method)[0].numpy()
+        assert np.abs(found - centres).mean() < 0.5 * grid_error, method
+        assert np.abs(found - start.numpy()).max() <= MAX_OFFSET + 1e-6, method

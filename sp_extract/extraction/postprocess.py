@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import STRIDE
-from .refine import refine_keypoints
+from .refine import DEFAULT_METHOD, refine_keypoints
 
 NMS_BAND_ROWS = 512  # rows of the score map suppressed at once on the CPU (bounded memory)
 
@@ -147,13 +147,14 @@ def postprocess(
     max_keypoints: int,
     subpixel: bool = False,
     allowed: torch.Tensor | None = None,
+    refine_method: str = DEFAULT_METHOD,
 ) -> list[Features]:
     """Dense maps of one batch -> per-image ``Features`` in network-input pixels.
 
-    ``subpixel`` moves each kept keypoint to its sub-pixel peak (``refine.refine_keypoints``)
-    before the descriptors are sampled; scores stay those of the detected pixels. ``allowed``
-    (B, H, W) bool, at least the score maps' size: keypoints detected where it is False (masked
-    pixels) are removed before the top-k, so ``max_keypoints`` keeps the best allowed ones.
+    ``subpixel`` moves each kept keypoint to its sub-pixel peak (``refine.refine_keypoints`` with
+    ``refine_method``) before the descriptors are sampled; scores stay those of the detected pixels.
+    ``allowed`` (B, H, W) bool, at least the score maps' size: keypoints detected where it is False
+    (masked pixels) are removed before the top-k, so ``max_keypoints`` keeps the best allowed ones.
     """
     dense = scores
     scores = remove_borders(nms(scores, nms_radius), border)
@@ -163,7 +164,7 @@ def postprocess(
     selected = select_keypoints(scores, threshold, max_keypoints)
     keypoints = [xy for xy, _ in selected]
     if subpixel:
-        keypoints = refine_keypoints(dense, keypoints)
+        keypoints = refine_keypoints(dense, keypoints, refine_method)
     sampled = sample_descriptors(keypoints, descriptors)
     return [Features(xy, s, d) for xy, (_, s), d in zip(keypoints, selected, sampled)]
 

@@ -1,0 +1,1 @@
+"""Inspection stage: look at stores (``info``, ``show``) and measure features (``evaluate``)."""
