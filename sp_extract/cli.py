@@ -253,6 +253,15 @@ def extract(
 
 
 # -- matching: pairs files and match stores (issue 3) ----------------------------------------
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_pairs_out_option = click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("pairs.txt"),
+    show_default=True,
+    help="Pairs file to write: 'name0 name1' a line (hloc / COLMAP format).",
+)
 _source_options = stacked(
     file_option("--features", "feats.h5", "Take the image names from this feature store."),
     click.option(
@@ -260,14 +269,7 @@ _source_options = stacked(
         type=click.Path(file_okay=False, path_type=Path),
         help="Take the image names from this folder instead (as extraction names them).",
     ),
-    click.option(
-        "--out",
-        "-o",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=Path("pairs.txt"),
-        show_default=True,
-        help="Pairs file to write: 'name0 name1' a line (hloc / COLMAP format).",
-    ),
+    _pairs_out_option,
 )
 
 
@@ -314,6 +316,67 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
     from .pairs.core import exhaustive_pairs, read_name_list, source_names
 
     _write_pairs(exhaustive_pairs(read_name_list(image_list, source_names(features, images))), out)
+
+
+@pairs.command()
+@click.option(
+    "--num-matched", "-k", default=10, show_default=True, help="Pair each image with its K most similar."
+)
+@click.option(
+    "--rerank",
+    "rerank_top",
+    type=int,
+    help="Re-rank each image's M most similar by NN matching and geometric verification, keep K.",
+)
+@click.option(
+    "--query-list", type=_FILE, help="Only these images (one name a line) get neighbours (default: all)."
+)
+@click.option(
+    "--db-list", type=_FILE, help="Neighbours only among these images (one name a line; default: all)."
+)
+@click.option(
+    "--exclude-self/--include-self",
+    default=True,
+    show_default=True,
+    help="An image is never its own neighbour (hloc); --include-self lets it take one of its K slots.",
+)
+@click.option(
+    "--connect/--no-connect",
+    default=True,
+    show_default=True,
+    help="Add the most similar pairs joining separate groups of images (a connected graph for SfM).",
+)
+@click.option("--clusters", default=64, show_default=True, help="VLAD codebook size (k-means centroids).")
+@click.option("--dims", default=64, show_default=True, help="PCA dimensions of the local descriptors.")
+@click.option(
+    "--device", default="auto", show_default=True, help="Device for --rerank: auto, cpu, cuda[:N], mps."
+)
+@file_option("--features", "feats.h5", "Feature store whose descriptors describe the images.")
+@_pairs_out_option
+@reports_errors
+def retrieval(
+    num_matched: int,
+    rerank_top: int | None,
+    query_list: Path | None,
+    db_list: Path | None,
+    exclude_self: bool,
+    connect: bool,
+    clusters: int,
+    dims: int,
+    device: str,
+    features: Path,
+    out: Path,
+) -> None:
+    """Each image with its K most similar images by a VLAD global descriptor of its SuperPoint
+    descriptors (no other network). The descriptors are kept in FEATURES.retrieval/ and only
+    new images are described on the next run; --rerank M verifies the M best by matching."""
+    from .pairs.retrieval import RetrievalConfig, retrieval_pairs
+
+    config = RetrievalConfig(clusters=clusters, dims=dims)
+    pairs = retrieval_pairs(
+        features, num_matched, config, query_list, db_list, exclude_self, rerank_top, connect, device
+    )
+    _write_pairs(pairs, out)
 
 
 @cli.command("match-pairs")
@@ -368,8 +431,8 @@ def match_pairs(
     """Match the descriptors of every pair in PAIRS ('name0 name1' a line) into --out.
 
     Nearest neighbours with the mutual check, ratio test and distance threshold of hloc's NN
-    matchers. The pairs file is checked completely before matching. Re-running matches only the
-    pairs not yet in the store; a store made with other settings or features is refused.
+    matchers. The pairs file is streamed in checked chunks (any size starts at once). Re-running
+    matches only the pairs not yet in the store; a store made with other settings or features is refused.
     """
     from .matching.config import MatchConfig
     from .matching.run import match_pairs as run_match_pairs
