@@ -25,7 +25,8 @@ import torch
 from ..errors import ConfigError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
-from ..pairs.core import PAIRS_CHUNK, Pair, pair_key, read_pair_chunks
+from ..pairs import core as pairs_core
+from ..pairs.core import Pair, pair_key, read_pair_chunks
 from ..report import Progress, Summary
 from ..store.writer import StoreWriter, read_store_info
 from .config import MatchConfig
@@ -161,7 +162,7 @@ def _features_identity(features: Path) -> tuple[dict[str, Any], list[str]]:
 
 def _estimated_pairs(pairs_file: Path, first_chunk: list[Pair]) -> int:
     """The file's pairs, estimated from its size and the first chunk's line length (progress)."""
-    if len(first_chunk) < PAIRS_CHUNK:
+    if len(first_chunk) < pairs_core.PAIRS_CHUNK:
         return len(first_chunk)
     line = sum(len(a) + len(b) + 2 for a, b in first_chunk) / len(first_chunk)
     return max(len(first_chunk), round(pairs_file.stat().st_size / line))

@@ -109,14 +109,14 @@ def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
     return pairs
 
 
-def read_pair_chunks(path: Path, known: Collection[str], chunk: int = PAIRS_CHUNK) -> Iterator[list[Pair]]:
+def read_pair_chunks(path: Path, known: Collection[str], chunk: int | None = None) -> Iterator[list[Pair]]:
     """The pairs of a pairs file, ``chunk`` lines at a time, each chunk checked as ``read_pairs``
     checks a file (its bad lines counted, its repeated pairs dropped): memory and start-up
     time do not grow with the file. A pair repeated in a later chunk is left to the caller
     (``match-pairs`` finds it already in the store)."""
     lines = _content_lines(path, "pairs file")
     found = False
-    while block := list(itertools.islice(lines, chunk)):
+    while block := list(itertools.islice(lines, chunk or PAIRS_CHUNK)):
         pairs = _checked_pairs(path, block, known)
         found = found or bool(pairs)
         yield pairs

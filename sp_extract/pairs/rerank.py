@@ -17,7 +17,7 @@ from ..matching.nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbo
 from ..matching.run import FeatureCache
 from ..matching.verify import verify_matches
 
-RERANK_MATCHING = MatchConfig(mutual=True, ratio=0.8, verify="fundamental", verify_threshold=4.0)
+RERANK_MATCHING = MatchConfig(mutual=True, verify="fundamental", verify_threshold=4.0)
 
 
 def rerank(
