@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, SpExtractError
+from .errors import EXIT_SIGINT, EXIT_SOME_FAILED, ConfigError, SpExtractError
 from .interrupt import ABORTED
 
 if TYPE_CHECKING:
@@ -298,13 +298,62 @@ def exhaustive(features: Path, images: Path | None, out: Path) -> None:
 @pairs.command()
 @click.option("--window", "-k", default=10, show_default=True, help="Pair each image with its next K.")
 @click.option("--loop", is_flag=True, help="Also pair the last images with the first (closed sequences).")
+@click.option(
+    "--loop-closure",
+    type=int,
+    help="Also pair each image with its K most similar images ('pairs retrieval'; needs --features).",
+)
 @_source_options
 @reports_errors
-def sequential(window: int, loop: bool, features: Path, images: Path | None, out: Path) -> None:
-    """Each image with the next --window images in name order (video, drone strips)."""
-    from .pairs.core import sequential_pairs, source_names
+def sequential(
+    window: int, loop: bool, loop_closure: int | None, features: Path, images: Path | None, out: Path
+) -> None:
+    """Each image with the next --window images in name order (video, drone strips); with
+    --loop-closure K also with its K most similar images, so revisited places are matched."""
+    from .pairs.core import merge_pairs, sequential_pairs, source_names
 
-    _write_pairs(sequential_pairs(source_names(features, images), window, loop), out)
+    pairs = sequential_pairs(source_names(features, images), window, loop)
+    if loop_closure is not None:
+        from .pairs.retrieval import retrieval_pairs
+
+        if images is not None:
+            raise ConfigError("--loop-closure needs the descriptors of --features, not --images")
+        pairs = merge_pairs(pairs, retrieval_pairs(features, loop_closure, connect=False))
+    _write_pairs(pairs, out)
+
+
+@pairs.command()
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The image folder (positions are read from the EXIF GPS tags of its images).",
+)
+@click.option(
+    "--max-distance", default=100.0, show_default=True, help="Pair only images this close (metres)."
+)
+@click.option(
+    "--num-matched", "-k", default=20, show_default=True, help="Pair each image with its K nearest."
+)
+@click.option(
+    "--use-altitude", is_flag=True, help="Include the GPS altitude in distances (default: ignore it)."
+)
+@_pairs_out_option
+@reports_errors
+def spatial(images: Path, max_distance: float, num_matched: int, use_altitude: bool, out: Path) -> None:
+    """Each image with its K nearest images within --max-distance by EXIF GPS position (drone and
+    phone surveys). Images without a position are listed and not paired (exit code 1)."""
+    from .pairs.core import source_names
+    from .pairs.spatial import spatial_pairs
+
+    pairs, missing = spatial_pairs(
+        images, source_names(None, images), max_distance, num_matched, use_altitude
+    )
+    _write_pairs(pairs, out)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        click.echo(f"{len(missing)} image(s) without an EXIF GPS position, not paired: {shown}", err=True)
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @pairs.command("from-list")

@@ -67,6 +67,17 @@ def sequential_pairs(names: list[str], window: int, loop: bool = False) -> list[
     return pairs
 
 
+def merge_pairs(*lists: list[Pair]) -> list[Pair]:
+    """The pairs of all lists in order, each unordered pair once (the first kept)."""
+    seen: set[frozenset[str]] = set()
+    merged: list[Pair] = []
+    for pair in itertools.chain(*lists):
+        if frozenset(pair) not in seen:
+            seen.add(frozenset(pair))
+            merged.append(pair)
+    return merged
+
+
 def _content_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
     """Numbered lines of a text file, stripped, without blank lines and ``#`` comments; read
     as they come (a file of millions of lines is never held whole)."""

@@ -302,6 +302,17 @@ def _blocks(count: int, dimension: int) -> Iterator[tuple[int, int]]:
         yield start, min(count, start + rows)
 
 
+def merge_best(
+    best_score: torch.Tensor, best_index: torch.Tensor, scores: torch.Tensor, columns: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running (Q, k) best scores and their indices updated with a block of ``scores``
+    (Q, B) for the candidates ``columns`` (B,): the k largest of both, best first."""
+    merged_score = torch.cat((best_score, scores), 1)
+    merged_index = torch.cat((best_index, columns.expand(len(scores), -1)), 1)
+    best_score, top = merged_score.topk(best_score.shape[1], dim=1)
+    return best_score, merged_index.gather(1, top)
+
+
 def nearest_images(
     index: GlobalIndex,
     queries: Sequence[str],
@@ -335,10 +346,7 @@ def nearest_images(
                 scores[
                     (own >= 0) & (own == torch.from_numpy(database_groups[d_start:d_end])[None])
                 ] = -torch.inf
-            merged_score = torch.cat((best_score, scores), 1)
-            merged_index = torch.cat((best_index, columns.expand(len(query), -1)), 1)
-            best_score, top = merged_score.topk(width, dim=1)
-            best_index = merged_index.gather(1, top)
+            best_score, best_index = merge_best(best_score, best_index, scores, columns)
         best_index[torch.isinf(best_score)] = -1
         found_index[q_start:q_end], found_score[q_start:q_end] = best_index.numpy(), best_score.numpy()
     return found_index, found_score
@@ -402,7 +410,7 @@ def retrieval_pairs(
     (``connecting_pairs``). A pair found from both sides is written once.
     """
     from ..extraction.pipeline import resolve_device
-    from .core import read_name_list
+    from .core import merge_pairs, read_name_list
 
     if num_matched < 1:
         raise ConfigError(f"--num-matched must be >= 1, got {num_matched}")
@@ -422,14 +430,10 @@ def retrieval_pairs(
         from .rerank import rerank
 
         found = rerank(features, queries, database, found, resolve_device(device))
-    pairs: list[tuple[str, str]] = []
-    seen: set[frozenset[str]] = set()
-    for query, row in zip(queries, found[:, :num_matched]):
-        for i in row[row >= 0]:
-            pair = (query, database[i])
-            if pair[0] != pair[1] and frozenset(pair) not in seen:
-                seen.add(frozenset(pair))
-                pairs.append(pair)
+    pairs = merge_pairs(
+        [(query, database[i]) for query, row in zip(queries, found[:, :num_matched]) for i in row[row >= 0]]
+    )
+    pairs = [(a, b) for a, b in pairs if a != b]  # --include-self: the image took one of its K
     if connect and queries == database:
         position = {name: i for i, name in enumerate(database)}
         edges = [(position[a], position[b]) for a, b in pairs]
