@@ -86,7 +86,9 @@ def test_search_is_exact_and_blockwise(tmp_path: Path, monkeypatch: pytest.Monke
     assert wide.shape == (2, 3) and sorted(wide[0]) == [0, 1, 2]
 
 
-def test_descriptors_are_kept_and_grow_with_the_store(tmp_path: Path) -> None:
+def test_descriptors_are_kept_and_grow_with_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = write_store(tmp_path / "f.h5", random_images([f"a{i}.jpg" for i in range(12)], 2))
     assert GlobalIndex(store, SMALL).update() == 12
     write_store(store, random_images([f"b{i}.jpg" for i in range(3)], 3))  # the store grows
@@ -99,7 +101,20 @@ def test_descriptors_are_kept_and_grow_with_the_store(tmp_path: Path) -> None:
         "segment-1.npy", "segment-1.txt", "segment-2.npy", "segment-2.txt"
     ]  # fmt: skip
     assert len(index.rows) == 15
-    assert GlobalIndex(store, RetrievalConfig(clusters=5, dims=8, sample=2000)).update() == 15  # new model
+    kept = index.vectors(index.names)
+
+    # more segments than MAX_SEGMENTS are merged into one, a name held twice (a merge killed
+    # before it deleted the old segments) once
+    for suffix in ("npy", "txt"):
+        (folder / f"segment-3.{suffix}").write_bytes((folder / f"segment-2.{suffix}").read_bytes())
+    monkeypatch.setattr(retrieval, "MAX_SEGMENTS", 2)
+    write_store(store, random_images(["c0.jpg"], 4))
+    merged = GlobalIndex(store, SMALL)
+    assert merged.update() == 1
+    assert sorted(p.name for p in folder.glob("segment-*")) == ["segment-5.npy", "segment-5.txt"]
+    assert len(merged.rows) == 16 and merged.names == sorted(merged.rows)
+    np.testing.assert_array_equal(merged.vectors(index.names), kept)
+    assert GlobalIndex(store, RetrievalConfig(clusters=5, dims=8, sample=2000)).update() == 16  # new model
 
 
 def test_connecting_pairs_join_components(tmp_path: Path) -> None:

@@ -27,10 +27,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -161,11 +161,12 @@ class GlobalIndex:
         self.config = config
         self.folder = self.features.with_name(self.features.name + ".retrieval")
         self.model: VladModel | None = None
+        self.names: list[str] = []  # the store's images, sorted (``update``)
         self.rows: dict[str, tuple[int, int]] = {}  # name -> segment number, row
         self.segments: dict[int, np.ndarray] = {}  # memory-mapped (rows, dimension) float16
 
     # -- files ---------------------------------------------------------------------------
-    def _write(self, path: Path, write: Any) -> None:
+    def _write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
         """Write ``path`` through a temporary file, fsynced and renamed."""
         temporary = path.with_name(path.name + ".tmp")
         with open(temporary, "wb") as handle:
@@ -224,11 +225,12 @@ class GlobalIndex:
         self._write(self.folder / f"segment-{number}.npy", lambda f: np.save(f, vectors))
 
     # -- updating ------------------------------------------------------------------------
-    def update(self, progress: Any = None) -> int:
+    def update(self, progress: Callable[[int], None] | None = None) -> int:
         """Describe the store's images that no segment holds; returns how many were described."""
         settings, names = read_store_info(self.features, "features")
         if not names:
             raise ConfigError(f"{self.features}: the feature store holds no images")
+        self.names = names
         lock = StoreLock(self.folder)
         lock.acquire()
         try:
@@ -240,7 +242,9 @@ class GlobalIndex:
         finally:
             lock.release()
 
-    def _update(self, settings: dict[str, Any], names: list[str], progress: Any) -> int:
+    def _update(
+        self, settings: dict[str, Any], names: list[str], progress: Callable[[int], None] | None
+    ) -> int:
         with h5py.File(self.features, "r") as h5:
             self.model = self._load_model(settings) if self.folder.is_dir() else None
             if self.model is None:
@@ -274,16 +278,29 @@ class GlobalIndex:
         return len(new)
 
     def _merge(self) -> None:
-        """Fold every segment into one (written before the old ones are deleted)."""
+        """Fold every segment into one, written block by block (bounded memory) before the old
+        ones are deleted; a name held twice (a merge killed before its deletions) is kept once."""
         self._open_segments()
         numbers = sorted(self.segments)
-        names = [name for name, _ in sorted(self.rows.items(), key=lambda item: item[1])]
-        vectors = np.concatenate([self.segments[number] for number in numbers])
+        names = sorted(self.rows)
+        number = numbers[-1] + 1
+        self._write(
+            self.folder / f"segment-{number}.txt",
+            lambda f: f.write("".join(n + "\n" for n in names).encode()),
+        )
+        temporary = self.folder / f"segment-{number}.npy.tmp"
+        merged = np.lib.format.open_memmap(temporary, "w+", np.float16, (len(names), self.model.dimension))
+        for start, end in _blocks(len(names), self.model.dimension):
+            merged[start:end] = self.vectors(names[start:end])
+        merged.flush()
+        del merged
+        fsync_path(temporary)
+        os.replace(temporary, self.folder / f"segment-{number}.npy")
+        fsync_path(self.folder, directory=True)
         self.segments = {}
-        self._add_segment(names, vectors)
-        for number in numbers:
-            (self.folder / f"segment-{number}.txt").unlink()
-            (self.folder / f"segment-{number}.npy").unlink()
+        for old in numbers:
+            (self.folder / f"segment-{old}.txt").unlink()
+            (self.folder / f"segment-{old}.npy").unlink()
 
     # -- reading -------------------------------------------------------------------------
     def vectors(self, names: Sequence[str]) -> np.ndarray:
@@ -398,7 +415,7 @@ def retrieval_pairs(
     rerank_top: int | None = None,
     connect: bool = True,
     device: str = "cpu",
-    progress: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[str, str]]:
     """Pairs of each query image with its ``num_matched`` most similar database images.
 
@@ -418,9 +435,10 @@ def retrieval_pairs(
         raise ConfigError(f"--rerank ({rerank_top}) must be at least --num-matched ({num_matched})")
     index = GlobalIndex(features, config or RetrievalConfig())
     index.update(progress)
-    names = sorted(index.rows)
-    queries = read_name_list(query_list, index.rows) if query_list else names
-    database = read_name_list(db_list, index.rows) if db_list else names
+    names = index.names  # a name kept from an entry the store no longer has is not used
+    known = set(names)
+    queries = read_name_list(query_list, known) if query_list else names
+    database = read_name_list(db_list, known) if db_list else names
     groups = None
     if exclude_self:
         position = {name: i for i, name in enumerate(database)}
