@@ -136,6 +136,9 @@ def test_connecting_pairs_join_components(tmp_path: Path) -> None:
     assert len(added) == 2 and {names[i][:2] for pair in added for i in pair} == {"s0", "s1", "s2"}
     connected = retrieval_pairs(store, 2, SMALL)
     assert connected == pairs + [(names[i], names[j]) for i, j in added]
+    # --include-self: every image is its own most similar, so with K = 1 it gets no pair
+    assert retrieval_pairs(store, 1, SMALL, exclude_self=False, connect=False) == []
+    assert len(retrieval_pairs(store, 2, SMALL, exclude_self=False, connect=False)) >= 6
 
 
 def test_sequential_loop_closure_adds_revisits(tmp_path: Path) -> None:

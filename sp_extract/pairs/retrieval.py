@@ -61,7 +61,9 @@ class RetrievalConfig:
         if self.dims < 1:
             raise ConfigError(f"--dims must be >= 1, got {self.dims}")
         if self.sample < self.clusters:
-            raise ConfigError(f"--sample ({self.sample}) must be at least --clusters ({self.clusters})")
+            raise ConfigError(
+                f"the sample ({self.sample} descriptors) must be at least --clusters ({self.clusters})"
+            )
 
 
 @dataclass
