@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_UNEXPECTED, SpExtractError, SpExtractWarning
+from .errors import (
+    EXIT_SIGINT,
+    EXIT_SOME_FAILED,
+    EXIT_UNEXPECTED,
+    ConfigError,
+    SpExtractError,
+    SpExtractWarning,
+)
 from .interrupt import ABORTED, signals_raise
 
 if TYPE_CHECKING:
@@ -353,6 +360,15 @@ def extract(
 
 
 # -- matching: pairs files and match stores (issue 3) ----------------------------------------
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_pairs_out_option = click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("pairs.txt"),
+    show_default=True,
+    help="Pairs file to write: 'name0 name1' a line (hloc / COLMAP format).",
+)
 _source_options = stacked(
     file_option("--features", "feats.h5", "Take the image names from this feature store."),
     click.option(
@@ -360,14 +376,7 @@ _source_options = stacked(
         type=click.Path(file_okay=False, path_type=Path),
         help="Take the image names from this folder instead (as extraction names them).",
     ),
-    click.option(
-        "--out",
-        "-o",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=Path("pairs.txt"),
-        show_default=True,
-        help="Pairs file to write: 'name0 name1' a line (hloc / COLMAP format).",
-    ),
+    _pairs_out_option,
 )
 
 
@@ -412,13 +421,62 @@ def exhaustive(features: Path, images: Path | None, out: Path) -> None:
 @pairs.command()
 @click.option("--window", "-k", default=10, show_default=True, help="Pair each image with its next K.")
 @click.option("--loop", is_flag=True, help="Also pair the last images with the first (closed sequences).")
+@click.option(
+    "--loop-closure",
+    type=int,
+    help="Also pair each image with its K most similar images ('pairs retrieval'; needs --features).",
+)
 @_source_options
 @reports_errors
-def sequential(window: int, loop: bool, features: Path, images: Path | None, out: Path) -> None:
-    """Each image with the next --window images in name order (video, drone strips)."""
-    from .pairs.core import sequential_pairs, source_names
+def sequential(
+    window: int, loop: bool, loop_closure: int | None, features: Path, images: Path | None, out: Path
+) -> None:
+    """Each image with the next --window images in name order (video, drone strips); with
+    --loop-closure K also with its K most similar images, so revisited places are matched."""
+    from .pairs.core import merge_pairs, sequential_pairs, source_names
 
-    _write_pairs(sequential_pairs(_pairable(source_names(features, images)), window, loop), out)
+    pairs = sequential_pairs(_pairable(source_names(features, images)), window, loop)
+    if loop_closure is not None:
+        from .pairs.retrieval import retrieval_pairs
+
+        if images is not None:
+            raise ConfigError("--loop-closure needs the descriptors of --features, not --images")
+        pairs = merge_pairs(pairs, retrieval_pairs(features, loop_closure, connect=False))
+    _write_pairs(pairs, out)
+
+
+@pairs.command()
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The image folder (positions are read from the EXIF GPS tags of its images).",
+)
+@click.option(
+    "--max-distance", default=100.0, show_default=True, help="Pair only images this close (metres)."
+)
+@click.option(
+    "--num-matched", "-k", default=20, show_default=True, help="Pair each image with its K nearest."
+)
+@click.option(
+    "--use-altitude", is_flag=True, help="Include the GPS altitude in distances (default: ignore it)."
+)
+@_pairs_out_option
+@reports_errors
+def spatial(images: Path, max_distance: float, num_matched: int, use_altitude: bool, out: Path) -> None:
+    """Each image with its K nearest images within --max-distance by EXIF GPS position (drone and
+    phone surveys). Images without a position are listed and not paired (exit code 1)."""
+    from .pairs.core import source_names
+    from .pairs.spatial import spatial_pairs
+
+    pairs, missing = spatial_pairs(
+        images, _pairable(source_names(None, images)), max_distance, num_matched, use_altitude
+    )
+    _write_pairs(pairs, out)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        click.echo(f"{len(missing)} image(s) without an EXIF GPS position, not paired: {shown}", err=True)
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @pairs.command("from-list")
@@ -431,6 +489,67 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
 
     names = read_name_list(image_list, source_names(features, images))
     _write_pairs(exhaustive_pairs(_pairable(names)), out)
+
+
+@pairs.command()
+@click.option(
+    "--num-matched", "-k", default=10, show_default=True, help="Pair each image with its K most similar."
+)
+@click.option(
+    "--rerank",
+    "rerank_top",
+    type=int,
+    help="Re-rank each image's M most similar by NN matching and geometric verification, keep K.",
+)
+@click.option(
+    "--query-list", type=_FILE, help="Only these images (one name a line) get neighbours (default: all)."
+)
+@click.option(
+    "--db-list", type=_FILE, help="Neighbours only among these images (one name a line; default: all)."
+)
+@click.option(
+    "--exclude-self/--include-self",
+    default=True,
+    show_default=True,
+    help="An image is never its own neighbour (hloc); --include-self lets it take one of its K slots.",
+)
+@click.option(
+    "--connect/--no-connect",
+    default=True,
+    show_default=True,
+    help="Add the most similar pairs joining separate groups of images (a connected graph for SfM).",
+)
+@click.option("--clusters", default=64, show_default=True, help="VLAD codebook size (k-means centroids).")
+@click.option("--dims", default=64, show_default=True, help="PCA dimensions of the local descriptors.")
+@click.option(
+    "--device", default="auto", show_default=True, help="Device for --rerank: auto, cpu, cuda[:N], mps."
+)
+@file_option("--features", "feats.h5", "Feature store whose descriptors describe the images.")
+@_pairs_out_option
+@reports_errors
+def retrieval(
+    num_matched: int,
+    rerank_top: int | None,
+    query_list: Path | None,
+    db_list: Path | None,
+    exclude_self: bool,
+    connect: bool,
+    clusters: int,
+    dims: int,
+    device: str,
+    features: Path,
+    out: Path,
+) -> None:
+    """Each image with its K most similar images by a VLAD global descriptor of its SuperPoint
+    descriptors (no other network). The descriptors are kept in FEATURES.retrieval/ and only
+    new images are described on the next run; --rerank M verifies the M best by matching."""
+    from .pairs.retrieval import RetrievalConfig, retrieval_pairs
+
+    config = RetrievalConfig(clusters=clusters, dims=dims)
+    pairs = retrieval_pairs(
+        features, num_matched, config, query_list, db_list, exclude_self, rerank_top, connect, device
+    )
+    _write_pairs(pairs, out)
 
 
 @cli.command("match-pairs")
@@ -485,8 +604,8 @@ def match_pairs(
     """Match the descriptors of every pair in PAIRS ('name0 name1' a line) into --out.
 
     Nearest neighbours with the mutual check, ratio test and distance threshold of hloc's NN
-    matchers. The pairs file is checked completely before matching. Re-running matches only the
-    pairs not yet in the store; a store made with other settings or features is refused.
+    matchers. The pairs file is streamed in checked chunks (any size starts at once). Re-running
+    matches only the pairs not yet in the store; a store made with other settings or features is refused.
     """
     from .matching.config import MatchConfig
     from .matching.run import match_pairs as run_match_pairs

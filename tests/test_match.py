@@ -17,10 +17,12 @@ import pytest
 import torch
 from conftest import run_cli
 
+from sp_extract.errors import ConfigError
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.nn import nearest_neighbours
-from sp_extract.matching.run import FeatureCache, tile_order
+from sp_extract.matching.run import FeatureCache, match_pairs, tile_order
 from sp_extract.matching.verify import verify_matches
+from sp_extract.pairs import core as pairs_core
 from sp_extract.report import counted
 from sp_extract.store.writer import StoreWriter
 
@@ -279,6 +281,30 @@ def test_bad_pairs_file_fails_before_matching(tmp_path: Path, random_features, l
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not out.with_name("m.h5.parts").exists()
+
+
+def test_pairs_file_is_streamed_in_checked_chunks(
+    tmp_path: Path, random_features, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feats, descriptors = random_features
+    monkeypatch.setattr(pairs_core, "PAIRS_CHUNK", 2)  # chunks: lines 1-2, 3-4, 5-6, 7
+    lines = ["a.jpg b.jpg", "f.jpg g.jpg", "b.jpg a.jpg", "g.jpg a.jpg", "f.jpg g.jpg", "a.jpg g.jpg", "x y"]
+    out = tmp_path / "m.h5"
+    with pytest.raises(ConfigError, match=r"p.txt:7: 'x' is not in the feature store"):
+        match_pairs(write_pairs_file(tmp_path / "p.txt", lines), feats, out)
+    assert not out.exists() and list(out.with_name("m.h5.parts").glob("part-*.h5"))  # saved, not folded
+    summary = match_pairs(write_pairs_file(tmp_path / "p.txt", lines[:-1]), feats, out)
+    # the three pairs matched before the bad line are resumed; repeats in later chunks
+    # (reversed or not) are matched once
+    assert (summary.total, summary.done, summary.skipped) == (6, 0, 6)
+    check_against_reference(
+        out, descriptors, [("a.jpg", "b.jpg"), ("f.jpg", "g.jpg"), ("g.jpg", "a.jpg")],
+        mutual=True, ratio=None, max_distance=None,
+    )  # fmt: skip
+    with h5py.File(out, "r") as h5:
+        assert sorted(h5) == ["a.jpg", "f.jpg", "g.jpg"]
+    fresh = match_pairs(tmp_path / "p.txt", feats, tmp_path / "fresh.h5")
+    assert (fresh.total, fresh.done, fresh.skipped) == (6, 3, 3)
 
 
 def test_unreadable_features_fail_their_pairs_only(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ holding ``matches0``, int32, an index into image 1 or -1 for each keypoint of im
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import OrderedDict
@@ -25,7 +26,8 @@ from ..devices import HostCopy, copy_to_host, device_scope
 from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
-from ..pairs.core import Pair, pair_key, read_pairs
+from ..pairs import core as pairs_core
+from ..pairs.core import Pair, pair_key, read_pair_chunks
 from ..report import Progress, Summary
 from ..store.writer import StoreWriter, read_settings, read_store
 from .config import MatchConfig
@@ -183,6 +185,14 @@ def _legacy_identity(out: Path, features: Path, identity: dict[str, Any]) -> dic
     return {"features": recorded, "features_settings": identity["features_settings"]}
 
 
+def _estimated_pairs(pairs_file: Path, first_chunk: list[Pair]) -> int:
+    """The file's pairs, estimated from its size and the first chunk's line length (progress)."""
+    if len(first_chunk) < pairs_core.PAIRS_CHUNK:
+        return len(first_chunk)
+    line = sum(len(a) + len(b) + 2 for a, b in first_chunk) / len(first_chunk)
+    return max(len(first_chunk), round(pairs_file.stat().st_size / line))
+
+
 def match_pairs(
     pairs_file: Path | str,
     features: Path | str,
@@ -196,10 +206,12 @@ def match_pairs(
 ) -> Summary:
     """Match every pair of ``pairs_file`` with the features of ``features`` into the store ``out``.
 
-    The pairs file is checked completely first (``ConfigError`` naming the line). Pairs already
-    in ``out``, in either order, are skipped (resume); a store made with other settings or from
-    another feature store is refused unless ``overwrite``. Pairs whose features cannot be read
-    are recorded as failed in the returned ``Summary`` and the run goes on.
+    The pairs file is streamed in chunks (``read_pair_chunks``), each checked before it is
+    matched: memory and start-up time do not grow with the file; a bad line raises
+    ``ConfigError`` naming it, the pairs matched before it stay saved. Pairs already in ``out``,
+    in either order (or met earlier in the file), are skipped (resume); a store made with other
+    settings or from another feature store is refused unless ``overwrite``. Pairs whose
+    features cannot be read are recorded as failed in the returned ``Summary`` and the run goes on.
     """
     config = config or MatchConfig()
     if batch_size < 1:
@@ -210,9 +222,10 @@ def match_pairs(
     identity, names = _features_identity(features)
     if not overwrite and out.is_file():
         identity = _legacy_identity(out, features, identity)
-    pairs = read_pairs(pairs_file, set(names))
+    chunks = read_pair_chunks(pairs_file, set(names))
+    first_chunk = next(chunks)  # a bad first chunk is refused before the store is touched
     summary = Summary(
-        command="match-pairs", output=str(out), total=len(pairs), unit="pairs", count_label="matches per pair"
+        command="match-pairs", output=str(out), total=0, unit="pairs", count_label="matches per pair"
     )
     started = time.monotonic()
     target = resolve_device(device)
@@ -220,11 +233,7 @@ def match_pairs(
     settings = {**config.settings(), **identity}
     info = {"pairs": str(pairs_file), "features_path": str(features.resolve())}  # for people only
     with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
-        todo = [
-            p for p in pairs if pair_key(*p) not in writer.done and pair_key(p[1], p[0]) not in writer.done
-        ]
-        summary.skipped = len(pairs) - len(todo)
-        progress = Progress(len(todo), "pairs", quiet=quiet)
+        progress = Progress(_estimated_pairs(pairs_file, first_chunk), "pairs", quiet=quiet)
         try:
             with (
                 h5py.File(features, "r") as h5,
@@ -232,21 +241,42 @@ def match_pairs(
                 graceful_stop() as stop,
                 device_scope(target),
             ):
-                counts, row_bytes = descriptor_counts(h5, list(dict.fromkeys(n for p in todo for n in p)))
                 budget = cache_mb << 20
                 cache = FeatureCache(h5, target, budget, keypoints=config.verify is not None)
-                todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
+                counts: dict[str, int] = {}
+                row_bytes = 1
                 pending: _Batch | None = None
                 # CPU: small batches, matrices in cache-sized blocks; GPU: large batches, one block
                 work = CPU_WORK_ELEMENTS if target.type == "cpu" else MAX_BATCH_ELEMENTS
-                for pairs_in_batch in plan_batches(todo, counts, batch_size, work):
-                    batch = _Batch.start(pairs_in_batch, cache, config, work, summary, progress)
-                    if pending is not None:  # on CUDA, saved while the device matches ``batch``
-                        pending.save(config, writer, summary, progress, pool)
-                    pending = batch
+                for chunk in itertools.chain([first_chunk], chunks):
+                    # resume: pairs in the store in either order, also those repeated from an
+                    # earlier chunk (flushed below), are skipped
+                    todo = [
+                        p
+                        for p in chunk
+                        if pair_key(*p) not in writer.done and pair_key(p[1], p[0]) not in writer.done
+                    ]
+                    summary.total += len(chunk)
+                    summary.skipped += len(chunk) - len(todo)
+                    unseen = [n for n in dict.fromkeys(n for p in todo for n in p) if n not in counts]
+                    new_counts, new_row_bytes = descriptor_counts(h5, unseen)
+                    counts.update(new_counts)
+                    row_bytes = max(row_bytes, new_row_bytes)
+                    todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
+                    for pairs_in_batch in plan_batches(todo, counts, batch_size, work):
+                        batch = _Batch.start(pairs_in_batch, cache, config, work, summary, progress)
+                        if pending is not None:  # on CUDA, saved while the device matches ``batch``
+                            pending.save(config, writer, summary, progress, pool)
+                        pending = batch
+                        if stop:
+                            summary.interrupted, summary.exit_code = True, stop.exit_code
+                            break
                     if stop:
-                        summary.interrupted, summary.exit_code = True, stop.exit_code
                         break
+                    if pending is not None:
+                        pending.save(config, writer, summary, progress, pool)
+                        pending = None
+                    progress.advance(len(writer.flush()))
                 if pending is not None:
                     pending.save(config, writer, summary, progress, pool)
                 progress.advance(len(writer.flush()))

@@ -3,13 +3,15 @@
 A pairs file is the format shared by hloc and COLMAP's custom matching: one pair ``name0 name1``
 a line, names as in the feature store. Generators: every unordered pair once (exhaustive), each
 image with its next K in name order (sequential, optionally closing the loop), and exhaustive
-pairs of a listed subset. ``read_pairs`` validates a file completely before any matching starts.
+pairs of a listed subset. ``read_pairs`` validates a whole file; ``read_pair_chunks`` streams it in
+validated chunks (``match-pairs``). Retrieval and spatial pairs live in their own modules.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -71,16 +73,28 @@ def sequential_pairs(names: list[str], window: int, loop: bool = False) -> list[
     return pairs
 
 
+def merge_pairs(*lists: list[Pair]) -> list[Pair]:
+    """The pairs of all lists in order, each unordered pair once (the first kept)."""
+    seen: set[frozenset[str]] = set()
+    merged: list[Pair] = []
+    for pair in itertools.chain(*lists):
+        if frozenset(pair) not in seen:
+            seen.add(frozenset(pair))
+            merged.append(pair)
+    return merged
+
+
 def _content_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
-    """Numbered lines of a text file, stripped, without blank lines and ``#`` comments."""
+    """Numbered lines of a text file, stripped, without blank lines and ``#`` comments; read
+    as they come (a file of millions of lines is never held whole)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    yield number, text
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read {what} ({error})") from error
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if text and not text.startswith("#"):
-            yield number, text
 
 
 def read_name_list(path: Path, known: Collection[str]) -> list[str]:
@@ -95,6 +109,9 @@ def read_name_list(path: Path, known: Collection[str]) -> list[str]:
     return list(names)
 
 
+PAIRS_CHUNK = 1 << 16  # pairs validated and handed on at a time by ``read_pair_chunks``
+
+
 def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
     """The distinct pairs of a pairs file, checked against the ``known`` image names.
 
@@ -103,10 +120,32 @@ def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
     collide (hloc turns ``/`` into ``-``) raise ``ConfigError`` naming the line; the message also
     counts the further bad lines, so one run reports the scale of the problem.
     """
+    pairs = _checked_pairs(path, _content_lines(path, "pairs file"), known)
+    if not pairs:
+        raise ConfigError(f"{path}: no pairs in the file")
+    return pairs
+
+
+def read_pair_chunks(path: Path, known: Collection[str], chunk: int | None = None) -> Iterator[list[Pair]]:
+    """The pairs of a pairs file, ``chunk`` lines at a time, each chunk checked as ``read_pairs``
+    checks a file (its bad lines counted, its repeated pairs dropped): memory and start-up
+    time do not grow with the file. A pair repeated in a later chunk is left to the caller
+    (``match-pairs`` finds it already in the store)."""
+    lines = _content_lines(path, "pairs file")
+    found = False
+    while block := list(itertools.islice(lines, chunk or PAIRS_CHUNK)):
+        pairs = _checked_pairs(path, block, known)
+        found = found or bool(pairs)
+        yield pairs
+    if not found:
+        raise ConfigError(f"{path}: no pairs in the file")
+
+
+def _checked_pairs(path: Path, lines: Iterable[tuple[int, str]], known: Collection[str]) -> list[Pair]:
     pairs: list[Pair] = []
     keys: dict[str, tuple[int, Pair]] = {}  # store group (either order) -> line, pair
     problems: list[str] = []
-    for number, text in _content_lines(path, "pairs file"):
+    for number, text in lines:
         fields = text.split()
         if len(fields) != 2:
             problems.append(f"{path}:{number}: expected 'name0 name1', got {len(fields)} field(s)")
@@ -133,8 +172,6 @@ def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
     if problems:
         more = f" (and {len(problems) - 1} more bad line(s))" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
-    if not pairs:
-        raise ConfigError(f"{path}: no pairs in the file")
     return pairs
 
 

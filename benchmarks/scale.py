@@ -1,0 +1,212 @@
+"""Scale benchmark: pairs generation, retrieval, match-pairs start-up and memory, and the cost of
+adding images to a store, on synthetic stores made by copying real entries under new names.
+
+Usage: python benchmarks/scale.py [--sizes 1000 10000] [--pairs 10000 1000000 10000000]
+       [--match-store 2000] [--add 10] [--baseline-max 1000000] [--json results.json]
+
+- stores: a real store of the shared photos (extracted once, 640 px) copied entry by entry
+  under new names to each of --sizes entries;
+- pairs: time and peak memory of ``pairs exhaustive`` (up to 2,000 images), ``sequential`` and
+  ``retrieval`` (k = 10; first run describing every image, then a run that adds nothing);
+- match-pairs: over a store of --match-store entries, pairs files of --pairs lines; the time
+  until the first pair is matched (a part file appears) and the peak memory (VmHWM) at that
+  moment, against the baseline of the same run: reading and checking the whole file first,
+  what match-pairs did before it streamed;
+- incremental add: time and extra disk to add --add images to each store.
+
+Each measurement runs in a fresh subprocess (peak memory is per process). Other processes of the
+machine are not controlled: figures from a loaded machine say so in README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, timeout: float = 3600) -> tuple[float, float]:
+    """Wall time (s) and peak memory (MiB) of ``sp-extract ARGS`` in a subprocess."""
+    code = (
+        "import resource, sys, runpy; sys.argv = ['sp-extract'] + sys.argv[1:];"
+        "\ntry: runpy.run_module('sp_extract', run_name='__main__')"
+        "\nfinally: print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+    )
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode not in (0, 1):
+        raise RuntimeError(f"sp-extract {' '.join(args)}: {result.stderr.strip()[-500:]}")
+    peak = next(int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("PEAK"))
+    return elapsed, peak / 1024
+
+
+def real_store(work: Path) -> Path:
+    store = work / "real.h5"
+    weights = SHARED / "weights" / "superpoint_v1.pth"
+    photos = SHARED / "data" / "sacre_coeur"
+    run("extract", str(photos), "--out", str(store), "--weights", str(weights), "--resize-max", "640", "-q")
+    return store
+
+
+def synthetic_store(real: Path, path: Path, count: int, start: int = 0) -> Path:
+    """Entries ``start`` to ``count`` of a synthetic features store: the real entries copied
+    round-robin under new names."""
+    from sp_extract.store.writer import StoreWriter, read_store_info
+
+    settings, names = read_store_info(real, "features")
+    with h5py.File(real, "r") as source:
+        entries = [{key: source[name][key][()] for key in source[name]} for name in names]
+    with StoreWriter(path, "features", settings, flush_entries=4096) as writer:
+        for i in range(start, count):
+            writer.add(f"img{i:07d}.jpg", entries[i % len(entries)])
+    return path
+
+
+def pairs_file(path: Path, count: int, names: int) -> Path:
+    """``count`` distinct pairs over ``names`` images (i, i + 1 + j), written once."""
+    with open(path, "w") as handle:
+        written = 0
+        for step in range(1, names):
+            lines = [f"img{i:07d}.jpg img{i + step:07d}.jpg\n" for i in range(names - step)]
+            lines = lines[: count - written]
+            handle.writelines(lines)
+            written += len(lines)
+            if written >= count:
+                break
+    return path
+
+
+def first_match(pairs: Path, store: Path, out: Path, limit: float = 600) -> tuple[float, float]:
+    """Seconds until match-pairs has a pair durable (a part file) and its peak memory then."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sp_extract",
+            "match-pairs",
+            str(pairs),
+            "--features",
+            str(store),
+            "-o",
+            str(out),
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.perf_counter()
+    parts = out.with_name(out.name + ".parts")
+    try:
+        while time.perf_counter() - started < limit and process.poll() is None:
+            if parts.is_dir() and any(parts.glob("part-*.h5")):
+                break
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    finally:
+        process.terminate()
+        process.wait()
+    return elapsed, peak / 1024
+
+
+def read_first(pairs: Path, store: Path, whole: bool) -> tuple[float, float]:
+    """Seconds until the pairs to match first are known, and the peak memory then: the first
+    checked chunk (``read_pair_chunks``, match-pairs now) or, the baseline, the whole file
+    read and checked (``read_pairs``, what match-pairs did before it streamed)."""
+    code = (
+        "import resource, sys, time; from pathlib import Path;"
+        "from sp_extract.pairs.core import read_pair_chunks, read_pairs;"
+        "from sp_extract.store.writer import read_store_info;"
+        "names = set(read_store_info(Path(sys.argv[2]), 'features')[1]); t = time.perf_counter();"
+        "whole = sys.argv[3] == '1';"
+        "read_pairs(sys.argv[1], names) if whole else next(read_pair_chunks(sys.argv[1], names));"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    command = [sys.executable, "-c", code, str(pairs), str(store), str(int(whole))]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, check=True)
+    elapsed, peak = result.stdout.split()
+    return float(elapsed), int(peak) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000])
+    parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
+    parser.add_argument("--match-store", type=int, default=2000)
+    parser.add_argument("--add", type=int, default=10)
+    parser.add_argument(
+        "--baseline-max",
+        type=int,
+        default=1_000_000,
+        help="Largest pairs file for the baseline (GBs beyond).",
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="sp-scale-") as folder:
+        work = Path(folder)
+        real = real_store(work)
+        for size in args.sizes:
+            store = synthetic_store(real, work / f"s{size}.h5", size)
+            out = work / "pairs.txt"
+            for name, options in [
+                ("pairs exhaustive", ["pairs", "exhaustive"]),
+                ("pairs sequential -k 10", ["pairs", "sequential", "-k", "10"]),
+                ("pairs retrieval -k 10 (describe all)", ["pairs", "retrieval", "-k", "10", "--no-connect"]),
+                ("pairs retrieval -k 10 (nothing new)", ["pairs", "retrieval", "-k", "10", "--no-connect"]),
+            ]:
+                if name.startswith("pairs exhaustive") and size > 2000:
+                    continue
+                seconds, peak = run(*options, "--features", str(store), "-o", str(out))
+                rows.append({"what": name, "entries": size, "seconds": seconds, "peak_mib": peak})
+            started = time.perf_counter()
+            synthetic_store(real, store, size + args.add, start=size)
+            # the fold writes a whole new copy beside the store: the transient extra disk
+            rows.append({
+                "what": f"add {args.add} entries (fold)", "entries": size,
+                "seconds": time.perf_counter() - started, "extra_disk_mib": store.stat().st_size / 2**20,
+            })  # fmt: skip
+        store = synthetic_store(real, work / "match.h5", args.match_store)
+        for count in args.pairs:
+            pairs = pairs_file(work / f"p{count}.txt", count, args.match_store)
+            measured = [
+                ("match-pairs: first pair saved", first_match(pairs, store, work / f"m{count}.h5")),
+                ("first chunk read and checked", read_first(pairs, store, whole=False)),
+            ]
+            if count <= args.baseline_max:
+                measured.append(
+                    ("baseline: whole file read and checked", read_first(pairs, store, whole=True))
+                )
+            for what, (seconds, peak) in measured:
+                rows.append({"what": what, "pairs": count, "seconds": seconds, "peak_mib": peak})
+    print(f"{'measurement':42} {'n':>10} {'seconds':>9} {'peak MiB':>9} {'disk MiB':>9}")
+    for row in rows:
+        n = row.get("entries", row.get("pairs"))
+        peak, disk = row.get("peak_mib"), row.get("extra_disk_mib")
+        print(
+            f"{row['what']:42} {n:>10} {row['seconds']:>9.2f} {'' if peak is None else f'{peak:9.0f}':>9} "
+            f"{'' if disk is None else f'{disk:9.2f}':>9}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
