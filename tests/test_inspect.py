@@ -250,13 +250,15 @@ def test_evaluate_hpatches_layout_known_homographies(real_weights: Path, tmp_pat
 
 
 def test_evaluate_homography_runs_and_reports_bad_input(small_images: Path, random_weights: Path) -> None:
+    (small_images / "broken.jpg").write_bytes(b"not a jpeg")
     result = invoke(
         "evaluate", "homography", small_images, "--weights", random_weights, "--pairs-per-image", 1,
         "--device", "cpu", "-q", "--max-keypoints", 50,
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # one photo could not be read; the others are evaluated
     lines = result.output.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[2:5]}
     assert rows["illumination"][1] == rows["viewpoint"][1] == "3" and rows["all"][1] == "6"
+    assert lines[5].startswith("failed: broken.jpg: ")
     empty = CliRunner().invoke(cli, ["evaluate", "hpatches", str(small_images)])
     assert empty.exit_code == 2 and "no HPatches sequences" in empty.output

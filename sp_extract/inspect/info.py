@@ -103,7 +103,8 @@ class StoreInfo(JsonReport):
         most = max((n for _, _, n in histogram), default=0)
         for low, high, count in histogram:
             bar = "#" * (round(width * count / most) if most else 0)
-            lines.append(f"  {low:>7} - {high:<7} {bar:<{width}} {count}")
+            span = f"{low:>7}" + (f" - {high:<7}" if high > low else " " * 10)
+            lines.append(f"  {span} {bar:<{width}} {count}")
         if self.descriptor_dtype:
             lines.append(f"descriptors: {self.descriptor_dtype}")
         pending = " (folded in by the next run that writes the store)" if self.parts_pending else ""
