@@ -83,6 +83,8 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C would only break the clean-up
             click.echo(ABORTED, err=True)
             sys.exit(EXIT_SIGINT)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own, as usual
+            raise
         except Exception as error:  # a bug or an unforeseen failure: not "some items failed" (1)
             click.echo(f"sp-extract: error: {unexpected_error(command.__name__, error)}", err=True)
             sys.exit(EXIT_UNEXPECTED)
