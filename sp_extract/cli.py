@@ -474,7 +474,7 @@ def repair(store: Path, out: Path | None, check: bool, json_report: Path | None)
     from .store.repair import check_store, repair_store
 
     if check and out is not None:
-        raise ConfigError("--check writes nothing; drop --out (or --check to repair)")
+        raise ConfigError("--check writes nothing: drop --out, or drop --check to repair")
     finish_run(check_store(store) if check else repair_store(store, out), json_report)
 
 
