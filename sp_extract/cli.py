@@ -106,6 +106,8 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C would only break the clean-up
             click.echo(ABORTED, err=True)
             sys.exit(getattr(interrupt, "exit_code", EXIT_SIGINT))
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own, as usual
+            raise
         except Exception as error:  # a bug or an unforeseen failure: not "some items failed" (1)
             click.echo(f"sp-extract: error: {unexpected_error(command.__name__, error)}", err=True)
             sys.exit(EXIT_UNEXPECTED)
@@ -667,7 +669,7 @@ def repair(store: Path, out: Path | None, check: bool, json_report: Path | None)
     from .store.repair import check_store, repair_store
 
     if check and out is not None:
-        raise ConfigError("--check writes nothing; drop --out (or --check to repair)")
+        raise ConfigError("--check writes nothing: drop --out, or drop --check to repair")
     finish_run(check_store(store) if check else repair_store(store, out), json_report)
 
 

@@ -24,6 +24,7 @@ from sp_extract import cli
 from sp_extract.errors import StoreError
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.run import match_pairs
+from sp_extract.sfm.colmap import read_matches
 from sp_extract.store.writer import StoreWriter
 
 NAMES = [f"im{index}.jpg" for index in range(6)]
@@ -94,9 +95,10 @@ def test_store_in_use_by_another_program_is_not_called_corrupt(tmp_path: Path, r
 
 
 # -- 10: damage found on resume, by a full check, and where data is read ----------------------------
-def flip_descriptor_bytes(store: Path, name: str) -> None:
+def flip_bytes(store: Path, dataset: str) -> None:
+    """Overwrite 4 bytes in the middle of the dataset's first chunk, as bit rot would."""
     with h5py.File(store, "r") as h5:
-        chunk = h5[f"{name}/descriptors"].id.get_chunk_info(0)
+        chunk = h5[dataset].id.get_chunk_info(0)
     with open(store, "r+b") as file:
         file.seek(chunk.byte_offset + chunk.size // 2)
         file.write(b"\xde\xad\xbe\xef")
@@ -124,7 +126,7 @@ def test_repair_check_reads_every_checksum_and_writes_nothing(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert f"check: 6 features entries read in {store}, 0 damaged" in result.stderr
 
-    flip_descriptor_bytes(store, "im3.jpg")
+    flip_bytes(store, "im3.jpg/descriptors")
     with StoreWriter(store, "features", SETTINGS) as writer:  # the cheap resume check passes ...
         assert writer.done == set(NAMES)
     listing = sorted(os.listdir(tmp_path))
@@ -141,6 +143,16 @@ def test_repair_check_reads_every_checksum_and_writes_nothing(tmp_path: Path) ->
     assert len(summary.failed) == 5 and len(reasons) == 1, summary.failed
     assert reasons.pop().startswith("im3.jpg: unreadable features")
     assert f"check the store: sp-extract repair --check {store}" in summary.failed[0]["reason"]
+
+
+def test_colmap_names_repair_for_damaged_matches(tmp_path: Path) -> None:
+    store = tmp_path / "m.h5"
+    with StoreWriter(store, "matches", {}) as writer:
+        writer.add("a.jpg/b.jpg", {"matches0": np.arange(4000, dtype=np.int32) % 50,
+                                   "matching_scores0": np.ones(4000, np.float16)})  # fmt: skip
+    flip_bytes(store, "a.jpg/b.jpg/matches0")
+    with h5py.File(store, "r") as h5, pytest.raises(StoreError, match=f"damaged store.*repair {store}"):
+        read_matches(h5, "a.jpg/b.jpg", (4000, 50), store)
 
 
 # -- 6: unexpected errors --------------------------------------------------------------------------

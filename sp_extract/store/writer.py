@@ -125,7 +125,7 @@ def scan_entries(h5: h5py.File, kind: str) -> list[str]:
             shapes.setdefault(group, {})[key] = obj.shape
 
     h5.visititems(visit)
-    names = sorted(group for group, datasets in shapes.items() if MARKERS[kind] in datasets)
+    names = sorted(group for group, datasets in shapes.items() if group and MARKERS[kind] in datasets)
     for name in names:
         problem = shape_problem(kind, shapes[name])
         if problem:
