@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from test_weights import WeightsServer
 from transformers import (
     LightGlueConfig,
@@ -27,7 +29,7 @@ from transformers import (
     SuperGlueForKeypointMatching,
 )
 
-from sp_extract.errors import WeightsError
+from sp_extract.errors import ConfigError, WeightsError
 from sp_extract.matching import weights as matcher_weights
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.learned import match_batch
@@ -393,3 +395,79 @@ def test_named_weights_download_once_and_verify(
         assert first.label == again.label == "lightglue-superpoint" and first.sha1 == again.sha1
     finally:
         server.close()
+
+
+def test_options_are_validated_and_recorded() -> None:
+    assert MatchConfig().settings() == {  # nearest neighbours record what they always did
+        "mutual": True,
+        "ratio": None,
+        "max_distance": None,
+        "verify": None,
+        "verify_threshold": None,
+    }
+    settings = MatchConfig(matcher="lightglue", depth_confidence=-1).settings()
+    assert settings == {
+        "matcher": "lightglue",
+        "depth_confidence": -1,
+        "width_confidence": 0.99,
+        "filter_threshold": 0.1,
+        "verify": None,
+        "verify_threshold": None,
+    }
+    assert MatchConfig(matcher="superglue").learned_options() == {
+        "sinkhorn_iterations": 100,
+        "match_threshold": 0.2,
+    }
+    refused = [
+        ({"matcher": "loftr"}, "--matcher must be one of"),
+        ({"matcher": "superglue", "ratio": 0.8}, "apply to --matcher nn only"),
+        ({"matcher": "lightglue", "mutual": False}, "apply to --matcher nn only"),
+        ({"sinkhorn_iterations": 50}, "--sinkhorn-iterations applies to --matcher superglue only"),
+        (
+            {"matcher": "superglue", "filter_threshold": 0.1},
+            "--filter-threshold applies to --matcher lightglue",
+        ),
+        ({"matcher_weights": "superglue-indoor"}, "--matcher-weights needs --matcher superglue or lightglue"),
+        ({"matcher": "superglue", "sinkhorn_iterations": 0}, "--sinkhorn-iterations must be >= 1"),
+        ({"matcher": "superglue", "match_threshold": 1.0}, r"--match-threshold must be in \[0, 1\)"),
+        ({"matcher": "lightglue", "width_confidence": 0.0}, r"--width-confidence must be in \(0, 1\], or -1"),
+    ]
+    for options, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            MatchConfig(**options)
+
+
+def test_cli_matches_with_a_learned_matcher_and_refuses_other_settings(
+    tmp_path: Path, superglue: Reference, lightglue: Reference
+) -> None:
+    rng = np.random.default_rng(11)
+    images = {f"{name}.jpg": random_image(rng, n, True) for name, n in (("a", 150), ("b", 120), ("c", 90))}
+    features = write_features(tmp_path / "feats.h5", images)
+    (tmp_path / "pairs.txt").write_text("a.jpg b.jpg\nb.jpg c.jpg\na.jpg c.jpg\n")
+    out = tmp_path / "matches.h5"
+    base = ["match-pairs", str(tmp_path / "pairs.txt"), "--features", str(features), "--out", str(out)]
+    result = run_cli(*base, "--matcher", "lightglue", "--matcher-weights", str(lightglue.checkpoint),
+                     "--filter-threshold", "0", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model = build_matcher(
+        load_matcher_weights("lightglue", str(lightglue.checkpoint)), {"filter_threshold": 0.0}
+    )
+    with h5py.File(out, "r") as h5:
+        for name0, name1 in (("a.jpg", "b.jpg"), ("b.jpg", "c.jpg"), ("a.jpg", "c.jpg")):
+            matches, scores = match_batch(model, [as_tensors(images[name0])], [as_tensors(images[name1])])
+            stored = h5[pair_key(name0, name1)]
+            np.testing.assert_array_equal(stored["matches0"][()], matches[0].numpy())
+            np.testing.assert_allclose(stored["matching_scores0"][()], scores[0].numpy().astype(np.float16))
+        assert (h5[pair_key("a.jpg", "b.jpg")]["matches0"][()] >= 0).sum() > 10
+
+    other = run_cli(*base, "--matcher", "superglue", "--matcher-weights", str(superglue.checkpoint))
+    assert other.returncode == 2 and "made with other settings" in other.stderr and "matcher" in other.stderr
+    bad = run_cli(*base, "--matcher", "superglue", "--ratio", "0.8")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--no-mutual, --ratio and --max-distance apply to --matcher nn only" in bad.stderr
+
+
+def test_the_product_does_not_import_transformers() -> None:
+    package = Path(__file__).resolve().parents[1] / "sp_extract"
+    for path in package.rglob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+transformers\b", path.read_text(), re.MULTILINE), path

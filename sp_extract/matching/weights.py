@@ -183,6 +183,8 @@ def convert_matcher_state(state: dict[str, torch.Tensor], source: str) -> tuple[
         matcher, converted = "superglue", _from_magicleap_superglue(state)
     elif any(k.startswith("gnn.layers.") for k in keys):
         matcher, converted = "superglue", _from_hf_superglue(state)
+    elif any(k.startswith("layers.") for k in keys):  # this package's own (a saved ``SuperGlue``)
+        matcher, converted = "superglue", state
     elif any(k.startswith("transformer_layers.") for k in keys):
         matcher, converted = "lightglue", state
     elif any(k.startswith(("transformers.", "self_attn.", "posenc.")) for k in keys):
