@@ -198,8 +198,8 @@ def main() -> None:
                 same = agreement(ours_out, baseline_out, pairs)
                 baseline_rate, ours_rate = len(pairs) / baseline_s, len(pairs) / ours_s
                 print(
-                    f"| {matcher} | {budget} | {mean_keypoints:.0f} | {len(pairs)} | {baseline_rate:.2f} | "
-                    f"{ours_rate:.2f} | {ours_rate / baseline_rate:.2f}x | {100 * same:.2f} % |",
+                    f"| {matcher} | {budget} | {mean_keypoints:.0f} | {len(pairs)} | {baseline_rate:.3g} | "
+                    f"{ours_rate:.3g} | {ours_rate / baseline_rate:.2f}x | {100 * same:.2f} % |",
                     flush=True,
                 )
 

@@ -5,12 +5,13 @@ assignment, with adaptive depth (a pair stops once its keypoints are confident) 
 
 Each image's keypoints are normalised by its own size. Every pair of a batch stops and prunes on
 its own, so it gets what it gets alone. Parameter names are those of transformers'
-``LightGlueForKeypointMatching`` (``learned_weights`` converts cvg/LightGlue's layout).
+``LightGlueForKeypointMatching`` (``weights`` converts cvg/LightGlue's layout).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,32 @@ def _compact(
     return out, torch.arange(length, device=keep.device)[None] < counts[:, None]
 
 
+@dataclass
+class _Pairs:
+    """The pairs of a batch still being matched: their ``rows`` in the batch, keypoint counts
+    before pruning, and per image (lists of two) descriptors, positional encodings, masks,
+    attention masks (None: no padding) and each keypoint's index in the input."""
+
+    rows: torch.Tensor
+    total: torch.Tensor
+    desc: list[torch.Tensor]
+    enc: list[torch.Tensor]
+    mask: list[torch.Tensor]
+    attention_mask: list[torch.Tensor | None]
+    index: list[torch.Tensor]
+
+    def select(self, which: torch.Tensor) -> _Pairs:
+        """The pairs ``which`` (B,) bool selects."""
+
+        def pick(tensors: list) -> list:
+            return [None if t is None else t[which] for t in tensors]
+
+        return _Pairs(
+            self.rows[which], self.total[which], pick(self.desc), pick(self.enc), pick(self.mask),
+            pick(self.attention_mask), pick(self.index),
+        )  # fmt: skip
+
+
 class LightGlue(nn.Module):
     """LightGlue for 256-d SuperPoint descriptors."""
 
@@ -193,71 +220,73 @@ class LightGlue(nn.Module):
         """Token confidence above which a keypoint counts as decided after ``layer``."""
         return min(max(0.8 + 0.1 * math.exp(-4.0 * layer / len(self.transformer_layers)), 0.0), 1.0)
 
+    def _confidence(self, layer: int, pairs: _Pairs) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """Token confidences after ``layer`` (None with adaptive depth off) and which pairs stop
+        there: all after the last layer, else those whose keypoints (pruned ones counting as
+        confident) are confident in a share above ``depth_confidence``."""
+        stop = torch.ones_like(pairs.rows, dtype=torch.bool)
+        if layer == len(self.transformer_layers) - 1:
+            return None, stop
+        if self.depth_confidence <= 0:
+            return None, ~stop
+        tokens = [self.token_confidence[layer](d) for d in pairs.desc]
+        threshold = self.confidence_threshold(layer)
+        unsure = sum(((t < threshold) & m).sum(1) for t, m in zip(tokens, pairs.mask))
+        return tokens, 1.0 - unsure / pairs.total > self.depth_confidence
+
+    def _assign(self, layer: int, pairs: _Pairs, matches: torch.Tensor, scores: torch.Tensor) -> None:
+        """Match ``pairs`` with ``layer``'s assignment head into their rows of ``matches`` and
+        ``scores`` (by input keypoint index; padding goes to their last, spare column)."""
+        (desc0, desc1), (mask0, mask1), (index0, index1) = pairs.desc, pairs.mask, pairs.index
+        assignment = self.match_assignment_layers[layer](desc0, desc1, mask0, mask1)
+        found, probability = mutual_matches(assignment, mask0, mask1, self.filter_threshold)
+        columns = torch.where(mask0, index0, matches.shape[1] - 1)
+        matches[pairs.rows[:, None], columns] = torch.where(
+            found >= 0, index1.gather(1, found.clamp(min=0)), -1
+        )
+        scores[pairs.rows[:, None], columns] = probability
+
+    def _prune(self, layer: int, pairs: _Pairs, tokens: list[torch.Tensor] | None) -> _Pairs:
+        """Drop the keypoints confidently unmatchable after ``layer`` (keypoints not yet decided
+        stay), and the pairs left with an image without keypoints (they have no matches)."""
+        for side in (0, 1):
+            keep = self.match_assignment_layers[layer].matchable(pairs.desc[side]) > 1 - self.width_confidence
+            if tokens is not None:
+                keep |= tokens[side] <= self.confidence_threshold(layer)
+            (pairs.desc[side], pairs.enc[side], pairs.index[side]), pairs.mask[side] = _compact(
+                keep & pairs.mask[side], [pairs.desc[side], pairs.enc[side], pairs.index[side]], [1, 2, 1]
+            )
+            pairs.attention_mask[side] = pairs.mask[side]
+        going = pairs.mask[0].any(1) & pairs.mask[1].any(1)
+        return pairs if bool(going.all()) else pairs.select(going)
+
     def forward(self, image0: PaddedFeatures, image1: PaddedFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Matches (B, M) of image 0's keypoints into image 1 (-1: none) and their scores."""
         batch, length0 = image0.mask.shape
         device = image0.mask.device
-        trash = length0  # a column for the padding of pruned pairs, cut off at the end
         matches = torch.full((batch, length0 + 1), -1, dtype=torch.long, device=device)
         scores = torch.zeros((batch, length0 + 1), device=device)
-        pairs = torch.arange(batch, device=device)
-        total = image0.mask.sum(1) + image1.mask.sum(1)
-        desc = [image0.descriptors, image1.descriptors]
-        enc = [
-            self.positional_encoder(normalize_keypoints(i.keypoints, i.image_size)) for i in (image0, image1)
-        ]
-        mask = [image0.mask, image1.mask]
-        attention_mask = [image0.attention_mask, image1.attention_mask]
-        index = [torch.arange(i.mask.shape[1], device=device).expand(batch, -1) for i in (image0, image1)]
-        last = len(self.transformer_layers) - 1
+        images = (image0, image1)
+        pairs = _Pairs(
+            torch.arange(batch, device=device),
+            image0.mask.sum(1) + image1.mask.sum(1),
+            [i.descriptors for i in images],
+            [self.positional_encoder(normalize_keypoints(i.keypoints, i.image_size)) for i in images],
+            [i.mask for i in images],
+            [i.attention_mask for i in images],
+            [torch.arange(i.mask.shape[1], device=device).expand(batch, -1) for i in images],
+        )
         for layer, transformer in enumerate(self.transformer_layers):
-            desc = list(transformer(*desc, *enc, *attention_mask))
-            tokens = None
-            stop = torch.ones_like(pairs, dtype=torch.bool)
-            if layer < last:
-                stop = torch.zeros_like(stop)
-                if self.depth_confidence > 0:
-                    tokens = [self.token_confidence[layer](d) for d in desc]
-                    threshold = self.confidence_threshold(layer)
-                    unsure = sum(((t < threshold) & m).sum(1) for t, m in zip(tokens, mask))
-                    stop = 1.0 - unsure / total > self.depth_confidence
+            pairs.desc = list(transformer(*pairs.desc, *pairs.enc, *pairs.attention_mask))
+            tokens, stop = self._confidence(layer, pairs)
             if bool(stop.any()):
-                rows = pairs[stop]
-                assignment = self.match_assignment_layers[layer](
-                    desc[0][stop], desc[1][stop], mask[0][stop], mask[1][stop]
-                )
-                found, probability = mutual_matches(
-                    assignment, mask[0][stop], mask[1][stop], self.filter_threshold
-                )
-                columns = torch.where(mask[0][stop], index[0][stop], trash)
-                matches[rows[:, None], columns] = torch.where(
-                    found >= 0, index[1][stop].gather(1, found.clamp(min=0)), -1
-                )
-                scores[rows[:, None], columns] = probability
-                going = ~stop
-                if not bool(going.any()):
+                self._assign(layer, pairs.select(stop), matches, scores)
+                if bool(stop.all()):
                     break
-                pairs, total = pairs[going], total[going]
-                desc, enc, mask, index = ([t[going] for t in ts] for ts in (desc, enc, mask, index))
-                attention_mask = [None if m is None else m[going] for m in attention_mask]
-                tokens = None if tokens is None else [t[going] for t in tokens]
-            if layer < last and self.width_confidence > 0:
-                for side in (0, 1):
-                    keep = (
-                        self.match_assignment_layers[layer].matchable(desc[side]) > 1 - self.width_confidence
-                    )
-                    if tokens is not None:  # keypoints not yet decided are kept
-                        keep |= tokens[side] <= self.confidence_threshold(layer)
-                    (desc[side], enc[side], index[side]), mask[side] = _compact(
-                        keep & mask[side], [desc[side], enc[side], index[side]], [1, 2, 1]
-                    )
-                    attention_mask[side] = mask[side]
-                going = mask[0].any(1) & mask[1].any(1)  # a pair with an image pruned empty has no matches
-                if not bool(going.all()):
-                    pairs, total = pairs[going], total[going]
-                    desc, enc, mask, index, attention_mask = (
-                        [t[going] for t in ts] for ts in (desc, enc, mask, index, attention_mask)
-                    )
-                    if not len(pairs):
-                        break
+                pairs = pairs.select(~stop)
+                tokens = None if tokens is None else [t[~stop] for t in tokens]
+            if self.width_confidence > 0:
+                pairs = self._prune(layer, pairs, tokens)
+                if not len(pairs.rows):
+                    break
         return matches[:, :length0], scores[:, :length0]

@@ -4,7 +4,7 @@ matching stored SuperPoint features, for batches of padded pairs.
 Each image's keypoints are normalised by its own size (as Magic Leap's implementation does). The
 Sinkhorn iterations run on each pair's own keypoint counts, padding carrying no mass, so a pair
 matched in a padded batch gets what it gets alone. Parameter names are those of transformers'
-``SuperGlueForKeypointMatching`` with shorter prefixes (``learned_weights`` converts both
+``SuperGlueForKeypointMatching`` with shorter prefixes (``weights`` converts both
 published layouts).
 """
 
