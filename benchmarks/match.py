@@ -12,8 +12,9 @@ twice in the same run, with each matcher:
 
 SuperGlue and LightGlue run with the same random weights (seed 0, full-size networks; no trained
 weights needed: the cost is the same) in both, LightGlue's adaptive depth and width off (random
-weights would make them arbitrary) and SuperGlue with 100 Sinkhorn iterations. Prints pairs/s for
-both and how many stored matches agree. Usage:
+weights would make them arbitrary) and SuperGlue with 100 Sinkhorn iterations; both columns load
+the weights file and build the network in their timing. Prints pairs/s for both and how many
+stored matches agree. Usage:
 
     python benchmarks/match.py [--copies 3] [--max-pairs 400] [--learned-pairs 12] [--device auto]
 """
@@ -37,6 +38,7 @@ from sp_extract.matching.learned import PaddedFeatures
 from sp_extract.matching.lightglue import LightGlue
 from sp_extract.matching.run import match_pairs
 from sp_extract.matching.superglue import SuperGlue
+from sp_extract.matching.weights import build_matcher, load_matcher_weights
 from sp_extract.pairs.core import exhaustive_pairs, pair_key, write_pairs
 from sp_extract.store.writer import StoreWriter, read_store_info
 
@@ -109,12 +111,10 @@ LEARNED_OPTIONS = {
 }
 
 
-def random_matcher(matcher: str, path: Path, device: torch.device) -> torch.nn.Module:
-    """A full-size matcher with random weights (seed 0), also saved to ``path`` for match_pairs."""
+def save_random_matcher(matcher: str, path: Path) -> None:
+    """Save a full-size matcher's random weights (seed 0) to ``path``."""
     torch.manual_seed(0)
-    model = (SuperGlue if matcher == "superglue" else LightGlue)(**LEARNED_OPTIONS[matcher]).eval()
-    torch.save(model.state_dict(), path)
-    return model.to(device)
+    torch.save((SuperGlue if matcher == "superglue" else LightGlue)().state_dict(), path)
 
 
 def agreement(ours: Path, baseline: Path, pairs: list[tuple[str, str]]) -> float:
@@ -178,13 +178,15 @@ def main() -> None:
                 started = time.perf_counter()
                 if matcher == "nn":
                     hloc_loop(features, pairs, baseline_out, device)
-                else:
+                else:  # both columns load the weights file and build the network
                     model_path = work / f"{matcher}.pth"
-                    model = random_matcher(matcher, model_path, device)
+                    save_random_matcher(matcher, model_path)
                     match_config = MatchConfig(
                         matcher=matcher, matcher_weights=str(model_path), **LEARNED_OPTIONS[matcher]
                     )
                     started = time.perf_counter()
+                    loaded = load_matcher_weights(matcher, str(model_path))
+                    model = build_matcher(loaded, LEARNED_OPTIONS[matcher]).to(device)
                     hloc_learned_loop(features, pairs, baseline_out, model, device)
                 baseline_s = time.perf_counter() - started
 

@@ -22,7 +22,8 @@ def _option(name: str) -> str:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Matcher settings; all are recorded in the match store and checked on resume."""
+    """Matcher settings; recorded in the match store and checked on resume (those that play a
+    part: see ``settings``; a learned matcher's weights by their identity)."""
 
     mutual: bool = True
     ratio: float | None = None
