@@ -580,6 +580,34 @@ def retrieval(
 @click.option(
     "--verify-threshold", default=4.0, show_default=True, help="Largest inlier error for --verify (px)."
 )
+@click.option(
+    "--matcher",
+    type=click.Choice(["nn", "superglue", "lightglue"]),
+    default="nn",
+    show_default=True,
+    help="nn: nearest neighbours; superglue, lightglue: the learned matchers (see README).",
+)
+@click.option(
+    "--matcher-weights",
+    metavar="NAME|PATH",
+    help="superglue-outdoor (default), superglue-indoor, lightglue-superpoint (default), or a .pth / "
+    "transformers checkpoint (.safetensors, .bin) of either project.",
+)
+@click.option(
+    "--sinkhorn-iterations", type=int, help="SuperGlue: Sinkhorn iterations [default: 100; hloc uses 50]."
+)
+@click.option("--match-threshold", type=float, help="SuperGlue: smallest match score kept [default: 0.2].")
+@click.option(
+    "--depth-confidence",
+    type=float,
+    help="LightGlue: stop a pair early when this share of keypoints is confident, -1 off [default: 0.95].",
+)
+@click.option(
+    "--width-confidence",
+    type=float,
+    help="LightGlue: prune keypoints unlikely to match (adaptive width), -1 off [default: 0.99].",
+)
+@click.option("--filter-threshold", type=float, help="LightGlue: smallest match score kept [default: 0.1].")
 @click.option("--batch-size", default=32, show_default=True, help="Pairs per matching batch.")
 @click.option(
     "--cache-mb", default=1024, show_default=True, help="Memory for descriptors kept between pairs (MiB)."
@@ -596,6 +624,13 @@ def match_pairs(
     max_distance: float | None,
     verify: str | None,
     verify_threshold: float,
+    matcher: str,
+    matcher_weights: str | None,
+    sinkhorn_iterations: int | None,
+    match_threshold: float | None,
+    depth_confidence: float | None,
+    width_confidence: float | None,
+    filter_threshold: float | None,
     batch_size: int,
     cache_mb: int,
     device: str,
@@ -603,11 +638,13 @@ def match_pairs(
     quiet: bool,
     json_report: Path | None,
 ) -> None:
-    """Match the descriptors of every pair in PAIRS ('name0 name1' a line) into --out.
+    """Match the features of every pair in PAIRS ('name0 name1' a line) into --out.
 
     Nearest neighbours with the mutual check, ratio test and distance threshold of hloc's NN
-    matchers. The pairs file is streamed in checked chunks (any size starts at once). Re-running
-    matches only the pairs not yet in the store; a store made with other settings or features is refused.
+    matchers, or SuperGlue or LightGlue (--matcher), which also use the keypoints, their scores
+    and the image sizes. The pairs file is streamed in checked chunks (any size starts at once).
+    Re-running matches only the pairs not yet in the store; a store made with other settings,
+    weights or features is refused.
     """
     from .matching.config import MatchConfig
     from .matching.run import match_pairs as run_match_pairs
@@ -618,6 +655,13 @@ def match_pairs(
         max_distance=max_distance,
         verify=verify,
         verify_threshold=verify_threshold,
+        matcher=matcher,
+        matcher_weights=matcher_weights,
+        sinkhorn_iterations=sinkhorn_iterations,
+        match_threshold=match_threshold,
+        depth_confidence=depth_confidence,
+        width_confidence=width_confidence,
+        filter_threshold=filter_threshold,
     )
     summary = run_match_pairs(
         pairs_file,

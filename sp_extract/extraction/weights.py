@@ -11,7 +11,6 @@ BatchNorm re-training (``backbone.0.0.conv.weight`` ...) and Hugging Face transf
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -20,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import safetensors.torch
 import torch
 
 from ..errors import WeightsError
@@ -29,11 +28,19 @@ from .model import LAYER_NAMES, SuperPoint
 
 @dataclass(frozen=True)
 class NamedWeights:
-    """A published weight file: where to get it and how to recognise it."""
+    """A published weight file: where to get it and how to recognise it (its published SHA-256
+    when there is one, else its git blob SHA-1)."""
 
     url: str
-    git_blob_sha1: str
+    git_blob_sha1: str | None
     licence: str
+    sha256: str | None = None
+
+    def checksum(self, data: bytes) -> tuple[str, str, str | None]:
+        """The kind of checksum, its value for ``data`` and the published value."""
+        if self.sha256:
+            return "SHA-256", hashlib.sha256(data).hexdigest(), self.sha256
+        return "git SHA-1", git_blob_sha1(data), self.git_blob_sha1
 
 
 NAMED_WEIGHTS = {
@@ -84,19 +91,25 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def download(url: str, destination: Path, expected_sha1: str, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``destination`` atomically, refusing content with another git SHA-1."""
+WEIGHTS_HINT = "--weights PATH or SP_EXTRACT_WEIGHTS=PATH"
+
+
+def download(
+    url: str, destination: Path, spec: NamedWeights, hint: str = WEIGHTS_HINT, timeout: float = 60.0
+) -> Path:
+    """Fetch ``url`` to ``destination`` atomically, refusing content with another checksum than
+    ``spec``'s; ``hint`` says how to pass a local file instead."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except (urllib.error.URLError, OSError) as error:
         raise WeightsError(
-            f"cannot download {url} ({error}); offline? pass a local file with --weights PATH "
-            f"or SP_EXTRACT_WEIGHTS=PATH, or put it at {destination}"
+            f"cannot download {url} ({error}); offline? pass a local file with {hint}, "
+            f"or put it at {destination}"
         ) from error
-    actual = git_blob_sha1(data)
-    if actual != expected_sha1:
-        raise WeightsError(f"{url}: checksum mismatch (git SHA-1 {actual}, expected {expected_sha1})")
+    kind, actual, expected = spec.checksum(data)
+    if actual != expected:
+        raise WeightsError(f"{url}: checksum mismatch ({kind} {actual}, expected {expected})")
     partial = destination.with_name(f"{destination.name}.{os.getpid()}.part")  # one per process
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -105,44 +118,37 @@ def download(url: str, destination: Path, expected_sha1: str, timeout: float = 6
     except OSError as error:
         raise WeightsError(
             f"{destination}: cannot write the weights cache ({error.strerror or error}); "
-            "set SP_EXTRACT_CACHE to a writable folder or pass a file with --weights PATH"
+            f"set SP_EXTRACT_CACHE to a writable folder or pass a file with {hint}"
         ) from error
     return destination
 
 
-def fetch_named(name: str) -> Path:
-    """Path of the named weights in the cache, downloading and verifying them on first use."""
-    spec = NAMED_WEIGHTS[name]
+def fetch_named(name: str, table: dict[str, NamedWeights] | None = None, hint: str = WEIGHTS_HINT) -> Path:
+    """Path of the named weights (of ``table``, else SuperPoint's) in the cache, downloading and
+    verifying them on first use; the licence is printed when they are downloaded."""
+    spec = (NAMED_WEIGHTS if table is None else table)[name]
     filename = spec.url.rsplit("/", 1)[1]
     path = cache_dir() / filename
     if path.exists():
-        if git_blob_sha1(path.read_bytes()) == spec.git_blob_sha1:
+        _, actual, expected = spec.checksum(path.read_bytes())
+        if actual == expected:
             return path
         print(f"sp-extract: {path} fails its checksum, downloading it again", file=sys.stderr)
     mirror = os.environ.get("SP_EXTRACT_MIRROR")
     url = f"{mirror.rstrip('/')}/{filename}" if mirror else spec.url
-    download(url, path, spec.git_blob_sha1)
+    download(url, path, spec, hint)
     print(f"sp-extract: {name}: {spec.licence}", file=sys.stderr)
     return path
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Minimal reader of the safetensors format (8-byte header size, JSON header, raw data)."""
-    dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64}
-    raw = path.read_bytes()
-    header_size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + header_size])
-    body = memoryview(raw)[8 + header_size :]
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise WeightsError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        array = np.frombuffer(body[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-        tensors[key] = torch.from_numpy(array.copy())  # own, aligned memory; dtype kept
-    return tensors
+def resolve(spec: str, table: dict[str, NamedWeights], hint: str, what: str) -> tuple[Path, str]:
+    """The file of ``spec``, a name of ``table`` (fetched) or a path, and its label."""
+    if spec in table:
+        return fetch_named(spec, table, hint), spec
+    path = Path(spec)
+    if not path.exists():
+        raise WeightsError(f"{spec}: no such {what} file, and not a known name ({', '.join(table)})")
+    return path, path.name
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -152,11 +158,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not a weights file")
     try:
         if path.suffix == ".safetensors":
-            state = _read_safetensors(path)
+            state = safetensors.torch.load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
     except Exception as error:  # any parse failure of an arbitrary file
         raise WeightsError(  # one line: torch's own messages run over many
             f"{path}: not a readable weights file, expected a PyTorch state dict (.pth, .pt, .bin) "
@@ -212,31 +216,31 @@ def convert_state_dict(state: dict[str, torch.Tensor], source: str) -> tuple[dic
         raise WeightsError(f"{source}: not SuperPoint weights (unrecognised keys such as {sample})")
     batch_norm = any(k.startswith("bn") for k in converted)
     expected = SuperPoint(batch_norm=batch_norm).state_dict()
+    return checked_state_dict(converted, expected, source, "SuperPoint"), batch_norm
+
+
+def checked_state_dict(
+    converted: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, network: str
+) -> dict[str, torch.Tensor]:
+    """The entries of ``converted`` that ``expected`` (a network's state dict) has, in float32;
+    refuses missing entries and other shapes."""
     for key in expected:  # a BatchNorm's update counter plays no part in inference
         if key.endswith(".num_batches_tracked"):
             converted.setdefault(key, expected[key])
     missing = sorted(set(expected) - set(converted))
     if missing:
-        raise WeightsError(f"{source}: incomplete SuperPoint weights (missing {', '.join(missing[:3])})")
+        raise WeightsError(f"{source}: incomplete {network} weights (missing {', '.join(missing[:3])})")
     for key, tensor in converted.items():
         if key in expected and tensor.shape != expected[key].shape:
             raise WeightsError(
                 f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
             )
-    return {
-        k: v.float() if v.is_floating_point() else v for k, v in converted.items() if k in expected
-    }, batch_norm
+    return {k: v.float() if v.is_floating_point() else v for k, v in converted.items() if k in expected}
 
 
 def load_weights(spec: str | None = None) -> LoadedWeights:
     """Resolve ``spec`` (a name, a path, or None for the default / ``SP_EXTRACT_WEIGHTS``)."""
     spec = spec or os.environ.get("SP_EXTRACT_WEIGHTS") or DEFAULT_WEIGHTS
-    if spec in NAMED_WEIGHTS:
-        path, label = fetch_named(spec), spec
-    else:
-        path, label = Path(spec), Path(spec).name
-        if not path.exists():
-            names = ", ".join(NAMED_WEIGHTS)
-            raise WeightsError(f"{spec}: no such weights file, and not a known name ({names})")
+    path, label = resolve(spec, NAMED_WEIGHTS, WEIGHTS_HINT, "weights")
     state, batch_norm = convert_state_dict(read_state_dict(path), str(path))
     return LoadedWeights(state, batch_norm, git_blob_sha1(path.read_bytes()), label)

@@ -8,18 +8,40 @@ from typing import Any
 from ..errors import ConfigError
 from .verify import VERIFY_MIN_MATCHES
 
+MATCHERS = ("nn", "superglue", "lightglue")
+# each learned matcher's options and their defaults (those of Magic Leap's and cvg's code)
+LEARNED_OPTIONS = {
+    "superglue": {"sinkhorn_iterations": 100, "match_threshold": 0.2},
+    "lightglue": {"depth_confidence": 0.95, "width_confidence": 0.99, "filter_threshold": 0.1},
+}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Matcher settings; all are recorded in the match store and checked on resume."""
+    """Matcher settings; recorded in the match store and checked on resume (those that play a
+    part: see ``settings``; a learned matcher's weights by their identity)."""
 
     mutual: bool = True
     ratio: float | None = None
     max_distance: float | None = None
     verify: str | None = None
     verify_threshold: float = 4.0
+    matcher: str = "nn"
+    matcher_weights: str | None = None
+    sinkhorn_iterations: int | None = None
+    match_threshold: float | None = None
+    depth_confidence: float | None = None
+    width_confidence: float | None = None
+    filter_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.matcher not in MATCHERS:
+            raise ConfigError(f"--matcher must be one of {', '.join(MATCHERS)}, got {self.matcher}")
+        self._check_learned_options()
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ConfigError(f"--ratio must be in (0, 1], got {self.ratio}")
         if self.max_distance is not None and not 0.0 < self.max_distance <= 2.0:
@@ -31,9 +53,51 @@ class MatchConfig:
         if self.verify_threshold <= 0:
             raise ConfigError(f"--verify-threshold must be > 0 pixels, got {self.verify_threshold}")
 
+    def _check_learned_options(self) -> None:
+        learned = LEARNED_OPTIONS.get(self.matcher, {})
+        if self.matcher == "nn" and self.matcher_weights is not None:
+            raise ConfigError("--matcher-weights needs --matcher superglue or lightglue")
+        if self.matcher != "nn" and (
+            not self.mutual or self.ratio is not None or self.max_distance is not None
+        ):
+            raise ConfigError("--no-mutual, --ratio and --max-distance apply to --matcher nn only")
+        for name in (n for options in LEARNED_OPTIONS.values() for n in options):
+            if getattr(self, name) is not None and name not in learned:
+                users = " or ".join(m for m, options in LEARNED_OPTIONS.items() if name in options)
+                raise ConfigError(f"{_option(name)} applies to --matcher {users} only")
+        options = self.learned_options()
+        if options.get("sinkhorn_iterations", 1) < 1:
+            raise ConfigError(f"--sinkhorn-iterations must be >= 1, got {self.sinkhorn_iterations}")
+        for name in ("match_threshold", "filter_threshold"):
+            if name in options and not 0.0 <= options[name] < 1.0:
+                raise ConfigError(f"{_option(name)} must be in [0, 1), got {options[name]}")
+        for name in ("depth_confidence", "width_confidence"):
+            if name in options and options[name] != -1 and not 0.0 < options[name] <= 1.0:
+                raise ConfigError(f"{_option(name)} must be in (0, 1], or -1 for off, got {options[name]}")
+
+    def learned_options(self) -> dict[str, Any]:
+        """The learned matcher's options, defaults filled in (empty for ``nn``)."""
+        defaults = LEARNED_OPTIONS.get(self.matcher, {})
+        return {
+            name: default if getattr(self, name) is None else getattr(self, name)
+            for name, default in defaults.items()
+        }
+
     def settings(self) -> dict[str, Any]:
-        """The settings as recorded; the threshold only counts when verification is on."""
+        """The settings as recorded; the threshold only counts when verification is on. Nearest
+        neighbours record what they always did; a learned matcher records itself and its
+        options (``match_pairs`` adds its weights' identity) instead of the NN options."""
         settings = asdict(self)
+        for name in (
+            "matcher",
+            "matcher_weights",
+            *(n for options in LEARNED_OPTIONS.values() for n in options),
+        ):
+            del settings[name]
         if self.verify is None:
             settings["verify_threshold"] = None
+        if self.matcher != "nn":
+            for name in ("mutual", "ratio", "max_distance"):
+                del settings[name]
+            settings.update(matcher=self.matcher, **self.learned_options())
         return settings

@@ -1,5 +1,6 @@
 """The match-pairs run: reads the pairs, feeds stored features through the bounded feature
-cache to the matcher in batches, verifies (optional) and writes the match store.
+cache to the matcher (nearest neighbours, SuperGlue or LightGlue) in batches, verifies
+(optional) and writes the match store.
 
 The match store's content is hloc's layout: one group per pair at ``pair_key(name0, name1)``
 holding ``matches0``, int32, an index into image 1 or -1 for each keypoint of image 0, and
@@ -12,7 +13,7 @@ import itertools
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +32,27 @@ from ..pairs.core import Pair, pair_key, read_pair_chunks
 from ..report import Progress, Summary
 from ..store.writer import StoreWriter, read_settings, read_store
 from .config import MatchConfig
+from .learned import match_batch
 from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
 from .verify import verify_matches
+
+# a learned matcher's batch on a GPU: padded N0 x N1 entries of all its pairs together (each
+# pair's attention and assignment matrices take about ten such float32 matrices)
+LEARNED_BATCH_ELEMENTS = 1 << 26
 
 
 @dataclass
 class ImageFeatures:
-    """What matching needs of one image: descriptors (N, D) on the device, keypoints (N, 2)."""
+    """What matching needs of one image: descriptors (N, D) on the device, keypoints (N, 2)
+    (for verification); for a learned matcher also ``learned``: keypoints (N, 2), scores (N,),
+    descriptors (N, D) and the image size (width, height), on the device."""
 
     descriptors: torch.Tensor
     keypoints: np.ndarray | None
+    learned: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+Matcher = Callable[[list[tuple[ImageFeatures, ImageFeatures]]], tuple[torch.Tensor, torch.Tensor]]
 
 
 class FeatureCache:
@@ -51,11 +63,14 @@ class FeatureCache:
     remembered in ``failed`` with their reason and not read again.
     """
 
-    def __init__(self, h5: h5py.File, device: torch.device, budget_bytes: int, keypoints: bool) -> None:
+    def __init__(
+        self, h5: h5py.File, device: torch.device, budget_bytes: int, keypoints: bool, learned: bool = False
+    ) -> None:
         self.h5 = h5
         self.device = device
         self.budget_bytes = budget_bytes
         self.keypoints = keypoints
+        self.learned = learned
         self.entries: OrderedDict[str, ImageFeatures] = OrderedDict()
         self.failed: dict[str, str] = {}
         self.bytes = 0
@@ -79,7 +94,11 @@ class FeatureCache:
                     f"keypoints of shape {keypoints.shape} for {descriptors.shape[1]} descriptors"
                 )
         self.reads += 1
-        return ImageFeatures(torch.from_numpy(descriptors).to(self.device).T, keypoints)
+        on_device = torch.from_numpy(descriptors).to(self.device).T
+        learned = None
+        if self.learned:
+            learned = _learned_inputs(group, on_device)
+        return ImageFeatures(on_device, keypoints, learned)
 
     def get(self, name: str) -> ImageFeatures | None:
         """The image's features, or None if they cannot be read (reason in ``failed``)."""
@@ -101,6 +120,24 @@ class FeatureCache:
             _, evicted = self.entries.popitem(last=False)
             self.bytes -= evicted.descriptors.nbytes
         return features
+
+
+def _learned_inputs(
+    group: h5py.Group, descriptors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An image's keypoints, scores, descriptors and (width, height) for a learned matcher."""
+    count = len(descriptors)
+    keypoints = np.asarray(group["keypoints"], dtype=np.float32)
+    scores = np.asarray(group["scores"], dtype=np.float32)
+    size = np.asarray(group["image_size"], dtype=np.float32)
+    if keypoints.shape != (count, 2) or scores.shape != (count,) or size.shape != (2,) or (size <= 0).any():
+        raise ValueError(
+            f"keypoints {keypoints.shape}, scores {scores.shape} and image_size {size.tolist()} "
+            f"do not fit {count} descriptors"
+        )
+    device = descriptors.device
+    as_tensor = [torch.from_numpy(array).to(device) for array in (keypoints, scores, size)]
+    return as_tensor[0], as_tensor[1], descriptors, as_tensor[2]
 
 
 def descriptor_counts(h5: h5py.File, names: Sequence[str]) -> tuple[dict[str, int], int]:
@@ -231,6 +268,13 @@ def match_pairs(
     target = resolve_device(device)
     summary.device, summary.failures_shown = str(target), not quiet
     settings = {**config.settings(), **identity}
+    model = None
+    if config.matcher != "nn":
+        from .weights import build_matcher, load_matcher_weights
+
+        weights = load_matcher_weights(config.matcher, config.matcher_weights)
+        settings.update(matcher_weights=weights.label, matcher_weights_sha1=weights.sha1)
+        model = build_matcher(weights, config.learned_options()).to(target)
     info = {"pairs": str(pairs_file), "features_path": str(features.resolve())}  # for people only
     with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
         progress = Progress(_estimated_pairs(pairs_file, first_chunk), "pairs", quiet=quiet)
@@ -242,12 +286,17 @@ def match_pairs(
                 device_scope(target),
             ):
                 budget = cache_mb << 20
-                cache = FeatureCache(h5, target, budget, keypoints=config.verify is not None)
+                cache = FeatureCache(
+                    h5, target, budget, keypoints=config.verify is not None, learned=model is not None
+                )
                 counts: dict[str, int] = {}
                 row_bytes = 1
                 pending: _Batch | None = None
                 # CPU: small batches, matrices in cache-sized blocks; GPU: large batches, one block
                 work = CPU_WORK_ELEMENTS if target.type == "cpu" else MAX_BATCH_ELEMENTS
+                matcher = _matcher(config, work, model)
+                if model is not None:  # CPU: a pair at a time (padding only costs); GPU: padded batches
+                    work = 1 if target.type == "cpu" else LEARNED_BATCH_ELEMENTS
                 for chunk in itertools.chain([first_chunk], chunks):
                     # resume: pairs in the store in either order, also those repeated from an
                     # earlier chunk (flushed below), are skipped
@@ -264,7 +313,7 @@ def match_pairs(
                     row_bytes = max(row_bytes, new_row_bytes)
                     todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
                     for pairs_in_batch in plan_batches(todo, counts, batch_size, work):
-                        batch = _Batch.start(pairs_in_batch, cache, config, work, summary, progress)
+                        batch = _Batch.start(pairs_in_batch, cache, matcher, summary, progress)
                         if pending is not None:  # on CUDA, saved while the device matches ``batch``
                             pending.save(config, writer, summary, progress, pool)
                         pending = batch
@@ -286,6 +335,15 @@ def match_pairs(
     return summary.finish(progress.completed, started)
 
 
+def _matcher(config: MatchConfig, work_elements: int, model: torch.nn.Module | None) -> Matcher:
+    """The function matching a batch of loaded pairs: nearest neighbours, or ``model``."""
+    if model is None:
+        return lambda loaded: nearest_neighbours(
+            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config, work_elements
+        )
+    return lambda loaded: match_batch(model, [f.learned for f, _ in loaded], [s.learned for _, s in loaded])
+
+
 @dataclass
 class _Batch:
     """One batch of pairs whose matches are computed, or being computed, on the device."""
@@ -299,8 +357,7 @@ class _Batch:
         cls,
         pairs: list[Pair],
         cache: FeatureCache,
-        config: MatchConfig,
-        work_elements: int,
+        matcher: Matcher,
         summary: Summary,
         progress: Progress,
     ) -> _Batch | None:
@@ -319,9 +376,7 @@ class _Batch:
             loaded.append((first, second))
         if not ready:
             return None
-        matches, scores = nearest_neighbours(
-            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config, work_elements
-        )
+        matches, scores = matcher(loaded)
         return cls(ready, loaded, copy_to_host([matches.to(torch.int32), scores]))
 
     def save(
