@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # network arithmetic; fp16 / bf16 change the features slightly
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # network arithmetic; all but fp32 change the features slightly
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 
