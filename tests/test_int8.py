@@ -21,7 +21,7 @@ from superpoint_reference import postprocess as reference_postprocess
 
 from sp_extract.errors import ConfigError, StoreError
 from sp_extract.extraction import quantize
-from sp_extract.extraction.backends import choose_backend, make_backend
+from sp_extract.extraction.backends import choose_backend, export_model, make_backend
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image
 from sp_extract.extraction.pipeline import extract
@@ -104,13 +104,13 @@ def test_int8_is_close_to_the_reference_network_on_a_photo(real_weights: Path, s
     # dense descriptors: unit norm (normalised in float), pointing the same way
     np.testing.assert_allclose(descriptors.norm(dim=1).numpy(), 1.0, atol=1e-4)
     cosine = (descriptors * ref_descriptors).sum(1).flatten()
-    assert cosine.median() > 0.98 and torch.quantile(cosine, 0.01) > 0.8
+    assert cosine.median() > 0.99 and torch.quantile(cosine, 0.01) > 0.9
     # keypoints: most of the reference's found again within 1 px
     (features,) = postprocess(scores, descriptors, 0.005, 4, 4, -1)
     ref_keypoints = torch.from_numpy(np.asarray(reference.keypoints, dtype=np.float32))
     assert len(ref_keypoints) > 150
     nearest = torch.cdist(ref_keypoints, features.keypoints).min(1).values
-    assert (nearest <= 1.0).float().mean() > 0.8
+    assert (nearest <= 1.0).float().mean() > 0.85
     assert 0.8 < len(features.keypoints) / len(ref_keypoints) < 1.25
 
 
@@ -152,11 +152,11 @@ def test_cli_exports_int8_calibrated_on_a_folder(
     cached = list((small_calibration / "onnx").glob("superpoint-int8-*.onnx"))
     assert len(cached) == 1 and cached[0].read_bytes() == out.read_bytes()
     cases = {
-        ("--calibrate", str(small_images)): "--calibrate sets the ranges of an int8 network",
-        ("--precision", "int8", "--calibrate", str(tmp_path / "none")): "none: not a folder",
-        ("--precision", "int8", "--calibrate", str(small_images / "sub" / "c.png")): "not a folder",
+        ("fp32", small_images): "--calibrate sets the ranges of an int8 network",
+        ("int8", tmp_path / "none"): "none: not a folder",
+        ("int8", small_images / "sub" / "c.png"): "c.png: not a folder",
+        ("int8", tmp_path / "cache"): "no images found",
     }
-    for args, message in cases.items():
-        done = run_cli("export", str(tmp_path / "x.onnx"), *args, *weights, env=env)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
+    for (precision, folder), message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            export_model(tmp_path / "x.onnx", "onnx", str(random_weights), precision, folder)

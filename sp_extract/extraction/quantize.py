@@ -13,8 +13,11 @@ ONNX Runtime's version and the calibration images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import io
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +33,8 @@ from .config import ExtractConfig
 from .decode import load_image
 from .discover import discover_images
 
-BUILTIN_SHAPE = (12, 480, 640)  # images, height, width of the generated calibration set
+BUILTIN_SHAPE = (8, 480, 640)  # images, height, width of the generated calibration set
+PERCENTILE = 99.99  # activation ranges: this percentile of the calibration values (both ends)
 MAX_CALIBRATION_IMAGES = 64  # of a user's folder, evenly spaced in name order
 CALIBRATION_RESIZE = 640  # longest side of a user's calibration images
 # kept float32: the detector logits (a 65-way softmax amplifies their rounding) and the float
@@ -114,28 +118,49 @@ def folder_calibration(folder: Path, limit: int = MAX_CALIBRATION_IMAGES) -> Cal
 
 
 class _Reader:
-    """ONNX Runtime's calibration data reader: one image a batch."""
+    """ONNX Runtime's calibration data reader: one image a batch. ``set_range`` lets the
+    quantizer collect the statistics a few images at a time, so memory stays bounded."""
 
     def __init__(self, images: tuple[np.ndarray, ...], input_name: str) -> None:
-        self.batches: Iterator[dict[str, np.ndarray]] = iter(
-            {input_name: image[None, None]} for image in images
-        )
+        self.images, self.input_name = images, input_name
+        self.batches: Iterator[np.ndarray] = iter(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.batches = iter(self.images[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
+        image = next(self.batches, None)
+        return None if image is None else {self.input_name: image[None, None]}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the quantizer, which prints its progress on stdout and logs advice as warnings."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def quantize(
-    fp32_model: bytes,
-    calibration: Calibration,
-    float_nodes: tuple[str, ...] = FLOAT_NODES,
-    method: str = "MinMax",
+    fp32_model: bytes, calibration: Calibration, float_nodes: tuple[str, ...] = FLOAT_NODES
 ) -> bytes:
     """``fp32_model`` (ONNX) statically quantized in QDQ form, ``float_nodes`` left float32."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory(prefix="sp-extract-int8-") as work:
+    options = {
+        "CalibTensorRangeSymmetric": False,
+        "CalibPercentile": PERCENTILE,
+        "CalibStridedMinMax": 1,  # statistics of one image at a time (any method, despite the name)
+    }
+    with tempfile.TemporaryDirectory(prefix="sp-extract-int8-") as work, _quiet():
         out = Path(work) / "int8.onnx"
         quantize_static(
             onnx.load_from_string(fp32_model),
@@ -146,8 +171,8 @@ def quantize(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(float_nodes),
-            calibrate_method=CalibrationMethod[method],
-            extra_options={"CalibTensorRangeSymmetric": False},
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options=options,
         )
         return out.read_bytes()
 
