@@ -147,7 +147,9 @@ def five_commands(images: Path, feats: Path, work: Path) -> dict:
     return {key: best[key] for key in keys}
 
 
-def layer_sensitivity(folders: list[Path], count: int, weights: str, resize_max: int) -> list[dict]:
+def layer_sensitivity(
+    folders: list[Path], count: int, weights: str, resize_max: int, work: Path
+) -> list[dict]:
     """Keypoints within 1 px and descriptor cosine of graphs keeping more operators float32."""
     loaded = load_weights(weights)
     fp32 = onnx_model(loaded.build(), loaded.sha1)
@@ -164,7 +166,8 @@ def layer_sensitivity(folders: list[Path], count: int, weights: str, resize_max:
     variants.update({f"default + {node} float": FLOAT_NODES + (node,) for node in LAYER_CANDIDATES})
     rows = []
     for label, float_nodes in variants.items():
-        backend = OnnxRuntimeBackend(quantize(fp32, calibration, float_nodes), 2, "int8")
+        model = quantize(fp32, calibration, float_nodes, work / "ranges.json")
+        backend = OnnxRuntimeBackend(model, 2, "int8")
         fp32_features: Features = {}
         int8_features: Features = {}
         for index, (image, ref) in enumerate(zip(images, reference_features)):
@@ -215,8 +218,9 @@ def main() -> None:
                         args.data / name, store, work / f"{name}-{precision}"
                     )
                     print(name, precision, results["sfm"][f"{name} {precision}"], flush=True)
-    if args.layers:
-        results["layers"] = layer_sensitivity([args.data / n for n in sets], args.layers, args.weights, 640)
+        if args.layers:
+            folders = [args.data / n for n in sets]
+            results["layers"] = layer_sensitivity(folders, args.layers, args.weights, 640, work)
     print("| set | images | fp32 keypoints | int8/fp32 count | same pixel | within 1 px | descriptor cosine "
           "median (1st pct) | NN-mutual matches kept |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

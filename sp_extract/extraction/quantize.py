@@ -19,7 +19,7 @@ import inspect
 import io
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from .decode import load_image
 from .discover import discover_images
 
 BUILTIN_SHAPE = (8, 480, 640)  # images, height, width of the generated calibration set
+SEED = 20160816  # of the generated set
 PERCENTILE = 99.99  # activation ranges: this percentile of the calibration values (both ends)
 MAX_CALIBRATION_IMAGES = 64  # of a user's folder, evenly spaced in name order
 CALIBRATION_RESIZE = 640  # longest side of a user's calibration images
@@ -46,15 +47,17 @@ FLOAT_NODES = ("/convPb/Conv", "/Softmax", "/ReduceL2", "/Div")
 class Calibration:
     """Images (H, W) float32 in [0, 1] whose activations set the quantization ranges."""
 
-    label: str  # e.g. "builtin 12x480x640" or "photos/ (40 images)"
-    images: tuple[np.ndarray, ...]
+    label: str  # e.g. "builtin 8x480x640" or "photos/ (40 images)"
+    identity: str  # what the cache key of the int8 graph takes from the calibration
+    images: Callable[[], tuple[np.ndarray, ...]]  # made when needed: not on a cache hit
 
-    def digest(self) -> str:
-        hasher = hashlib.sha1()
-        for image in self.images:
-            hasher.update(f"{image.shape}".encode())
-            hasher.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
-        return hasher.hexdigest()
+
+def digest(images: tuple[np.ndarray, ...]) -> str:
+    hasher = hashlib.sha1()
+    for image in images:
+        hasher.update(f"{image.shape}".encode())
+        hasher.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
+    return hasher.hexdigest()
 
 
 def generated_image(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -93,9 +96,14 @@ def generated_image(height: int, width: int, rng: np.random.Generator) -> np.nda
 def builtin_calibration() -> Calibration:
     """The default calibration set: ``BUILTIN_SHAPE`` generated images, the same on every machine."""
     count, height, width = BUILTIN_SHAPE
-    rng = np.random.default_rng(20160816)
-    images = tuple(generated_image(height, width, rng) for _ in range(count))
-    return Calibration(f"builtin {count}x{height}x{width}", images)
+
+    def images() -> tuple[np.ndarray, ...]:
+        rng = np.random.default_rng(SEED)
+        return tuple(generated_image(height, width, rng) for _ in range(count))
+
+    # the generator's code is in the cache key; NumPy's and OpenCV's versions may change its images
+    identity = f"builtin {BUILTIN_SHAPE} {SEED} numpy {np.__version__} opencv {cv2.__version__}"
+    return Calibration(f"builtin {count}x{height}x{width}", identity, images)
 
 
 def folder_calibration(folder: Path, limit: int = MAX_CALIBRATION_IMAGES) -> Calibration:
@@ -114,7 +122,8 @@ def folder_calibration(folder: Path, limit: int = MAX_CALIBRATION_IMAGES) -> Cal
         if decoded.image is None:
             raise ConfigError(f"--calibrate {folder / name}: {decoded.error}")
         images.append(decoded.image)
-    return Calibration(f"{folder} ({len(images)} images)", tuple(images))
+    loaded = tuple(images)
+    return Calibration(f"{folder} ({len(loaded)} images)", digest(loaded), lambda: loaded)
 
 
 class _Reader:
@@ -149,9 +158,15 @@ def _quiet() -> Iterator[None]:
 
 
 def quantize(
-    fp32_model: bytes, calibration: Calibration, float_nodes: tuple[str, ...] = FLOAT_NODES
+    fp32_model: bytes,
+    calibration: Calibration,
+    float_nodes: tuple[str, ...] = FLOAT_NODES,
+    ranges: Path | None = None,
 ) -> bytes:
-    """``fp32_model`` (ONNX) statically quantized in QDQ form, ``float_nodes`` left float32."""
+    """``fp32_model`` (ONNX) statically quantized in QDQ form, ``float_nodes`` left float32.
+
+    ``ranges``: a file keeping the calibrated ranges (read if there, else written), so that
+    variants of one graph are calibrated once."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -165,7 +180,7 @@ def quantize(
         quantize_static(
             onnx.load_from_string(fp32_model),
             out,
-            _Reader(calibration.images, INPUT_NAME),
+            _Reader(calibration.images(), INPUT_NAME),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -173,6 +188,7 @@ def quantize(
             nodes_to_exclude=list(float_nodes),
             calibrate_method=CalibrationMethod.Percentile,
             extra_options=options,
+            calibration_cache_path=ranges,
         )
         return out.read_bytes()
 
@@ -184,7 +200,7 @@ def cache_key(weights_sha1: str, calibration: Calibration) -> str:
     from . import model as model_module
 
     code = Path(inspect.getfile(model_module)).read_bytes() + Path(__file__).read_bytes()
-    text = f"{weights_sha1}:{onnxruntime.__version__}:{calibration.digest()}:".encode()
+    text = f"{weights_sha1}:{onnxruntime.__version__}:{calibration.identity}:".encode()
     return hashlib.sha1(text + code).hexdigest()[:20]
 
 
