@@ -7,8 +7,8 @@ Each photo set is extracted twice by the pipeline (``extract``, backend onnxrunt
 settings), at fp32 and at ``--precision int8`` (built-in generated calibration set: none of the
 photos was calibrated on), and the int8 features are compared with the fp32 ones:
 
-- keypoints: the share of fp32 keypoints with an int8 keypoint on the same pixel / within 1 px,
-  and the int8 keypoint count relative to fp32;
+- keypoints: the share of fp32 keypoints with an int8 keypoint on the same pixel / within 1 px
+  (pixels of the resized image the network saw), and the int8 keypoint count relative to fp32;
 - descriptors: cosine between the descriptors of fp32 keypoints and their int8 keypoint within 1 px;
 - matches: the share of the fp32 NN-mutual matches of every image pair (exhaustive) that int8
   also finds (both keypoints within 1 px of the fp32 ones, matched to each other);
@@ -37,7 +37,7 @@ import torch
 
 from sp_extract.extraction.backends import OnnxRuntimeBackend, onnx_model
 from sp_extract.extraction.config import ExtractConfig
-from sp_extract.extraction.decode import load_image
+from sp_extract.extraction.decode import load_image, working_size
 from sp_extract.extraction.pipeline import extract
 from sp_extract.extraction.postprocess import postprocess
 from sp_extract.extraction.quantize import FLOAT_NODES, builtin_calibration, quantize
@@ -59,13 +59,17 @@ LAYER_CANDIDATES = [
 Features = dict[str, tuple[np.ndarray, np.ndarray]]  # name: keypoints (N, 2), descriptors (N, 256)
 
 
-def read_features(store: Path) -> Features:
+def read_features(store: Path, resize_max: int) -> Features:
+    """The store's keypoints back in the working image's pixels (where the network found them:
+    a 1 px step there is 1 px), and descriptors."""
+    features = {}
     with h5py.File(store, "r") as h5:
-        return {
-            name: (h5[name]["keypoints"][()], h5[name]["descriptors"][()].T.astype(np.float32))
-            for name in h5
-            if isinstance(h5[name], h5py.Group)
-        }
+        for name in h5:  # the shared sets are flat folders: one group an image
+            original = tuple(int(v) for v in h5[name]["image_size"][()])
+            scale = np.asarray(original) / np.asarray(working_size(*original, resize_max, False))
+            keypoints = np.round((h5[name]["keypoints"][()] + 0.5) / scale - 0.5)  # integer pixels
+            features[name] = (keypoints, h5[name]["descriptors"][()].T.astype(np.float32))
+    return features
 
 
 def nearest(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,13 +193,20 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED / "weights" / "superpoint_v1.pth"))
     parser.add_argument("--resize-max", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=0, help="photos a set for the operator study (0: skip)")
+    parser.add_argument(
+        "--stores", action=argparse.BooleanOptionalAction, default=True, help="extract and compare the sets"
+    )
+    parser.add_argument(
+        "--work", type=Path, help="keep the stores here (a rerun resumes them) [default: temporary]"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
     sets = [name for name in args.sets.split(",") if name]
     results: dict = {"sets": {}, "sfm": {}}
     with tempfile.TemporaryDirectory() as temporary:
-        work = Path(temporary)
-        for name in sets:
+        work = args.work or Path(temporary)
+        work.mkdir(exist_ok=True)
+        for name in sets if args.stores else []:
             stores = {}
             for precision in ("fp32", "int8"):
                 stores[precision] = work / f"{name}-{precision}.h5"
@@ -204,7 +215,7 @@ def main() -> None:
                     args.data / name, stores[precision], config, weights=args.weights, quiet=True
                 )
                 assert summary.exit_code == 0, summary.lines()
-            fp32, int8 = read_features(stores["fp32"]), read_features(stores["int8"])
+            fp32, int8 = (read_features(stores[p], args.resize_max) for p in ("fp32", "int8"))
             results["sets"][name] = {
                 "images": len(fp32),
                 **keypoint_agreement(fp32, int8),

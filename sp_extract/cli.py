@@ -169,7 +169,7 @@ def cli() -> None:
     type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
     default="auto",
     show_default=True,
-    help="What runs the network. auto: onnxruntime on the CPU at fp32, else torch; "
+    help="What runs the network. auto: onnxruntime on the CPU at fp32 or int8, else torch; "
     "openvino needs the [openvino] extra.",
 )
 @click.option(

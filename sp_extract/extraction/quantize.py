@@ -38,8 +38,9 @@ SEED = 20160816  # of the generated set
 PERCENTILE = 99.99  # activation ranges: this percentile of the calibration values (both ends)
 MAX_CALIBRATION_IMAGES = 64  # of a user's folder, evenly spaced in name order
 CALIBRATION_RESIZE = 640  # longest side of a user's calibration images
-# kept float32: the detector logits (a 65-way softmax amplifies their rounding) and the float
-# operators after them; ONNX Runtime has no integer Softmax, ReduceL2 or Div anyway
+# kept float32: the detector's last convolution (1x1, 65 channels at 1/64 of the pixels: no
+# measurable cost; its logits feed the softmax) and the operators after the convolutions, which
+# ONNX Runtime has no integer kernels for (README "int8" has the operator study)
 FLOAT_NODES = ("/convPb/Conv", "/Softmax", "/ReduceL2", "/Div")
 
 
