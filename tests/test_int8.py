@@ -24,7 +24,7 @@ from sp_extract.extraction import quantize
 from sp_extract.extraction.backends import choose_backend, export_model, make_backend
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image
-from sp_extract.extraction.pipeline import extract
+from sp_extract.extraction.pipeline import SuperPoint, extract
 from sp_extract.extraction.postprocess import postprocess
 from sp_extract.extraction.weights import load_weights
 
@@ -129,13 +129,15 @@ def test_int8_is_a_store_setting(small_images: Path, random_weights: Path, tmp_p
     assert (summary.done, summary.skipped) == (1, 3)  # same precision: resumed
 
 
-def test_int8_backend_rules() -> None:
+def test_int8_backend_rules(random_weights: Path) -> None:
     assert choose_backend("auto", CPU, "int8") == "onnxruntime"
     assert choose_backend("openvino", CPU, "int8") == "openvino"
     with pytest.raises(ConfigError, match="int8 runs on the CPU only.*not torch"):
         choose_backend("torch", CPU, "int8")
     with pytest.raises(ConfigError, match="int8 runs on the CPU only.*not cuda"):
         choose_backend("auto", torch.device("cuda"), "int8")
+    with pytest.raises(ConfigError, match="not PyTorch"):  # the API's module runs PyTorch
+        SuperPoint(str(random_weights), ExtractConfig(precision="int8"))(torch.rand(1, 1, 64, 96))
 
 
 def test_cli_exports_int8_calibrated_on_a_folder(

@@ -53,6 +53,8 @@ def run_torch(
     net: torch.nn.Module, images: torch.Tensor, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense (scores, descriptors) of ``net`` on ``images``, autocast to ``precision``, as float32."""
+    if precision in CPU_ONLY_PRECISIONS:  # e.g. the API's SuperPoint module: never fp32 in disguise
+        raise ConfigError(f"--precision {precision} runs on --backend onnxruntime or openvino, not PyTorch")
     with torch.autocast(images.device.type, _AUTOCAST.get(precision), enabled=precision in _AUTOCAST):
         scores, descriptors = net(images)
     return scores.float(), descriptors.float()
