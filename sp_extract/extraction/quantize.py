@@ -168,7 +168,6 @@ def quantize(
 
     ``ranges``: a file keeping the calibrated ranges (read if there, else written), so that
     variants of one graph are calibrated once."""
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     options = {
@@ -176,10 +175,12 @@ def quantize(
         "CalibPercentile": PERCENTILE,
         "CalibStridedMinMax": 1,  # statistics of one image at a time (any method, despite the name)
     }
+    cache = {"calibration_cache_path": ranges} if ranges else {}  # an option of recent versions only
     with tempfile.TemporaryDirectory(prefix="sp-extract-int8-") as work, _quiet():
-        out = Path(work) / "int8.onnx"
+        source, out = Path(work) / "fp32.onnx", Path(work) / "int8.onnx"
+        source.write_bytes(fp32_model)  # a path: older versions take no ModelProto
         quantize_static(
-            onnx.load_from_string(fp32_model),
+            source,
             out,
             _Reader(calibration.images(), INPUT_NAME),
             quant_format=QuantFormat.QDQ,
@@ -189,7 +190,7 @@ def quantize(
             nodes_to_exclude=list(float_nodes),
             calibrate_method=CalibrationMethod.Percentile,
             extra_options=options,
-            calibration_cache_path=ranges,
+            **cache,
         )
         return out.read_bytes()
 
