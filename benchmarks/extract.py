@@ -11,6 +11,9 @@ links to --count images) it measures, with the same weights and settings:
 - pipeline: ``sp_extract.extraction.pipeline.extract`` as the CLI runs it (backend auto, decoding workers,
   background writer), with its stage breakdown;
 - network: the pipeline's backend alone on the same decoded batches (its bare throughput);
+- int8 (``--int8``, on by default): pipeline and bare network again at ``--precision int8``, in
+  the same rounds, their rates as ratios to fp32 within each round; the CPU's integer
+  instruction sets (lscpu) and the operators ONNX Runtime runs for the int8 graph (its profile);
 - the keypoints of pipeline and baseline compared image by image;
 - the effect of reduced-scale JPEG decoding on keypoint positions (--resize-max 512);
 - ``sp-extract --help`` time, and peak memory for a few dozen vs a few hundred small images.
@@ -24,6 +27,7 @@ quiet machine for figures to publish.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import statistics
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 
 from sp_extract.errors import SpExtractError
-from sp_extract.extraction.backends import choose_backend, make_backend
+from sp_extract.extraction.backends import choose_backend, make_backend, network_model
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image, read_gray, resize, working_size
 from sp_extract.extraction.loader import make_batches
@@ -315,6 +319,36 @@ def peak_memory_mb(count: int, weights: str, work: Path) -> float:
     return int(output.stdout.strip()) / 1024
 
 
+def int8_instructions() -> str:
+    """The CPU's integer dot-product instruction sets that lscpu reports."""
+    try:
+        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split()
+    except OSError:
+        return "unknown (no lscpu)"
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
+
+
+def onnxruntime_operators(weights: str, work: Path) -> str:
+    """Operators (with counts) ONNX Runtime runs for the int8 graph, from one profiled run."""
+    import onnxruntime
+
+    loaded = load_weights(weights)
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(work / "ort-profile")
+    model = network_model(loaded.build(), loaded.sha1, "int8")
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session.run(None, {"image": np.random.default_rng(0).random((1, 1, 240, 320), dtype=np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    counts = collections.Counter(
+        event["args"]["op_name"]
+        for event in events
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+    )
+    return ", ".join(f"{op} x{count}" for op, count in counts.most_common())
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -328,6 +362,11 @@ def machine() -> str:
 
 def rates(result: dict) -> str:
     return ", ".join(f"{rate:.3f}" for rate in result["all_images_per_s"])
+
+
+def ratios(values: list[float]) -> str:
+    rounds = ", ".join(f"{value:.2f}x" for value in values)
+    return f"{statistics.median(values):.2f}x (median of rounds; rounds: {rounds})"
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -349,9 +388,13 @@ def main() -> None:
     )
     parser.add_argument("--compare-count", type=int, default=8, help="images for --compare")
     parser.add_argument("--memory-counts", default="40,400", help="small-image counts for peak memory")
+    parser.add_argument(
+        "--int8", action=argparse.BooleanOptionalAction, default=True, help="int8 rows, same rounds"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
     config = ExtractConfig(resize_max=args.resize_max)
+    int8_config = ExtractConfig(resize_max=args.resize_max, precision="int8")
     results: dict = {"machine": machine(), "count": args.count, "resize_max": args.resize_max}
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
@@ -363,7 +406,9 @@ def main() -> None:
         warmup.mkdir()
         repeated_folder(args.images, 2, warmup)
         extract(warmup, work / "warmup.h5", config, weights=args.weights, backend=args.backend)
-        runs: dict[str, list] = {"pipeline": [], "network": [], "baseline": []}
+        if args.int8:  # also makes the int8 graph (cached), outside the timed runs
+            extract(warmup, work / "warmup8.h5", int8_config, weights=args.weights, overwrite=True)
+        runs: dict[str, list] = {"pipeline": [], "network": [], "baseline": [], "int8": [], "network8": []}
         baseline_times: dict[str, list[float]] = {}
         for index in range(args.repeats):  # interleaved, so that all three meet the same conditions
             runs["pipeline"].append(
@@ -372,6 +417,13 @@ def main() -> None:
             runs["network"].append(
                 bare_network(folder, names, args.weights, config, args.backend, args.batch_size, 1)
             )
+            if args.int8:
+                runs["int8"].append(
+                    pipeline_run(folder, work / "int8.h5", args.weights, int8_config, "auto", args.batch_size)
+                )
+                runs["network8"].append(
+                    bare_network(folder, names, args.weights, int8_config, "auto", args.batch_size, 1)
+                )
             subset = names[index :: args.repeats]
             baseline_loop(folder, subset, work / "baseline.h5", args.weights, config, baseline_times)
             runs["baseline"].append(1 / statistics.median(baseline_times["total"][-len(subset) :]))
@@ -381,6 +433,19 @@ def main() -> None:
             for p, n, b in zip(runs["pipeline"], runs["network"], runs["baseline"])
         ]
         results["baseline"] = baseline_summary(baseline_times, len(names))
+        if args.int8:
+            results["int8"] = {
+                "pipeline": median_run(runs["int8"]),
+                "network": median_run(runs["network8"]),
+                "vs_fp32_pipeline": [
+                    a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["int8"], runs["pipeline"])
+                ],
+                "vs_fp32_network": [
+                    a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["network8"], runs["network"])
+                ],
+                "instructions": int8_instructions(),
+                "operators": onnxruntime_operators(args.weights, work),
+            }
         results["backends"] = {}
         for backend in args.compare.split(",") if args.compare else []:
             try:
@@ -450,6 +515,23 @@ def main() -> None:
             ", ".join(f"{n} images: {mb:.0f} MiB" for n, mb in results["peak_memory_mb"].items()),
         ),
     ]
+    if args.int8:
+        int8 = results["int8"]
+        rows += [
+            (
+                f"sp-extract --precision int8 ({int8['pipeline']['backend']})",
+                f"{int8['pipeline']['images_per_s']:.3f} images/s (runs: {rates(int8['pipeline'])})",
+            ),
+            (
+                f"bare network int8 ({int8['network']['backend']})",
+                f"{int8['network']['images_per_s']:.3f} images/s, {int8['network']['gflop_per_s']:.0f} GOP/s "
+                f"(runs: {rates(int8['network'])})",
+            ),
+            ("int8 / fp32 end-to-end", ratios(int8["vs_fp32_pipeline"])),
+            ("int8 / fp32 bare network", ratios(int8["vs_fp32_network"])),
+            ("CPU instruction sets", int8["instructions"]),
+            ("ONNX Runtime int8 operators", int8["operators"]),
+        ]
     for backend, result in results["backends"].items():
         rows.append(
             (

@@ -272,15 +272,16 @@ def cli(debug: bool) -> None:
     type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
     default="auto",
     show_default=True,
-    help="What runs the network. auto: onnxruntime on the CPU at fp32, else torch; "
+    help="What runs the network. auto: onnxruntime on the CPU at fp32 or int8, else torch; "
     "openvino needs the [openvino] extra.",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
     default="fp32",
     show_default=True,
-    help="Network arithmetic; fp16/bf16 are faster on GPUs but change the features slightly "
+    help="Network arithmetic; fp16/bf16 are faster on GPUs, int8 (statically quantized, CPU "
+    'backends only; README "int8") on CPUs, but they change the features slightly '
     "(a setting of the store).",
 )
 @click.option(
@@ -733,9 +734,22 @@ def repair(store: Path, out: Path | None, check: bool, json_report: Path | None)
     default=None,
     help="As for extract: superpoint-v1 (default), superpoint-v6-mit or a file. Env: SP_EXTRACT_WEIGHTS.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="int8: the network statically quantized (QDQ), as extract --precision int8 runs it.",
+)
+@click.option(
+    "--calibrate",
+    type=click.Path(path_type=Path),
+    help="With --precision int8: calibrate the quantization on up to 64 images of this folder "
+    "[default: the built-in generated set].",
+)
 @reports_errors
-def export(out: Path, fmt: str | None, weights: str | None) -> None:
-    """Write the SuperPoint network to OUT for deployment (ONNX or OpenVINO IR, float32).
+def export(out: Path, fmt: str | None, weights: str | None, precision: str, calibrate: Path | None) -> None:
+    """Write the SuperPoint network to OUT for deployment (ONNX or OpenVINO IR, float32 or int8).
 
     \b
     input   image        float32 [batch, 1, height, width], grayscale in [0, 1]
@@ -747,7 +761,7 @@ def export(out: Path, fmt: str | None, weights: str | None) -> None:
     """
     from .extraction.backends import export_model
 
-    for path in export_model(out, fmt, weights):
+    for path in export_model(out, fmt, weights, precision, calibrate):
         click.echo(f"wrote {path}", err=True)
 
 

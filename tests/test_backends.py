@@ -113,7 +113,7 @@ def test_backend_choice_rules() -> None:
     assert choose_backend("auto", CPU, "bf16") == "torch"
     assert choose_backend("auto", torch.device("cuda"), "fp32") == "torch"
     assert choose_backend("openvino", CPU, "bf16") == "openvino"
-    with pytest.raises(ConfigError, match="onnxruntime runs fp32 only"):
+    with pytest.raises(ConfigError, match="onnxruntime runs fp32 and int8 only"):
         choose_backend("onnxruntime", CPU, "fp16")
     with pytest.raises(ConfigError, match="CPU only"):
         choose_backend("openvino", torch.device("cuda"), "fp32")

@@ -6,7 +6,8 @@ post-processing (``postprocess``) is the same whatever runs the network.
 
 ONNX Runtime and OpenVINO run an ONNX export of this package's own PyTorch module (dynamic batch,
 height and width), made at first use and cached in ``weights.cache_dir()/onnx`` under a hash of
-the weights and of the network's code; ``export`` writes the same graph for deployment.
+the weights and of the network's code; ``export`` writes the same graph for deployment. At
+``--precision int8`` they run that graph statically quantized (``quantize``), cached the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import inspect
 import io
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -33,9 +35,11 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("scores", "descriptors")
 OPSET = 17
 EXPORT_FORMATS = ("onnx", "openvino")
+EXPORT_PRECISIONS = ("fp32", "int8")
 OPENVINO_HINT = "OpenVINO is not installed: pip install 'sp-extract[openvino]' (or pip install openvino)"
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_OPENVINO_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+_OPENVINO_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}  # int8: its float rest
+CPU_ONLY_PRECISIONS = ("int8",)  # run by onnxruntime or openvino only
 
 
 class Backend(Protocol):
@@ -50,6 +54,8 @@ def run_torch(
     net: torch.nn.Module, images: torch.Tensor, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense (scores, descriptors) of ``net`` on ``images``, autocast to ``precision``, as float32."""
+    if precision in CPU_ONLY_PRECISIONS:  # e.g. the API's SuperPoint module: never fp32 in disguise
+        raise ConfigError(f"--precision {precision} runs on --backend onnxruntime or openvino, not PyTorch")
     with torch.autocast(images.device.type, _AUTOCAST.get(precision), enabled=precision in _AUTOCAST):
         scores, descriptors = net(images)
     return scores.float(), descriptors.float()
@@ -80,7 +86,7 @@ class OnnxRuntimeBackend:
     """ONNX Runtime on the CPU, ``threads`` intra-op threads, no spinning between calls, no
     memory-pattern planning (it costs more than it saves when batch shapes vary)."""
 
-    def __init__(self, onnx_model: bytes, threads: int) -> None:
+    def __init__(self, onnx_model: bytes, threads: int, precision: str = "fp32") -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -90,7 +96,7 @@ class OnnxRuntimeBackend:
         # the memory-pattern planner made the second run of each input shape about 3x slower
         options.enable_mem_pattern = False
         self.session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-        self.name = f"onnxruntime {onnxruntime.__version__} (cpu, fp32)"
+        self.name = f"onnxruntime {onnxruntime.__version__} (cpu, {precision})"
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         array = np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32)
@@ -155,12 +161,21 @@ def onnx_model(net: torch.nn.Module, weights_sha1: str) -> bytes:
     """The ONNX export of ``net``, from the cache if there, else exported and cached (best effort)."""
     code = Path(inspect.getfile(model_module)).read_bytes()
     key = hashlib.sha1(f"{weights_sha1}:{OPSET}:".encode() + code).hexdigest()[:20]
-    path = cache_dir() / "onnx" / f"superpoint-{key}.onnx"
+
+    def export() -> bytes:
+        buffer = io.BytesIO()
+        export_onnx(net, buffer)
+        return buffer.getvalue()
+
+    return cached(f"superpoint-{key}.onnx", export)
+
+
+def cached(name: str, make: Callable[[], bytes]) -> bytes:
+    """The file ``name`` of the ONNX cache, else ``make()``, written there (best effort)."""
+    path = cache_dir() / "onnx" / name
     if path.is_file():
         return path.read_bytes()
-    buffer = io.BytesIO()
-    export_onnx(net, buffer)
-    data = buffer.getvalue()
+    data = make()
     try:  # an unwritable cache only costs the export again next time
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.part")
@@ -175,13 +190,18 @@ def choose_backend(name: str, device: torch.device, precision: str) -> str:
     """Resolve ``auto`` and check that the backend can run on ``device`` at ``precision``."""
     if name not in BACKENDS:
         raise ConfigError(f"--backend {name}: not one of {', '.join(BACKENDS)}")
+    if precision in CPU_ONLY_PRECISIONS and (name == "torch" or device.type != "cpu"):
+        raise ConfigError(
+            f"--precision {precision} runs on the CPU only, with --backend onnxruntime or openvino "
+            f"(not {'torch' if name == 'torch' else device})"
+        )
     if name == "auto":
-        return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+        return "onnxruntime" if device.type == "cpu" and precision in ("fp32", "int8") else "torch"
     if name != "torch" and device.type != "cpu":
         raise ConfigError(f"--backend {name} runs on the CPU only; use --backend torch on {device}")
-    if name == "onnxruntime" and precision != "fp32":
+    if name == "onnxruntime" and precision not in ("fp32", "int8"):
         raise ConfigError(
-            f"--backend onnxruntime runs fp32 only; use --backend torch or openvino "
+            f"--backend onnxruntime runs fp32 and int8 only; use --backend torch or openvino "
             f"for --precision {precision}"
         )
     return name
@@ -200,16 +220,35 @@ def make_backend(
         return TorchBackend(net, device, precision)
     if name == "openvino":
         import_openvino()  # fail before exporting
-        return OpenVinoBackend(onnx_model(net, weights_sha1), threads, precision)
-    return OnnxRuntimeBackend(onnx_model(net, weights_sha1), threads)
+        return OpenVinoBackend(network_model(net, weights_sha1, precision), threads, precision)
+    return OnnxRuntimeBackend(network_model(net, weights_sha1, precision), threads, precision)
 
 
-def export_model(out: Path, fmt: str | None = None, weights: str | None = None) -> list[Path]:
+def network_model(
+    net: torch.nn.Module, weights_sha1: str, precision: str, calibrate: Path | None = None
+) -> bytes:
+    """The ONNX graph a CPU backend runs at ``precision``: the float32 export, or at int8 that
+    export quantized, calibrated on the images of the folder ``calibrate`` or the built-in set."""
+    if precision == "int8":
+        from .quantize import folder_calibration, int8_model
+
+        return int8_model(net, weights_sha1, folder_calibration(calibrate) if calibrate else None)
+    return onnx_model(net, weights_sha1)
+
+
+def export_model(
+    out: Path,
+    fmt: str | None = None,
+    weights: str | None = None,
+    precision: str = "fp32",
+    calibrate: Path | None = None,
+) -> list[Path]:
     """Write the network with ``weights`` for deployment; returns the files written.
 
     ``onnx``: the ONNX graph the onnxruntime backend runs. ``openvino``: that graph as OpenVINO
-    IR, ``out`` (.xml) with its float32 weights beside it (.bin). ``fmt`` None: from ``out``'s
-    extension (.onnx, .xml), else ``ConfigError``.
+    IR, ``out`` (.xml) with its weights beside it (.bin). ``precision`` int8: the quantized graph
+    (QDQ), calibrated on the images of the folder ``calibrate`` or on the built-in set. ``fmt``
+    None: from ``out``'s extension (.onnx, .xml), else ``ConfigError``.
     """
     out = Path(out)
     by_suffix = {".onnx": "onnx", ".xml": "openvino"}
@@ -221,13 +260,17 @@ def export_model(out: Path, fmt: str | None = None, weights: str | None = None) 
         raise ConfigError(f"{out}: .xml is OpenVINO's extension; end an ONNX model in .onnx")
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt}: not one of {', '.join(EXPORT_FORMATS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ConfigError(f"--precision {precision}: export writes {' or '.join(EXPORT_PRECISIONS)}")
+    if calibrate is not None and precision != "int8":
+        raise ConfigError("--calibrate sets the ranges of an int8 network: add --precision int8")
     if fmt == "openvino" and out.suffix != ".xml":
         raise ConfigError(f"{out}: an OpenVINO model is written as NAME.xml with NAME.bin; end OUT in .xml")
     if not out.parent.is_dir():
         raise ConfigError(f"{out}: the folder {out.parent} does not exist")
     openvino = import_openvino() if fmt == "openvino" else None
     loaded = load_weights(weights)
-    data = onnx_model(loaded.build(), loaded.sha1)
+    data = network_model(loaded.build(), loaded.sha1, precision, calibrate)
     partial = out.with_name(f".{out.name}.{os.getpid()}.part{out.suffix}")
     try:
         if openvino is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # network arithmetic; fp16 / bf16 change the features slightly
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # network arithmetic; all but fp32 change the features slightly
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 IMAGE_EXTENSIONS += (".heic", ".heif", ".hif")  # HEIF: read with the [heif] extra (pillow-heif)
 # image files that are not read: reported as "unsupported format", never skipped silently
