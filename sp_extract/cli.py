@@ -146,6 +146,13 @@ def file_option(name: str, default: str, help: str) -> Callable[..., Any]:
     )
 
 
+def images_option(help: str) -> Callable[..., Any]:
+    """The required ``--images DIR`` option (an image folder) with its help text."""
+    return click.option(
+        "--images", required=True, type=click.Path(file_okay=False, path_type=Path), help=help
+    )
+
+
 def writable_report(_ctx: click.Context, _param: click.Parameter, path: Path | None) -> Path | None:
     """``--json-report``'s check, before any work: its folder exists and the file can be written."""
     if path is not None:
@@ -449,12 +456,7 @@ def sequential(
 
 
 @pairs.command()
-@click.option(
-    "--images",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The image folder (positions are read from the EXIF GPS tags of its images).",
-)
+@images_option("The image folder (positions are read from the EXIF GPS tags of its images).")
 @click.option(
     "--max-distance", default=100.0, show_default=True, help="Pair only images this close (metres)."
 )
@@ -777,12 +779,7 @@ _colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report
 
 
 @cli.command()
-@click.option(
-    "--images",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The image folder the features were extracted from (for sizes and EXIF focal lengths).",
-)
+@images_option("The image folder the features were extracted from (for sizes and EXIF focal lengths).")
 @file_option("--features", "feats.h5", "Feature store.")
 @file_option("--matches", "matches.h5", "Match store made from --features by match-pairs.")
 @file_option("--database", "database.db", "COLMAP database to write or update.")
@@ -837,12 +834,7 @@ def colmap(
 
 @cli.command()
 @file_option("--database", "database.db", "COLMAP database written by 'sp-extract colmap'.")
-@click.option(
-    "--images",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The image folder (COLMAP reads the colours of the 3D points from it).",
-)
+@images_option("The image folder (COLMAP reads the colours of the 3D points from it).")
 @click.option(
     "--out",
     "-o",
@@ -910,12 +902,7 @@ def info(store: Path, as_json: bool, names: bool) -> None:
 @cli.command()
 @click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("names", nargs=-1, required=True)
-@click.option(
-    "--images",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The image folder the features were extracted from.",
-)
+@images_option("The image folder the features were extracted from.")
 @click.option(
     "--features",
     type=click.Path(dir_okay=False, path_type=Path),
