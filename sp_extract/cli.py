@@ -155,8 +155,8 @@ def cli() -> None:
     default="exif",
     show_default=True,
     help="exif: the network sees each photo as a viewer shows it (EXIF orientation of JPEG, TIFF, "
-    "PNG, WebP); keypoints and image_size stay in the stored pixel frame, as COLMAP and hloc "
-    "expect. ignore: the stored pixels as they are (a setting of the store).",
+    "PNG, WebP); keypoints and image_size stay in the stored pixel frame, the one COLMAP reads. "
+    "ignore: the stored pixels as they are (a setting of the store).",
 )
 @click.option(
     "--masks",
@@ -167,6 +167,7 @@ def cli() -> None:
 @click.option(
     "--tile",
     default="auto",
+    metavar="auto|0|SIZE",
     show_default=True,
     help="Run the network tile by tile (bounded memory for huge images at --resize-max 0; same "
     "features): auto tiles images above about 5 Mpx, 0 never, SIZE in tiles of SIZE px (multiple of 8).",
