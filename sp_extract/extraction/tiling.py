@@ -25,7 +25,7 @@ from .model import STRIDE
 
 Dense = tuple[torch.Tensor, torch.Tensor]
 MARGIN = 48  # context on each side of a tile (px): a multiple of the cell, past the 40 px disturbed
-BYTES_PER_PIXEL = 640  # peak working memory of the network per input pixel (measured: 14.1 GiB, 24 Mpx)
+BYTES_PER_PIXEL = 640  # peak memory per input pixel untiled (measured: 7.2 GiB at 12 Mpx, 14.1 at 24)
 AUTO_BUDGET = 3 * 2**30  # --tile auto: tile an image whose network pass would need more than this
 
 
