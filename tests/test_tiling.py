@@ -56,7 +56,7 @@ def test_tile_option_and_auto_decision(net: SuperPoint) -> None:
     side = auto.tile_size(7000, 7000)
     assert side % 8 == 0 and (side + 2 * tiling.MARGIN) ** 2 * tiling.BYTES_PER_PIXEL <= tiling.AUTO_BUDGET
     assert TiledNetwork(net, 0).tile_size(20000, 20000) == 0
-    counted = TiledNetwork(net, 16)
+    counted = TiledNetwork(net, 32)
     with torch.inference_mode():
         counted(torch.rand(3, 1, 96, 96))
     assert counted.tiled_images == 3
