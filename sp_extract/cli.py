@@ -262,7 +262,7 @@ def extract(
         reduced_decode=reduced_decode,
         precision=precision,
         orientation=orientation,
-        masks=str(masks) if masks else None,
+        masks=str(masks) if masks else "",
     )
     summary = run_extract(
         images_dir,

@@ -328,7 +328,7 @@ def extract(
         )
     summary = ExtractSummary(command="extract", output=str(out), total=len(names))
     summary.unsupported, summary.other_files = scan.unsupported, scan.other_files
-    summary.masks_used = config.masks is not None
+    summary.masks_used = bool(config.masks)
     started = time.monotonic()
     target = resolve_device(device)
     backend = choose_backend(backend, target, config.precision)
