@@ -243,8 +243,8 @@ def cli(debug: bool) -> None:
     default="exif",
     show_default=True,
     help="exif: the network sees each photo as a viewer shows it (EXIF orientation of JPEG, TIFF, "
-    "PNG, WebP); keypoints and image_size stay in the stored pixel frame, as COLMAP and hloc "
-    "expect. ignore: the stored pixels as they are (a setting of the store).",
+    "PNG, WebP); keypoints and image_size stay in the stored pixel frame, the one COLMAP reads. "
+    "ignore: the stored pixels as they are (a setting of the store).",
 )
 @click.option(
     "--masks",
@@ -255,6 +255,7 @@ def cli(debug: bool) -> None:
 @click.option(
     "--tile",
     default="auto",
+    metavar="auto|0|SIZE",
     show_default=True,
     help="Run the network tile by tile (bounded memory for huge images at --resize-max 0; same "
     "features): auto tiles images above about 5 Mpx, 0 never, SIZE in tiles of SIZE px (multiple of 8).",
@@ -350,7 +351,7 @@ def extract(
         reduced_decode=reduced_decode,
         precision=precision,
         orientation=orientation,
-        masks=str(masks) if masks else None,
+        masks=str(masks) if masks else "",
     )
     summary = run_extract(
         images_dir,

@@ -24,10 +24,10 @@ def net() -> SuperPoint:
     return SuperPoint().eval()
 
 
-@pytest.mark.parametrize("tile", [16, 64])
-@pytest.mark.parametrize("size", [(203, 261), (96, 160)])
+@pytest.mark.parametrize("tile", [32, 64])
+@pytest.mark.parametrize("size", [(203, 261), (96, 160)])  # off and on the 8-pixel grid
 def test_tiles_equal_the_whole_image_forward(net: SuperPoint, tile: int, size: tuple[int, int]) -> None:
-    images = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(1 if size[0] > 100 else 2, 1, *size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         whole, tiled = net(images), tiled_forward(net, images, tile)
     for expected, actual in zip(whole, tiled):
@@ -56,7 +56,7 @@ def test_tile_option_and_auto_decision(net: SuperPoint) -> None:
     side = auto.tile_size(7000, 7000)
     assert side % 8 == 0 and (side + 2 * tiling.MARGIN) ** 2 * tiling.BYTES_PER_PIXEL <= tiling.AUTO_BUDGET
     assert TiledNetwork(net, 0).tile_size(20000, 20000) == 0
-    counted = TiledNetwork(net, 16)
+    counted = TiledNetwork(net, 32)
     with torch.inference_mode():
         counted(torch.rand(3, 1, 96, 96))
     assert counted.tiled_images == 3
@@ -70,7 +70,7 @@ def test_pipeline_features_with_tiles_equal_those_without(
     options = {"weights": str(random_weights), "device": "cpu", "backend": "torch"}
     config = ExtractConfig(resize_max=0, max_keypoints=200)
     whole = extract(small_images, tmp_path / "whole.h5", config, tile=0, **options)
-    tiled = extract(small_images, tmp_path / "tiled.h5", config, tile="16", **options)
+    tiled = extract(small_images, tmp_path / "tiled.h5", config, tile="32", **options)
     assert whole.tiled == 0 and tiled.tiled == 3 and tiled.to_dict()["tiled"] == 3
     assert "tiled network on 3" in "\n".join(tiled.lines())
     with h5py.File(tmp_path / "whole.h5") as a, h5py.File(tmp_path / "tiled.h5") as b:

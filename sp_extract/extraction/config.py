@@ -36,7 +36,7 @@ class ExtractConfig:
     subpixel: bool = False
     reduced_decode: bool = False
     orientation: str = "exif"  # "exif": the network sees images as a viewer shows them; "ignore"
-    masks: str | None = None  # folder of COLMAP-style masks (stored as its absolute path)
+    masks: str = ""  # folder of COLMAP-style masks, recorded as its absolute path; "": none
 
     def __post_init__(self) -> None:
         if self.max_keypoints == 0 or self.max_keypoints < -1:
@@ -55,7 +55,7 @@ class ExtractConfig:
             raise ConfigError(
                 f"--orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}"
             )
-        if self.masks is not None:
+        if self.masks:
             if not Path(self.masks).is_dir():
                 raise ConfigError(f"--masks {self.masks}: not a directory")
             object.__setattr__(self, "masks", str(Path(self.masks).resolve()))

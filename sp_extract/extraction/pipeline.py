@@ -434,7 +434,7 @@ def extract(
         )
     summary = ExtractSummary(command="extract", output=str(out), total=len(names), failures_shown=not quiet)
     summary.unsupported, summary.other_files = scan.unsupported, scan.other_files
-    summary.masks_used = config.masks is not None
+    summary.masks_used = bool(config.masks)
     spaced = unpairable(names)
     if spaced:
         summary.warnings.append(
