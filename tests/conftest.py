@@ -6,8 +6,10 @@ A missing ../shared file fails the test (never skips it): CI must run every test
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -32,6 +34,15 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sp-extract-cache")
     os.environ["SP_EXTRACT_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_restored() -> Iterator[None]:
+    """Commands run in-process (click's CliRunner) ignore SIGINT once they are over, as the CLI
+    does while it exits: give every test the handler it started with."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture(scope="session")
