@@ -83,7 +83,8 @@ def test_help_and_readme_list_the_same_options() -> None:
     result = run_cli("extract", "--help")
     assert result.returncode == 0
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Extraction") : readme.index("### Feature store layout")]
+    start = readme.index("## Extraction")
+    section = readme[start : readme.index("\n### ", start)]  # the options table, before the first subsection
     options = re.findall(r"^\| `(--[a-z0-9-]+)", section, flags=re.MULTILINE)
     assert len(options) >= 16
     for option in options:
