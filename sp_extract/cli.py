@@ -25,6 +25,7 @@ import click
 from . import __version__
 from .errors import (
     EXIT_SIGINT,
+    EXIT_SIGPIPE,
     EXIT_SOME_FAILED,
     EXIT_UNEXPECTED,
     ConfigError,
@@ -108,6 +109,9 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(getattr(interrupt, "exit_code", EXIT_SIGINT))
         except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own, as usual
             raise
+        except BrokenPipeError:  # the output's reader closed it (``| head``): nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+            sys.exit(EXIT_SIGPIPE)
         except Exception as error:  # a bug or an unforeseen failure: not "some items failed" (1)
             click.echo(f"sp-extract: error: {unexpected_error(command.__name__, error)}", err=True)
             sys.exit(EXIT_UNEXPECTED)
@@ -199,7 +203,7 @@ def cli(debug: bool) -> None:
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),
-    130/143 interrupted by SIGINT/SIGTERM (finished work is saved).
+    130/143 interrupted by SIGINT/SIGTERM (finished work is saved), 141 output closed by its reader.
     """
 
 

@@ -12,6 +12,7 @@ EXIT_USAGE = 2
 EXIT_UNEXPECTED = 3  # an unexpected error (a bug, an unforeseen failure): one line, traceback logged
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGPIPE = 141  # the reader of the output went away (`| head`): quiet, as a shell reports it
 
 
 class SpExtractError(Exception):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ from sp_extract.interrupt import Interrupted, signals_raise
 from sp_extract.pairs.core import write_pairs
 from sp_extract.report import Summary
 from sp_extract.sfm.child import run_in_child
+from sp_extract.store.writer import StoreWriter
 
 
 def run_main(
@@ -260,3 +262,28 @@ def test_child_is_killed_when_the_wait_is_interrupted() -> None:
         run_in_child(time.sleep, 60)
     assert time.monotonic() - started < 30
     assert multiprocessing.active_children() == []
+
+
+def test_output_closed_by_its_reader_stops_quietly(tmp_path: Path) -> None:
+    """``sp-extract info --names STORE | head``: the reader goes away; exit 141, no error line."""
+    store = tmp_path / "feats.h5"
+    with StoreWriter(store, "features", {"test": True}) as writer:
+        for index in range(3):
+            writer.add(
+                f"{index}.jpg",
+                {
+                    "keypoints": np.zeros((1, 2), np.float32),
+                    "scores": np.ones(1, np.float32),
+                    "descriptors": np.zeros((256, 1), np.float16),
+                    "image_size": np.array([8, 8], np.int64),
+                },
+            )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sp_extract", "info", "--names", str(store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before the command writes anything
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""
