@@ -186,16 +186,22 @@ def test_backends_give_the_same_store_and_resume_across_backends(
     assert (summary.done, summary.skipped) == (1, 3)
 
 
-def test_precision_is_a_store_setting(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
-    store = tmp_path / "bf16.h5"
-    config = ExtractConfig(precision="bf16")
+@pytest.mark.parametrize(("precision", "backend"), [("bf16", "torch"), ("int8", "onnxruntime")])
+def test_precision_is_a_store_setting(
+    small_images: Path, random_weights: Path, tmp_path: Path, precision: str, backend: str
+) -> None:
+    store = tmp_path / f"{precision}.h5"
+    config = ExtractConfig(precision=precision)
     summary = extract(small_images, store, config, weights=str(random_weights), num_workers=0)
     assert summary.exit_code == 0 and summary.done == 3
     with h5py.File(store, "r") as h5:
-        assert json.loads(h5.attrs["sp_extract_settings"])["precision"] == "bf16"
-        assert h5.attrs["backend"].startswith("torch")  # auto: bf16 on the CPU runs on torch
-    with pytest.raises(StoreError, match="precision: 'bf16' \\(store\\) vs 'fp32' \\(now\\)"):
+        assert json.loads(h5.attrs["sp_extract_settings"])["precision"] == precision
+        assert h5.attrs["backend"].startswith(backend)  # auto: bf16 runs on torch, int8 on onnxruntime
+    with pytest.raises(StoreError, match=f"precision: '{precision}' \\(store\\) vs 'fp32' \\(now\\)"):
         extract(small_images, store, weights=str(random_weights))
+    (small_images / "d.png").write_bytes((small_images / "a.png").read_bytes())
+    summary = extract(small_images, store, config, weights=str(random_weights), num_workers=0)
+    assert (summary.done, summary.skipped) == (1, 3)  # same precision: resumed
     with pytest.raises(ConfigError, match="--precision"):
         ExtractConfig(precision="fp8")
 

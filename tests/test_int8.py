@@ -7,10 +7,8 @@ quantization takes a second or two; benchmarks/int8_accuracy.py measures the shi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import onnx
 import pytest
@@ -19,12 +17,12 @@ from conftest import run_cli
 from superpoint_reference import dense_v1
 from superpoint_reference import postprocess as reference_postprocess
 
-from sp_extract.errors import ConfigError, StoreError
+from sp_extract.errors import ConfigError
 from sp_extract.extraction import quantize
 from sp_extract.extraction.backends import choose_backend, export_model, make_backend
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image
-from sp_extract.extraction.pipeline import SuperPoint, extract
+from sp_extract.extraction.pipeline import SuperPoint
 from sp_extract.extraction.postprocess import postprocess
 from sp_extract.extraction.weights import load_weights
 
@@ -112,21 +110,6 @@ def test_int8_is_close_to_the_reference_network_on_a_photo(real_weights: Path, s
     nearest = torch.cdist(ref_keypoints, features.keypoints).min(1).values
     assert (nearest <= 1.0).float().mean() > 0.85
     assert 0.8 < len(features.keypoints) / len(ref_keypoints) < 1.25
-
-
-def test_int8_is_a_store_setting(small_images: Path, random_weights: Path, tmp_path: Path) -> None:
-    store = tmp_path / "int8.h5"
-    config = ExtractConfig(precision="int8")
-    summary = extract(small_images, store, config, weights=str(random_weights), num_workers=0)
-    assert summary.exit_code == 0 and summary.done == 3
-    with h5py.File(store, "r") as h5:
-        assert json.loads(h5.attrs["sp_extract_settings"])["precision"] == "int8"
-        assert h5.attrs["backend"].endswith("(cpu, int8)")  # auto: int8 runs on onnxruntime
-    with pytest.raises(StoreError, match="precision: 'int8' \\(store\\) vs 'fp32' \\(now\\)"):
-        extract(small_images, store, weights=str(random_weights))
-    (small_images / "d.png").write_bytes((small_images / "a.png").read_bytes())
-    summary = extract(small_images, store, config, weights=str(random_weights), num_workers=0)
-    assert (summary.done, summary.skipped) == (1, 3)  # same precision: resumed
 
 
 def test_int8_backend_rules(random_weights: Path) -> None:
