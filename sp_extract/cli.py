@@ -35,6 +35,7 @@ from .errors import (
 from .interrupt import ABORTED, signals_raise
 
 if TYPE_CHECKING:
+    from .cluster.shards import Shard
     from .report import Summary
 
 
@@ -207,6 +208,46 @@ def cli(debug: bool) -> None:
     """
 
 
+cluster_options = stacked(  # extract and match-pairs on many machines (issue 12)
+    click.option(
+        "--shard",
+        metavar="K/N|auto",
+        help="Only shard K of N (1 <= K <= N; a stable hash of each image name, or pair) into "
+        "OUT.shards/K-of-N.h5; 'sp-extract merge' joins the shards. auto: the task of a SLURM job "
+        'array or Kubernetes Indexed Job (README "Running on a cluster").',
+    ),
+    click.option(
+        "--shards",
+        type=int,
+        help="Number of shards: for --shard auto (required in a Kubernetes Indexed Job) or "
+        "--scheduler [default there: one per worker, more for large runs].",
+    ),
+    click.option(
+        "--scheduler",
+        metavar="local[:WORKERS]|ADDRESS",
+        help="Run as shards on a Dask cluster and merge them into --out: local (worker processes on "
+        "this machine, one per GPU, or WORKERS), or a scheduler address or scheduler file (.json); "
+        "shards go to OUT.shards/, which every worker must see. Needs the [dask] extra.",
+    ),
+)
+
+
+def cluster_target(
+    out: Path, shard: str | None, shards: int | None, scheduler: str | None
+) -> tuple[Path, Shard | None]:
+    """The store a command writes and the shard it keeps (``--shard``), checking the options."""
+    if shard is not None and scheduler is not None:
+        raise ConfigError("--shard and --scheduler exclude each other (--scheduler makes the shards itself)")
+    if shard is None:
+        if shards is not None and scheduler is None:
+            raise ConfigError("--shards goes with --shard auto or --scheduler")
+        return out, None
+    from .cluster.shards import parse_shard, shard_output
+
+    chosen = parse_shard(shard, shards)
+    return shard_output(out, chosen), chosen
+
+
 @cli.command()
 @click.argument("images_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -307,6 +348,7 @@ def cli(debug: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Extract only these images: one path relative to IMAGES_DIR a line.",
 )
+@cluster_options
 @run_options
 @reports_errors
 def extract(
@@ -331,6 +373,9 @@ def extract(
     precision: str,
     weights: str | None,
     image_list: Path | None,
+    shard: str | None,
+    shards: int | None,
+    scheduler: str | None,
     overwrite: bool,
     quiet: bool,
     json_report: Path | None,
@@ -357,20 +402,32 @@ def extract(
         orientation=orientation,
         masks=str(masks) if masks else "",
     )
-    summary = run_extract(
-        images_dir,
-        out,
-        config,
+    target, chosen = cluster_target(out, shard, shards, scheduler)
+    options = dict(
         weights=weights,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
-        image_list=image_list,
-        overwrite=overwrite,
-        quiet=quiet,
         backend=backend,
         tile=tile,
     )
+    if scheduler is not None:
+        from .cluster.dask import extract_on_cluster
+
+        summary = extract_on_cluster(
+            scheduler, images_dir, out, config, shards, image_list, overwrite, quiet, **options
+        )
+    else:
+        summary = run_extract(
+            images_dir,
+            target,
+            config,
+            image_list=image_list,
+            overwrite=overwrite,
+            quiet=quiet,
+            shard=chosen,
+            **options,
+        )
     finish_run(summary, json_report)
 
 
@@ -621,6 +678,7 @@ def retrieval(
     "--cache-mb", default=1024, show_default=True, help="Memory for descriptors kept between pairs (MiB)."
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@cluster_options
 @run_options
 @reports_errors
 def match_pairs(
@@ -642,6 +700,9 @@ def match_pairs(
     batch_size: int,
     cache_mb: int,
     device: str,
+    shard: str | None,
+    shards: int | None,
+    scheduler: str | None,
     overwrite: bool,
     quiet: bool,
     json_report: Path | None,
@@ -671,17 +732,54 @@ def match_pairs(
         width_confidence=width_confidence,
         filter_threshold=filter_threshold,
     )
-    summary = run_match_pairs(
-        pairs_file,
-        features,
-        out,
-        config,
-        device=device,
-        batch_size=batch_size,
-        cache_mb=cache_mb,
-        overwrite=overwrite,
-        quiet=quiet,
-    )
+    target, chosen = cluster_target(out, shard, shards, scheduler)
+    options = dict(device=device, batch_size=batch_size, cache_mb=cache_mb)
+    if scheduler is not None:
+        from .cluster.dask import match_on_cluster
+
+        summary = match_on_cluster(
+            scheduler, pairs_file, features, out, config, shards, overwrite, quiet, **options
+        )
+    else:
+        summary = run_match_pairs(
+            pairs_file, features, target, config, overwrite=overwrite, quiet=quiet, shard=chosen, **options
+        )
+    finish_run(summary, json_report)
+
+
+@cli.command()
+@click.argument("out", type=_FILE)
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--image-list",
+    type=_FILE,
+    help="Feature stores: report the images listed (one a line) that no STORE holds.",
+)
+@click.option("--pairs", type=_FILE, help="Match stores: report the pairs of this pairs file no STORE holds.")
+@run_options
+@reports_errors
+def merge(
+    out: Path,
+    stores: tuple[Path, ...],
+    image_list: Path | None,
+    pairs: Path | None,
+    overwrite: bool,
+    quiet: bool,
+    json_report: Path | None,
+) -> None:
+    """Merge the feature or match STOREs of one run (the shards of --shard, or folders of them
+    such as OUT.shards/) into OUT, which is created or extended.
+
+    The STOREs must have the same settings (the difference is named); an entry in several of them
+    is kept once if equal, else refused. Exit 1 when a name of --image-list / --pairs, or a shard
+    K-of-N of the series, is in none of them (the rest is merged). Crash-safe and resumable as
+    every store; each STORE is locked while it is read.
+    """
+    from .store.merge import merge_stores
+
+    if image_list is not None and pairs is not None:
+        raise ConfigError("--image-list (feature stores) and --pairs (match stores) exclude each other")
+    summary = merge_stores(out, list(stores), image_list or pairs, overwrite=overwrite, quiet=quiet)
     finish_run(summary, json_report)
 
 

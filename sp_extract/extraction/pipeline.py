@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..cluster.shards import Shard
 from ..devices import current_device, device_scope, for_other_thread, release_cached_memory
 from ..errors import ConfigError, SpExtractWarning
 from ..interrupt import graceful_stop
@@ -403,6 +404,7 @@ def extract(
     backend: str = "auto",
     timings: dict[str, float] | None = None,
     tile: str | int = "auto",
+    shard: Shard | None = None,
 ) -> ExtractSummary:
     """Extract SuperPoint features of every image below ``images`` into the store ``out``.
 
@@ -414,6 +416,7 @@ def extract(
     (waiting for the decoding workers) and ``network``; on the background thread (its CPU
     time) ``postprocess`` and ``write``. ``tile``: ``auto`` runs the network tile by tile on
     images too large for a memory budget, 0 never, N in tiles of N pixels (see ``tiling``).
+    ``shard``: extract only the images of this shard (see ``cluster.shards``).
     """
     config = config or ExtractConfig()
     if batch_size is not None and batch_size < 1:
@@ -432,6 +435,8 @@ def extract(
             f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp, "
             f"heic, heif){found}"
         )
+    if shard is not None:
+        names = [name for name in names if shard.holds_image(name)]
     summary = ExtractSummary(command="extract", output=str(out), total=len(names), failures_shown=not quiet)
     summary.unsupported, summary.other_files = scan.unsupported, scan.other_files
     summary.masks_used = bool(config.masks)

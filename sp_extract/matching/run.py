@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..cluster.shards import Shard
 from ..devices import HostCopy, copy_to_host, device_scope
 from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
@@ -240,6 +241,7 @@ def match_pairs(
     cache_mb: int = 1024,
     overwrite: bool = False,
     quiet: bool = True,
+    shard: Shard | None = None,
 ) -> Summary:
     """Match every pair of ``pairs_file`` with the features of ``features`` into the store ``out``.
 
@@ -249,6 +251,7 @@ def match_pairs(
     in either order (or met earlier in the file), are skipped (resume); a store made with other
     settings or from another feature store is refused unless ``overwrite``. Pairs whose
     features cannot be read are recorded as failed in the returned ``Summary`` and the run goes on.
+    ``shard``: match only the pairs of this shard (see ``cluster.shards``).
     """
     config = config or MatchConfig()
     if batch_size < 1:
@@ -277,7 +280,8 @@ def match_pairs(
         model = build_matcher(weights, config.learned_options()).to(target)
     info = {"pairs": str(pairs_file), "features_path": str(features.resolve())}  # for people only
     with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
-        progress = Progress(_estimated_pairs(pairs_file, first_chunk), "pairs", quiet=quiet)
+        estimated = _estimated_pairs(pairs_file, first_chunk) // (shard.count if shard else 1)
+        progress = Progress(estimated, "pairs", quiet=quiet)
         try:
             with (
                 h5py.File(features, "r") as h5,
@@ -300,6 +304,8 @@ def match_pairs(
                 for chunk in itertools.chain([first_chunk], chunks):
                     # resume: pairs in the store in either order, also those repeated from an
                     # earlier chunk (flushed below), are skipped
+                    if shard is not None:
+                        chunk = [p for p in chunk if shard.holds_pair(*p)]
                     todo = [
                         p
                         for p in chunk

@@ -229,11 +229,15 @@ def read_store(path: Path, kind: str, option: str = "--out") -> StoreInfo:
         raise open_error(path, error) from error
 
 
-def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+def settings_difference(
+    old: dict[str, Any], new: dict[str, Any], labels: tuple[str, str] = ("store", "now")
+) -> str:
     """Human-readable list of settings that differ, e.g. ``nms_radius: 3 (store) vs 4 (now)``."""
     keys = sorted(set(old) | set(new))
     return ", ".join(
-        f"{k}: {old.get(k)!r} (store) vs {new.get(k)!r} (now)" for k in keys if old.get(k) != new.get(k)
+        f"{k}: {old.get(k)!r} ({labels[0]}) vs {new.get(k)!r} ({labels[1]})"
+        for k in keys
+        if old.get(k) != new.get(k)
     )
 
 

@@ -1,0 +1,2 @@
+"""Many machines: the work split into shards (``shards``), shard stores folded into one
+(``sp_extract.store.merge``) and runs driven on a Dask cluster (``dask``)."""

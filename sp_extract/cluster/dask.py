@@ -1,0 +1,347 @@
+"""Runs on a Dask cluster (``--scheduler``): one task a shard, then one merge.
+
+The driver (the ``sp-extract`` process) lists the work, splits it by ``shards.Shard`` into
+per-shard work files in ``OUT.shards/`` (which every worker must see), submits one task a
+shard and merges the shard stores into ``OUT`` (``store.merge``). A task is an ordinary
+extract or match-pairs run into its shard's store, so a task re-run after its worker died
+resumes that store: nothing is computed or stored twice. Work ``OUT`` already holds is left
+out. Needs ``distributed`` (``pip install 'sp-extract[dask]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, SpExtractError, StoreError
+from ..report import ExtractSummary, Progress, Summary
+from .shards import SHARD_NAME, Shard, shard_folder
+
+SHARD_IMAGES = 2000  # a shard's images when --shards is not given (README "Running on a cluster")
+SHARD_PAIRS = 50000  # a shard's pairs when --shards is not given
+RETRIES = 2  # re-runs of a task that raised (a task whose worker died is re-run by Dask itself)
+WORKER_WAIT_S = 600  # how long to wait for a first worker on a remote scheduler
+
+
+def import_distributed() -> Any:
+    """Dask's ``distributed``, or the one-line hint naming the extra."""
+    try:
+        import distributed
+    except ImportError:
+        raise ConfigError(
+            "--scheduler needs Dask: pip install 'sp-extract[dask]' (or pip install distributed)"
+        ) from None
+    return distributed
+
+
+def connect(scheduler: str) -> tuple[Any, Callable[[], None]]:
+    """A Dask client for ``local[:WORKERS]`` (a cluster of worker processes on this machine,
+    one per GPU, else WORKERS or 1), a scheduler file (``.json``) or a scheduler ADDRESS, and
+    the function closing what was started."""
+    distributed = import_distributed()
+    if scheduler == "local" or scheduler.startswith("local:"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        count = scheduler.partition(":")[2]
+        if count and (not count.isdigit() or int(count) < 1):
+            raise ConfigError(f"--scheduler {scheduler}: expected local or local:WORKERS (a number >= 1)")
+        cluster = distributed.LocalCluster(
+            n_workers=int(count) if count else max(gpus, 1),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            resources={"GPU": 1} if gpus else None,
+        )
+        client = distributed.Client(cluster)
+
+        def close() -> None:
+            client.close()
+            cluster.close()
+
+        return client, close
+    try:
+        if scheduler.endswith(".json"):
+            client = distributed.Client(scheduler_file=scheduler, timeout=60)
+        else:
+            client = distributed.Client(scheduler, timeout=60)
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except (OSError, TimeoutError, ValueError) as error:
+        raise ConfigError(f"--scheduler {scheduler}: cannot use this Dask scheduler ({error})") from error
+    return client, client.close
+
+
+def worker_device(device: str) -> str:
+    """``device`` for this worker: ``auto`` on a machine of several GPUs (a local cluster)
+    becomes the GPU of the worker's number; a worker of its own GPU (``CUDA_VISIBLE_DEVICES``
+    set per worker) keeps ``auto``."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if device != "auto" or gpus < 2:
+        return device
+    from distributed import get_worker
+
+    name = get_worker().name
+    return f"cuda:{name % gpus}" if isinstance(name, int) else device
+
+
+def run_shard(kind: str, work: Path, store: Path, arguments: dict[str, Any]) -> Summary:
+    """One task: the shard's extract (``work``: its image list) or match-pairs (``work``: its
+    pairs file) into its ``store``, resuming what a killed attempt saved."""
+    arguments = {**arguments, "device": worker_device(arguments.get("device", "auto")), "quiet": True}
+    if kind == "features":
+        from ..extraction.pipeline import extract
+
+        return extract(out=store, image_list=work, **arguments)
+    from ..matching.run import match_pairs
+
+    return match_pairs(pairs_file=work, out=store, **arguments)
+
+
+@dataclass
+class ShardWork:
+    """A shard's task: its work file (image list or pairs file), store and item count."""
+
+    shard: Shard
+    work: Path
+    store: Path
+    items: int
+
+
+def shard_count(folder: Path, items: int, per_shard: int, workers: int, shards: int | None) -> int:
+    """``shards``, else the count of the shard stores already in ``folder`` (a resumed run keeps
+    its split), else enough for ``per_shard`` items each and at least one a worker."""
+    if shards is not None:
+        if shards < 1:
+            raise ConfigError(f"--shards must be >= 1, got {shards}")
+        return shards
+    found = {int(m[2]) for p in folder.glob("*-of-*.h5") if (m := SHARD_NAME.fullmatch(p.name))}
+    if len(found) == 1:
+        return found.pop()
+    return max(1, workers, math.ceil(items / per_shard))
+
+
+def write_work(
+    out: Path, items: Iterable[tuple[str, ...]], count: int, belongs: str, suffix: str
+) -> list[ShardWork]:
+    """Split ``items`` (image names, or pairs) into ``count`` shards: one work file each in
+    ``OUT.shards/`` (``K-of-N.SUFFIX``, one item a line); shards without items are left out."""
+    folder = shard_folder(out)
+    shards = [Shard(index, count) for index in range(1, count + 1)]
+    handles, counts = {}, dict.fromkeys(range(count), 0)
+    try:
+        for item in items:
+            shard = next(s for s in shards if getattr(s, belongs)(*item))
+            if shard.index not in handles:
+                handles[shard.index] = open(shard.store(out).with_suffix(suffix), "w", encoding="utf-8")  # noqa: SIM115
+            handles[shard.index].write(" ".join(item) + "\n")
+            counts[shard.index - 1] += 1
+    except OSError as error:
+        raise ConfigError(f"{folder}: cannot write the shards' work files ({error})") from error
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return [
+        ShardWork(shard, shard.store(out).with_suffix(suffix), shard.store(out), counts[shard.index - 1])
+        for shard in shards
+        if counts[shard.index - 1]
+    ]
+
+
+def run_tasks(
+    client: Any, kind: str, jobs: list[ShardWork], arguments: dict[str, Any], quiet: bool
+) -> tuple[list[ShardWork], list[Summary], list[tuple[ShardWork, BaseException]]]:
+    """Submit one task a shard (with the ``GPU`` resource when workers declare it) and collect
+    them as they finish: the shards done with their summaries, and those that failed."""
+    distributed = import_distributed()
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    resources = {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+    futures = {
+        client.submit(
+            run_shard,
+            kind,
+            job.work,
+            job.store,
+            arguments,
+            key=f"sp-extract-{kind}-{job.shard.index}-of-{job.shard.count}-{time.time_ns()}",
+            retries=RETRIES,
+            resources=resources,
+            pure=False,
+        ): job
+        for job in jobs
+    }
+    progress = Progress(
+        sum(job.items for job in jobs), "images" if kind == "features" else "pairs", quiet=quiet
+    )
+    done: list[ShardWork] = []
+    summaries: list[Summary] = []
+    failed: list[tuple[ShardWork, BaseException]] = []
+    try:
+        for future in distributed.as_completed(futures):
+            job = futures[future]
+            try:
+                summary = future.result()
+            except Exception as error:  # the task's own error, or KilledWorker after repeated deaths
+                failed.append((job, error))
+                progress.message(f"shard {job.shard} failed: {error}")
+                continue
+            done.append(job)
+            summaries.append(summary)
+            progress.advance(summary.done + summary.skipped + len(summary.failed))
+    finally:
+        progress.close()
+        for future in futures:
+            future.cancel()
+    return done, summaries, failed
+
+
+def run_sharded(
+    scheduler: str,
+    kind: str,
+    out: Path,
+    items: Callable[[set[str]], tuple[int, Iterable[tuple[str, ...]]]],
+    arguments: dict[str, Any],
+    shards: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> tuple[Summary, list[Summary], int]:
+    """The driver: ``items(held)`` gives the work (its size and its items, less those whose
+    entries ``held`` names); run it as shards on ``scheduler``, merge into ``out``. Returns
+    the merge's summary, the shards' summaries and how many items ``out`` held already."""
+    from ..store.merge import merge_stores
+    from ..store.writer import read_store
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise StoreError(f"{out}: the output folder {out.parent} does not exist")
+    held = set() if overwrite or not out.exists() else set(read_store(out, kind).names)
+    folder = shard_folder(out)
+    folder.mkdir(exist_ok=True)
+    client, close = connect(scheduler)
+    try:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        total, work = items(held)
+        count = shard_count(
+            folder, total, SHARD_IMAGES if kind == "features" else SHARD_PAIRS, workers, shards
+        )
+        jobs = write_work(out, work, count, "holds_image" if kind == "features" else "holds_pair", ".txt")
+        done, summaries, failed = run_tasks(client, kind, jobs, {**arguments, "overwrite": overwrite}, quiet)
+    finally:
+        close()
+    if failed and not done:
+        error = failed[0][1]
+        raise (
+            error if isinstance(error, SpExtractError) else StoreError(f"shard {failed[0][0].shard}: {error}")
+        )
+    merged = merge_stores(out, [job.store for job in done], overwrite=overwrite and not held, quiet=True)
+    merged.failed += [{"name": f"shard {job.shard}", "reason": str(error)} for job, error in failed]
+    if not failed and not merged.interrupted:  # everything is in OUT: the shards have served
+        for job in jobs:
+            for path in (job.store, job.work):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept if it holds anything else
+            folder.rmdir()
+    return merged, summaries, len(held)
+
+
+def combined(kind: str, merged: Summary, shards: list[Summary], held: int, started: float) -> Summary:
+    """The run's summary: the shards' counts, failures and warnings, the merge's output."""
+    summary = (ExtractSummary if kind == "features" else Summary)(
+        command="extract" if kind == "features" else "match-pairs",
+        output=merged.output,
+        unit=merged.unit,
+        count_label=merged.count_label,
+    )
+    summary.total = held + merged.total
+    summary.skipped = held + merged.skipped
+    for shard in shards:
+        summary.failed += shard.failed
+        summary.counts += shard.counts
+        summary.warnings += [w for w in shard.warnings if w not in summary.warnings]
+        summary.device = summary.device or f"Dask workers ({shard.device})"
+    summary.failed += merged.failed
+    summary.notes += merged.notes
+    summary.interrupted, summary.exit_code = merged.interrupted, merged.exit_code
+    return summary.finish(merged.total - merged.skipped, started)
+
+
+def extract_on_cluster(
+    scheduler: str,
+    images: Path | str,
+    out: Path | str,
+    config: Any,
+    shards: int | None = None,
+    image_list: Path | str | None = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    **options: Any,
+) -> Summary:
+    """``extraction.pipeline.extract`` run as shards on a Dask cluster, merged into ``out``;
+    ``options`` are extract's (weights, device, batch_size, num_workers, backend, tile)."""
+    from ..extraction.discover import find_images
+
+    started = time.monotonic()
+    root = Path(images).absolute()
+    names = find_images(root, Path(image_list) if image_list else None).names
+    if not names:
+        raise ConfigError(f"{root}: no images found")
+
+    def items(held: set[str]) -> tuple[int, list[tuple[str, ...]]]:
+        todo = [(name,) for name in names if name not in held]
+        return len(todo), todo
+
+    arguments = {"images": root, "config": config, **options}
+    merged, summaries, held = run_sharded(
+        scheduler, "features", Path(out).absolute(), items, arguments, shards, overwrite, quiet
+    )
+    return combined("features", merged, summaries, held, started)
+
+
+def match_on_cluster(
+    scheduler: str,
+    pairs_file: Path | str,
+    features: Path | str,
+    out: Path | str,
+    config: Any,
+    shards: int | None = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    **options: Any,
+) -> Summary:
+    """``matching.run.match_pairs`` run as shards on a Dask cluster, merged into ``out``;
+    ``options`` are match-pairs' (device, batch_size, cache_mb). The pairs file is checked
+    and split as it is read; pairs ``out`` holds (in either order) are left out."""
+    from ..pairs.core import pair_key, read_pair_chunks
+    from ..store.writer import read_store
+
+    started = time.monotonic()
+    pairs_file, features = Path(pairs_file).absolute(), Path(features).absolute()
+    if not features.is_file():
+        raise ConfigError(f"{features}: no such feature store (extract features first, or pass --features)")
+    names = set(read_store(features, "features", "--features").names)
+    try:
+        with open(pairs_file, "rb") as handle:
+            lines = sum(1 for _ in handle)
+    except OSError as error:
+        raise ConfigError(f"{pairs_file}: cannot read pairs file ({error.strerror or error})") from error
+
+    def items(held: set[str]) -> tuple[int, Iterable[tuple[str, ...]]]:
+        todo = (
+            pair
+            for chunk in read_pair_chunks(pairs_file, names)
+            for pair in chunk
+            if pair_key(*pair) not in held and pair_key(pair[1], pair[0]) not in held
+        )
+        return lines, todo
+
+    arguments = {"features": features, "config": config, **options}
+    merged, summaries, held = run_sharded(
+        scheduler, "matches", Path(out).absolute(), items, arguments, shards, overwrite, quiet
+    )
+    return combined("matches", merged, summaries, held, started)
