@@ -210,10 +210,12 @@ def run_sharded(
     shards: int | None,
     overwrite: bool,
     quiet: bool,
+    info: dict[str, str],
 ) -> tuple[Summary, list[Summary], int]:
     """The driver: ``items(held)`` gives the work (its size and its items, less those whose
     entries ``held`` names); run it as shards on ``scheduler``, merge into ``out``. Returns
-    the merge's summary, the shards' summaries and how many items ``out`` held already."""
+    the merge's summary, the shards' summaries and how many items ``out`` held already.
+    ``info``: the merged store's attributes for people (the input named by the user)."""
     from ..store.merge import merge_stores
     from ..store.writer import read_store
 
@@ -239,7 +241,9 @@ def run_sharded(
         raise (
             error if isinstance(error, SpExtractError) else StoreError(f"shard {failed[0][0].shard}: {error}")
         )
-    merged = merge_stores(out, [job.store for job in done], overwrite=overwrite and not held, quiet=True)
+    merged = merge_stores(
+        out, [job.store for job in done], overwrite=overwrite and not held, all_shards=False, info=info
+    )  # shards without work have no store
     merged.failed += [{"name": f"shard {job.shard}", "reason": str(error)} for job, error in failed]
     if not failed and not merged.interrupted:  # everything is in OUT: the shards have served
         for job in jobs:
@@ -298,7 +302,15 @@ def extract_on_cluster(
 
     arguments = {"images": root, "config": config, **options}
     merged, summaries, held = run_sharded(
-        scheduler, "features", Path(out).absolute(), items, arguments, shards, overwrite, quiet
+        scheduler,
+        "features",
+        Path(out).absolute(),
+        items,
+        arguments,
+        shards,
+        overwrite,
+        quiet,
+        {"images": str(root)},
     )
     return combined("features", merged, summaries, held, started)
 
@@ -342,6 +354,14 @@ def match_on_cluster(
 
     arguments = {"features": features, "config": config, **options}
     merged, summaries, held = run_sharded(
-        scheduler, "matches", Path(out).absolute(), items, arguments, shards, overwrite, quiet
+        scheduler,
+        "matches",
+        Path(out).absolute(),
+        items,
+        arguments,
+        shards,
+        overwrite,
+        quiet,
+        {"pairs": str(pairs_file)},
     )
     return combined("matches", merged, summaries, held, started)

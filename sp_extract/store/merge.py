@@ -211,12 +211,16 @@ def merge_stores(
     expected: Path | str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
+    all_shards: bool = True,
+    info: dict[str, str] | None = None,
 ) -> Summary:
     """Merge the stores ``inputs`` (files, or folders of ``*.h5`` stores) into ``out``.
 
     ``expected``: an image list (feature stores) or pairs file (match stores) whose names no
     input holds are reported as failures. Raises ``SpExtractError`` for inputs that cannot be
     merged (other settings, an entry differing between two of them, unfinished, damaged).
+    ``all_shards``: report the shards missing from inputs named as a series ``K-of-N.h5``.
+    ``info``: attributes for people (as ``StoreWriter`` takes them) replacing the first input's.
     """
     out = Path(out)
     stores = input_stores([Path(path) for path in inputs])
@@ -243,7 +247,7 @@ def merge_stores(
         _check_duplicates(stores, files, holders)
         absent = [
             {"name": f"shard {shard}", "reason": "not among the stores merged"}
-            for shard in missing_shards(stores)
+            for shard in (missing_shards(stores) if all_shards else [])
         ]
         if expected is not None:
             unheld = _unheld(kind, listed_names(Path(expected), kind), holders)
@@ -253,12 +257,12 @@ def merge_stores(
             summary.warnings.append(f"{len(absent)} missing: {listed([a['name'] for a in absent])}")
         summary.failed = absent
         summary.total = len(holders)
-        info = {
+        attributes = {
             key: value.item() if hasattr(value, "item") else value
             for key, value in files[0].attrs.items()
             if key not in OWN_ATTRS and key not in infos[0].settings
-        }
-        with StoreWriter(out, kind, infos[0].settings, overwrite=overwrite, info=info) as writer:
+        } | (info or {})
+        with StoreWriter(out, kind, infos[0].settings, overwrite=overwrite, info=attributes) as writer:
             todo = [name for name in holders if name not in writer.done]
             summary.skipped = summary.total - len(todo)
             progress = Progress(len(todo), unit, quiet=quiet)

@@ -1,0 +1,314 @@
+"""Many machines (issue 12): shards, merge, runs on a Dask cluster.
+
+Every result is compared, entry for entry (datasets, types, values, attributes), with a
+single-process run of the same photos, read back with plain h5py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_image
+
+from sp_extract.cli import cli
+from sp_extract.cluster.shards import Shard, parse_shard
+from sp_extract.errors import ConfigError, StoreError
+from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.pipeline import extract
+from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.run import match_pairs
+from sp_extract.pairs.core import exhaustive_pairs, write_pairs
+from sp_extract.store.merge import merge_stores
+
+CONFIG = ExtractConfig(resize_max=160)  # small: the runs compared are many
+
+
+def entries(path: Path) -> dict[str, dict[str, tuple]]:
+    """Every entry of a store: {group: {dataset: (dtype, array, attributes)}}, read with h5py."""
+    found: dict[str, dict[str, tuple]] = {}
+
+    def visit(name: str, item: h5py.HLObject) -> None:
+        if isinstance(item, h5py.Dataset):
+            group, _, key = name.rpartition("/")
+            found.setdefault(group, {})[key] = (item.dtype, item[()], dict(item.attrs))
+
+    with h5py.File(path, "r") as h5:
+        h5.visititems(visit)
+    return found
+
+
+def assert_same_entries(path: Path, reference: Path) -> None:
+    got, expected = entries(path), entries(reference)
+    assert sorted(got) == sorted(expected)
+    for name, datasets in expected.items():
+        assert sorted(got[name]) == sorted(datasets), name
+        for key, (dtype, array, attrs) in datasets.items():
+            got_dtype, got_array, got_attrs = got[name][key]
+            assert got_dtype == dtype and np.array_equal(got_array, array), f"{name}/{key}"
+            assert got_attrs == attrs, f"{name}/{key}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weights: Path) -> dict:
+    """A single-process run on the photos: features, exhaustive pairs, matches."""
+    folder = tmp_path_factory.mktemp("single")
+    features, pairs, matches = folder / "feats.h5", folder / "pairs.txt", folder / "matches.h5"
+    extract(sacre_coeur, features, CONFIG, weights=str(real_weights))
+    names = sorted(entries(features))
+    write_pairs(exhaustive_pairs(names), pairs)
+    match_pairs(pairs, features, matches, MatchConfig())
+    return {"features": features, "pairs": pairs, "matches": matches, "names": names}
+
+
+# -- shards ---------------------------------------------------------------------------------
+def test_shard_split_is_a_stable_hash_of_the_name() -> None:
+    names = [f"sub/img_{i:04d}.jpg" for i in range(300)]
+    for count in (1, 3, 7):
+        owners = [[k for k in range(1, count + 1) if Shard(k, count).holds_image(n)] for n in names]
+        assert all(len(owner) == 1 for owner in owners)  # each image in exactly one shard
+        for name, (owner,) in zip(names, owners):  # an independent BLAKE2b-64, big-endian, mod N
+            digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+            assert owner == int.from_bytes(digest, "big") % count + 1
+    assert len({k for n in names for k in range(1, 8) if Shard(k, 7).holds_image(n)}) == 7
+    # a pair and its reverse, and the same pair as hloc flattens its names, share their shard
+    for k in range(1, 8):
+        shard = Shard(k, 7)
+        assert shard.holds_pair("a/x.jpg", "b.jpg") == shard.holds_pair("b.jpg", "a/x.jpg")
+        assert shard.holds_pair("a/x.jpg", "b.jpg") == shard.holds_pair("a-x.jpg", "b.jpg")
+    assert Shard(3, 16).store(Path("out/feats.h5")) == Path("out/feats.h5.shards/03-of-16.h5")
+
+
+def test_shard_auto_from_slurm_and_kubernetes() -> None:
+    def slurm(task: int, first: int, count: int, step: int = 1) -> dict[str, str]:
+        names = ("ID", "MIN", "COUNT", "STEP")
+        return {f"SLURM_ARRAY_TASK_{n}": str(v) for n, v in zip(names, (task, first, count, step))}
+
+    # --array=0-15 and --array=1-16 both number the shards 1 .. 16; --array=2-8:2 is 4 tasks
+    assert parse_shard("auto", env=slurm(0, 0, 16)) == Shard(1, 16)
+    assert parse_shard("auto", env=slurm(16, 1, 16)) == Shard(16, 16)
+    assert parse_shard("auto", env=slurm(6, 2, 4, step=2)) == Shard(3, 4)
+    assert parse_shard("auto", 8, env={"JOB_COMPLETION_INDEX": "0"}) == Shard(1, 8)
+    assert parse_shard("auto", 8, env={"JOB_COMPLETION_INDEX": "7"}) == Shard(8, 8)
+    assert parse_shard(" 2/5 ") == Shard(2, 5)
+    refused = {
+        ("0/4", None, ()): "1 <= K <= N",
+        ("5/4", None, ()): "1 <= K <= N",
+        ("2-4", None, ()): "expected K/N",
+        ("2/4", 5, ()): "disagree",
+        ("auto", None, ()): "neither SLURM_ARRAY_TASK_ID",
+        ("auto", None, (("JOB_COMPLETION_INDEX", "3"),)): "needs --shards N",
+        ("auto", 3, (("JOB_COMPLETION_INDEX", "3"),)): "not below --shards 3",
+        ("auto", 8, (("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "4"))): "has 4 tasks",
+        ("auto", None, (("SLURM_ARRAY_TASK_ID", "x"),)): "not a number",
+    }
+    for (spec, shards, env), message in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            parse_shard(spec, shards, env=dict(env))
+
+
+def test_shards_then_merge_equal_a_single_run(
+    reference: dict, sacre_coeur: Path, real_weights: Path, tmp_path: Path
+) -> None:
+    """extract shards -> merge features -> match shards against the merged store -> merge
+    matches -> COLMAP database: entry for entry what one process writes."""
+    merged = {}
+    for count in (1, 3, 7):
+        out = tmp_path / f"feats{count}.h5"
+        for index in range(1, count + 1):
+            shard = Shard(index, count)
+            store = shard.store(out)
+            store.parent.mkdir(exist_ok=True)
+            summary = extract(sacre_coeur, store, CONFIG, weights=str(real_weights), shard=shard)
+            assert summary.exit_code == 0
+        assert sum(len(entries(p)) for p in out.with_name(out.name + ".shards").glob("*.h5")) == 10
+        summary = merge_stores(out, [out.with_name(out.name + ".shards")])
+        assert summary.exit_code == 0 and summary.done == 10 and not summary.failed
+        assert_same_entries(out, reference["features"])
+        merged[count] = out
+    # matching in 3 shards against the merged features; the merged matches equal one run's
+    features, matches = merged[3], tmp_path / "matches.h5"
+    for index in range(1, 4):
+        store = Shard(index, 3).store(matches)
+        store.parent.mkdir(exist_ok=True)
+        match_pairs(reference["pairs"], features, store, MatchConfig(), shard=Shard(index, 3))
+    summary = merge_stores(matches, [Shard(k, 3).store(matches) for k in range(1, 4)], reference["pairs"])
+    assert summary.exit_code == 0 and summary.done == 45
+    assert_same_entries(matches, reference["matches"])
+    # the merged match store names the merged feature store: COLMAP takes the two together
+    from sp_extract.sfm.colmap import write_database
+
+    database = write_database(sacre_coeur, features, matches, tmp_path / "database.db", num_threads=1)
+    assert database.exit_code == 0
+
+
+# -- merge refusals and reports ---------------------------------------------------------------
+@pytest.fixture
+def shard_stores(tmp_path: Path, random_weights: Path) -> tuple[Path, Path, list[Path]]:
+    """Six small images extracted in 3 shards (random weights): folder, --out, shard stores."""
+    images = tmp_path / "images"
+    for seed in range(6):
+        write_image(images / f"im{seed}.png", seed=seed)
+    out = tmp_path / "feats.h5"
+    stores = []
+    for index in range(1, 4):
+        store = Shard(index, 3).store(out)
+        store.parent.mkdir(exist_ok=True)
+        extract(images, store, weights=str(random_weights), shard=Shard(index, 3))
+        stores.append(store)
+    return images, out, stores
+
+
+def test_merge_refuses_other_settings_and_differing_copies(
+    shard_stores: tuple[Path, Path, list[Path]], random_weights: Path, tmp_path: Path
+) -> None:
+    images, out, stores = shard_stores
+    other = tmp_path / "other.h5"
+    extract(images, other, ExtractConfig(nms_radius=3), weights=str(random_weights), image_list=None)
+    with pytest.raises(StoreError, match=r"other settings .*nms_radius: 4 \(1-of-3.h5\) vs 3 \(other.h5\)"):
+        merge_stores(out, [*stores, other])
+    # the same image, other values, same settings: refused, naming the entry
+    name = sorted(entries(stores[0]))[0]
+    changed = tmp_path / "changed.h5"
+    extract(images, changed, weights=str(random_weights))
+    with h5py.File(changed, "r+") as h5:
+        h5[name]["scores"][0] += 1
+    with pytest.raises(StoreError, match=f"entry '{name}' differs .*scores: different values"):
+        merge_stores(out, [*stores, changed])
+    assert not out.exists()  # refused before anything was written
+    # match stores of different feature stores: the difference named, with the way out
+    (tmp_path / "p.txt").write_text("im0.png im1.png\n")
+    merge_stores(tmp_path / "merged.h5", stores)
+    match_pairs(tmp_path / "p.txt", tmp_path / "merged.h5", tmp_path / "m1.h5")
+    match_pairs(tmp_path / "p.txt", changed, tmp_path / "m2.h5")
+    with pytest.raises(StoreError, match="features_id.*merge the feature shards first"):
+        merge_stores(tmp_path / "m.h5", [tmp_path / "m1.h5", tmp_path / "m2.h5"])
+
+
+def test_merge_reports_a_missing_shard_and_unlisted_names(
+    shard_stores: tuple[Path, Path, list[Path]], tmp_path: Path
+) -> None:
+    _, out, stores = shard_stores
+    listed = tmp_path / "list.txt"
+    held = sorted(name for store in stores for name in entries(store))
+    listed.write_text("\n".join([*held, "never.png"]) + "\n")
+    result = CliRunner().invoke(
+        cli, ["merge", str(out), str(stores[0]), str(stores[2]), "--image-list", str(listed)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "failed: shard 2-of-3: not among the stores merged" in result.output
+    assert "failed: never.png: listed but in no store merged" in result.output
+    missing = {n for n in held if n not in entries(stores[0]) and n not in entries(stores[2])}
+    assert missing and all(f"failed: {n}:" in result.output for n in missing)
+    # the missing shard arrives: merging again adds it to the same store, all present
+    result = CliRunner().invoke(cli, ["merge", str(out), *map(str, stores)])
+    assert result.exit_code == 0, result.output
+    assert sorted(entries(out)) == held
+
+
+def test_cli_shard_auto_writes_the_array_task_store(
+    shard_stores: tuple[Path, Path, list[Path]], random_weights: Path, tmp_path: Path, monkeypatch
+) -> None:
+    images, out, stores = shard_stores
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    again = tmp_path / "again.h5"
+    args = [str(images), "--out", str(again), "--weights", str(random_weights), "--shard", "auto", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert_same_entries(again.with_name("again.h5.shards") / "3-of-3.h5", stores[2])
+    result = CliRunner().invoke(cli, [*args, "--scheduler", "local"])
+    assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_scheduler_without_dask_names_the_extra(monkeypatch, tmp_path: Path) -> None:
+    from sp_extract.cluster.dask import connect
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ConfigError, match=r"pip install 'sp-extract\[dask\]' \(or pip install distributed\)"):
+        connect("local:2")
+
+
+# -- Dask ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dask_cluster() -> str:
+    """A LocalCluster of 2 worker processes (one thread each); its scheduler's address."""
+    import distributed
+
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_dask_extract_and_match_equal_a_single_run(
+    dask_cluster: str, reference: dict, sacre_coeur: Path, real_weights: Path, tmp_path: Path
+) -> None:
+    features, matches = tmp_path / "feats.h5", tmp_path / "matches.h5"
+    common = ["--scheduler", dask_cluster, "--quiet"]
+    args = [str(sacre_coeur), "--out", str(features), "--weights", str(real_weights), "--resize-max", "160"]
+    result = CliRunner().invoke(cli, [*args, *common])
+    assert result.exit_code == 0, result.output
+    assert_same_entries(features, reference["features"])
+    assert not features.with_name("feats.h5.shards").exists()  # merged, then cleared
+    args = ["match-pairs", str(reference["pairs"]), "--features", str(features), "--out", str(matches)]
+    result = CliRunner().invoke(cli, [*args, *common, "--shards", "3"])
+    assert result.exit_code == 0, result.output
+    assert_same_entries(matches, reference["matches"])  # entries: the store ids differ, of course
+
+
+def test_dask_worker_killed_mid_run(
+    dask_cluster: str, reference: dict, sacre_coeur: Path, real_weights: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the worker writing a shard: Dask replaces it, the shard re-runs and resumes its
+    store, and the result is still the single run's."""
+    from distributed import Client
+
+    from sp_extract.cluster.dask import extract_on_cluster
+
+    out = tmp_path / "feats.h5"
+    folder = out.with_name("feats.h5.shards")
+    with Client(dask_cluster) as client:
+        pids = set(client.run(os.getpid).values())
+        outcome: dict = {}
+
+        def drive() -> None:
+            try:
+                outcome["summary"] = extract_on_cluster(
+                    dask_cluster, sacre_coeur, out, CONFIG, shards=4, weights=str(real_weights)
+                )
+            except BaseException as error:  # handed to the test's thread
+                outcome["error"] = error
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        killed = None
+        while driver.is_alive() and killed is None:
+            for lock in folder.glob("*.h5.lock") if folder.is_dir() else []:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    continue
+                if pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = pid
+                    break
+            time.sleep(0.005)
+        driver.join(timeout=300)
+        assert killed is not None, "no shard was seen being written"
+        assert "error" not in outcome, outcome.get("error")
+        summary = outcome["summary"]
+        assert summary.exit_code == 0 and summary.done == 10, summary.lines()
+        assert_same_entries(out, reference["features"])
+        client.wait_for_workers(2, timeout=60)  # the nanny replaced the killed worker
+        assert killed not in set(client.run(os.getpid).values())
