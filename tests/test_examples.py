@@ -70,3 +70,102 @@ def test_python_example_errors_are_one_line(small_images: Path, tmp_path: Path) 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("sfm_colmap.py: error: ") and result.stderr.count("\n") == 1
     assert "missing.pth" in result.stderr
+
+
+# -- examples/cluster/ (issue 12): each parses, and its sp-extract commands take their options --
+CLUSTER = ROOT / "examples" / "cluster"
+SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")", "$(", "`"}
+
+
+def shell_commands(tokens: list[str]) -> list[list[str]]:
+    """The argument lists of the ``sp-extract`` commands in shell tokens, also those quoted in
+    a token (``sbatch --wrap="..."``, ``bash -c "..."``)."""
+    import itertools
+    import shlex
+
+    found = []
+    for index, token in enumerate(tokens):
+        if token == "sp-extract":
+            found.append(list(itertools.takewhile(lambda t: t not in SEPARATORS, tokens[index + 1 :])))
+        elif "sp-extract " in token:
+            quoted = token.partition("=")[2] if token.startswith("--") else token
+            found += shell_commands(list(shlex.shlex(quoted, posix=True, punctuation_chars=True)))
+    return found
+
+
+def example_commands(path: Path) -> list[list[str]]:
+    """Every ``sp-extract`` command of an example: shell lines, YAML container commands,
+    Python list literals starting with "sp-extract" (their non-literal items as a placeholder)."""
+    import ast
+    import shlex
+
+    import yaml
+
+    text = path.read_text()
+    if path.suffix == ".sh":
+        lines = [line for line in text.replace("\\\n", " ").splitlines() if not line.lstrip().startswith("#")]
+        return [
+            c
+            for line in lines
+            for c in shell_commands(list(shlex.shlex(line, posix=True, punctuation_chars=True)))
+        ]
+    if path.suffix == ".yaml":
+        containers = [
+            c for doc in yaml.safe_load_all(text) for c in doc["spec"]["template"]["spec"]["containers"]
+        ]
+        return [c["command"][1:] for c in containers if c["command"][0] == "sp-extract"]
+    lists = [node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.List) and node.elts]
+    return [
+        [e.value if isinstance(e, ast.Constant) else "PLACEHOLDER" for e in node.elts[1:]]
+        for node in lists
+        if isinstance(node.elts[0], ast.Constant) and node.elts[0].value == "sp-extract"
+    ]
+
+
+def test_cluster_examples_parse_and_their_commands_exist() -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from sp_extract.cli import cli
+
+    scripts = sorted(CLUSTER.iterdir())
+    assert [p.name for p in scripts] == [
+        "dask_jobqueue_slurm.py",
+        "kubernetes_indexed_job.yaml",
+        "one_node_gpus.sh",
+        "slurm_array.sh",
+    ]
+    for path in scripts:
+        if path.suffix == ".sh":
+            result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+        elif path.suffix == ".py":
+            compile(path.read_text(), str(path), "exec")
+    commands = {path.name: example_commands(path) for path in scripts}
+    words = {name: [" ".join(c[:2]) for c in found] for name, found in commands.items()}
+    assert words["slurm_array.sh"] == [
+        "extract $images",
+        "merge $work/feats.h5",
+        "pairs retrieval",
+        "match-pairs $work/pairs.txt",
+        "merge $work/matches.h5",
+        "colmap --images",
+    ]
+    assert [w.split()[0] for w in words["one_node_gpus.sh"]] == ["extract", "pairs", "match-pairs"]
+    assert [w.split()[0] for w in words["dask_jobqueue_slurm.py"]] == ["extract", "pairs", "match-pairs"]
+    assert [w.split()[0] for w in words["kubernetes_indexed_job.yaml"]] == ["extract", "merge"]
+    for name, found in commands.items():
+        for command in found:  # unknown options fail; --help, handled first, ends the rest
+            result = CliRunner().invoke(cli, [*command, "--help"])
+            assert result.exit_code == 0 and "Usage:" in result.output, (name, command, result.output)
+    # the array tasks take their shard from the scheduler; the Kubernetes shards match completions
+    assert all(
+        "--shard" in c and "auto" in c
+        for c in commands["slurm_array.sh"]
+        if c[0] in ("extract", "match-pairs")
+    )
+    job = next(iter(yaml.safe_load_all((CLUSTER / "kubernetes_indexed_job.yaml").read_text())))
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert command[command.index("--shards") + 1] == str(job["spec"]["completions"])
+    assert "--dependency=afterok" in (CLUSTER / "slurm_array.sh").read_text()
