@@ -76,6 +76,15 @@ def connect(scheduler: str) -> tuple[Any, Callable[[], None]]:
     return client, client.close
 
 
+def workers(client: Any) -> dict[str, dict[str, Any]]:
+    """The scheduler's description of every worker (``n_workers=-1``: all, not the first few;
+    older ``distributed`` versions list all without it)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:
+        return client.scheduler_info()["workers"]
+
+
 def worker_device(device: str) -> str:
     """``device`` for this worker: ``auto`` on a machine of several GPUs (a local cluster)
     becomes the GPU of the worker's number; a worker of its own GPU (``CUDA_VISIBLE_DEVICES``
@@ -160,8 +169,8 @@ def run_tasks(
     """Submit one task a shard (with the ``GPU`` resource when workers declare it) and collect
     them as they finish: the shards done with their summaries, and those that failed."""
     distributed = import_distributed()
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    resources = {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+    declared = [worker.get("resources", {}) for worker in workers(client).values()]
+    resources = {"GPU": 1} if any(found.get("GPU") for found in declared) else None
     futures = {
         client.submit(
             run_shard,
@@ -227,11 +236,9 @@ def run_sharded(
     folder.mkdir(exist_ok=True)
     client, close = connect(scheduler)
     try:
-        workers = len(client.scheduler_info(n_workers=-1)["workers"])
         total, work = items(held)
-        count = shard_count(
-            folder, total, SHARD_IMAGES if kind == "features" else SHARD_PAIRS, workers, shards
-        )
+        per_shard = SHARD_IMAGES if kind == "features" else SHARD_PAIRS
+        count = shard_count(folder, total, per_shard, len(workers(client)), shards)
         jobs = write_work(out, work, count, "holds_image" if kind == "features" else "holds_pair", ".txt")
         done, summaries, failed = run_tasks(client, kind, jobs, {**arguments, "overwrite": overwrite}, quiet)
     finally:

@@ -241,8 +241,8 @@ def merge_stores(
         infos = [read_store(store, kind, "each STORE") for store in stores]
         _check_alike(kind, stores, infos)
         holders: dict[str, list[int]] = {}
-        for index, info in enumerate(infos):
-            for name in info.names:
+        for index, store_info in enumerate(infos):
+            for name in store_info.names:
                 holders.setdefault(name, []).append(index)
         _check_duplicates(stores, files, holders)
         absent = [
