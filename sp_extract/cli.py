@@ -200,6 +200,7 @@ def cli(debug: bool) -> None:
     sp-extract match-pairs pairs.txt          match them -> matches.h5 (hloc layout)
     sp-extract colmap --images DIR            COLMAP database of them -> database.db
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
+    sp-extract merge feats.h5 feats.h5.shards/  shard stores (--shard K/N) -> one store
     sp-extract info feats.h5                  what a store holds; 'show' draws it
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
