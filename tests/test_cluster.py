@@ -210,7 +210,7 @@ def test_merge_reports_a_missing_shard_and_unlisted_names(
     missing = {n for n in held if n not in entries(stores[0]) and n not in entries(stores[2])}
     assert missing and all(f"failed: {n}:" in result.output for n in missing)
     # the missing shard arrives: merging again adds it to the same store, all present
-    result = CliRunner().invoke(cli, ["merge", str(out), *map(str, stores)])
+    result = CliRunner().invoke(cli, ["merge", str(out), str(stores[0]), str(stores[0].parent)])
     assert result.exit_code == 0, result.output
     assert sorted(entries(out)) == held
 
@@ -237,6 +237,9 @@ def test_scheduler_without_dask_names_the_extra(monkeypatch, tmp_path: Path) -> 
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ConfigError, match=r"pip install 'sp-extract\[dask\]' \(or pip install distributed\)"):
         connect("local:2")
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="expected local or local:WORKERS"):
+        connect("local:0")
 
 
 # -- Dask ------------------------------------------------------------------------------------

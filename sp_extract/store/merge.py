@@ -48,19 +48,20 @@ OWN_ATTRS = {KIND_ATTR, VERSION_ATTR, SETTINGS_ATTR, STORE_ID_ATTR, REPLACING_AT
 
 
 def input_stores(paths: list[Path]) -> list[Path]:
-    """The stores named: a folder stands for the ``*.h5`` stores in it (a shard folder)."""
-    stores: dict[Path, None] = {}
+    """The stores named, each once: a folder stands for the ``*.h5`` stores in it (a shard folder)."""
+    stores: dict[str, Path] = {}
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(path.glob("*.h5"))
             if not found:
                 raise ConfigError(f"{path}: a folder without stores (*.h5)")
-            stores.update(dict.fromkeys(found))
         elif not path.is_file():
             raise ConfigError(f"{path}: no such store")
         else:
-            stores[path] = None
-    return list(stores)
+            found = [path]
+        for store in found:
+            stores.setdefault(os.path.realpath(store), store)
+    return list(stores.values())
 
 
 def store_kind(path: Path) -> str:
