@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError, SpExtractError, StoreError
 from ..report import ExtractSummary, Progress, Summary
-from .shards import SHARD_NAME, Shard, shard_folder
+from .shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 
 SHARD_IMAGES = 2000  # a shard's images when --shards is not given (README "Running on a cluster")
 SHARD_PAIRS = 50000  # a shard's pairs when --shards is not given
@@ -137,29 +137,30 @@ def shard_count(folder: Path, items: int, per_shard: int, workers: int, shards: 
 
 
 def write_work(
-    out: Path, items: Iterable[tuple[str, ...]], count: int, belongs: str, suffix: str
+    out: Path, items: Iterable[tuple[str, ...]], count: int, shard_of: Callable[..., int]
 ) -> list[ShardWork]:
-    """Split ``items`` (image names, or pairs) into ``count`` shards: one work file each in
-    ``OUT.shards/`` (``K-of-N.SUFFIX``, one item a line); shards without items are left out."""
+    """Split ``items`` (image names, or pairs) into ``count`` shards by ``shard_of(*item, count)``:
+    one work file each, ``OUT.shards/K-of-N.txt`` (one item a line); shards without items are
+    left out."""
     folder = shard_folder(out)
     shards = [Shard(index, count) for index in range(1, count + 1)]
-    handles, counts = {}, dict.fromkeys(range(count), 0)
+    handles, counts = {}, dict.fromkeys(range(1, count + 1), 0)
     try:
         for item in items:
-            shard = next(s for s in shards if getattr(s, belongs)(*item))
-            if shard.index not in handles:
-                handles[shard.index] = open(shard.store(out).with_suffix(suffix), "w", encoding="utf-8")  # noqa: SIM115
-            handles[shard.index].write(" ".join(item) + "\n")
-            counts[shard.index - 1] += 1
+            index = shard_of(*item, count)
+            if index not in handles:
+                handles[index] = open(shards[index - 1].store(out).with_suffix(".txt"), "w", encoding="utf-8")  # noqa: SIM115
+            handles[index].write(" ".join(item) + "\n")
+            counts[index] += 1
     except OSError as error:
         raise ConfigError(f"{folder}: cannot write the shards' work files ({error})") from error
     finally:
         for handle in handles.values():
             handle.close()
     return [
-        ShardWork(shard, shard.store(out).with_suffix(suffix), shard.store(out), counts[shard.index - 1])
+        ShardWork(shard, shard.store(out).with_suffix(".txt"), shard.store(out), counts[shard.index])
         for shard in shards
-        if counts[shard.index - 1]
+        if counts[shard.index]
     ]
 
 
@@ -239,7 +240,7 @@ def run_sharded(
         total, work = items(held)
         per_shard = SHARD_IMAGES if kind == "features" else SHARD_PAIRS
         count = shard_count(folder, total, per_shard, len(workers(client)), shards)
-        jobs = write_work(out, work, count, "holds_image" if kind == "features" else "holds_pair", ".txt")
+        jobs = write_work(out, work, count, image_shard if kind == "features" else pair_shard)
         done, summaries, failed = run_tasks(client, kind, jobs, {**arguments, "overwrite": overwrite}, quiet)
     finally:
         close()

@@ -29,6 +29,16 @@ def bucket(key: str, count: int) -> int:
     return int.from_bytes(digest, "big") % count
 
 
+def image_shard(name: str, count: int) -> int:
+    """The shard (1 .. ``count``) of image ``name``."""
+    return bucket(name, count) + 1
+
+
+def pair_shard(name0: str, name1: str, count: int) -> int:
+    """The shard (1 .. ``count``) of a pair, the same in either order."""
+    return bucket("\n".join(sorted((flat_name(name0), flat_name(name1)))), count) + 1
+
+
 @dataclass(frozen=True)
 class Shard:
     """Shard ``index`` (1-based) of ``count``."""
@@ -45,11 +55,11 @@ class Shard:
 
     def holds_image(self, name: str) -> bool:
         """Whether image ``name`` (as stored) is in this shard."""
-        return bucket(name, self.count) == self.index - 1
+        return image_shard(name, self.count) == self.index
 
     def holds_pair(self, name0: str, name1: str) -> bool:
         """Whether the pair is in this shard, in either order."""
-        return bucket("\n".join(sorted((flat_name(name0), flat_name(name1)))), self.count) == self.index - 1
+        return pair_shard(name0, name1, self.count) == self.index
 
     def store(self, out: Path) -> Path:
         """This shard's store for ``--out OUT``: ``OUT.shards/K-of-N.h5``."""
