@@ -264,6 +264,8 @@ def test_dask_extract_and_match_equal_a_single_run(
     assert result.exit_code == 0, result.output
     assert_same_entries(features, reference["features"])
     assert not features.with_name("feats.h5.shards").exists()  # merged, then cleared
+    result = CliRunner().invoke(cli, [*args, *common])  # run again: nothing left to do
+    assert result.exit_code == 0 and "0 images saved, 10 already in" in result.output, result.output
     args = ["match-pairs", str(reference["pairs"]), "--features", str(features), "--out", str(matches)]
     result = CliRunner().invoke(cli, [*args, *common, "--shards", "3"])
     assert result.exit_code == 0, result.output

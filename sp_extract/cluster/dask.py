@@ -226,7 +226,7 @@ def run_sharded(
     entries ``held`` names); run it as shards on ``scheduler``, merge into ``out``. Returns
     the merge's summary, the shards' summaries and how many items ``out`` held already.
     ``info``: the merged store's attributes for people (the input named by the user)."""
-    from ..store.merge import merge_stores
+    from ..store.merge import merge_stores, merge_summary
     from ..store.writer import read_store
 
     out = Path(out)
@@ -241,9 +241,16 @@ def run_sharded(
         per_shard = SHARD_IMAGES if kind == "features" else SHARD_PAIRS
         count = shard_count(folder, total, per_shard, len(workers(client)), shards)
         jobs = write_work(out, work, count, image_shard if kind == "features" else pair_shard)
-        done, summaries, failed = run_tasks(client, kind, jobs, {**arguments, "overwrite": overwrite}, quiet)
+        if jobs:
+            done, summaries, failed = run_tasks(
+                client, kind, jobs, {**arguments, "overwrite": overwrite}, quiet
+            )
     finally:
         close()
+    if not jobs:  # OUT holds everything already
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        return merge_summary(kind, out).finish(0, time.monotonic()), [], len(held)
     if failed and not done:
         error = failed[0][1]
         raise (

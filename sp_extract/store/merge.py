@@ -206,6 +206,13 @@ def _check_duplicates(stores: list[Path], files: list[h5py.File], holders: dict[
                 )
 
 
+def merge_summary(kind: str, out: Path) -> Summary:
+    """An empty summary of a merge into ``out`` of stores of ``kind``."""
+    if kind == "features":
+        return Summary(command="merge", output=str(out), unit="images", count_label="keypoints per image")
+    return Summary(command="merge", output=str(out), unit="pairs", count_label="matches per pair")
+
+
 def merge_stores(
     out: Path | str,
     inputs: list[Path | str],
@@ -231,13 +238,8 @@ def merge_stores(
                 raise ConfigError(f"{store}: is the output too; merge into another file")
     started = time.monotonic()
     kind = store_kind(stores[0])
-    unit = "images" if kind == "features" else "pairs"
-    summary = Summary(
-        command="merge",
-        output=str(out),
-        unit=unit,
-        count_label="keypoints per image" if kind == "features" else "matches per pair",
-    )
+    summary = merge_summary(kind, out)
+    unit = summary.unit
     with locked_inputs(stores) as files:
         infos = [read_store(store, kind, "each STORE") for store in stores]
         _check_alike(kind, stores, infos)
