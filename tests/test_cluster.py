@@ -266,6 +266,9 @@ def test_dask_extract_and_match_equal_a_single_run(
     assert not features.with_name("feats.h5.shards").exists()  # merged, then cleared
     result = CliRunner().invoke(cli, [*args, *common])  # run again: nothing left to do
     assert result.exit_code == 0 and "0 images saved, 10 already in" in result.output, result.output
+    other = [*args[:-1], "128", *common]  # other settings: refused before the cluster works
+    result = CliRunner().invoke(cli, other)
+    assert result.exit_code == 2 and "resize_max: 160 (store) vs 128 (now)" in result.output, result.output
     args = ["match-pairs", str(reference["pairs"]), "--features", str(features), "--out", str(matches)]
     result = CliRunner().invoke(cli, [*args, *common, "--shards", "3"])
     assert result.exit_code == 0, result.output

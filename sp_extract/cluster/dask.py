@@ -315,11 +315,24 @@ def extract_on_cluster(
         todo = [(name,) for name in names if name not in held]
         return len(todo), todo
 
+    out = Path(out).absolute()
+    if out.is_file() and not overwrite:  # refused now, not after the cluster's work
+        from ..extraction.pipeline import store_settings
+        from ..extraction.weights import load_weights
+        from ..store.writer import read_store, settings_difference
+
+        stored = read_store(out, "features").settings
+        wanted = store_settings(config, load_weights(options.get("weights")).sha1)
+        if stored != wanted:
+            raise StoreError(
+                f"{out}: made with other settings ({settings_difference(stored, wanted)}); "
+                "use the same options, another --out, or --overwrite"
+            )
     arguments = {"images": root, "config": config, **options}
     merged, summaries, held = run_sharded(
         scheduler,
         "features",
-        Path(out).absolute(),
+        out,
         items,
         arguments,
         shards,

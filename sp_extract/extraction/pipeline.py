@@ -251,6 +251,11 @@ def allowed_pixels(images: list[DecodedImage]) -> torch.Tensor | None:
     )
 
 
+def store_settings(config: ExtractConfig, weights_sha1: str) -> dict:
+    """The settings a feature store records (and a run must match to extend it)."""
+    return {**asdict(config), "weights_sha1": weights_sha1}
+
+
 def default_workers(device: torch.device) -> int:
     """Decoding processes: none (decode in the main process, between network calls) when the
     network runs on a CPU of at most 2 cores, which it fills: there a worker process slowed it
@@ -457,7 +462,7 @@ def extract(
             stacklevel=2,
         )
     model = SuperPoint(weights, config)
-    settings = {**asdict(config), "weights_sha1": model.weights_sha1}
+    settings = store_settings(config, model.weights_sha1)
     num_workers = default_workers(target) if num_workers is None else num_workers
     batch_size = batch_size or default_batch_size(target)
     timings = {} if timings is None else timings

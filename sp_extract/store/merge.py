@@ -232,6 +232,8 @@ def merge_stores(
     """
     out = Path(out)
     stores = input_stores([Path(path) for path in inputs])
+    if not stores:
+        raise ConfigError("no stores to merge")
     for store in stores:
         with contextlib.suppress(OSError):
             if os.path.samefile(store, out):
