@@ -320,3 +320,19 @@ def test_dask_worker_killed_mid_run(
         assert_same_entries(out, reference["features"])
         client.wait_for_workers(2, timeout=60)  # the nanny replaced the killed worker
         assert killed not in set(client.run(os.getpid).values())
+
+
+def test_cli_local_scheduler_in_a_real_process(
+    small_images: Path, random_weights: Path, tmp_path: Path
+) -> None:
+    """``--scheduler local:1`` from the command line: a worker process started by sp-extract
+    itself (spawned, so ``python -m sp_extract`` must not run again in it), 2 shards; equal to one run."""
+    from conftest import run_cli
+
+    single, sharded = tmp_path / "single.h5", tmp_path / "dask.h5"
+    extract(small_images, single, weights=str(random_weights))
+    options = ["--weights", str(random_weights), "--scheduler", "local:1", "--shards", "2"]
+    result = run_cli(str(small_images), "--out", str(sharded), *options)
+    assert result.returncode == 0, result.stderr
+    assert "3 images saved" in result.stderr and "device Dask workers" in result.stderr
+    assert_same_entries(sharded, single)
