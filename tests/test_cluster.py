@@ -28,7 +28,8 @@ from sp_extract.extraction.pipeline import extract
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.run import match_pairs
 from sp_extract.pairs.core import exhaustive_pairs, write_pairs
-from sp_extract.store.merge import merge_stores
+from sp_extract.store.merge import merge_stores, read_entry
+from sp_extract.store.writer import StoreWriter, read_store
 
 CONFIG = ExtractConfig(resize_max=160)  # small: the runs compared are many
 
@@ -192,6 +193,16 @@ def test_merge_refuses_other_settings_and_differing_copies(
     match_pairs(tmp_path / "p.txt", changed, tmp_path / "m2.h5")
     with pytest.raises(StoreError, match="features_id.*merge the feature shards first"):
         merge_stores(tmp_path / "m.h5", [tmp_path / "m1.h5", tmp_path / "m2.h5"])
+    # a shard whose run was killed (results in STORE.parts/, not folded) is refused, named
+    settings = read_store(stores[1], "features").settings
+    with h5py.File(stores[0], "r") as h5:
+        entry = read_entry(h5[name])
+    with pytest.raises(RuntimeError), StoreWriter(stores[1], "features", settings) as writer:
+        writer.add("late.png", *entry)
+        writer.flush()
+        raise RuntimeError("killed")
+    with pytest.raises(StoreError, match=f"{stores[1]}: holds unfinished results"):
+        merge_stores(out, stores)
 
 
 def test_merge_reports_a_missing_shard_and_unlisted_names(
