@@ -67,9 +67,9 @@ def connect(scheduler: str) -> tuple[Any, Callable[[], None]]:
         return client, close
     try:
         if scheduler.endswith(".json"):
-            client = distributed.Client(scheduler_file=scheduler, timeout=60)
+            client = distributed.Client(scheduler_file=scheduler, timeout=30)
         else:
-            client = distributed.Client(scheduler, timeout=60)
+            client = distributed.Client(scheduler, timeout=30)
         client.wait_for_workers(1, timeout=WORKER_WAIT_S)
     except (OSError, TimeoutError, ValueError) as error:
         raise ConfigError(f"--scheduler {scheduler}: cannot use this Dask scheduler ({error})") from error
