@@ -274,12 +274,6 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             for store in (feats, matches):
                 remove_store(store)
             manifest.entries, check.new = {}, names
-        summary.deleted_images = check.deleted
-        if check.deleted:
-            summary.warnings.append(
-                f"{counted(len(check.deleted), 'photo')} deleted since it was extracted: "
-                f"{listed(check.deleted)}; kept in the database and model (--rebuild drops them)"
-            )
         manifest.record(images, check.new)
         manifest.save()
         from ..extraction.pipeline import extract
@@ -303,9 +297,16 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     usable = [name for name in names if name in in_store and name not in set(unpairable([name]))]
 
     with stage("pairs"):
-        held: list[str] = []
-        if database.exists() and not options.rebuild:
-            held = check_database(database)
+        held = check_database(database) if database.exists() else []
+        summary.deleted_images = [name for name in check.deleted if name in set(held)]
+        if summary.deleted_images:
+            fate = "dropped from" if options.rebuild else "kept in"
+            summary.warnings.append(
+                f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
+                f"{listed(summary.deleted_images)}; {fate} the database and model"
+                + ("" if options.rebuild else " (--rebuild drops them)")
+            )
+        if held and not options.rebuild:
             strangers = sorted(set(held) - in_store)
             if strangers:
                 raise StoreError(
@@ -315,7 +316,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             summary.mode = "grow"
         elif options.rebuild:
             summary.mode = "rebuild"
-        known = set(held)
+        known = set(held) if summary.mode == "grow" else set()
         new = [name for name in usable if name not in known]
         summary.new_images = len(new)
         summary.pairs_mode, planned = plan_pairs(
