@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -172,3 +173,18 @@ def test_photo_fingerprints(tmp_path: Path) -> None:
     (images / "d.jpg").write_bytes(b"d")
     check = PhotoManifest(tmp_path).check(images, ["a.jpg", "b.jpg", "d.jpg"])
     assert (check.changed, check.deleted, check.new) == (["b.jpg"], ["c.jpg"], ["d.jpg"])
+
+
+def test_every_option_is_in_the_readme_section() -> None:
+    from click.testing import CliRunner
+
+    from sp_extract.cli import cli
+
+    result = CliRunner().invoke(cli, ["sfm", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## One command")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    options = set(re.findall(r"^\s+(?:-[a-z], )?(--[a-z0-9-]+)", result.output, re.MULTILINE)) - {"--help"}
+    assert len(options) >= 20
+    assert [option for option in sorted(options) if f"`{option}" not in section] == []

@@ -261,6 +261,8 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
         names = discover_images(images)
         summary.images = len(names)
         manifest = PhotoManifest(work)
+        # forget photos fingerprinted by a run that failed before their features were stored
+        manifest.keep_only(set(read_store_info(feats, "features")[1]) if feats.is_file() else set())
         check = manifest.check(images, names)
         if check.changed and not options.rebuild:
             more = (
@@ -293,8 +295,8 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
         manifest.save()
     if extracted.interrupted:
         return _finish(summary, started, extracted.exit_code)
-    in_store = set(stored)
-    usable = [name for name in names if name in in_store and name not in set(unpairable([name]))]
+    in_store, spaced = set(stored), set(unpairable(names))  # spaced: warned about by extract
+    usable = [name for name in names if name in in_store and name not in spaced]
 
     with stage("pairs"):
         held = check_database(database) if database.exists() else []
