@@ -308,6 +308,11 @@ def map_database(
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir()
             found = run_in_child(_map, database, images, building, previous, seed, num_threads, verbose)
+            if grow and not found:  # the previous model is worth more than none
+                raise StoreError(
+                    f"{sparse}: COLMAP returned no model when continuing {previous}; the models are "
+                    "unchanged; run with --rebuild to map from scratch"
+                )
             (building / MODEL_RECORD).write_text(json.dumps(state.record()) + "\n", encoding="utf-8")
             fsync_path(building, directory=True)
             if sparse.exists():
