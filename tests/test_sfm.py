@@ -188,3 +188,17 @@ def test_every_option_is_in_the_readme_section() -> None:
     options = set(re.findall(r"^\s+(?:-[a-z], )?(--[a-z0-9-]+)", result.output, re.MULTILINE)) - {"--help"}
     assert len(options) >= 20
     assert [option for option in sorted(options) if f"`{option}" not in section] == []
+
+
+def test_retrieval_pairs_of_new_images_against_all(tmp_path: Path) -> None:
+    from test_retrieval import random_images, write_store
+
+    names = [f"{i:02d}.jpg" for i in range(12)]
+    features = write_store(tmp_path / "feats.h5", random_images(names, seed=3, count=80))
+    label, first = plan_pairs("retrieval:3", features, names[:10], names[:10], tmp_path, set(names), "cpu")
+    assert label == "retrieval:3" and {n for pair in first for n in pair} == set(names[:10])
+    _, grown = plan_pairs("retrieval:3", features, names, names[10:], tmp_path, set(names), "cpu")
+    assert all(set(pair) & {"10.jpg", "11.jpg"} and pair[0] != pair[1] for pair in grown)
+    for new in ("10.jpg", "11.jpg"):  # each new image with its 3 nearest among all, itself excluded
+        assert len({other for pair in grown if new in pair for other in pair if other != new}) >= 3
+    assert not list(tmp_path.glob(".*images*"))  # the query and database lists are removed

@@ -186,19 +186,18 @@ def plan_pairs(
 def _retrieval(
     features: Path, names: list[str], new: list[str], work: Path, k: int, everything: bool, device: str
 ) -> list[Pair]:
-    """Retrieval pairs of every image (``everything``) or of the new ones against all."""
+    """Retrieval pairs among ``names`` (the store may hold more: deleted photos) of every image
+    (``everything``, with the pairs that connect the graph's components) or of the new ones."""
     from ..pairs.retrieval import retrieval_pairs
 
     if len(names) < 2:
         return []
-    if everything:
-        return retrieval_pairs(features, k, device=device)
     queries, database = work / f".new-images.{os.getpid()}.txt", work / f".all-images.{os.getpid()}.txt"
     try:
         queries.write_text("".join(name + "\n" for name in new), encoding="utf-8")
         database.write_text("".join(name + "\n" for name in names), encoding="utf-8")
         return retrieval_pairs(
-            features, k, query_list=queries, db_list=database, connect=False, device=device
+            features, k, query_list=queries, db_list=database, connect=everything, device=device
         )
     finally:
         queries.unlink(missing_ok=True)
