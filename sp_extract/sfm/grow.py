@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
-from ..errors import StoreError
+from ..errors import ConfigError, StoreError
+from ..interrupt import graceful_stop
 from ..pairs.core import Pair, pair_key
-from ..store.writer import fsync_path
+from ..store.writer import damaged_error, describe_error, fsync_path
 from .child import run_in_child
 from .colmap import (
     VERIFY_MAX_TRIALS,
@@ -41,6 +43,7 @@ from .colmap import (
     DatabaseSummary,
     ModelStats,
     _write_images,
+    camera_for_image,
     colmap_logging,
     failures_reported,
     import_pycolmap,
@@ -145,6 +148,29 @@ def _shared_camera(db: Any) -> tuple[Any, int, str] | None:
     return camera, rig.rig_id, image.name
 
 
+def _read_new(
+    fh5: h5py.File, images: Path, names: list[str], camera_model: str, single_camera: bool
+) -> dict[str, int]:
+    """Keypoint counts of the images ``names``, once everything ``_write_images`` reads of them
+    (features, sizes, the image files' EXIF) was read without error: the transaction that
+    writes them then fails on nothing but the database itself."""
+    counts, sizes = {}, {}
+    for name in names:
+        try:
+            counts[name] = fh5[name]["keypoints"].shape[0]
+            sizes[name] = tuple(int(v) for v in np.asarray(fh5[name]["image_size"]))
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            cause = f"features of '{name}' unreadable: {describe_error(error)}"
+            raise damaged_error(Path(fh5.filename), cause) from error
+        camera_for_image(images / name, camera_model, sizes[name])
+    if single_camera and len(set(sizes.values())) > 1:
+        raise ConfigError(
+            "--single-camera: the new photos have several sizes "
+            f"({', '.join(sorted({f'{w} x {h}' for w, h in sizes.values()}))}); drop --single-camera"
+        )
+    return counts
+
+
 def _add(
     path: Path,
     images: Path,
@@ -156,7 +182,8 @@ def _add(
     single_camera: bool,
     verbose: bool,
 ) -> tuple[int, int, int]:
-    """Add the images of ``names`` and the ``pairs`` that ``path`` lacks, in one transaction."""
+    """Add the images of ``names`` and the ``pairs`` that ``path`` lacks, in one transaction,
+    during which a SIGINT or SIGTERM waits (pycolmap's transaction commits on any exit)."""
     pycolmap = import_pycolmap()
     summary = DatabaseSummary(str(path))
     with colmap_logging(verbose):
@@ -165,32 +192,42 @@ def _add(
             ids = {image.name: image.image_id for image in db.read_all_images()}
             new = [name for name in names if name not in ids]
             shared = _shared_camera(db) if single_camera and ids else None
-            added = unmatched = 0
-            with (
-                pycolmap.DatabaseTransaction(db),
-                h5py.File(features, "r") as fh5,
-                h5py.File(matches, "r") as mh5,
-            ):
-                new_ids, counts = _write_images(
-                    db, fh5, images, new, {}, camera_model, single_camera, summary, shared
-                )
-                ids.update(new_ids)
+            found: list[tuple[str, str, np.ndarray]] = []
+            unmatched = 0
+            with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
+                counts = _read_new(fh5, images, new, camera_model, single_camera)
                 for name0, name1 in pairs:
                     stored = _stored_pair(mh5, name0, name1)
                     if stored is None:
                         unmatched += 1
                         continue
                     key, a, b = stored
-                    if db.exists_matches(ids[a], ids[b]):
-                        continue
                     for name in (a, b):
                         if name not in counts:
                             counts[name] = db.num_keypoints_for_image(ids[name])
-                    db.write_matches(ids[a], ids[b], read_matches(mh5, key, (counts[a], counts[b]), matches))
-                    added += 1
+                    found.append((a, b, read_matches(mh5, key, (counts[a], counts[b]), matches)))
+                with graceful_stop(redeliver=True), pycolmap.DatabaseTransaction(db):
+                    written = _write_images(
+                        db, fh5, images, new, {}, camera_model, single_camera, summary, shared
+                    )
+                    ids.update(written[0])
+                    added = 0
+                    for a, b, pair_matches in found:
+                        if not db.exists_matches(ids[a], ids[b]):  # added by a run that stopped later
+                            db.write_matches(ids[a], ids[b], pair_matches)
+                            added += 1
         finally:
             db.close()
     return len(new), added, unmatched
+
+
+def _addition_marker(database: Path) -> Path:
+    return database.with_name(database.name + ".adding")
+
+
+def addition_failed(database: Path) -> bool:
+    """Whether a run failed while adding images to ``database`` (which may hold part of them)."""
+    return _addition_marker(database).exists()
 
 
 def add_to_database(
@@ -207,16 +244,23 @@ def add_to_database(
     verbose: bool = False,
 ) -> DatabaseUpdate:
     """Bring ``database`` to the images ``names`` and the ``pairs`` (module doc); ``fresh``
-    starts a new database (renamed over the old one once verified)."""
+    starts a new database (renamed over the old one once verified). While images are added to
+    an existing database, a marker file beside it (``addition_failed``) tells the next run, if
+    this one fails (a write error commits part of pycolmap's transaction), to start it over."""
     create = fresh or not database.exists()
     target = database.with_name(f".{database.name}.{os.getpid()}.tmp") if create else database
+    marker = _addition_marker(database)
     try:
         with failures_reported(database, "write the database"):
             if create:
                 target.unlink(missing_ok=True)
+            else:
+                marker.touch()
             added = _add(
                 target, images, features, matches, names, pairs, camera_model, single_camera, verbose
             )
+            if not create:
+                marker.unlink()
             if create:
                 with contextlib.closing(sqlite3.connect(target)) as db:
                     db.execute(f"PRAGMA application_id = {secrets.randbelow(1 << 31) + 1}")
@@ -225,6 +269,7 @@ def add_to_database(
             if create:
                 fsync_path(target)
                 os.replace(target, database)
+                marker.unlink(missing_ok=True)
     finally:
         if create:
             for suffix in ("", "-journal", "-wal", "-shm"):

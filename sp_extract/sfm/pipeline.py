@@ -41,7 +41,14 @@ from ..pairs.core import (
 from ..report import JsonReport, counted, listed
 from ..store.writer import read_store_info
 from .colmap import ModelStats, check_camera_model, check_database, import_pycolmap
-from .grow import add_to_database, map_database, model_record, read_models, recover_models
+from .grow import (
+    add_to_database,
+    addition_failed,
+    map_database,
+    model_record,
+    read_models,
+    recover_models,
+)
 from .photos import PhotoManifest
 
 STAGES = ("extract", "pairs", "match", "database", "map")
@@ -299,15 +306,12 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
 
     with stage("pairs"):
         held = check_database(database) if database.exists() else []
-        summary.deleted_images = [name for name in check.deleted if name in set(held)]
-        if summary.deleted_images:
-            fate = "dropped from" if options.rebuild else "kept in"
+        if held and not options.rebuild and addition_failed(database):
             summary.warnings.append(
-                f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
-                f"{listed(summary.deleted_images)}; {fate} the database and model"
-                + ("" if options.rebuild else " (--rebuild drops them)")
+                f"{database}: a run failed while adding images to it; the database and model are rebuilt"
             )
-        if held and not options.rebuild:
+            summary.mode = "rebuild"
+        elif held and not options.rebuild:
             strangers = sorted(set(held) - in_store)
             if strangers:
                 raise StoreError(
@@ -317,6 +321,16 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             summary.mode = "grow"
         elif options.rebuild:
             summary.mode = "rebuild"
+        else:
+            summary.mode = "new"
+        summary.deleted_images = [name for name in check.deleted if name in set(held)]
+        if summary.deleted_images:
+            fate = "kept in" if summary.mode == "grow" else "dropped from"
+            summary.warnings.append(
+                f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
+                f"{listed(summary.deleted_images)}; {fate} the database and model"
+                + (" (--rebuild drops them)" if summary.mode == "grow" else "")
+            )
         known = set(held) if summary.mode == "grow" else set()
         new = [name for name in usable if name not in known]
         summary.new_images = len(new)
