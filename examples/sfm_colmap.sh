@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # From a folder of photos to a sparse COLMAP model with sp-extract's five commands.
+# (sp-extract sfm IMAGES_DIR WORK_DIR runs all five in one command and grows the model on re-runs.)
 #   examples/sfm_colmap.sh IMAGES_DIR [WORK_DIR] [extra extraction options, e.g. --subpixel]
 # Needs the COLMAP extra: pip install 'sp-extract[colmap]'. The models land in WORK_DIR/sparse/N
 # in COLMAP's binary format; open them with COLMAP's GUI or pycolmap.Reconstruction.

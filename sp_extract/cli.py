@@ -201,6 +201,7 @@ def cli(debug: bool) -> None:
     sp-extract colmap --images DIR            COLMAP database of them -> database.db
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
     sp-extract merge feats.h5 feats.h5.shards/  shard stores (--shard K/N) -> one store
+    sp-extract sfm IMAGES_DIR WORK_DIR        all five in one, growing the model on re-runs
     sp-extract info feats.h5                  what a store holds; 'show' draws it
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
@@ -973,6 +974,119 @@ def reconstruct(
         database, images, out, overwrite=overwrite, seed=seed, num_threads=num_threads, verbose=verbose
     )
     finish_run(summary, json_report)
+
+
+# -- one command: photos to a growing COLMAP model (issue 15) ----------------------------------
+@cli.command()
+@click.argument("images_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("work_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--pairs",
+    "pairs_spec",
+    default="auto",
+    show_default=True,
+    metavar="auto|exhaustive|sequential[:K]|retrieval[:K]|FILE",
+    help="How images are paired. auto: exhaustive up to 300 images, else retrieval:30; "
+    "sequential: each with its next K in name order [10]; retrieval: its K most similar [30]; "
+    "FILE: the pairs of a pairs file.",
+)
+@click.option("--rebuild", is_flag=True, help="Map the model from scratch (needed after a photo changed).")
+@click.option(
+    "--max-keypoints", default=-1, show_default=True, help="As for extract: keep the best N; -1 all."
+)
+@click.option("--threshold", default=0.005, show_default=True, help="As for extract: detection threshold.")
+@click.option("--nms-radius", default=4, show_default=True, help="As for extract (px).")
+@click.option("--resize-max", default=1024, show_default=True, help="As for extract (px); 0: native size.")
+@click.option("--subpixel", is_flag=True, help="As for extract: sub-pixel keypoints.")
+@click.option(
+    "--masks",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="As for extract: COLMAP-style masks DIR/NAME.png.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="As for extract: network arithmetic.",
+)
+@click.option("--weights", default=None, help="As for extract. Env: SP_EXTRACT_WEIGHTS.")
+@click.option(
+    "--matcher",
+    type=click.Choice(["nn", "superglue", "lightglue"]),
+    default="nn",
+    show_default=True,
+    help="As for match-pairs.",
+)
+@click.option("--matcher-weights", metavar="NAME|PATH", help="As for match-pairs.")
+@click.option("--camera-model", default="SIMPLE_RADIAL", show_default=True, help="As for colmap.")
+@click.option("--single-camera", is_flag=True, help="As for colmap: one camera shared by all images.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
+@_colmap_options
+@reports_errors
+def sfm(
+    images_dir: Path,
+    work_dir: Path,
+    pairs_spec: str,
+    rebuild: bool,
+    max_keypoints: int,
+    threshold: float,
+    nms_radius: int,
+    resize_max: int,
+    subpixel: bool,
+    masks: Path | None,
+    precision: str,
+    weights: str | None,
+    matcher: str,
+    matcher_weights: str | None,
+    camera_model: str,
+    single_camera: bool,
+    device: str,
+    quiet: bool,
+    seed: int,
+    num_threads: int,
+    verbose: bool,
+    json_report: Path | None,
+) -> None:
+    """Photos of IMAGES_DIR to a COLMAP model in WORK_DIR, grown by later runs (needs pycolmap).
+
+    \b
+    Runs extract, pairs, match-pairs, colmap and reconstruct into
+    WORK_DIR/{feats.h5, pairs.txt, matches.h5, database.db, sparse/0}. Every stage resumes: the
+    same command finishes an interrupted run. Run again after new photos arrived (nightly, say):
+    only they are extracted, paired (with all images), matched, added to the database and
+    registered into the existing model (image ids kept), then bundle adjusted; the model is
+    replaced atomically. A changed photo stops the run (use --rebuild); deleted ones are reported.
+    Exit 0: a model, 1: no model or some images (pairs) failed, 2: usage, 130/143: interrupted.
+    """
+    from .extraction.config import ExtractConfig
+    from .matching.config import MatchConfig
+    from .sfm.pipeline import SfmOptions, run_sfm
+
+    options = SfmOptions(
+        pairs=pairs_spec,
+        extract=ExtractConfig(
+            max_keypoints=max_keypoints,
+            threshold=threshold,
+            nms_radius=nms_radius,
+            resize_max=resize_max,
+            subpixel=subpixel,
+            precision=precision,
+            masks=str(masks) if masks else "",
+        ),
+        weights=weights,
+        match=MatchConfig(matcher=matcher, matcher_weights=matcher_weights),
+        camera_model=camera_model,
+        single_camera=single_camera,
+        rebuild=rebuild,
+        device=device,
+        seed=seed,
+        num_threads=num_threads,
+        verbose=verbose,
+        quiet=quiet,
+    )
+    finish_run(run_sfm(images_dir, work_dir, options), json_report)
 
 
 # -- inspection: info, show, evaluate (issue 14) -------------------------------------------------

@@ -1,12 +1,17 @@
 """examples/: argument handling and error paths (the full pipeline is tests/test_colmap.py's).
 
 ``sfm_colmap.sh`` runs with a stand-in ``sp-extract`` first on PATH that records its arguments,
-so the test checks what the script asks for without running the five commands.
+so the test checks what the script asks for without running the five commands. The nightly
+job's cron entry and systemd units (``examples/nightly/``) are parsed, their ``sp-extract sfm``
+command lines by the CLI's own parser.
 """
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +174,50 @@ def test_cluster_examples_parse_and_their_commands_exist() -> None:
     assert job["spec"]["completionMode"] == "Indexed"
     assert command[command.index("--shards") + 1] == str(job["spec"]["completions"])
     assert "--dependency=afterok" in (CLUSTER / "slurm_array.sh").read_text()
+# -- the nightly job: a cron entry, a systemd service and timer -----------------------------------
+NIGHTLY = ROOT / "examples" / "nightly"
+
+
+def parsed_sfm_command(command: str, tmp_path: Path) -> dict:
+    """The parameters click gives ``sfm`` for a command line, its /srv/sfm paths moved into
+    ``tmp_path`` (``--json-report``'s folder must exist); an unknown option fails here."""
+    from sp_extract.cli import sfm
+
+    (tmp_path / "sfm").mkdir(exist_ok=True)
+    words = shlex.split(command.replace("/srv/sfm", str(tmp_path / "sfm")))
+    start = words.index("sfm") + 1
+    end = words.index(">>") if ">>" in words else len(words)
+    assert Path(words[start - 2]).name == "sp-extract"
+    with sfm.make_context("sfm", words[start:end]) as context:
+        return context.params
+
+
+def test_cron_entry_runs_sfm_with_valid_options(tmp_path: Path) -> None:
+    lines = [line for line in (NIGHTLY / "sfm-nightly.cron").read_text().splitlines() if line.strip()]
+    entries = [line for line in lines if not line.startswith("#") and "=" not in line.split()[0]]
+    assert len(entries) == 1
+    fields = entries[0].split(maxsplit=5)
+    for value, (low, high) in zip(fields[:5], ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))):
+        assert value == "*" or low <= int(value) <= high, value
+    command = fields[5]
+    assert command.startswith("flock -n ")  # a night still running is not started twice
+    params = parsed_sfm_command(command, tmp_path)
+    assert params["quiet"] and params["json_report"] is not None
+    assert (params["images_dir"], params["work_dir"]) == (Path("/srv/photos"), tmp_path / "sfm" / "work")
+
+
+def read_unit(name: str) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read_string((NIGHTLY / name).read_text())
+    return unit
+
+
+def test_systemd_timer_starts_the_service_with_valid_options(tmp_path: Path) -> None:
+    timer, service = read_unit("sp-extract-sfm.timer"), read_unit("sp-extract-sfm.service")
+    assert timer["Timer"]["Unit"] == "sp-extract-sfm.service" and timer["Timer"]["Persistent"] == "true"
+    assert re.fullmatch(r"\*-\*-\* \d\d:\d\d:\d\d", timer["Timer"]["OnCalendar"])
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    assert service["Service"]["Type"] == "oneshot" and service["Service"]["KillMode"] == "mixed"
+    params = parsed_sfm_command(service["Service"]["ExecStart"], tmp_path)
+    assert params["quiet"] and params["work_dir"] == tmp_path / "sfm" / "work"

@@ -285,12 +285,16 @@ def _write_images(
     camera_model: str,
     single_camera: bool,
     summary: DatabaseSummary,
+    shared: tuple[Any, int, str] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Cameras, trivial rigs, images, frames and keypoints; returns image ids and keypoint counts."""
+    """Cameras, trivial rigs, images, frames and keypoints; returns image ids and keypoint counts.
+
+    ``shared``: the camera, its rig id and the image it came from, which ``single_camera`` gives
+    every image (images added to a database that has it); None: made from the first image.
+    """
     pycolmap = import_pycolmap()
     ids: dict[str, int] = {}
     counts: dict[str, int] = {}
-    shared: tuple[Any, int, str] | None = None  # the camera, its rig id, the image it came from
     for name in names:
         try:
             group = h5[name]
@@ -574,14 +578,17 @@ def map_images(
     for index in sorted(models):
         model = models[index]
         registered |= {model.images[image_id].name for image_id in model.reg_image_ids()}
-        stats.append(
-            ModelStats(
-                path=str(out / str(index)),
-                registered_images=model.num_reg_images(),
-                points3D=model.num_points3D(),
-                observations=model.compute_num_observations(),
-                mean_track_length=round(model.compute_mean_track_length(), 4),
-                mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
-            )
-        )
+        stats.append(model_stats(model, out / str(index)))
     return stats, registered
+
+
+def model_stats(model: Any, path: Path) -> ModelStats:
+    """The statistics of a pycolmap ``Reconstruction`` that is (or will be) at ``path``."""
+    return ModelStats(
+        path=str(path),
+        registered_images=model.num_reg_images(),
+        points3D=model.num_points3D(),
+        observations=model.compute_num_observations(),
+        mean_track_length=round(model.compute_mean_track_length(), 4),
+        mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
+    )

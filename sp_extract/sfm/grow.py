@@ -1,0 +1,371 @@
+"""A COLMAP database and model that grow: new images and pairs added, the model continued.
+
+``add_to_database`` gives a database the images and matched pairs it lacks, keeping the ids of
+those it has (cameras, rigs, frames, images), in one SQLite transaction (a killed run leaves the
+database as it was), then verifies the pairs that have no two-view geometry yet: every pair of
+a new database, the new pairs of a grown one, and whatever a run killed during verification
+left. A new database is written to a temporary file renamed into place; it carries a random
+identity (SQLite's ``application_id``, which COLMAP leaves alone) that its models record.
+
+``map_database`` runs pycolmap's incremental mapper from scratch, or continues the largest
+previous model (``input_path``: registered images keep their ids and start from their poses,
+the new ones are registered, then COLMAP's final global bundle adjustment runs). The models
+are written, largest first, to ``sparse.new`` beside ``sparse`` and swapped in by two renames
+(``sparse`` -> ``sparse.old``, ``sparse.new`` -> ``sparse``); ``recover_models`` undoes what a
+run killed between them left, so there is always a complete model. Both run pycolmap's long
+steps in a child process (``child``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import ConfigError, StoreError
+from ..interrupt import graceful_stop
+from ..pairs.core import Pair, pair_key
+from ..store.writer import damaged_error, describe_error, fsync_path
+from .child import run_in_child
+from .colmap import (
+    VERIFY_MAX_TRIALS,
+    VERIFY_MIN_INLIER_RATIO,
+    DatabaseSummary,
+    ModelStats,
+    _write_images,
+    camera_for_image,
+    colmap_logging,
+    failures_reported,
+    import_pycolmap,
+    model_stats,
+    read_matches,
+)
+
+MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
+MODEL_RECORD = "sfm.json"  # in sparse/: the database a model was mapped from
+
+
+@dataclass
+class DatabaseState:
+    """A database's identity and size: what its models record, to tell when to map again."""
+
+    identity: int
+    images: int
+    verified_pairs: int  # pairs with a two-view geometry (inliers or none)
+
+    def record(self) -> dict[str, int]:
+        """What a model records of the database it was mapped from (``sparse/sfm.json``)."""
+        return {"database_id": self.identity, "images": self.images, "verified_pairs": self.verified_pairs}
+
+
+@dataclass
+class DatabaseUpdate:
+    """What ``add_to_database`` did."""
+
+    created: bool
+    images_added: int
+    pairs_added: int
+    pairs_verified: int
+    pairs_unmatched: int  # pairs of the plan that the match store lacks (their matching failed)
+    state: DatabaseState
+
+
+def database_state(path: Path) -> DatabaseState:
+    """Identity, image count and verified pair count of a database (read only)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            identity = db.execute("PRAGMA application_id").fetchone()[0]
+            images = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            verified = db.execute("SELECT COUNT(*) FROM two_view_geometries").fetchone()[0]
+    except sqlite3.Error as error:
+        raise StoreError(f"{path}: unreadable COLMAP database ({error}); run with --rebuild") from error
+    return DatabaseState(identity, images, verified)
+
+
+def _pair_names(path: Path) -> Iterator[tuple[str, str]]:
+    """The two image names of every matched pair without a two-view geometry."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        names = dict(db.execute("SELECT image_id, name FROM images"))
+        rows = db.execute(
+            "SELECT pair_id FROM matches WHERE pair_id NOT IN (SELECT pair_id FROM two_view_geometries)"
+        ).fetchall()
+    for (pair_id,) in rows:
+        yield names[pair_id // MAX_IMAGE_ID], names[pair_id % MAX_IMAGE_ID]
+
+
+def verify_listed_pairs(database: Path, pairs_file: Path, seed: int, verbose: bool) -> None:
+    """pycolmap's geometric verification of the pairs of ``pairs_file`` with hloc's RANSAC
+    settings (``colmap.verify_pairs``'s), in a child process of ``add_to_database``."""
+    pycolmap = import_pycolmap()
+    options = pycolmap.TwoViewGeometryOptions()
+    options.ransac.max_num_trials = VERIFY_MAX_TRIALS
+    options.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
+    options.ransac.random_seed = seed
+    pycolmap.set_random_seed(seed)
+    with colmap_logging(verbose):
+        pycolmap.verify_matches(database, pairs_file, options=options)
+
+
+def _verify_missing(database: Path, seed: int, verbose: bool) -> int:
+    """Verify the pairs that have matches but no two-view geometry; returns how many."""
+    pairs = list(_pair_names(database))
+    if pairs:
+        listing = database.with_name(f".{database.name}.{os.getpid()}.pairs")
+        try:
+            listing.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
+            run_in_child(verify_listed_pairs, database, listing, seed, verbose)
+        finally:
+            listing.unlink(missing_ok=True)
+    return len(pairs)
+
+
+def _stored_pair(h5: h5py.File, name0: str, name1: str) -> tuple[str, str, str] | None:
+    """The match store's group of a pair and its names in the group's order, or None."""
+    for a, b in ((name0, name1), (name1, name0)):
+        if pair_key(a, b) in h5:
+            return pair_key(a, b), a, b
+    return None
+
+
+def _shared_camera(db: Any) -> tuple[Any, int, str] | None:
+    """The camera, rig id and an image name of a single-camera database, None if it is empty."""
+    cameras = db.read_all_cameras()
+    if not cameras:
+        return None
+    camera = cameras[0]
+    rig = db.read_rig_with_sensor(camera.sensor_id)
+    image = next(image for image in db.read_all_images() if image.camera_id == camera.camera_id)
+    return camera, rig.rig_id, image.name
+
+
+def _read_new(
+    fh5: h5py.File, images: Path, names: list[str], camera_model: str, single_camera: bool
+) -> dict[str, int]:
+    """Keypoint counts of the images ``names``, once everything ``_write_images`` reads of them
+    (features, sizes, the image files' EXIF) was read without error: the transaction that
+    writes them then fails on nothing but the database itself."""
+    counts, sizes = {}, {}
+    for name in names:
+        try:
+            counts[name] = fh5[name]["keypoints"].shape[0]
+            sizes[name] = tuple(int(v) for v in np.asarray(fh5[name]["image_size"]))
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            cause = f"features of '{name}' unreadable: {describe_error(error)}"
+            raise damaged_error(Path(fh5.filename), cause) from error
+        camera_for_image(images / name, camera_model, sizes[name])
+    if single_camera and len(set(sizes.values())) > 1:
+        raise ConfigError(
+            "--single-camera: the new photos have several sizes "
+            f"({', '.join(sorted({f'{w} x {h}' for w, h in sizes.values()}))}); drop --single-camera"
+        )
+    return counts
+
+
+def _add(
+    path: Path,
+    images: Path,
+    features: Path,
+    matches: Path,
+    names: list[str],
+    pairs: list[Pair],
+    camera_model: str,
+    single_camera: bool,
+    verbose: bool,
+) -> tuple[int, int, int]:
+    """Add the images of ``names`` and the ``pairs`` that ``path`` lacks, in one transaction,
+    during which a SIGINT or SIGTERM waits (pycolmap's transaction commits on any exit)."""
+    pycolmap = import_pycolmap()
+    summary = DatabaseSummary(str(path))
+    with colmap_logging(verbose):
+        db = pycolmap.Database.open(path)
+        try:
+            ids = {image.name: image.image_id for image in db.read_all_images()}
+            new = [name for name in names if name not in ids]
+            shared = _shared_camera(db) if single_camera and ids else None
+            found: list[tuple[str, str, np.ndarray]] = []
+            unmatched = 0
+            with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
+                counts = _read_new(fh5, images, new, camera_model, single_camera)
+                for name0, name1 in pairs:
+                    stored = _stored_pair(mh5, name0, name1)
+                    if stored is None:
+                        unmatched += 1
+                        continue
+                    key, a, b = stored
+                    for name in (a, b):
+                        if name not in counts:
+                            counts[name] = db.num_keypoints_for_image(ids[name])
+                    found.append((a, b, read_matches(mh5, key, (counts[a], counts[b]), matches)))
+                with graceful_stop(redeliver=True), pycolmap.DatabaseTransaction(db):
+                    written = _write_images(
+                        db, fh5, images, new, {}, camera_model, single_camera, summary, shared
+                    )
+                    ids.update(written[0])
+                    added = 0
+                    for a, b, pair_matches in found:
+                        if not db.exists_matches(ids[a], ids[b]):  # added by a run that stopped later
+                            db.write_matches(ids[a], ids[b], pair_matches)
+                            added += 1
+        finally:
+            db.close()
+    return len(new), added, unmatched
+
+
+def _addition_marker(database: Path) -> Path:
+    return database.with_name(database.name + ".adding")
+
+
+def addition_failed(database: Path) -> bool:
+    """Whether a run failed while adding images to ``database`` (which may hold part of them)."""
+    return _addition_marker(database).exists()
+
+
+def add_to_database(
+    database: Path,
+    images: Path,
+    features: Path,
+    matches: Path,
+    names: list[str],
+    pairs: list[Pair],
+    camera_model: str,
+    single_camera: bool,
+    fresh: bool,
+    seed: int = 0,
+    verbose: bool = False,
+) -> DatabaseUpdate:
+    """Bring ``database`` to the images ``names`` and the ``pairs`` (module doc); ``fresh``
+    starts a new database (renamed over the old one once verified). While images are added to
+    an existing database, a marker file beside it (``addition_failed``) tells the next run, if
+    this one fails (a write error commits part of pycolmap's transaction), to start it over."""
+    create = fresh or not database.exists()
+    target = database.with_name(f".{database.name}.{os.getpid()}.tmp") if create else database
+    marker = _addition_marker(database)
+    try:
+        with failures_reported(database, "write the database"):
+            if create:
+                target.unlink(missing_ok=True)
+            else:
+                marker.touch()
+            added = _add(
+                target, images, features, matches, names, pairs, camera_model, single_camera, verbose
+            )
+            if not create:
+                marker.unlink()
+            if create:
+                with contextlib.closing(sqlite3.connect(target)) as db:
+                    db.execute(f"PRAGMA application_id = {secrets.randbelow(1 << 31) + 1}")
+                    db.commit()
+            verified = _verify_missing(target, seed, verbose)
+            if create:
+                fsync_path(target)
+                os.replace(target, database)
+                marker.unlink(missing_ok=True)
+    finally:
+        if create:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                target.with_name(target.name + suffix).unlink(missing_ok=True)
+    return DatabaseUpdate(create, added[0], added[1], verified, added[2], database_state(database))
+
+
+# -- the model -----------------------------------------------------------------------------------
+def recover_models(sparse: Path) -> None:
+    """Put back the models a run killed between its two renames left aside; drop half-built ones."""
+    aside, building = sparse.with_name(sparse.name + ".old"), sparse.with_name(sparse.name + ".new")
+    if aside.is_dir():
+        if sparse.is_dir():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, sparse)
+    shutil.rmtree(building, ignore_errors=True)
+
+
+def model_record(sparse: Path) -> dict[str, Any] | None:
+    """What ``sparse/sfm.json`` says of the database its models come from, None if nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((sparse / MODEL_RECORD).read_text(encoding="utf-8"))
+    return None
+
+
+def _map(
+    database: Path, images: Path, building: Path, previous: str, seed: int, num_threads: int, verbose: bool
+) -> list[tuple[ModelStats, dict[int, str]]]:
+    """pycolmap's incremental mapper (in a child process): continue ``previous`` (a model
+    folder, "" for none); the models written to ``building/0`` (largest), ``building/1``, ...;
+    each with its statistics and registered images (id: name)."""
+    pycolmap = import_pycolmap()
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = seed
+    options.num_threads = num_threads
+    pycolmap.set_random_seed(seed)
+    raw = building / "mapper"
+    raw.mkdir()
+    with colmap_logging(verbose):
+        models = pycolmap.incremental_mapping(database, images, raw, options, input_path=previous)
+    found = []
+    ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
+    for rank, model in enumerate(ranked):
+        folder = building / str(rank)
+        folder.mkdir()
+        model.write(folder)
+        found.append(describe_model(model, folder))
+    shutil.rmtree(raw)
+    return found
+
+
+def describe_model(model: Any, folder: Path) -> tuple[ModelStats, dict[int, str]]:
+    """A pycolmap ``Reconstruction``'s statistics and registered images (id: name)."""
+    registered = {image_id: model.images[image_id].name for image_id in model.reg_image_ids()}
+    return model_stats(model, folder), registered
+
+
+def read_models(sparse: Path) -> list[tuple[ModelStats, dict[int, str]]]:
+    """``describe_model`` of each model in ``sparse`` (0, 1, ...)."""
+    pycolmap = import_pycolmap()
+    folders = sorted((p for p in sparse.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return [describe_model(pycolmap.Reconstruction(folder), folder) for folder in folders]
+
+
+def map_database(
+    database: Path,
+    images: Path,
+    sparse: Path,
+    state: DatabaseState,
+    grow: bool,
+    seed: int = 0,
+    num_threads: int = -1,
+    verbose: bool = False,
+) -> list[tuple[ModelStats, dict[int, str]]]:
+    """Map ``database`` into ``sparse`` (module doc), continuing ``sparse/0`` when ``grow``."""
+    building, aside = sparse.with_name(sparse.name + ".new"), sparse.with_name(sparse.name + ".old")
+    previous = str(sparse / "0") if grow else ""
+    try:
+        with failures_reported(sparse, "write the models"):
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir()
+            found = run_in_child(_map, database, images, building, previous, seed, num_threads, verbose)
+            if grow and not found:  # the previous model is worth more than none
+                raise StoreError(
+                    f"{sparse}: COLMAP returned no model when continuing {previous}; the models are "
+                    "unchanged; run with --rebuild to map from scratch"
+                )
+            (building / MODEL_RECORD).write_text(json.dumps(state.record()) + "\n", encoding="utf-8")
+            fsync_path(building, directory=True)
+            if sparse.exists():
+                os.replace(sparse, aside)
+            os.replace(building, sparse)
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    for stats, _ in found:
+        stats.path = str(sparse / Path(stats.path).name)
+    return found

@@ -1,0 +1,409 @@
+"""``sp-extract sfm``: a folder of photos to a COLMAP model in one call, grown by later calls.
+
+Five stages through the stages' Python API, into a work folder: extract (``feats.h5``), pairs
+(``pairs.txt``), match (``matches.h5``), database (``database.db``), map (``sparse/N``). Every
+stage resumes, so the same call finishes an interrupted or failed run, and a call after new
+photos arrived does only their work: the images without features are extracted; pairs are made
+only for the images the database lacks (exhaustive: with every image; sequential: the window
+at the end of the name order; retrieval: their nearest images among all); the match store
+matches only unmatched pairs; the database gains the new images and pairs (``grow``), and the
+mapper continues the previous model, followed by global bundle adjustment. ``rebuild`` maps
+from scratch (and starts the stores over when photos changed). Photos are fingerprinted
+(``photos``): a changed photo stops the run (its features would silently be wrong), a deleted
+one is reported and stays in the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
+from ..extraction.config import ExtractConfig
+from ..extraction.discover import discover_images
+from ..matching.config import MatchConfig
+from ..pairs.core import (
+    Pair,
+    exhaustive_pairs,
+    merge_pairs,
+    read_pairs,
+    sequential_pairs,
+    unpairable,
+    write_pairs,
+)
+from ..report import JsonReport, counted, listed
+from ..store.writer import read_store_info
+from .colmap import ModelStats, check_camera_model, check_database, import_pycolmap
+from .grow import (
+    add_to_database,
+    addition_failed,
+    map_database,
+    model_record,
+    read_models,
+    recover_models,
+)
+from .photos import PhotoManifest
+
+STAGES = ("extract", "pairs", "match", "database", "map")
+EXHAUSTIVE_UP_TO = 300  # images; more are paired by retrieval (exhaustive: n^2 / 2 pairs)
+RETRIEVAL_K = 30
+SEQUENTIAL_K = 10
+NAMES_SHOWN = 10  # names listed in the printed summary; the JSON report has them all
+
+
+@dataclass
+class SfmOptions:
+    """The options of each stage that ``sfm`` passes through."""
+
+    pairs: str = "auto"  # auto, exhaustive, sequential[:K], retrieval[:K] or a pairs file
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    weights: str | None = None
+    match: MatchConfig = field(default_factory=MatchConfig)
+    camera_model: str = "SIMPLE_RADIAL"
+    single_camera: bool = False
+    rebuild: bool = False
+    device: str = "auto"
+    seed: int = 0
+    num_threads: int = -1
+    verbose: bool = False
+    quiet: bool = True
+
+
+@dataclass
+class SfmSummary(JsonReport):
+    """What one ``sfm`` run did; ``to_dict`` is the ``--json-report`` content."""
+
+    images_dir: str
+    work: str
+    mode: str = "new"  # new (first run), grow, rebuild, up to date
+    pairs_mode: str = ""
+    images: int = 0  # photos in the folder
+    new_images: int = 0  # photos the database did not hold
+    extracted: int = 0
+    failed_images: list[dict[str, str]] = field(default_factory=list)
+    deleted_images: list[str] = field(default_factory=list)
+    pairs: int = 0  # in pairs.txt
+    new_pairs: int = 0
+    matched_pairs: int = 0  # matched in this run
+    verified_pairs: int = 0  # verified in this run
+    database_images: int = 0
+    registered: int = 0  # in the largest model
+    points3D: int = 0
+    mean_reprojection_error_px: float = 0.0
+    models: list[ModelStats] = field(default_factory=list)
+    unregistered_images: list[str] = field(default_factory=list)
+    stage_times_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    wall_time_s: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": "sfm", **asdict(self)}
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"sfm: {self.work} ({self.mode}): {counted(self.images, 'photo')}, {self.new_images} new, "
+            f"{self.extracted} extracted, {len(self.failed_images)} failed, "
+            f"{len(self.deleted_images)} deleted",
+            f"pairs ({self.pairs_mode}): {self.pairs} in pairs.txt, {self.new_pairs} new, "
+            f"{self.matched_pairs} matched, {self.verified_pairs} verified in this run",
+        ]
+        if self.models:
+            lines.append(
+                f"model {self.models[0].path}: {self.registered}/{self.database_images} images registered, "
+                f"{self.points3D} 3D points, mean reprojection error {self.mean_reprojection_error_px:.3f} px"
+                + (
+                    f" ({counted(len(self.models) - 1, 'smaller model')} beside it)"
+                    if len(self.models) > 1
+                    else ""
+                )
+            )
+        elif not self.interrupted:
+            lines.append("no model could be reconstructed (too few verified matches between the images?)")
+        if self.unregistered_images:
+            lines.append(
+                f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
+                f"{listed(self.unregistered_images, NAMES_SHOWN)}"
+            )
+        lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed_images[:NAMES_SHOWN]]
+        lines += [f"warning: {warning}" for warning in self.warnings]
+        times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.stage_times_s.items())
+        lines.append(
+            f"wall time {self.wall_time_s:.1f} s ({times})" + (" (interrupted)" if self.interrupted else "")
+        )
+        return lines
+
+
+def parse_pairs(spec: str) -> tuple[str, int | Path | None]:
+    """``--pairs``: (kind, K or pairs file); kind is auto, exhaustive, sequential, retrieval or file."""
+    kind, _, value = spec.partition(":")
+    if kind in ("auto", "exhaustive") and not value:
+        return kind, None
+    if kind in ("sequential", "retrieval"):
+        try:
+            k = int(value) if value else SEQUENTIAL_K if kind == "sequential" else RETRIEVAL_K
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"--pairs {spec}: K must be a positive integer ({kind}:K)")
+        return kind, k
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(
+            f"--pairs {spec}: neither exhaustive, sequential[:K], retrieval[:K] nor an existing pairs file"
+        )
+    return "file", path
+
+
+def plan_pairs(
+    spec: str, features: Path, names: list[str], new: list[str], work: Path, known: set[str], device: str
+) -> tuple[str, list[Pair]]:
+    """The pairs that involve an image of ``new`` among ``names`` (all pairs when every image is
+    new), and the kind that made them (``auto``: exhaustive up to ``EXHAUSTIVE_UP_TO`` images)."""
+    kind, value = parse_pairs(spec)
+    if kind == "auto":
+        kind, value = ("exhaustive", None) if len(names) <= EXHAUSTIVE_UP_TO else ("retrieval", RETRIEVAL_K)
+    label = kind if value is None or kind == "file" else f"{kind}:{value}"
+    fresh, added = set(new), set(new)
+    if not new:
+        return label, []
+    everything = len(new) == len(names)
+    if kind == "exhaustive":
+        old = [name for name in names if name not in fresh]
+        pairs = [(a, b) for a in old for b in new] + exhaustive_pairs(new)
+    elif kind == "sequential":
+        pairs = [pair for pair in sequential_pairs(names, int(value)) if added & set(pair)]
+    elif kind == "retrieval":
+        pairs = _retrieval(features, names, new, work, int(value), everything, device)
+    else:
+        usable = set(names)
+        listed_pairs = read_pairs(Path(value), known)
+        pairs = [pair for pair in listed_pairs if usable.issuperset(pair) and added & set(pair)]
+    return label, pairs
+
+
+def _retrieval(
+    features: Path, names: list[str], new: list[str], work: Path, k: int, everything: bool, device: str
+) -> list[Pair]:
+    """Retrieval pairs among ``names`` (the store may hold more: deleted photos) of every image
+    (``everything``, with the pairs that connect the graph's components) or of the new ones."""
+    from ..pairs.retrieval import retrieval_pairs
+
+    if len(names) < 2:
+        return []
+    queries, database = work / f".new-images.{os.getpid()}.txt", work / f".all-images.{os.getpid()}.txt"
+    try:
+        queries.write_text("".join(name + "\n" for name in new), encoding="utf-8")
+        database.write_text("".join(name + "\n" for name in names), encoding="utf-8")
+        return retrieval_pairs(
+            features, k, query_list=queries, db_list=database, connect=everything, device=device
+        )
+    finally:
+        queries.unlink(missing_ok=True)
+        database.unlink(missing_ok=True)
+
+
+def remove_store(path: Path) -> None:
+    """A store and what lives beside it (``STORE.parts/``, ``STORE.retrieval/``, its lock)."""
+    for found in [path, *path.parent.glob(path.name + ".*")]:
+        if found.is_dir():
+            shutil.rmtree(found)
+        else:
+            found.unlink(missing_ok=True)
+
+
+class Stages:
+    """The time of each stage, and a line naming it when it starts (unless quiet)."""
+
+    def __init__(self, summary: SfmSummary, quiet: bool) -> None:
+        self.summary, self.quiet = summary, quiet
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.quiet:
+            print(f"sfm [{STAGES.index(name) + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.summary.stage_times_s[name] = round(time.monotonic() - started, 3)
+
+
+def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = None) -> SfmSummary:
+    """Build or grow the COLMAP model of the photos of ``images`` in the folder ``work`` (module doc).
+
+    Raises ``ConfigError`` for bad options, a changed photo (without ``rebuild``) or a missing
+    pycolmap, ``StoreError`` for unusable stores. An interrupted extraction or matching returns
+    the summary with ``interrupted`` set and the signal's exit code; an interrupted database or
+    mapping step raises ``KeyboardInterrupt`` with nothing half-written left behind.
+    """
+    options = options or SfmOptions()
+    started = time.monotonic()
+    images, work = Path(images), Path(work)
+    if not images.is_dir():
+        raise ConfigError(f"{images}: no such image folder")
+    import_pycolmap()
+    camera_model = check_camera_model(options.camera_model)
+    parse_pairs(options.pairs)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{work}: cannot create the work folder ({error.strerror or error})") from error
+    feats, pairs_file, matches = work / "feats.h5", work / "pairs.txt", work / "matches.h5"
+    database, sparse = work / "database.db", work / "sparse"
+    summary = SfmSummary(str(images), str(work))
+    stage = Stages(summary, options.quiet)
+    recover_models(sparse)
+
+    with stage("extract"):
+        names = discover_images(images)
+        summary.images = len(names)
+        manifest = PhotoManifest(work)
+        # forget photos fingerprinted by a run that failed before their features were stored
+        manifest.keep_only(set(read_store_info(feats, "features")[1]) if feats.is_file() else set())
+        check = manifest.check(images, names)
+        if check.changed and not options.rebuild:
+            more = (
+                f" (and {counted(len(check.changed) - 1, 'other photo')})" if len(check.changed) > 1 else ""
+            )
+            raise ConfigError(
+                f"{images / check.changed[0]}: changed since its features were extracted{more}; its "
+                "features, matches and place in the model describe the old photo: run again with --rebuild"
+            )
+        if check.changed:  # --rebuild: the stores start over
+            for store in (feats, matches):
+                remove_store(store)
+            manifest.entries, check.new = {}, names
+        manifest.record(images, check.new)
+        manifest.save()
+        from ..extraction.pipeline import extract
+
+        extracted = extract(
+            images,
+            feats,
+            options.extract,
+            weights=options.weights,
+            device=options.device,
+            quiet=options.quiet,
+        )
+        summary.extracted, summary.failed_images = extracted.done, extracted.failed
+        summary.warnings += extracted.warnings
+        _, stored = read_store_info(feats, "features")
+        manifest.keep_only(set(stored))
+        manifest.save()
+    if extracted.interrupted:
+        return _finish(summary, started, extracted.exit_code)
+    in_store, spaced = set(stored), set(unpairable(names))  # spaced: warned about by extract
+    usable = [name for name in names if name in in_store and name not in spaced]
+
+    with stage("pairs"):
+        held = check_database(database) if database.exists() else []
+        if held and not options.rebuild and addition_failed(database):
+            summary.warnings.append(
+                f"{database}: a run failed while adding images to it; the database and model are rebuilt"
+            )
+            summary.mode = "rebuild"
+        elif held and not options.rebuild:
+            strangers = sorted(set(held) - in_store)
+            if strangers:
+                raise StoreError(
+                    f"{database}: holds {counted(len(strangers), 'image')} without features in {feats} "
+                    f"(e.g. '{strangers[0]}'); run with --rebuild"
+                )
+            summary.mode = "grow"
+        elif options.rebuild:
+            summary.mode = "rebuild"
+        else:
+            summary.mode = "new"
+        summary.deleted_images = [name for name in check.deleted if name in set(held)]
+        if summary.deleted_images:
+            fate = "kept in" if summary.mode == "grow" else "dropped from"
+            summary.warnings.append(
+                f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
+                f"{listed(summary.deleted_images)}; {fate} the database and model"
+                + (" (--rebuild drops them)" if summary.mode == "grow" else "")
+            )
+        known = set(held) if summary.mode == "grow" else set()
+        new = [name for name in usable if name not in known]
+        summary.new_images = len(new)
+        summary.pairs_mode, planned = plan_pairs(
+            options.pairs, feats, usable, new, work, in_store | set(names), options.device
+        )
+        summary.new_pairs = len(planned)
+        if planned:
+            keep = read_pairs(pairs_file, in_store) if pairs_file.is_file() and summary.mode == "grow" else []
+            write_pairs(merge_pairs(keep, planned), pairs_file)
+        if not pairs_file.is_file():
+            raise ConfigError(f"{images}: fewer than 2 photos with features; nothing to pair")
+
+    with stage("match"):
+        from ..matching.run import match_pairs
+
+        matched = match_pairs(
+            pairs_file, feats, matches, options.match, device=options.device, quiet=options.quiet
+        )
+        summary.pairs, summary.matched_pairs = matched.total, matched.done
+        if matched.failed:
+            summary.warnings.append(f"{counted(len(matched.failed), 'pair')} could not be matched")
+    if matched.interrupted:
+        return _finish(summary, started, matched.exit_code)
+
+    with stage("database"):
+        update = add_to_database(
+            database,
+            images,
+            feats,
+            matches,
+            new,
+            planned,
+            camera_model,
+            options.single_camera,
+            fresh=summary.mode != "grow",
+            seed=options.seed,
+            verbose=options.verbose,
+        )
+        summary.verified_pairs = update.pairs_verified
+        summary.database_images = update.state.images
+
+    with stage("map"):
+        record = model_record(sparse)
+        state = update.state
+        grow = summary.mode == "grow" and (record or {}).get("database_id") == state.identity
+        if grow and record == state.record():  # nothing new since the model was made
+            summary.mode = "up to date"
+            found = read_models(sparse)
+        else:
+            found = map_database(
+                database,
+                images,
+                sparse,
+                state,
+                grow,
+                options.seed,
+                options.num_threads,
+                options.verbose,
+            )
+    summary.models = [stats for stats, _ in found]
+    registered = {name for _, names_by_id in found for name in names_by_id.values()}
+    summary.unregistered_images = [name for name in usable if name not in registered]
+    if found:
+        best = summary.models[0]
+        summary.registered, summary.points3D = best.registered_images, best.points3D
+        summary.mean_reprojection_error_px = best.mean_reprojection_error_px
+    failed = not found or summary.failed_images or matched.failed
+    return _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _finish(summary: SfmSummary, started: float, exit_code: int) -> SfmSummary:
+    summary.interrupted = exit_code > EXIT_SOME_FAILED
+    summary.exit_code = exit_code
+    summary.wall_time_s = round(time.monotonic() - started, 3)
+    return summary

@@ -1,0 +1,204 @@
+"""``sp-extract sfm``: the one command on the real photos, its nightly growth, an interrupted
+run finished by the same command, changed and deleted photos; pair planning and photo
+fingerprints on small inputs. The models are read back with pycolmap, the matches with h5py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pycolmap
+import pytest
+from conftest import run_cli
+from reliability import Run
+
+from sp_extract.errors import ConfigError
+from sp_extract.pairs.core import pair_key
+from sp_extract.sfm.photos import PhotoManifest
+from sp_extract.sfm.pipeline import parse_pairs, plan_pairs
+
+FAST = ("--resize-max", "640", "--num-threads", "1")  # fewer pixels: the tests' time, not the product's
+
+
+def sfm(images: Path, work: Path, weights: Path, *extra: str) -> tuple[int, dict, str]:
+    report = work.parent / f"{work.name}-report.json"
+    result = run_cli("sfm", str(images), str(work), "--weights", str(weights), *FAST, "-q", "--json-report",
+                     str(report), *extra, timeout=600)  # fmt: skip
+    data = json.loads(report.read_text()) if report.exists() else {}
+    report.unlink(missing_ok=True)
+    return result.returncode, data, result.stderr
+
+
+def registered(model: Path) -> dict[int, str]:
+    reconstruction = pycolmap.Reconstruction(model)
+    return {i: reconstruction.images[i].name for i in reconstruction.reg_image_ids()}
+
+
+def copy_photos(source: Path, target: Path, names: list[str]) -> Path:
+    target.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weights: Path) -> dict:
+    """8 of the photos mapped, then the other 2 added and the same command run again."""
+    root = tmp_path_factory.mktemp("sfm-grown")
+    names = sorted(p.name for p in sacre_coeur.glob("*.jpg"))
+    images, work = copy_photos(sacre_coeur, root / "images", names[:8]), root / "work"
+    code, first, stderr = sfm(images, work, real_weights)
+    assert code == 0, stderr
+    before = registered(work / "sparse" / "0")
+    copy_photos(sacre_coeur, images, names[8:])
+    code, second, stderr = sfm(images, work, real_weights)
+    assert code == 0, stderr
+    return {
+        "images": images,
+        "work": work,
+        "first": first,
+        "second": second,
+        "before": before,
+        "names": names,
+    }
+
+
+def test_grow_registers_the_new_photos_into_the_existing_model(grown: dict) -> None:
+    first, second = grown["first"], grown["second"]
+    assert (first["mode"], first["new_images"], first["new_pairs"]) == ("new", 8, 28)
+    assert first["registered"] == 8
+    # only the new photos' work: 2 extracted, their 2 * 8 + 1 pairs matched and verified
+    assert (second["mode"], second["new_images"], second["extracted"]) == ("grow", 2, 2)
+    assert second["new_pairs"] == second["matched_pairs"] == second["verified_pairs"] == 17
+    assert second["pairs"] == 45 and second["registered"] == second["database_images"] == 10
+    after = registered(grown["work"] / "sparse" / "0")
+    assert len(after) == 10
+    assert {i: after[i] for i in grown["before"]} == grown["before"]  # old image ids unchanged
+    assert set(after.values()) == set(grown["names"])
+    assert second["points3D"] > first["points3D"] and second["mean_reprojection_error_px"] < 1.5
+    assert not list(grown["work"].glob("sparse.*"))  # nothing left beside the model
+    assert set(second["stage_times_s"]) == {"extract", "pairs", "match", "database", "map"}
+
+
+def test_interrupted_run_is_finished_by_the_same_command(
+    tmp_path: Path, grown: dict, sacre_coeur: Path, real_weights: Path
+) -> None:
+    """SIGINT while matching: exit 130; the same command then registers all 10 photos with
+    the same matches as the run that grew 8 to 10."""
+    work = tmp_path / "work"
+    args = ("sfm", str(sacre_coeur), str(work), "--weights", str(real_weights), *FAST)
+    run = Run(*args)
+    assert run.wait_until(lambda: "sfm [3/5] match" in run.text, timeout=300), run.text
+    run.signal_group(signal.SIGINT)
+    assert run.finish() == 130, run.text
+    assert "Traceback" not in run.text and not (work / "database.db").exists(), run.text
+
+    code, data, stderr = sfm(sacre_coeur, work, real_weights)
+    assert code == 0, stderr
+    assert data["mode"] == "new" and data["extracted"] == 0 and data["registered"] == 10
+    with h5py.File(work / "matches.h5") as resumed, h5py.File(grown["work"] / "matches.h5") as grown_h5:
+        names = grown["names"]
+        keys = [pair_key(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        for key in keys:
+            np.testing.assert_array_equal(resumed[key]["matches0"][()], grown_h5[key]["matches0"][()])
+
+
+def test_changed_and_deleted_photos_are_reported(tmp_path: Path, grown: dict, real_weights: Path) -> None:
+    images = shutil.copytree(grown["images"], tmp_path / "images")
+    work = shutil.copytree(grown["work"], tmp_path / "work")
+    names = grown["names"]
+    os.remove(images / names[0])
+    os.utime(images / names[1], ns=(1, 1))  # touched, same content: not changed
+    code, data, stderr = sfm(images, work, real_weights)
+    assert code == 0, stderr
+    assert data["mode"] == "up to date" and data["deleted_images"] == [names[0]]
+    assert any(names[0] in warning and "--rebuild" in warning for warning in data["warnings"])
+
+    photo = images / names[2]
+    photo.write_bytes(photo.read_bytes()[:-64] + bytes(64))
+    code, _, stderr = sfm(images, work, real_weights)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
+        f"sp-extract: error: {photo}: changed since its features were extracted; its features, "
+        "matches and place in the model describe the old photo: run again with --rebuild"
+    )
+
+
+# -- small inputs ---------------------------------------------------------------------------------
+def test_pairs_of_a_growing_collection(tmp_path: Path) -> None:
+    names = [f"{i:02d}.jpg" for i in range(8)]
+    new = names[6:]
+    known = {*names, "gone.jpg"}  # gone.jpg: in the feature store, its photo deleted
+
+    def plan(spec: str) -> tuple[str, list[tuple[str, str]]]:
+        return plan_pairs(spec, tmp_path / "feats.h5", names, new, tmp_path, known, "cpu")
+
+    label, pairs = plan("exhaustive")
+    assert label == "exhaustive" and {frozenset(p) for p in pairs} == {
+        frozenset((a, b)) for a in names for b in new if a != b
+    }
+    assert len(pairs) == 6 * 2 + 1
+    label, pairs = plan("sequential:3")  # the window at the end of the name order
+    assert label == "sequential:3"
+    assert pairs == [("03.jpg", "06.jpg"), ("04.jpg", "06.jpg"), ("04.jpg", "07.jpg"), ("05.jpg", "06.jpg"),
+                     ("05.jpg", "07.jpg"), ("06.jpg", "07.jpg")]  # fmt: skip
+    listing = tmp_path / "pairs.txt"
+    listing.write_text("00.jpg 01.jpg\n00.jpg 07.jpg\n06.jpg gone.jpg\n")
+    assert plan(str(listing)) == ("file", [("00.jpg", "07.jpg")])
+    assert plan_pairs("auto", tmp_path, names, [], tmp_path, set(names), "cpu") == ("exhaustive", [])
+    assert parse_pairs("retrieval:5") == ("retrieval", 5)
+    for bad in ("retrieval:0", "sequential:x", "nonsense"):
+        with pytest.raises(ConfigError, match="--pairs"):
+            parse_pairs(bad)
+
+
+def test_photo_fingerprints(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (images / name).write_bytes(name.encode() * 1000)
+    manifest = PhotoManifest(tmp_path)
+    assert manifest.check(images, ["a.jpg", "b.jpg", "c.jpg"]).new == ["a.jpg", "b.jpg", "c.jpg"]
+    manifest.record(images, ["a.jpg", "b.jpg", "c.jpg"])
+    manifest.save()
+    os.utime(images / "a.jpg", ns=(5, 5))  # touched only
+    (images / "b.jpg").write_bytes(b"x" * 5000)  # same size, other content
+    (images / "c.jpg").unlink()
+    (images / "d.jpg").write_bytes(b"d")
+    check = PhotoManifest(tmp_path).check(images, ["a.jpg", "b.jpg", "d.jpg"])
+    assert (check.changed, check.deleted, check.new) == (["b.jpg"], ["c.jpg"], ["d.jpg"])
+
+
+def test_every_option_is_in_the_readme_section() -> None:
+    from click.testing import CliRunner
+
+    from sp_extract.cli import cli
+
+    result = CliRunner().invoke(cli, ["sfm", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## One command")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    options = set(re.findall(r"^\s+(?:-[a-z], )?(--[a-z0-9-]+)", result.output, re.MULTILINE)) - {"--help"}
+    assert len(options) >= 20
+    assert [option for option in sorted(options) if f"`{option}" not in section] == []
+
+
+def test_retrieval_pairs_of_new_images_against_all(tmp_path: Path) -> None:
+    from test_retrieval import random_images, write_store
+
+    names = [f"{i:02d}.jpg" for i in range(12)]
+    features = write_store(tmp_path / "feats.h5", random_images(names, seed=3, count=80))
+    label, first = plan_pairs("retrieval:3", features, names[:10], names[:10], tmp_path, set(names), "cpu")
+    assert label == "retrieval:3" and {n for pair in first for n in pair} == set(names[:10])
+    _, grown = plan_pairs("retrieval:3", features, names, names[10:], tmp_path, set(names), "cpu")
+    assert all(set(pair) & {"10.jpg", "11.jpg"} and pair[0] != pair[1] for pair in grown)
+    for new in ("10.jpg", "11.jpg"):  # each new image with its 3 nearest among all, itself excluded
+        assert len({other for pair in grown if new in pair for other in pair if other != new}) >= 3
+    assert not list(tmp_path.glob(".*images*"))  # the query and database lists are removed
