@@ -725,6 +725,29 @@ def repair(store: Path, out: Path | None, check: bool, json_report: Path | None)
     finish_run(check_store(store) if check else repair_store(store, out), json_report)
 
 
+# -- scale: folding a store's segments into its main file (issue 11) ---------------------------
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+@reports_errors
+def compact(store: Path) -> None:
+    """Fold STORE's segments (and a killed run's parts) into its main file.
+
+    Runs that add to a large store write their entries to immutable segment files in
+    STORE.segments/ instead of copying the whole store; every sp-extract command reads them.
+    hloc and other HDF5 readers see only STORE itself: run this first. Crash-safe (a new copy of
+    STORE replaces it atomically); on a store without segments or parts it does nothing.
+    """
+    from .store.compact import compact_store
+
+    segments, parts = compact_store(store)
+    folded = (
+        f"{segments} segment(s) and {parts} part file(s) folded into"
+        if segments or parts
+        else "nothing to fold:"
+    )
+    click.echo(f"compact: {folded} {store}", err=True)
+
+
 # -- deployment: exporting the network (issue 5) ------------------------------------------------
 @cli.command()
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
