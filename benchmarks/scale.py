@@ -13,6 +13,14 @@ Usage: python benchmarks/scale.py [--sizes 1000 10000] [--pairs 10000 1000000 10
   moment, against the baseline of the same run: reading and checking the whole file first,
   what match-pairs did before it streamed;
 - incremental add: time and extra disk to add --add images to each store.
+- with --big-gb G: a store of about G GB (real entries copied under new names), and an empty
+  one: time, extra disk at the end and peak extra disk during the run to add --add entries,
+  with segments (this version) against the baseline of the same run, a fold that copies the
+  whole store (what every run did before segments: SP_EXTRACT_FOLD_BELOW above the store's
+  size); the first open of the store written without a name index (walked once, then
+  indexed); then --kills runs adding to the big store SIGKILLed at random moments, and a
+  killed ``compact``, each followed by a check that the store opens with every entry, and at
+  the end ``repair --check`` and the resumed runs.
 
 Each measurement runs in a fresh subprocess (peak memory is per process). Other processes of the
 machine are not controlled: figures from a loaded machine say so in README.
@@ -21,8 +29,10 @@ machine are not controlled: figures from a loaded machine say so in README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -74,6 +84,134 @@ def synthetic_store(real: Path, path: Path, count: int, start: int = 0) -> Path:
         for i in range(start, count):
             writer.add(f"img{i:07d}.jpg", entries[i % len(entries)])
     return path
+
+
+ADD = (
+    "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+    "from scale import synthetic_store;"
+    "synthetic_store(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[5]), int(sys.argv[4]))"
+)
+
+
+def files_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (0 for files that vanish meanwhile)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def timed_add(real: Path, store: Path, start: int, count: int, env: dict[str, str]) -> dict[str, float]:
+    """Add entries ``start`` to ``start + count`` in a writer process: seconds, extra disk at the
+    end and at its peak during the run (MiB; the folder of ``store`` sampled every 10 ms)."""
+    before = files_bytes(store.parent)
+    peak = before
+    started = time.perf_counter()
+    command = [sys.executable, "-c", ADD, str(Path(__file__).parent), str(real), str(store), str(start)]
+    process = subprocess.Popen([*command, str(start + count)], env=env)
+    while process.poll() is None:
+        peak = max(peak, files_bytes(store.parent))
+        time.sleep(0.01)
+    seconds = time.perf_counter() - started
+    if process.returncode:
+        raise RuntimeError(f"adding to {store} failed (exit {process.returncode})")
+    after = files_bytes(store.parent)
+    return {
+        "seconds": seconds,
+        "extra_disk_mib": (after - before) / 2**20,
+        "peak_disk_mib": (peak - before) / 2**20,
+    }
+
+
+def big_store(real: Path, path: Path, gigabytes: float) -> int:
+    """A features store of about ``gigabytes`` GB: the real entries copied round-robin under new
+    names straight into one file (HDF5 object copies: no parts, no fold); returns its entries.
+    Like a store of an earlier version, it has no name index yet."""
+    from sp_extract.store.writer import entry_names
+
+    with h5py.File(real, "r") as source, h5py.File(path, "w") as out:
+        for key, value in source.attrs.items():
+            out.attrs[key] = value
+        names = entry_names(source, "keypoints")
+        count = int(gigabytes * 1e9 / (real.stat().st_size / len(names)))
+        for i in range(count):
+            source.copy(source[names[i % len(names)]], out, name=f"img{i:07d}.jpg")
+    return count
+
+
+def incremental(real: Path, work: Path, gigabytes: float, add: int, kills: int, seed: int) -> list[dict]:
+    """The --big-gb measurements (see the module's docstring)."""
+    from sp_extract.store.reader import open_store
+    from sp_extract.store.repair import check_store
+    from sp_extract.store.writer import StoreWriter, read_store_file
+
+    rows: list[dict] = []
+    (work / "big").mkdir()
+    (work / "empty").mkdir()
+    store = work / "big" / "feats.h5"
+    count = big_store(real, store, gigabytes)
+    size = f"{store.stat().st_size / 1e9:.1f} GB"
+    settings = read_store_file(store, "features", scan=False).settings
+    started = time.perf_counter()
+    StoreWriter(store, "features", settings).close()  # walks the store once and indexes it
+    rows.append({"what": f"first open, {size} store without index", "entries": count,
+                 "seconds": time.perf_counter() - started})  # fmt: skip
+    segments_env = {**ENV, "SP_EXTRACT_FOLD_BELOW": str(64 << 20)}
+    copy_env = {**ENV, "SP_EXTRACT_FOLD_BELOW": str(1 << 50)}  # always fold: the whole store copied
+    next_name = count
+    for repeat in range(2):
+        for what, folder, env in [
+            ("empty store", work / "empty" / f"f{repeat}.h5", segments_env),
+            (f"{size} store, baseline: fold copies the store", store, copy_env),
+            (f"{size} store, segments", store, segments_env),
+        ]:
+            measured = timed_add(real, folder, next_name, add, env)
+            next_name += add
+            rows.append({"what": f"add {add}: {what}", "entries": count, **measured})
+    compacted = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sp_extract", "compact", str(store)], env=ENV, check=True)
+    rows.append(
+        {"what": f"compact {size} store", "entries": count, "seconds": time.perf_counter() - compacted}
+    )
+    rng = random.Random(seed)
+    hits = []
+    for kill in range(kills + 1):
+        compact = kill == kills
+        command = [sys.executable, "-m", "sp_extract", "compact", str(store)]
+        if not compact:
+            add_args = [
+                str(Path(__file__).parent),
+                str(real),
+                str(store),
+                str(next_name),
+                str(next_name + add),
+            ]
+            command = [sys.executable, "-c", ADD, *add_args]
+        if compact:  # a segment to fold: one uninterrupted add first
+            timed_add(real, store, next_name, add, segments_env)
+            next_name += add
+        process = subprocess.Popen(command, env=segments_env)
+        delay = rng.uniform(0.2, 1.6) if not compact else rng.uniform(1.0, 20.0)
+        time.sleep(delay)
+        killed = process.poll() is None
+        process.kill()
+        process.wait()
+        with open_store(store) as reader:
+            assert len(reader.names()) >= count
+        finish = subprocess.run(command, env=segments_env)
+        assert finish.returncode == 0
+        if not compact:
+            next_name += add
+        hits.append(f"{'compact' if compact else 'add'} {'killed' if killed else 'done'} at {delay:.2f} s")
+    started = time.perf_counter()
+    report = check_store(store)
+    assert not report.damaged, report.damaged
+    with open_store(store) as reader:
+        entries = len(reader.names())
+    rows.append({"what": f"kills: {'; '.join(hits)}; repair --check clean", "entries": entries,
+                 "seconds": time.perf_counter() - started})  # fmt: skip
+    return rows
 
 
 def pairs_file(path: Path, count: int, names: int) -> Path:
@@ -157,12 +295,17 @@ def main() -> None:
         default=1_000_000,
         help="Largest pairs file for the baseline (GBs beyond).",
     )
+    parser.add_argument("--big-gb", type=float, default=0.0, help="Incremental add to a store of G GB.")
+    parser.add_argument("--kills", type=int, default=5, help="With --big-gb: SIGKILLed adds.")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="sp-scale-") as folder:
         work = Path(folder)
         real = real_store(work)
+        if args.big_gb:
+            rows += incremental(real, work, args.big_gb, args.add, args.kills, args.seed)
         for size in args.sizes:
             store = synthetic_store(real, work / f"s{size}.h5", size)
             out = work / "pairs.txt"
@@ -196,12 +339,12 @@ def main() -> None:
                 )
             for what, (seconds, peak) in measured:
                 rows.append({"what": what, "pairs": count, "seconds": seconds, "peak_mib": peak})
-    print(f"{'measurement':42} {'n':>10} {'seconds':>9} {'peak MiB':>9} {'disk MiB':>9}")
+    print(f"{'measurement':52} {'n':>10} {'seconds':>9} {'peak MiB':>9} {'disk MiB':>9}")
     for row in rows:
         n = row.get("entries", row.get("pairs"))
-        peak, disk = row.get("peak_mib"), row.get("extra_disk_mib")
+        peak, disk = row.get("peak_mib", row.get("peak_disk_mib")), row.get("extra_disk_mib")
         print(
-            f"{row['what']:42} {n:>10} {row['seconds']:>9.2f} {'' if peak is None else f'{peak:9.0f}':>9} "
+            f"{row['what']:52} {n:>10} {row['seconds']:>9.2f} {'' if peak is None else f'{peak:9.0f}':>9} "
             f"{'' if disk is None else f'{disk:9.2f}':>9}"
         )
     if args.json:
