@@ -13,6 +13,9 @@ Usage: python benchmarks/scale.py [--sizes 1000 10000] [--pairs 10000 1000000 10
   moment, against the baseline of the same run: reading and checking the whole file first,
   what match-pairs did before it streamed;
 - incremental add: time and extra disk to add --add images to each store.
+- with --resume-pairs N...: the start of a resumed match-pairs on a match store of N pairs
+  (opening it and learning what is done, ``StoreWriter``), without a name index (the walk
+  every resume did before) and with one, its peak memory and lookups per second;
 - with --big-gb G: a store of about G GB (real entries copied under new names), and an empty
   one: time, extra disk at the end and peak extra disk during the run to add --add entries,
   with segments (this version) against the baseline of the same run, a fold that copies the
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -214,6 +218,60 @@ def incremental(real: Path, work: Path, gigabytes: float, add: int, kills: int, 
     return rows
 
 
+RESUME = (
+    "import json, resource, sys, time; from pathlib import Path;"
+    "from sp_extract.store.writer import StoreWriter;"
+    "t = time.perf_counter(); writer = StoreWriter(Path(sys.argv[1]), 'matches', {'matcher': 'nn'});"
+    "opened = time.perf_counter() - t; keys = sys.argv[2:];"
+    "t = time.perf_counter(); found = int(writer.done.contains(keys).sum()); asked = time.perf_counter() - t;"
+    "writer.lock.release();"
+    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+    "print(json.dumps([opened, len(keys) / asked, found, peak]))"
+)
+
+
+def match_store(path: Path, count: int, images: int) -> list[str]:
+    """A match store of ``count`` pairs (i, i + step) of ``images`` images, tiny entries written
+    straight with h5py (as a store of an earlier version: no name index); returns 1,000 keys."""
+    from sp_extract.store.writer import KIND_ATTR, SETTINGS_ATTR
+
+    matches, scores = np.full(8, -1, np.int32), np.zeros(8, np.float16)
+    keys = []
+    with h5py.File(path, "w") as h5:
+        h5.attrs[KIND_ATTR] = "matches"
+        h5.attrs[SETTINGS_ATTR] = json.dumps({"matcher": "nn"})
+        for step in range(1, images):
+            for i in range(images - step):
+                if len(keys) < count:
+                    group = h5.create_group(f"img{i:07d}.jpg/img{i + step:07d}.jpg")
+                    group.create_dataset("matches0", data=matches, fletcher32=True)
+                    group.create_dataset("matching_scores0", data=scores, fletcher32=True)
+                    keys.append(group.name[1:])
+    return keys[:: max(1, len(keys) // 1000)][:1000]
+
+
+def resume_start(work: Path, counts: list[int], images: int = 2000) -> list[dict]:
+    """Opening a match store of n pairs to resume it (``StoreWriter``: what is done) and asking
+    it about pairs: first without a name index (the walk every resume did before), then with
+    the index that walk left."""
+    rows = []
+    for count in counts:
+        store = work / f"resume{count}.h5"
+        keys = match_store(store, count, images)
+        keys += [f"other{i}.jpg/img{i}.jpg" for i in range(len(keys))]
+        for what in ("resume open, no index (walk)", "resume open, name index"):
+            command = [sys.executable, "-c", RESUME, str(store), *keys]
+            result = subprocess.run(command, capture_output=True, text=True, env=ENV, check=True)
+            opened, rate, found, peak = json.loads(result.stdout)
+            assert found == len(keys) // 2, found
+            rows.append({"what": f"{what}; {rate / 1e6:.2f} M lookups/s", "pairs": count, "seconds": opened,
+                         "peak_mib": peak / 1024})  # fmt: skip
+        store.unlink()
+        for index in work.glob(f"resume{count}.h5*"):
+            index.unlink()
+    return rows
+
+
 def pairs_file(path: Path, count: int, names: int) -> Path:
     """``count`` distinct pairs over ``names`` images (i, i + 1 + j), written once."""
     with open(path, "w") as handle:
@@ -298,12 +356,14 @@ def main() -> None:
     parser.add_argument("--big-gb", type=float, default=0.0, help="Incremental add to a store of G GB.")
     parser.add_argument("--kills", type=int, default=5, help="With --big-gb: SIGKILLed adds.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume-pairs", type=int, nargs="*", default=[], help="Match stores of N pairs.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="sp-scale-") as folder:
         work = Path(folder)
         real = real_store(work)
+        rows += resume_start(work, args.resume_pairs)
         if args.big_gb:
             rows += incremental(real, work, args.big_gb, args.add, args.kills, args.seed)
         for size in args.sizes:
