@@ -200,6 +200,7 @@ def cli(debug: bool) -> None:
     sp-extract colmap --images DIR            COLMAP database of them -> database.db
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
     sp-extract info feats.h5                  what a store holds; 'show' draws it
+    sp-extract compact feats.h5               fold a grown store into one file, for hloc
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),

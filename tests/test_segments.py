@@ -27,6 +27,7 @@ from hloc_reader import list_h5_names
 from reliability import assert_entries_equal, read_entries
 from segment_writer import SETTINGS, entry, write_entries
 
+from sp_extract.errors import StoreError
 from sp_extract.inspect.info import store_info
 from sp_extract.store import writer as store_writer
 from sp_extract.store.index import NameIndex, load_index, name_hashes
@@ -152,6 +153,24 @@ def test_overwrite_drops_the_old_segments_and_check_reads_them(tmp_path: Path) -
     with open_store(store) as reader:
         assert reader.names() == ["x.jpg"]
     assert not segments(store)
+
+
+def test_a_truncated_segment_is_refused_naming_repair(tmp_path: Path) -> None:
+    store = tmp_path / "feats.h5"
+    names = [f"im{i:02d}.jpg" for i in range(26)]
+    write_entries(store, names[:24])
+    write_entries(store, names[:25])
+    write_entries(store, names)
+    segment = segments(store)[0]
+    segment.write_bytes(segment.read_bytes()[: segment.stat().st_size // 2])
+
+    with pytest.raises(StoreError, match=rf"{store}: damaged store.*segment {segment.name}.*repair {store}"):
+        StoreWriter(store, "features", SETTINGS)
+    result = run_cli("repair", str(store))
+    assert result.returncode == 1, result.stderr
+    repaired = read_entries(tmp_path / "feats.repaired.h5")
+    assert len(repaired) == 25 and set(repaired) < set(names)  # the entry of the cut half is lost
+    assert_entries_equal(repaired, expected(names))
 
 
 # -- kill -9 in the new states ---------------------------------------------------------------

@@ -17,8 +17,16 @@ from typing import Any
 
 import h5py
 
-from ..errors import StoreError
-from .writer import H5_ERRORS, KIND_ATTR, MARKERS, STORE_ID_ATTR, entry_names, live_segments, open_error
+from .writer import (
+    H5_ERRORS,
+    KIND_ATTR,
+    MARKERS,
+    STORE_ID_ATTR,
+    entry_names,
+    live_segments,
+    open_error,
+    segment_errors,
+)
 
 
 class StoreReader:
@@ -35,15 +43,18 @@ class StoreReader:
         kind = main.attrs.get(KIND_ATTR)
         self.kind = str(kind) if kind in MARKERS else None
         self.segments: list[Path] = []
-        if self.kind is not None:
-            store_id = main.attrs.get(STORE_ID_ATTR)
-            self.segments = live_segments(self.path, self.kind, None if store_id is None else str(store_id))
         try:
+            if self.kind is not None:
+                store_id = main.attrs.get(STORE_ID_ATTR)
+                self.segments = live_segments(
+                    self.path, self.kind, None if store_id is None else str(store_id)
+                )
             for segment in self.segments:
-                self.files.append(h5py.File(segment, "r", locking=locking))
-        except H5_ERRORS as error:
+                with segment_errors(self.path, segment):
+                    self.files.append(h5py.File(segment, "r", locking=locking))
+        except BaseException:
             self.close()
-            raise StoreError(f"{self.path}: segment {segment.name} unreadable ({error})") from error
+            raise
 
     @property
     def filename(self) -> str:

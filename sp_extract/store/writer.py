@@ -215,9 +215,22 @@ def read_store(path: Path, kind: str, option: str = "--out") -> StoreInfo:
     if segments:
         names = set(info.names)
         for segment in segments:
-            names.update(read_store_file(segment, kind, option).names)
+            with segment_errors(path, segment):
+                names.update(read_store_file(segment, kind, option).names)
         info.names = sorted(names)
     return info
+
+
+@contextlib.contextmanager
+def segment_errors(store: Path, segment: Path) -> Iterator[None]:
+    """Report a damaged segment as damage to its store (``repair`` takes the store's path)."""
+    try:
+        yield
+    except StoreError as error:
+        cause = str(error).partition(" (")[2].rpartition(")")[0] or "unreadable"
+        raise damaged_error(store, f"its segment {segment.name}: {cause}") from error
+    except H5_ERRORS as error:
+        raise damaged_error(store, f"its segment {segment.name}: {describe_error(error)}") from error
 
 
 def read_store_file(path: Path, kind: str, option: str = "--out", scan: bool = True) -> StoreInfo:
@@ -287,11 +300,12 @@ def segment_files(store: Path) -> list[Path]:
 def live_segments(store: Path, kind: str, store_id: str | None) -> list[Path]:
     """The segments belonging to the store whose main file has ``store_id``. Segments of a store
     that an ``--overwrite`` run replaced (killed before deleting them) are not part of it."""
-    return [
-        segment
-        for segment in segment_files(store)
-        if read_store_file(segment, kind, scan=False).store_id == store_id
-    ]
+    found = []
+    for segment in segment_files(store):
+        with segment_errors(store, segment):
+            if read_store_file(segment, kind, scan=False).store_id == store_id:
+                found.append(segment)
+    return found
 
 
 def size_class(size: int) -> int:
@@ -581,7 +595,8 @@ class StoreWriter:
         else:
             self.store_id = uuid.uuid4().hex
         for segment in segment_files(self.path):
-            info, hashes = self._indexed(segment)
+            with segment_errors(self.path, segment):
+                info, hashes = self._indexed(segment)
             if info.store_id != self.store_id:  # left by an --overwrite run killed before deleting it
                 segment.unlink()
                 remove_index(segment)
