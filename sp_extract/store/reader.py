@@ -17,44 +17,67 @@ from typing import Any
 
 import h5py
 
+from ..errors import StoreError
 from .writer import (
     H5_ERRORS,
     KIND_ATTR,
     MARKERS,
     STORE_ID_ATTR,
     entry_names,
-    live_segments,
     open_error,
     segment_errors,
+    segment_files,
 )
+
+OPEN_ATTEMPTS = 10
 
 
 class StoreReader:
-    """A store's main file and live segments, open read-only. Use as a context manager."""
+    """A store's main file and its segments, open read-only. Use as a context manager."""
 
     def __init__(self, path: Path, locking: bool | None = None) -> None:
         self.path = Path(path)
         self.files: list[h5py.File] = []
+        self.segments: list[Path] = []
+        self.kind: str | None = None
+        for _ in range(OPEN_ATTEMPTS):
+            try:
+                if self._open(locking):
+                    return
+            except BaseException:
+                self.close()
+                raise
+            self.close()
+        raise StoreError(f"{self.path}: its segments kept changing while it was opened; try again")
+
+    def _open(self, locking: bool | None) -> bool:
+        """Open the listed segments, then the main file, and keep the segments of its store.
+        In this order the files are one state of the store even while a writer merges or folds
+        segments (it deletes them only after renaming their replacement into place); False if a
+        listed segment vanished meanwhile (merged or folded: list again)."""
+        segments = []
+        for segment in segment_files(self.path):
+            try:
+                with segment_errors(self.path, segment):
+                    self.files.append(h5py.File(segment, "r", locking=locking))
+            except StoreError:
+                if not segment.exists():
+                    return False
+                raise
+            segments.append(segment)
         try:
             main = h5py.File(self.path, "r", locking=locking)
         except H5_ERRORS as error:
             raise open_error(self.path, error) from error
-        self.files.append(main)
         kind = main.attrs.get(KIND_ATTR)
         self.kind = str(kind) if kind in MARKERS else None
-        self.segments: list[Path] = []
-        try:
-            if self.kind is not None:
-                store_id = main.attrs.get(STORE_ID_ATTR)
-                self.segments = live_segments(
-                    self.path, self.kind, None if store_id is None else str(store_id)
-                )
-            for segment in self.segments:
-                with segment_errors(self.path, segment):
-                    self.files.append(h5py.File(segment, "r", locking=locking))
-        except BaseException:
-            self.close()
-            raise
+        ours = [(path, h5) for path, h5 in zip(segments, self.files) if _same_store(h5, main)]
+        for h5 in self.files:
+            if all(h5 is not kept for _, kept in ours):
+                h5.close()
+        self.files = [main, *(h5 for _, h5 in ours)]
+        self.segments = [path for path, _ in ours]
+        return True
 
     @property
     def filename(self) -> str:
@@ -91,6 +114,11 @@ class StoreReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_store(segment: h5py.File, main: h5py.File) -> bool:
+    """Whether a segment belongs to the store of this main file (not to one it replaced)."""
+    return all(segment.attrs.get(key) == main.attrs.get(key) for key in (KIND_ATTR, STORE_ID_ATTR))
 
 
 def open_store(path: Path, locking: bool | None = None) -> StoreReader:

@@ -561,6 +561,9 @@ class StoreWriter:
             if folder.is_dir():
                 for stale in folder.glob("*.tmp"):
                     stale.unlink(missing_ok=True)
+        for index in self.segments_dir.glob("seg-*.h5.index"):  # a kill before its segment's rename
+            if not index.with_suffix("").exists():
+                index.unlink(missing_ok=True)
 
     def _indexed(self, file: Path) -> tuple[StoreInfo, np.ndarray]:
         """Attributes and name hashes of a main file or segment. A file with a valid sidecar
