@@ -123,13 +123,15 @@ def test_resume_uses_the_index_and_rebuilds_a_stale_one(tmp_path: Path) -> None:
     assert np.array_equal(load_index(store), stored)  # walked once, indexed again
 
 
-def test_name_index_agrees_with_a_set() -> None:
+def test_name_index_agrees_with_a_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(NameIndex, "RECENT", 100)  # this run's names become hash arrays, merged
     rng = random.Random(1)
     stored = [f"q{rng.randrange(10**9)}/db{i}.jpg" for i in range(3000)]
     index = NameIndex()
     index.add_hashes(name_hashes(stored[:1000]))
     index.add_hashes(name_hashes(stored[1000:2000]))
-    index.update(stored[2000:])
+    for start in range(2000, 3000, 64):  # as a run's flushes add them
+        index.update(stored[start : start + 64])
     asked = stored[::7] + [f"other{i}" for i in range(2000)]
     assert index.contains(asked).tolist() == [name in set(stored) for name in asked]
 

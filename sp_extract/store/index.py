@@ -84,11 +84,16 @@ def remove_index(file: Path) -> None:
 
 
 class NameIndex:
-    """Set-like membership of entry names: sorted hash arrays (stored files) plus the names this
-    run added. ``name in index``; ``index.contains(names)`` answers a chunk at once."""
+    """Set-like membership of entry names: sorted hash arrays (of the stored files, and of the
+    names this run added, ``RECENT`` at a time) plus the latest names. ``name in index``;
+    ``index.contains(names)`` answers a chunk at once. Memory: 8 bytes a name."""
+
+    RECENT = 65536  # names kept as strings before they become a sorted hash array
+    RUNS = 8  # hash arrays of this run's names merged into one beyond this many
 
     def __init__(self) -> None:
-        self._arrays: list[np.ndarray] = []
+        self._arrays: list[np.ndarray] = []  # of stored files
+        self._runs: list[np.ndarray] = []  # of this run's names
         self._names: set[str] = set()
 
     def add_hashes(self, hashes: np.ndarray) -> None:
@@ -97,20 +102,21 @@ class NameIndex:
 
     def update(self, names: Iterable[str]) -> None:
         self._names.update(names)
+        if len(self._names) >= self.RECENT:
+            self._runs.append(np.sort(name_hashes(self._names)))
+            self._names.clear()
+            if len(self._runs) > self.RUNS:
+                self._runs = [np.sort(np.concatenate(self._runs))]
 
     def contains(self, names: Sequence[str]) -> np.ndarray:
         """A boolean array: which of ``names`` are in the index."""
         found = np.array([name in self._names for name in names], dtype=bool)
-        if self._arrays and len(names):
+        if (self._arrays or self._runs) and len(names):
             hashes = name_hashes(names)
-            for array in self._arrays:
+            for array in [*self._arrays, *self._runs]:
                 positions = np.minimum(np.searchsorted(array, hashes), len(array) - 1)
                 found |= array[positions] == hashes
         return found
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and bool(self.contains([name])[0])
-
-    def hashes(self) -> np.ndarray:
-        """Every hash in the index, sorted and unique (the stored ones and this run's)."""
-        return np.unique(np.concatenate([*self._arrays, name_hashes(self._names), np.empty(0, np.uint64)]))
