@@ -768,6 +768,8 @@ class StoreWriter:
             fsync_path(final.parent, directory=True)
         except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
+            if not final.exists():  # a new file's index, written before a failed rename
+                remove_index(final)
             raise StoreError(
                 f"{self.path}: cannot update the store ({describe_error(error)}); the previous "
                 "store is intact and finished results are kept for the next run"
