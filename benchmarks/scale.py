@@ -218,15 +218,18 @@ def incremental(real: Path, work: Path, gigabytes: float, add: int, kills: int, 
     return rows
 
 
-RESUME = (
-    "import json, resource, sys, time; from pathlib import Path;"
+PEAK = (  # VmHWM: the peak resident memory of this process image (ru_maxrss survives exec)
+    "def peak_kib(): return next(int(line.split()[1]) for line in open('/proc/self/status') "
+    "if line.startswith('VmHWM'))\n"
+)
+RESUME = PEAK + (
+    "import json, sys, time; from pathlib import Path;"
     "from sp_extract.store.writer import StoreWriter;"
     "t = time.perf_counter(); writer = StoreWriter(Path(sys.argv[1]), 'matches', {'matcher': 'nn'});"
     "opened = time.perf_counter() - t; keys = sys.argv[2:];"
     "t = time.perf_counter(); found = int(writer.done.contains(keys).sum()); asked = time.perf_counter() - t;"
     "writer.lock.release();"
-    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-    "print(json.dumps([opened, len(keys) / asked, found, peak]))"
+    "print(json.dumps([opened, len(keys) / asked, found, peak_kib()]))"
 )
 
 
@@ -254,7 +257,7 @@ def resume_start(work: Path, counts: list[int], images: int = 2000) -> list[dict
     """Opening a match store of n pairs to resume it (``StoreWriter``: what is done) and asking
     it about pairs: first without a name index (the walk every resume did before), then with
     the index that walk left."""
-    rows = []
+    rows = [index_load(work, 10**7)] if counts else []
     for count in counts:
         store = work / f"resume{count}.h5"
         keys = match_store(store, count, images)
@@ -270,6 +273,32 @@ def resume_start(work: Path, counts: list[int], images: int = 2000) -> list[dict
         for index in work.glob(f"resume{count}.h5*"):
             index.unlink()
     return rows
+
+
+INDEX_LOAD = PEAK + (
+    "import json, sys, time; from pathlib import Path;"
+    "from sp_extract.store.index import NameIndex, load_index;"
+    "t = time.perf_counter(); index = NameIndex(); index.add_hashes(load_index(Path(sys.argv[1])));"
+    "loaded = time.perf_counter() - t; keys = [f'img{i}.jpg/img{i + 1}.jpg' for i in range(65536)];"
+    "t = time.perf_counter(); index.contains(keys); asked = time.perf_counter() - t;"
+    "print(json.dumps([loaded, asked, peak_kib()]))"
+)
+
+
+def index_load(work: Path, count: int) -> dict:
+    """Loading the name index of a store of ``count`` entries (random hashes standing for the
+    names; the file it describes is a stand-in) and asking it about one chunk of 65,536 pairs."""
+    from sp_extract.store.index import write_index
+
+    stand_in = work / "index-stand-in.h5"
+    stand_in.write_bytes(b"")
+    write_index(stand_in, np.random.default_rng(0).integers(0, 2**63, count, dtype=np.uint64))
+    result = subprocess.run(
+        [sys.executable, "-c", INDEX_LOAD, str(stand_in)], capture_output=True, text=True, env=ENV
+    )
+    loaded, asked, peak = json.loads(result.stdout)
+    what = f"name index loaded; a chunk of 65,536 asked in {asked:.2f} s"
+    return {"what": what, "pairs": count, "seconds": loaded, "peak_mib": peak / 1024}
 
 
 def pairs_file(path: Path, count: int, names: int) -> Path:

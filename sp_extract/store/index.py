@@ -69,10 +69,10 @@ def write_index(file: Path, hashes: np.ndarray, described: Path | None = None) -
 
 
 def load_index(file: Path) -> np.ndarray | None:
-    """The sorted name hashes of ``file``, or None if its sidecar is missing, unreadable or
-    describes another file (then the file must be walked)."""
+    """The sorted name hashes of ``file`` (memory-mapped: read as they are searched), or None if
+    its sidecar is missing, unreadable or describes another file (then the file must be walked)."""
     with contextlib.suppress(OSError, ValueError):
-        stored = np.load(index_path(file), allow_pickle=False)
+        stored = np.load(index_path(file), mmap_mode="r", allow_pickle=False)
         valid = stored.dtype == np.uint64 and stored.ndim == 1 and len(stored) >= HEADER
         if valid and stored[0] == MAGIC and np.array_equal(stored[1:HEADER], identity(file)):
             return stored[HEADER:]
@@ -97,8 +97,9 @@ class NameIndex:
         self._names: set[str] = set()
 
     def add_hashes(self, hashes: np.ndarray) -> None:
+        """Add the names of a stored file: its hashes, sorted (as ``load_index`` gives them)."""
         if len(hashes):
-            self._arrays.append(np.sort(hashes))
+            self._arrays.append(hashes)
 
     def update(self, names: Iterable[str]) -> None:
         self._names.update(names)

@@ -574,7 +574,7 @@ class StoreWriter:
         hashes = load_index(file)
         if hashes is None:
             info = read_store_file(file, self.kind)
-            hashes = name_hashes(info.names)
+            hashes = np.unique(name_hashes(info.names))
             with contextlib.suppress(OSError):  # only an optimisation: a read-only folder is fine
                 write_index(file, hashes)
         return info, hashes
