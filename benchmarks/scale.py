@@ -48,14 +48,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+PEAK = (  # VmHWM: the peak resident memory of this process image (ru_maxrss survives exec)
+    "def peak_kib(): return next(int(line.split()[1]) for line in open('/proc/self/status') "
+    "if line.startswith('VmHWM'))\n"
+)
 
 
 def run(*args: str, timeout: float = 3600) -> tuple[float, float]:
     """Wall time (s) and peak memory (MiB) of ``sp-extract ARGS`` in a subprocess."""
-    code = (
-        "import resource, sys, runpy; sys.argv = ['sp-extract'] + sys.argv[1:];"
+    code = PEAK + (
+        "import sys, runpy; sys.argv = ['sp-extract'] + sys.argv[1:];"
         "\ntry: runpy.run_module('sp_extract', run_name='__main__')"
-        "\nfinally: print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+        "\nfinally: print('PEAK', peak_kib(), file=sys.stderr)"
     )
     started = time.perf_counter()
     result = subprocess.run(
@@ -218,10 +222,6 @@ def incremental(real: Path, work: Path, gigabytes: float, add: int, kills: int, 
     return rows
 
 
-PEAK = (  # VmHWM: the peak resident memory of this process image (ru_maxrss survives exec)
-    "def peak_kib(): return next(int(line.split()[1]) for line in open('/proc/self/status') "
-    "if line.startswith('VmHWM'))\n"
-)
 RESUME = PEAK + (
     "import json, sys, time; from pathlib import Path;"
     "from sp_extract.store.writer import StoreWriter;"
@@ -353,14 +353,14 @@ def read_first(pairs: Path, store: Path, whole: bool) -> tuple[float, float]:
     """Seconds until the pairs to match first are known, and the peak memory then: the first
     checked chunk (``read_pair_chunks``, match-pairs now) or, the baseline, the whole file
     read and checked (``read_pairs``, what match-pairs did before it streamed)."""
-    code = (
-        "import resource, sys, time; from pathlib import Path;"
+    code = PEAK + (
+        "import sys, time; from pathlib import Path;"
         "from sp_extract.pairs.core import read_pair_chunks, read_pairs;"
         "from sp_extract.store.writer import read_store_info;"
         "names = set(read_store_info(Path(sys.argv[2]), 'features')[1]); t = time.perf_counter();"
         "whole = sys.argv[3] == '1';"
         "read_pairs(sys.argv[1], names) if whole else next(read_pair_chunks(sys.argv[1], names));"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(time.perf_counter() - t, peak_kib())"
     )
     command = [sys.executable, "-c", code, str(pairs), str(store), str(int(whole))]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, check=True)
