@@ -538,7 +538,7 @@ class StoreWriter:
         self._sequence = 0
         self.segments_dir = segments_dir(self.path)
         self._main_hashes = np.empty(0, np.uint64)  # of the main file, when kept (set by _open)
-        self._segments: dict[Path, np.ndarray] = {}  # live segment -> its name hashes, oldest first
+        self._segments: list[Path] = []  # the store's segments, oldest first (set by _open)
         self.lock.acquire()
         try:
             self._discard_existing = overwrite
@@ -605,7 +605,7 @@ class StoreWriter:
                 remove_index(segment)
                 continue
             checked.append((info, segment))
-            self._segments[segment] = hashes
+            self._segments.append(segment)
             done.add_hashes(hashes)
         parts = [read_store_file(part, self.kind) for part in part_files(self.path)]  # complete: renamed
         if any(part.replacing and part.store_id != self.store_id for part in parts):
@@ -747,10 +747,10 @@ class StoreWriter:
                     names.append(name)
         return name_hashes(names)
 
-    def _write_file(self, final: Path, sources: list[Path], keep: bool) -> np.ndarray:
+    def _write_file(self, final: Path, sources: list[Path], keep: bool) -> None:
         """Write ``final`` (a copy of the main file if ``keep``, else a new file) with the entries
         of ``sources`` as a temporary, fsync it and its index, rename it into place and fsync the
-        folder; returns the hashes of the entries added. The sources are not touched."""
+        folder. The sources are not touched."""
         temporary = (
             self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             if final == self.path
@@ -777,7 +777,6 @@ class StoreWriter:
         except BaseException:  # a second Ctrl-C: the old files are intact
             temporary.unlink(missing_ok=True)
             raise
-        return added
 
     def _write_main(self, sources: list[Path], keep: bool) -> None:
         """Fold ``sources`` (segments, parts) into a new main file (a copy of the current one if
@@ -798,11 +797,11 @@ class StoreWriter:
             self.segments_dir.mkdir()
             fsync_path(self.segments_dir.parent, directory=True)
         final = self.segments_dir / f"seg-{time.time_ns():020d}-{os.getpid()}.h5"
-        self._segments[final] = self._write_file(final, sources, keep=False)
+        self._write_file(final, sources, keep=False)
+        self._segments = [segment for segment in self._segments if segment not in sources] + [final]
         for file in sources:
             file.unlink(missing_ok=True)
             remove_index(file)
-            self._segments.pop(file, None)
         with contextlib.suppress(OSError):  # the parts folder, once empty
             self.parts_dir.rmdir()
 
