@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from segment_writer import SETTINGS, entry, write_entries
 
 from sp_extract.errors import StoreError
 from sp_extract.inspect.info import store_info
+from sp_extract.matching.run import match_pairs
 from sp_extract.store import writer as store_writer
 from sp_extract.store.index import NameIndex, load_index, name_hashes
 from sp_extract.store.reader import open_store
@@ -155,6 +157,30 @@ def test_overwrite_drops_the_old_segments_and_check_reads_them(tmp_path: Path) -
     with open_store(store) as reader:
         assert reader.names() == ["x.jpg"]
     assert not segments(store)
+
+
+def test_match_pairs_reads_features_from_segments_and_writes_its_own(tmp_path: Path) -> None:
+    features = tmp_path / "feats.h5"
+    write_entries(features, [f"im{i:02d}.jpg" for i in range(24)])
+    write_entries(features, ["im00.jpg", "new0.jpg"])
+    write_entries(features, ["new0.jpg", "new1.jpg"])
+    assert len(segments(features)) == 2
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("im00.jpg new0.jpg\nnew0.jpg new1.jpg\n")
+    matches = tmp_path / "matches.h5"
+    assert match_pairs(pairs, features, matches).done == 2
+    pairs.write_text("im00.jpg new0.jpg\nnew0.jpg new1.jpg\nim01.jpg new1.jpg\n")
+    assert match_pairs(pairs, features, matches).done == 1  # resumed
+
+    compacted = tmp_path / "compacted" / "feats.h5"  # the same features in one file
+    shutil.copytree(features.with_name("feats.h5.segments"), compacted.with_name("feats.h5.segments"))
+    shutil.copy(features, compacted)
+    assert run_cli("compact", str(compacted)).returncode == 0 and not segments(compacted)
+    reference = tmp_path / "compacted" / "matches.h5"
+    match_pairs(pairs, compacted, reference)
+    with open_store(matches) as reader:
+        assert reader.names() == ["im00.jpg/new0.jpg", "im01.jpg/new1.jpg", "new0.jpg/new1.jpg"]
+    assert_entries_equal(all_entries(matches), read_entries(reference))
 
 
 def test_a_truncated_segment_is_refused_naming_repair(tmp_path: Path) -> None:
