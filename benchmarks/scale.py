@@ -72,11 +72,23 @@ def run(*args: str, timeout: float = 3600) -> tuple[float, float]:
     return elapsed, peak / 1024
 
 
-def real_store(work: Path) -> Path:
+def real_store(work: Path, max_keypoints: int | None = None) -> Path:
     store = work / "real.h5"
     weights = SHARED / "weights" / "superpoint_v1.pth"
     photos = SHARED / "data" / "sacre_coeur"
-    run("extract", str(photos), "--out", str(store), "--weights", str(weights), "--resize-max", "640", "-q")
+    options = ["--max-keypoints", str(max_keypoints)] if max_keypoints else []
+    run(
+        "extract",
+        str(photos),
+        "--out",
+        str(store),
+        "--weights",
+        str(weights),
+        "--resize-max",
+        "640",
+        "-q",
+        *options,
+    )
     return store
 
 
@@ -385,13 +397,15 @@ def main() -> None:
     parser.add_argument("--big-gb", type=float, default=0.0, help="Incremental add to a store of G GB.")
     parser.add_argument("--kills", type=int, default=5, help="With --big-gb: SIGKILLed adds.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-keypoints", type=int, help="Of the real entries (smaller stores).")
+    parser.add_argument("--no-retrieval", action="store_true", help="Skip pairs retrieval.")
     parser.add_argument("--resume-pairs", type=int, nargs="*", default=[], help="Match stores of N pairs.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="sp-scale-") as folder:
         work = Path(folder)
-        real = real_store(work)
+        real = real_store(work, args.max_keypoints)
         rows += resume_start(work, args.resume_pairs)
         if args.big_gb:
             rows += incremental(real, work, args.big_gb, args.add, args.kills, args.seed)
@@ -405,6 +419,8 @@ def main() -> None:
                 ("pairs retrieval -k 10 (nothing new)", ["pairs", "retrieval", "-k", "10", "--no-connect"]),
             ]:
                 if name.startswith("pairs exhaustive") and size > 2000:
+                    continue
+                if name.startswith("pairs retrieval") and args.no_retrieval:
                     continue
                 seconds, peak = run(*options, "--features", str(store), "-o", str(out))
                 rows.append({"what": name, "entries": size, "seconds": seconds, "peak_mib": peak})
