@@ -3,6 +3,7 @@ adding images to a store, on synthetic stores made by copying real entries under
 
 Usage: python benchmarks/scale.py [--sizes 1000 10000] [--pairs 10000 1000000 10000000]
        [--match-store 2000] [--add 10] [--baseline-max 1000000] [--json results.json]
+       [--max-keypoints 256] [--no-retrieval] [--resume-pairs 100000] [--big-gb 10 --kills 5]
 
 - stores: a real store of the shared photos (extracted once, 640 px) copied entry by entry
   under new names to each of --sizes entries;
