@@ -102,6 +102,10 @@ def test_runs_add_segments_merge_fold_and_compact(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "feats.h5.index"]
     again = run_cli("compact", str(store))
     assert again.returncode == 0 and "nothing to fold" in again.stderr
+    (tmp_path / "notes.h5").write_text("not a store\n")
+    refused = run_cli("compact", str(tmp_path / "notes.h5"))
+    assert refused.returncode == 2 and "not an HDF5 file, nothing to compact" in refused.stderr
+    (tmp_path / "notes.h5").unlink()
 
     more = [f"c/im{i:02d}.jpg" for i in range(7)]  # 7/53 of the store: past 1/8, folded at once
     write_entries(store, names + more)

@@ -21,11 +21,14 @@ def compact_store(path: Path) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"{path}: no such store")
+    if not h5py.is_hdf5(path):
+        raise StoreError(f"{path}: not an HDF5 file, nothing to compact")
     kind = None
     with contextlib.suppress(*H5_ERRORS), h5py.File(path, "r") as h5:
         kind = h5.attrs.get(KIND_ATTR)
-    kind = str(kind) if kind in MARKERS else "features"  # read_store_file names what it is not
-    info = read_store_file(path, kind, scan=False)
+        if kind not in MARKERS:
+            raise StoreError(f"{path}: not an sp-extract store (no {KIND_ATTR} attribute)")
+    info = read_store_file(path, str(kind or "features"), scan=False)  # a damaged file: names repair
     segments = len(live_segments(path, kind, info.store_id))
     parts = len(part_files(path))
     if segments or parts:
