@@ -198,6 +198,7 @@ def test_a_truncated_segment_is_refused_naming_repair(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match=rf"{store}: damaged store.*segment {segment.name}.*repair {store}"):
         StoreWriter(store, "features", SETTINGS)
+    assert list(store_info(store).damaged) == [f"(segment {segment.name})"]  # info lists it
     result = run_cli("repair", str(store))
     assert result.returncode == 1, result.stderr
     repaired = read_entries(tmp_path / "feats.repaired.h5")

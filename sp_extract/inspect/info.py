@@ -28,8 +28,8 @@ from ..store.writer import (
     SETTINGS_ATTR,
     STORE_ID_ATTR,
     VERSION_ATTR,
-    live_segments,
     part_files,
+    segment_files,
 )
 from ..store.writer import MARKERS as _MARKERS
 
@@ -237,11 +237,15 @@ def store_info(path: Path) -> StoreInfo:
             info.damaged["(file)"] = f"cut short at {size} of {recorded} bytes"
         _describe_entries(h5, info)
         store_id = h5.attrs.get(STORE_ID_ATTR)
-    for segment in live_segments(path, kind, None if store_id is None else str(store_id)):
-        info.segments += 1
-        info.size_bytes += segment.stat().st_size
-        with h5py.File(segment, "r", locking=False) as h5:
-            _describe_entries(h5, info)
+    for segment in segment_files(path):  # those of a store an --overwrite replaced are not its
+        try:
+            with h5py.File(segment, "r", locking=False) as h5:
+                if h5.attrs.get(STORE_ID_ATTR) == store_id:
+                    info.segments += 1
+                    info.size_bytes += segment.stat().st_size
+                    _describe_entries(h5, info)
+        except H5_ERRORS as error:
+            info.damaged[f"(segment {segment.name})"] = f"unreadable ({_first_line(error)})"
     info.parts_pending = len(part_files(path))
     return info
 
