@@ -203,6 +203,7 @@ def cli(debug: bool) -> None:
     sp-extract merge feats.h5 feats.h5.shards/  shard stores (--shard K/N) -> one store
     sp-extract sfm IMAGES_DIR WORK_DIR        all five in one, growing the model on re-runs
     sp-extract info feats.h5                  what a store holds; 'show' draws it
+    sp-extract compact feats.h5               fold a grown store into one file, for hloc
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),
@@ -823,6 +824,29 @@ def repair(store: Path, out: Path | None, check: bool, json_report: Path | None)
     if check and out is not None:
         raise ConfigError("--check writes nothing: drop --out, or drop --check to repair")
     finish_run(check_store(store) if check else repair_store(store, out), json_report)
+
+
+# -- scale: folding a store's segments into its main file (issue 11) ---------------------------
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+@reports_errors
+def compact(store: Path) -> None:
+    """Fold STORE's segments (and a killed run's parts) into its main file.
+
+    Runs that add to a large store write their entries to immutable segment files in
+    STORE.segments/ instead of copying the whole store; every sp-extract command reads them.
+    hloc and other HDF5 readers see only STORE itself: run this first. Crash-safe (a new copy of
+    STORE replaces it atomically); on a store without segments or parts it does nothing.
+    """
+    from .store.compact import compact_store
+
+    segments, parts = compact_store(store)
+    folded = (
+        f"{segments} segment(s) and {parts} part file(s) folded into"
+        if segments or parts
+        else "nothing to fold:"
+    )
+    click.echo(f"compact: {folded} {store}", err=True)
 
 
 # -- deployment: exporting the network (issue 5) ------------------------------------------------

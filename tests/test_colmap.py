@@ -556,7 +556,8 @@ def test_colmap_stops_at_once_on_a_signal_and_leaves_nothing(tmp_path: Path, sig
     assert time.monotonic() - sent < 10  # the 45 pairs would take far longer
     assert "aborted" in run.text and "Traceback" not in run.text and "SIGTERM" not in run.text
     assert not Path(f"/proc/{child}").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "images", "matches.h5"]
+    stores = ["feats.h5", "feats.h5.index", "matches.h5", "matches.h5.index"]  # with their name indexes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*stores, "images"])
 
 
 def test_reconstruct_stops_at_once_on_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,6 +174,8 @@ def test_cluster_examples_parse_and_their_commands_exist() -> None:
     assert job["spec"]["completionMode"] == "Indexed"
     assert command[command.index("--shards") + 1] == str(job["spec"]["completions"])
     assert "--dependency=afterok" in (CLUSTER / "slurm_array.sh").read_text()
+
+
 # -- the nightly job: a cron entry, a systemd service and timer -----------------------------------
 NIGHTLY = ROOT / "examples" / "nightly"
 

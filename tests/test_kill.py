@@ -154,7 +154,7 @@ def kill_campaign(command: list[str], store: Path, reference: Path, seed: int) -
     assert final.finish() == 0, final.text
     assert read_entries(store).keys() == expected.keys()
     assert_entries_equal(read_entries(store), expected)
-    assert files(store) == initial | {store.name}  # no part, temporary or lock file left
+    assert files(store) == initial | {store.name, f"{store.name}.index"}  # no part, temporary or lock file
     return hits
 
 

@@ -476,7 +476,7 @@ def extract(
         network = TiledNetwork(runner, tile_size)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
         with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
-            todo = [n for n in names if n not in writer.done]
+            todo = [n for n, done in zip(names, writer.done.contains(names)) if not done]
             summary.skipped = len(names) - len(todo)
             progress = Progress(len(todo), "images", quiet=quiet)
             background = BackgroundWriter(writer)

@@ -21,7 +21,16 @@ import numpy as np
 from ..errors import StoreError
 from ..report import JsonReport
 from ..store.repair import stored_end_of_file
-from ..store.writer import H5_ERRORS, KIND_ATTR, REQUIRED, SETTINGS_ATTR, VERSION_ATTR, part_files
+from ..store.writer import (
+    H5_ERRORS,
+    KIND_ATTR,
+    REQUIRED,
+    SETTINGS_ATTR,
+    STORE_ID_ATTR,
+    VERSION_ATTR,
+    part_files,
+    segment_files,
+)
 from ..store.writer import MARKERS as _MARKERS
 
 CHECK_HINT = "verify every checksum with 'sp-extract repair --check {path}'"
@@ -40,6 +49,7 @@ class StoreInfo(JsonReport):
     counts: dict[str, int] = field(default_factory=dict)  # entry -> keypoints (or matches)
     descriptor_dtype: str | None = None
     parts_pending: int = 0
+    segments: int = 0  # segment files of the store (see docs/store-format.md), read with it
     damaged: dict[str, str] = field(default_factory=dict)  # entry (or the file) -> reason
     size_bytes: int = 0
 
@@ -82,6 +92,7 @@ class StoreInfo(JsonReport):
             "histogram": [{"low": lo, "high": hi, "entries": n} for lo, hi, n in self.histogram()],
             "descriptor_dtype": self.descriptor_dtype,
             "parts_pending": self.parts_pending,
+            "segments": self.segments,
             "damaged": self.damaged,
             "size_bytes": self.size_bytes,
         }
@@ -109,6 +120,11 @@ class StoreInfo(JsonReport):
             lines.append(f"descriptors: {self.descriptor_dtype}")
         pending = " (folded in by the next run that writes the store)" if self.parts_pending else ""
         lines.append(f"parts pending: {self.parts_pending}{pending}")
+        if self.segments:
+            lines.append(
+                f"segments: {self.segments} (part of the store; 'sp-extract compact {self.path}' folds them "
+                "into the main file, for hloc)"
+            )
         lines.append(f"damaged: {len(self.damaged)}")
         lines += [f"  {name}: {reason}" for name, reason in sorted(self.damaged.items())]
         if self.damaged:
@@ -220,6 +236,16 @@ def store_info(path: Path) -> StoreInfo:
         if recorded is not None and recorded > size:
             info.damaged["(file)"] = f"cut short at {size} of {recorded} bytes"
         _describe_entries(h5, info)
+        store_id = h5.attrs.get(STORE_ID_ATTR)
+    for segment in segment_files(path):  # those of a store an --overwrite replaced are not its
+        try:
+            with h5py.File(segment, "r", locking=False) as h5:
+                if h5.attrs.get(STORE_ID_ATTR) == store_id:
+                    info.segments += 1
+                    info.size_bytes += segment.stat().st_size
+                    _describe_entries(h5, info)
+        except H5_ERRORS as error:
+            info.damaged[f"(segment {segment.name})"] = f"unreadable ({_first_line(error)})"
     info.parts_pending = len(part_files(path))
     return info
 

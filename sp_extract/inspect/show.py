@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..pairs.core import flat_name, pair_key
+from ..store.reader import open_store
 from ..store.writer import H5_ERRORS, read_store_info
 
 BANNER_PX = 28
@@ -81,7 +82,7 @@ class FeatureSource:
         self.path = path
         self.settings, names = read_store_info(path, "features")
         self.names = set(names)
-        self.h5 = h5py.File(path, "r", locking=False)
+        self.h5 = open_store(path, locking=False)
 
     def get(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         if name not in self.names:
@@ -235,7 +236,7 @@ def show(
         verify = read_store_info(store, "matches")[0].get("verify")
         source = FeatureSource(Path(features))
         try:
-            with h5py.File(store, "r", locking=False) as h5:
+            with open_store(store, locking=False) as h5:
                 pictures = (draw_matches(source, h5, store, verify, images, job, max_size) for job in jobs)
                 written = _save(pictures, jobs, out, single)
         finally:

@@ -31,6 +31,7 @@ from ..interrupt import graceful_stop
 from ..pairs import core as pairs_core
 from ..pairs.core import Pair, pair_key, read_pair_chunks
 from ..report import Progress, Summary
+from ..store.reader import open_store
 from ..store.writer import StoreWriter, read_settings, read_store
 from .config import MatchConfig
 from .learned import match_batch
@@ -284,7 +285,7 @@ def match_pairs(
         progress = Progress(estimated, "pairs", quiet=quiet)
         try:
             with (
-                h5py.File(features, "r") as h5,
+                open_store(features) as h5,
                 ThreadPoolExecutor(os.cpu_count()) as pool,  # OpenCV releases the GIL
                 graceful_stop() as stop,
                 device_scope(target),
@@ -306,11 +307,9 @@ def match_pairs(
                     # earlier chunk (flushed below), are skipped
                     if shard is not None:
                         chunk = [p for p in chunk if shard.holds_pair(*p)]
-                    todo = [
-                        p
-                        for p in chunk
-                        if pair_key(*p) not in writer.done and pair_key(p[1], p[0]) not in writer.done
-                    ]
+                    done = writer.done.contains([pair_key(*p) for p in chunk])
+                    done |= writer.done.contains([pair_key(p[1], p[0]) for p in chunk])
+                    todo = [p for p, skip in zip(chunk, done) if not skip]
                     summary.total += len(chunk)
                     summary.skipped += len(chunk) - len(todo)
                     unseen = [n for n in dict.fromkeys(n for p in todo for n in p) if n not in counts]

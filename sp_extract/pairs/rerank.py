@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -18,6 +17,7 @@ from ..matching.config import MatchConfig
 from ..matching.nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
 from ..matching.run import FeatureCache
 from ..matching.verify import verify_matches
+from ..store.reader import open_store
 
 RERANK_MATCHING = MatchConfig(mutual=True, verify="fundamental", verify_threshold=4.0)
 
@@ -38,7 +38,7 @@ def rerank(
     work = CPU_WORK_ELEMENTS if device.type == "cpu" else MAX_BATCH_ELEMENTS
     known: dict[frozenset[str], int] = {}
     reordered = candidates.copy()
-    with h5py.File(features, "r") as h5, ThreadPoolExecutor() as pool:
+    with open_store(features) as h5, ThreadPoolExecutor() as pool:
         cache = FeatureCache(h5, device, cache_mb << 20, keypoints=True)
         for row, query in enumerate(queries):
             names = [database[i] for i in candidates[row] if i >= 0]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, StoreError
+from ..store.reader import open_store
 from ..store.writer import StoreLock, describe_error, fsync_path, read_store_info
 
 MODEL_FORMAT = 1
@@ -247,7 +248,7 @@ class GlobalIndex:
     def _update(
         self, settings: dict[str, Any], names: list[str], progress: Callable[[int], None] | None
     ) -> int:
-        with h5py.File(self.features, "r") as h5:
+        with open_store(self.features) as h5:
             self.model = self._load_model(settings) if self.folder.is_dir() else None
             if self.model is None:
                 shutil.rmtree(self.folder, ignore_errors=True)

@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..pairs.core import flat_name
 from ..report import JsonReport, counted, listed
+from ..store.reader import open_store
 from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info
 from .child import run_in_child
 
@@ -400,7 +401,7 @@ def write_database(
                     if summary.updated:
                         old_ids = {image.name: image.image_id for image in db.read_all_images()}
                         db.clear_all_tables()
-                    with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
+                    with open_store(features) as fh5, open_store(matches) as mh5:
                         ids, counts = _write_images(
                             db, fh5, images, names, old_ids, camera_model, single_camera, summary
                         )

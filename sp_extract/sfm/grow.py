@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
 from ..pairs.core import Pair, pair_key
+from ..store.reader import StoreReader, open_store
 from ..store.writer import damaged_error, describe_error, fsync_path
 from .child import run_in_child
 from .colmap import (
@@ -129,7 +129,7 @@ def _verify_missing(database: Path, seed: int, verbose: bool) -> int:
     return len(pairs)
 
 
-def _stored_pair(h5: h5py.File, name0: str, name1: str) -> tuple[str, str, str] | None:
+def _stored_pair(h5: StoreReader, name0: str, name1: str) -> tuple[str, str, str] | None:
     """The match store's group of a pair and its names in the group's order, or None."""
     for a, b in ((name0, name1), (name1, name0)):
         if pair_key(a, b) in h5:
@@ -149,7 +149,7 @@ def _shared_camera(db: Any) -> tuple[Any, int, str] | None:
 
 
 def _read_new(
-    fh5: h5py.File, images: Path, names: list[str], camera_model: str, single_camera: bool
+    fh5: StoreReader, images: Path, names: list[str], camera_model: str, single_camera: bool
 ) -> dict[str, int]:
     """Keypoint counts of the images ``names``, once everything ``_write_images`` reads of them
     (features, sizes, the image files' EXIF) was read without error: the transaction that
@@ -194,7 +194,7 @@ def _add(
             shared = _shared_camera(db) if single_camera and ids else None
             found: list[tuple[str, str, np.ndarray]] = []
             unmatched = 0
-            with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
+            with open_store(features) as fh5, open_store(matches) as mh5:
                 counts = _read_new(fh5, images, new, camera_model, single_camera)
                 for name0, name1 in pairs:
                     stored = _stored_pair(mh5, name0, name1)

@@ -26,6 +26,7 @@ from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
 from ..pairs.core import pair_key
 from ..report import Progress, Summary
+from .reader import StoreReader, open_store
 from .writer import (
     H5_ERRORS,
     KIND_ATTR,
@@ -156,7 +157,7 @@ def missing_shards(stores: list[Path]) -> list[str]:
 
 
 @contextlib.contextmanager
-def locked_inputs(stores: list[Path]) -> Iterator[list[h5py.File]]:
+def locked_inputs(stores: list[Path]) -> Iterator[list[StoreReader]]:
     """The inputs open for reading, each locked against writers and checked to have no
     unfinished results (``STORE.parts``, a run interrupted or still going)."""
     with contextlib.ExitStack() as stack:
@@ -171,7 +172,7 @@ def locked_inputs(stores: list[Path]) -> Iterator[list[h5py.File]]:
                     "again to finish it, then merge"
                 )
             try:
-                files.append(stack.enter_context(h5py.File(store, "r")))
+                files.append(stack.enter_context(open_store(store)))
             except H5_ERRORS as error:
                 raise open_error(store, error) from error
         yield files
@@ -192,7 +193,7 @@ def _check_alike(kind: str, stores: list[Path], infos: list[StoreInfo]) -> None:
             raise StoreError(f"{store}: made with other settings than {stores[0]} ({difference}){hint}")
 
 
-def _check_duplicates(stores: list[Path], files: list[h5py.File], holders: dict[str, list[int]]) -> None:
+def _check_duplicates(stores: list[Path], files: list[StoreReader], holders: dict[str, list[int]]) -> None:
     """An entry held by several inputs must be equal in all (else an error naming it)."""
     for name, indices in holders.items():
         if len(indices) < 2:

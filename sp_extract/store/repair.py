@@ -39,6 +39,7 @@ from .writer import (
     open_error,
     part_files,
     read_store_info,
+    segment_files,
     shape_problem,
 )
 
@@ -226,8 +227,12 @@ def repair_store(path: Path, out: Path | None = None) -> Summary:
     counts: dict[str, int] = {}
     with _open_damaged(path) as (h5, real_size):
         kind, settings, info = _read_header(h5, path)
+        store_id = h5.attrs.get(STORE_ID_ATTR)
         with StoreWriter(out, kind, settings, info=info) as writer:
             _salvage(h5, real_size, writer, counts, failures)
+            for segment in _segments(path, store_id, failures):
+                with _open_damaged(segment) as (source, size):
+                    _salvage(source, size, writer, counts, failures)
             for part in part_files(path):  # durable results a killed run had not folded in yet
                 try:
                     part_settings, _ = read_store_info(part, kind)
@@ -282,6 +287,7 @@ class CheckReport(JsonReport):
     kind: str = ""
     entries: int = 0
     parts: int = 0
+    segments: int = 0
     damaged: list[dict[str, str]] = field(default_factory=list)
     wall_time_s: float = 0.0
     exit_code: int = EXIT_OK
@@ -290,7 +296,10 @@ class CheckReport(JsonReport):
         return asdict(self)
 
     def lines(self) -> list[str]:
-        parts = f" (and {self.parts} part files)" if self.parts else ""
+        files = [
+            f"{n} {label}" for n, label in ((self.segments, "segments"), (self.parts, "part files")) if n
+        ]
+        parts = f" (and {', '.join(files)})" if files else ""
         lines = [
             f"check: {self.entries} {self.kind} entries read in {self.store}{parts}, "
             f"{len(self.damaged)} damaged, {self.wall_time_s:.1f} s"
@@ -313,6 +322,11 @@ def check_store(path: Path) -> CheckReport:
     with _open_damaged(path) as (h5, real_size):
         report.kind, _, _ = _read_header(h5, path)
         report.entries += _verify(h5, report.kind, real_size, damaged, "")
+        store_id = h5.attrs.get(STORE_ID_ATTR)
+    for segment in _segments(path, store_id, damaged):
+        report.segments += 1
+        with _open_damaged(segment) as (h5, size):
+            report.entries += _verify(h5, report.kind, size, damaged, f"{segment.name}: ")
     for part in part_files(path):
         report.parts += 1
         try:
@@ -324,6 +338,20 @@ def check_store(path: Path) -> CheckReport:
     report.exit_code = EXIT_SOME_FAILED if damaged else EXIT_OK
     report.wall_time_s = time.monotonic() - started
     return report
+
+
+def _segments(path: Path, store_id: Any, damaged: dict[str, str]) -> list[Path]:
+    """The segments of the store whose main file has ``store_id`` (those of a replaced store are
+    not part of it); a segment whose header cannot be read goes into ``damaged``."""
+    found = []
+    for segment in segment_files(path):
+        try:
+            with _open_damaged(segment) as (h5, _):
+                if h5.attrs.get(STORE_ID_ATTR) == store_id:
+                    found.append(segment)
+        except StoreError as error:
+            damaged[str(segment)] = str(error)
+    return found
 
 
 def _verify(h5: h5py.File, kind: str, real_size: int, damaged: dict[str, str], prefix: str) -> int:

@@ -1,14 +1,18 @@
 """Stage 6, store: the only code that writes HDF5 stores (features and matches).
 
-Crash safety by construction: an HDF5 file modified in place is not atomic, so a store is
-never modified in place. Finished entries are buffered, written to a complete part file,
+Crash safety by construction: an HDF5 file modified in place is not atomic, so no store file
+is ever modified in place. Finished entries are buffered, written to a complete part file,
 fsynced and renamed into ``STORE.parts/`` (from then on they are durable and reported saved).
-``close`` folds the parts into a new copy of the store and renames it over the old one, an
-atomic step; a run killed at any instant leaves the old store intact and its parts folded in
-by the next run. Every directory entry that durability depends on (the parts folder, each
-part, the renamed store) is fsynced in its folder. Datasets carry a Fletcher-32 checksum, so
-bit rot is detected on read. One writer at a time: an OS-level lock (``lockf``) on
-``STORE.lock``, released by the kernel when its holder dies. ``repair.py`` salvages damaged
+``close`` turns the parts into one immutable segment file in ``STORE.segments/`` (cost: what
+was added), merges segments of one size class, and folds the segments into a new copy of the
+main file only when they reach 1/8 of it (or the main file is small), so the copy of the
+store is paid once per eighth of its size added; ``compact`` folds everything. Each step
+writes a new file, fsyncs it, renames it into place and fsyncs the folder before deleting its
+sources, so a run killed at any instant leaves either the old or the new set of files, and an
+entry found in two files is the same entry. Each file's entry names are indexed in a sidecar
+(``index.py``). Datasets carry a Fletcher-32 checksum, so bit rot is detected on read. One
+writer at a time: an OS-level lock (``lockf``) on ``STORE.lock``, released by the kernel when
+its holder dies. ``reader.py`` reads a store's files as one; ``repair.py`` salvages damaged
 stores through this writer.
 """
 
@@ -35,6 +39,7 @@ import numpy as np
 from .. import __version__
 from ..errors import StoreError
 from ..interrupt import graceful_stop, stop_requests
+from .index import NameIndex, index_path, load_index, name_hashes, remove_index, write_index
 
 KIND_ATTR = "sp_extract_kind"
 REPLACING_ATTR = "sp_extract_replacing"  # on the parts of an --overwrite run not yet folded
@@ -47,6 +52,12 @@ REQUIRED = {  # the datasets of a complete entry
     "matches": ("matches0", "matching_scores0"),
 }
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)  # what h5py raises on damaged files
+
+FOLD_FRACTION = 8  # segments are folded into the main file when they reach 1/8 of it
+TIER_FANOUT = 4  # this many segments of one size class are merged into one
+# a main file smaller than this is always folded into at once (a copy of well under a second),
+# so small stores stay one file; SP_EXTRACT_FOLD_BELOW (bytes) changes it, e.g. for tests
+FOLD_BELOW = int(os.environ.get("SP_EXTRACT_FOLD_BELOW", 64 << 20))
 
 Entry = dict[str, np.ndarray]
 EntryAttrs = dict[str, dict[str, Any]]
@@ -192,12 +203,39 @@ class StoreInfo:
 
 
 def read_store(path: Path, kind: str, option: str = "--out") -> StoreInfo:
-    """``StoreInfo`` of an existing store of ``kind``, refusing another tool's file or a store
-    whose structure is damaged (``scan_entries``), with a one-line ``StoreError``.
+    """``StoreInfo`` of an existing store of ``kind`` (its main file and its segments), refusing
+    another tool's file or a store whose structure is damaged (``scan_entries``), with a one-line
+    ``StoreError``.
 
     ``option`` is the option that named ``path``: a refused input (``--features``, ``--matches``)
     is answered with what that option needs, never with advice to replace or remove the file.
     """
+    info = read_store_file(path, kind, option)
+    segments = live_segments(path, kind, info.store_id)
+    if segments:
+        names = set(info.names)
+        for segment in segments:
+            with segment_errors(path, segment):
+                names.update(read_store_file(segment, kind, option).names)
+        info.names = sorted(names)
+    return info
+
+
+@contextlib.contextmanager
+def segment_errors(store: Path, segment: Path) -> Iterator[None]:
+    """Report a damaged segment as damage to its store (``repair`` takes the store's path)."""
+    try:
+        yield
+    except StoreError as error:
+        cause = str(error).partition(" (")[2].rpartition(")")[0] or "unreadable"
+        raise damaged_error(store, f"its segment {segment.name}: {cause}") from error
+    except H5_ERRORS as error:
+        raise damaged_error(store, f"its segment {segment.name}: {describe_error(error)}") from error
+
+
+def read_store_file(path: Path, kind: str, option: str = "--out", scan: bool = True) -> StoreInfo:
+    """``read_store`` of one file (a main file, segment or part); without ``scan``, only its
+    attributes are read and checked (``names`` is then empty)."""
     needed = f"{option} must name a {kind[:-1].replace('matche', 'match')} store written by sp-extract"
     if not h5py.is_hdf5(path):
         advice = "choose another --out" if option == "--out" else needed
@@ -215,7 +253,7 @@ def read_store(path: Path, kind: str, option: str = "--out") -> StoreInfo:
             store_id = h5.attrs.get(STORE_ID_ATTR)
             return StoreInfo(
                 settings,
-                scan_entries(h5, kind),
+                scan_entries(h5, kind) if scan else [],
                 None if store_id is None else str(store_id),
                 bool(h5.attrs.get(REPLACING_ATTR, False)),
             )
@@ -250,6 +288,33 @@ def part_files(store: Path) -> list[Path]:
     """A store's part files, oldest first (their names start with a nanosecond timestamp)."""
     folder = parts_dir(store)
     return sorted(folder.glob("part-*.h5")) if folder.is_dir() else []
+
+
+def segments_dir(store: Path) -> Path:
+    """The folder holding a store's immutable segment files."""
+    return store.with_name(store.name + ".segments")
+
+
+def segment_files(store: Path) -> list[Path]:
+    """A store's segment files, oldest first (their names start with a nanosecond timestamp)."""
+    folder = segments_dir(store)
+    return sorted(folder.glob("seg-*.h5")) if folder.is_dir() else []
+
+
+def live_segments(store: Path, kind: str, store_id: str | None) -> list[Path]:
+    """The segments belonging to the store whose main file has ``store_id``. Segments of a store
+    that an ``--overwrite`` run replaced (killed before deleting them) are not part of it."""
+    found = []
+    for segment in segment_files(store):
+        with segment_errors(store, segment):
+            if read_store_file(segment, kind, scan=False).store_id == store_id:
+                found.append(segment)
+    return found
+
+
+def size_class(size: int) -> int:
+    """Segments of one size class (powers of 4 bytes) are merged once there are ``TIER_FANOUT``."""
+    return max(size, 1).bit_length() // 2
 
 
 class DescriptorFile(io.RawIOBase):
@@ -475,6 +540,9 @@ class StoreWriter:
         self._stops_at_open = stop_requests()
         self._last_flush = time.monotonic()
         self._sequence = 0
+        self.segments_dir = segments_dir(self.path)
+        self._main_hashes = np.empty(0, np.uint64)  # of the main file, when kept (set by _open)
+        self._segments: list[Path] = []  # the store's segments, oldest first (set by _open)
         self.lock.acquire()
         try:
             self._discard_existing = overwrite
@@ -485,46 +553,87 @@ class StoreWriter:
 
     # -- opening ---------------------------------------------------------------------------
     def _remove_stale_temporaries(self) -> None:
-        """Delete what killed runs left half-written: fold copies and part files not renamed."""
+        """Delete what killed runs left half-written: fold copies, part, segment and index files
+        not renamed."""
         fold_temporary = re.compile(re.escape(f".{self.path.name}.") + r"\d+\.tmp")
         with os.scandir(self.path.parent) as entries:
             for entry in entries:
                 if fold_temporary.fullmatch(entry.name):
                     Path(entry.path).unlink(missing_ok=True)
-        if self.parts_dir.is_dir():
-            for stale in self.parts_dir.glob("*.tmp"):
-                stale.unlink(missing_ok=True)
+        index_path(self.path).with_name(index_path(self.path).name + ".tmp").unlink(missing_ok=True)
+        for folder in (self.parts_dir, self.segments_dir):
+            if folder.is_dir():
+                for stale in folder.glob("*.tmp"):
+                    stale.unlink(missing_ok=True)
+        for index in self.segments_dir.glob("seg-*.h5.index"):  # a kill before its segment's rename
+            if not index.with_suffix("").exists():
+                index.unlink(missing_ok=True)
 
-    def _open(self, overwrite: bool) -> set[str]:
+    def _indexed(self, file: Path) -> tuple[StoreInfo, np.ndarray]:
+        """Attributes and name hashes of a main file or segment. A file with a valid sidecar
+        index was checked when it was written and is not walked again; one without (an older
+        store, a kill between two renames, a copied or edited file) is walked and checked
+        (``read_store_file``) and gets its index, so the next run skips it."""
+        info = read_store_file(file, self.kind, scan=False)
+        hashes = load_index(file)
+        if hashes is None:
+            info = read_store_file(file, self.kind)
+            hashes = np.unique(name_hashes(info.names))
+            with contextlib.suppress(OSError):  # only an optimisation: a read-only folder is fine
+                write_index(file, hashes)
+        return info, hashes
+
+    def _open(self, overwrite: bool) -> NameIndex:
         self._remove_stale_temporaries()
         if overwrite:
             return self._open_replacing()
-        done: set[str] = set()
-        store = read_store(self.path, self.kind) if self.path.exists() else None
-        # an older store without an id stays without one; a new store gets one
-        self.store_id = store.store_id if store else uuid.uuid4().hex
-        parts = [read_store(part, self.kind) for part in part_files(self.path)]  # complete: renamed
+        done = NameIndex()
+        checked: list[tuple[StoreInfo, Path]] = []  # settings checked once leftovers are
+        if self.path.exists():
+            store, self._main_hashes = self._indexed(self.path)
+            self.store_id = store.store_id  # an older store without an id stays without one
+            checked.append((store, self.path))
+            done.add_hashes(self._main_hashes)
+        elif segment_files(self.path):
+            raise StoreError(
+                f"{self.path}: the main file is missing but {self.segments_dir} holds part of the "
+                f"store; restore {self.path.name}, or delete {self.segments_dir} to start afresh"
+            )
+        else:
+            self.store_id = uuid.uuid4().hex
+        for segment in segment_files(self.path):
+            with segment_errors(self.path, segment):
+                info, hashes = self._indexed(segment)
+            if info.store_id != self.store_id:  # left by an --overwrite run killed before deleting it
+                segment.unlink()
+                remove_index(segment)
+                continue
+            checked.append((info, segment))
+            self._segments.append(segment)
+            done.add_hashes(hashes)
+        parts = [read_store_file(part, self.kind) for part in part_files(self.path)]  # complete: renamed
         if any(part.replacing and part.store_id != self.store_id for part in parts):
             raise StoreError(
                 f"{self.path}: {self.parts_dir} holds the unfinished results of an --overwrite run; "
                 "run that command again (with --overwrite) to finish replacing the store, or delete "
                 f"{self.parts_dir} to keep the store as it is"
             )
-        for info in [store, *parts] if store else parts:
-            self._check_settings(info.settings, self.path)
-            done.update(info.names)
+        for info, where in [*checked, *((part, self.path) for part in parts)]:
+            self._check_settings(info.settings, where)
+        for part in parts:
+            done.update(part.names)
         return done
 
-    def _open_replacing(self) -> set[str]:
+    def _open_replacing(self) -> NameIndex:
         """Resume the parts of an unfinished replacement with these settings; delete any other
         part (of the old store, of a replacement with other settings, or already folded)."""
         current = None
         with contextlib.suppress(*H5_ERRORS), h5py.File(self.path, "r") as h5:
             current = h5.attrs.get(STORE_ID_ATTR)
-        done: set[str] = set()
+        done = NameIndex()
         for part in part_files(self.path):
             try:
-                info = read_store(part, self.kind)
+                info = read_store_file(part, self.kind)
             except StoreError:
                 info = None
             resumable = (
@@ -602,44 +711,109 @@ class StoreWriter:
         self._buffer.clear()
         return names
 
-    def fold(self) -> None:
-        """Fold all parts into the store: write a new file, fsync, rename it over the old one."""
+    def fold(self, compact: bool = False) -> None:
+        """Bring the durable parts into the store: into a new main file when the store is new,
+        replaced, small (under ``FOLD_BELOW`` bytes), compacted, or when its segments and parts
+        together reach ``1/FOLD_FRACTION`` of the main file; otherwise into one new segment,
+        then segments of one size class are merged."""
         parts = part_files(self.path)
-        if not parts and not self._discard_existing and self.path.exists():
+        if self._discard_existing or not self.path.exists():
+            self._write_main(parts, keep=False)
             return
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if not parts and not (compact and self._segments):
+            return
+        added = sum(file.stat().st_size for file in [*parts, *self._segments])
+        main = self.path.stat().st_size
+        if compact or main < FOLD_BELOW or added * FOLD_FRACTION >= main:
+            self._write_main([*self._segments, *parts], keep=True)
+            return
+        if parts:
+            self._write_segment(parts)
+        while True:
+            tiers: dict[int, list[Path]] = {}
+            for segment in self._segments:
+                tiers.setdefault(size_class(segment.stat().st_size), []).append(segment)
+            full = [tier for tier in tiers.values() if len(tier) >= TIER_FANOUT]
+            if not full:
+                return
+            self._write_segment(full[0])
+
+    def _copy_entries(self, sources: list[Path], out: h5py.File) -> np.ndarray:
+        """Copy every entry of ``sources`` (in order: a later copy of a name wins) into ``out``;
+        returns their name hashes."""
+        names: list[str] = []
+        for source_path in sources:
+            with h5py.File(source_path, "r") as source:
+                for name in entry_names(source, MARKERS[self.kind]):
+                    if name in out:  # copied already by a run killed before deleting its sources
+                        del out[name]
+                    source.copy(source[name], out, name=name)
+                    names.append(name)
+        return name_hashes(names)
+
+    def _write_file(self, final: Path, sources: list[Path], keep: bool) -> None:
+        """Write ``final`` (a copy of the main file if ``keep``, else a new file) with the entries
+        of ``sources`` as a temporary, fsync it and its index, rename it into place and fsync the
+        folder. The sources are not touched."""
+        temporary = (
+            self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            if final == self.path
+            else final.with_name(final.name + ".tmp")
+        )
         try:
-            copy = self.path.exists() and not self._discard_existing
-            if copy:
+            if keep:
                 shutil.copyfile(self.path, temporary)
-            with _hdf5_writing(temporary, create=not copy) as out:
+            with _hdf5_writing(temporary, create=not keep) as out:
                 self._write_header(out)
-                for part in parts:
-                    with h5py.File(part, "r") as source:
-                        for name in entry_names(source, MARKERS[self.kind]):
-                            if name in out:  # folded already by a run killed before deleting parts
-                                del out[name]
-                            source.copy(source[name], out, name=name)
-            os.replace(temporary, self.path)
-            fsync_path(self.path.parent, directory=True)
+                added = self._copy_entries(sources, out)
+            kept = self._main_hashes if keep else np.empty(0, np.uint64)
+            write_index(final, np.concatenate([kept, added]), described=temporary)
+            os.replace(temporary, final)
+            fsync_path(final.parent, directory=True)
         except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
+            if not final.exists():  # a new file's index, written before a failed rename
+                remove_index(final)
             raise StoreError(
                 f"{self.path}: cannot update the store ({describe_error(error)}); the previous "
                 "store is intact and finished results are kept for the next run"
             ) from error
-        except BaseException:  # a second Ctrl-C: the old store and the parts are intact
+        except BaseException:  # a second Ctrl-C: the old files are intact
             temporary.unlink(missing_ok=True)
             raise
-        self._discard_existing = False
-        for part in parts:
-            part.unlink()
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
 
-    def close(self) -> None:
-        """Flush, fold and release the lock. A first SIGINT/SIGTERM meanwhile lets the fold
-        finish (and is then handled as usual); a second one aborts it, the old store intact.
-        A replacement whose run a signal stopped is not folded: the old store stays as it is."""
+    def _write_main(self, sources: list[Path], keep: bool) -> None:
+        """Fold ``sources`` (segments, parts) into a new main file (a copy of the current one if
+        ``keep``), then delete them; a new (replacing) main file ends every segment."""
+        self._write_file(self.path, sources, keep)
+        self._discard_existing = False
+        for file in [*sources, *segment_files(self.path)]:
+            file.unlink(missing_ok=True)
+            remove_index(file)
+        self._segments.clear()
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        shutil.rmtree(self.segments_dir, ignore_errors=True)
+
+    def _write_segment(self, sources: list[Path]) -> None:
+        """Consolidate ``sources`` (parts, or segments of one size class) into one new segment,
+        then delete them."""
+        if not self.segments_dir.is_dir():
+            self.segments_dir.mkdir()
+            fsync_path(self.segments_dir.parent, directory=True)
+        final = self.segments_dir / f"seg-{time.time_ns():020d}-{os.getpid()}.h5"
+        self._write_file(final, sources, keep=False)
+        self._segments = [segment for segment in self._segments if segment not in sources] + [final]
+        for file in sources:
+            file.unlink(missing_ok=True)
+            remove_index(file)
+        with contextlib.suppress(OSError):  # the parts folder, once empty
+            self.parts_dir.rmdir()
+
+    def close(self, compact: bool = False) -> None:
+        """Flush, fold (``compact``: everything into the main file) and release the lock. A first
+        SIGINT/SIGTERM meanwhile lets the fold finish (and is then handled as usual); a second one
+        aborts it, the old files intact. A replacement whose run a signal stopped is not folded:
+        the old store stays as it is."""
         try:
             with graceful_stop(redeliver=True):
                 self.flush()
@@ -649,7 +823,7 @@ class StoreWriter:
                         "same command (with --overwrite) again to finish it"
                     )
                     return
-                self.fold()
+                self.fold(compact)
         finally:
             self.lock.release()
 
