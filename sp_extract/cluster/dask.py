@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError, SpExtractError, StoreError
 from ..report import ExtractSummary, Progress, Summary
+from ..store.writer import remove_store
 from .shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 
 SHARD_IMAGES = 2000  # a shard's images when --shards is not given (README "Running on a cluster")
@@ -262,8 +263,8 @@ def run_sharded(
     merged.failed += [{"name": f"shard {job.shard}", "reason": str(error)} for job, error in failed]
     if not failed and not merged.interrupted:  # everything is in OUT: the shards have served
         for job in jobs:
-            for path in (job.store, job.work):
-                path.unlink(missing_ok=True)
+            remove_store(job.store)
+            job.work.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept if it holds anything else
             folder.rmdir()
     return merged, summaries, len(held)

@@ -301,6 +301,16 @@ def segment_files(store: Path) -> list[Path]:
     return sorted(folder.glob("seg-*.h5")) if folder.is_dir() else []
 
 
+def remove_store(store: Path) -> None:
+    """Delete a finished store whole: its main file, segments and their name indexes (a merged
+    shard, for example). The caller holds no writer on it."""
+    for file in [*segment_files(store), store]:
+        file.unlink(missing_ok=True)
+        remove_index(file)
+    with contextlib.suppress(OSError):  # kept if it holds anything else
+        segments_dir(store).rmdir()
+
+
 def live_segments(store: Path, kind: str, store_id: str | None) -> list[Path]:
     """The segments belonging to the store whose main file has ``store_id``. Segments of a store
     that an ``--overwrite`` run replaced (killed before deleting them) are not part of it."""
