@@ -255,6 +255,7 @@ class DatabaseSummary(JsonReport):
     matches: int = 0
     verified_pairs: int = 0
     inlier_matches: int = 0
+    refined_keypoints: int = 0  # keypoints moved by --refine-keypoints
     updated: bool = False
     warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
@@ -267,7 +268,8 @@ class DatabaseSummary(JsonReport):
         verb = "updated" if self.updated else "written"
         return [
             f"colmap: {self.database} {verb}: {counted(self.images, 'image')}, "
-            f"{counted(self.cameras, 'camera')}, {counted(self.keypoints, 'keypoint')}",
+            f"{counted(self.cameras, 'camera')}, {counted(self.keypoints, 'keypoint')}"
+            + (f" ({self.refined_keypoints} refined)" if self.refined_keypoints else ""),
             f"{counted(self.matched_pairs, 'matched pair')} ({counted(self.matches, 'match', 'matches')}), "
             f"{counted(self.verified_pairs, 'verified pair')} "
             f"({counted(self.inlier_matches, 'inlier match', 'inlier matches')})",
@@ -285,6 +287,7 @@ def _write_images(
     camera_model: str,
     single_camera: bool,
     summary: DatabaseSummary,
+    refined: dict[str, np.ndarray],
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Cameras, trivial rigs, images, frames and keypoints; returns image ids and keypoint counts."""
     pycolmap = import_pycolmap()
@@ -322,6 +325,9 @@ def _write_images(
         frame.rig_id = rig_id
         frame.add_data_id(image.data_id)
         db.write_frame(frame)
+        if name in refined:
+            summary.refined_keypoints += int((refined[name] != keypoints).any(axis=1).sum())
+            keypoints = refined[name]
         db.write_keypoints(image.image_id, keypoints + np.float32(COLMAP_OFFSET))
         ids[name], counts[name] = image.image_id, len(keypoints)
         summary.keypoints += len(keypoints)
@@ -340,6 +346,7 @@ def write_database(
     seed: int = 0,
     num_threads: int = -1,
     verbose: bool = False,
+    refine_keypoints: bool = False,
 ) -> DatabaseSummary:
     """Write a COLMAP database from a feature store and a match store, with verified pairs.
 
@@ -348,7 +355,8 @@ def write_database(
     feature store is updated (image ids kept, everything else rewritten); one holding other
     images is refused unless ``overwrite``. The database is written to a temporary file and
     renamed into place at the end. ``seed`` fixes the RANSAC of the verification (with
-    ``num_threads=1`` the run is repeatable).
+    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` writes the keypoints as
+    ``adjust.adjust_store_keypoints`` moves them on the matched image patches.
     """
     pycolmap = import_pycolmap()
     started = time.monotonic()
@@ -387,6 +395,11 @@ def write_database(
     temporary = _temporary_beside(database)
     temporary.unlink(missing_ok=True)
     try:
+        refined: dict[str, np.ndarray] = {}
+        if refine_keypoints:
+            from .adjust import adjust_store_keypoints
+
+            refined = adjust_store_keypoints(features, matches, images, names, pairs)
         with failures_reported(database, "write the database"):
             if summary.updated:
                 shutil.copyfile(database, temporary)
@@ -398,7 +411,7 @@ def write_database(
                         db.clear_all_tables()
                     with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
                         ids, counts = _write_images(
-                            db, fh5, images, names, old_ids, camera_model, single_camera, summary
+                            db, fh5, images, names, old_ids, camera_model, single_camera, summary, refined
                         )
                         for key, name0, name1 in pairs:
                             found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)
