@@ -12,11 +12,13 @@ featuremetric keypoint adjustment (with normalised image intensities for the fea
 * the shifts of all matches are reconciled by one sparse least-squares solve over every matched
   keypoint (a match's ends move in opposite directions, a keypoint's matches pull together),
   with a small pull towards the detected positions that fixes the common translation;
-* a few such Gauss-Newton rounds; a match whose patches correlate below ``min_correlation``
-  (a wrong match, or views too different for a translation) takes no part, and no keypoint
-  moves more than ``max_shift`` pixels per axis from where it was detected.
+* a few such Gauss-Newton rounds. In each, a match takes no part when its patches correlate
+  below ``min_correlation`` or its step exceeds ``max_shift`` (a wrong match, or views too
+  different for a translation); a keypoint moves at most ``max_shift`` pixels per axis from
+  where it was detected, and one still pulled beyond that at the end goes back there.
 
 Keypoints are in the store's frame (pixel centres at integers). Unmatched keypoints stay put.
+The matches are the raw ones (COLMAP's verification runs on the adjusted keypoints after).
 """
 
 from __future__ import annotations
@@ -26,15 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import h5py
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
 
 from ..errors import ConfigError, DecodeError, StoreError
 from ..extraction.decode import read_gray
-from ..store.writer import damaged_error, describe_error
-from .colmap import read_matches
+from ..store.writer import describe_error
+from .colmap import COLMAP_OFFSET, import_pycolmap
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class AdjustOptions:
     iterations: int = 5
     max_shift: float = 1.0  # pixels per axis from the detected position
     min_correlation: float = 0.5  # normalised cross-correlation of a match's patches
-    prior: float = 0.1  # pull towards the detected position, relative to a match's mean information
+    prior: float = 0.3  # pull towards the detected position, relative to a match's mean information
+    # (the defaults were chosen on benchmarks/subpixel.py's synthetic pairs, docs/accuracy.md)
 
 
 class Windows:
@@ -153,7 +155,7 @@ def adjust_keypoints(
     count = len(used)
     for _ in range(options.iterations):
         shift, information, correlation = _match_steps(windows, positions, edges, offsets)
-        keep = correlation >= options.min_correlation
+        keep = (correlation >= options.min_correlation) & (np.abs(shift).max(axis=1) <= options.max_shift)
         if not keep.any():
             break
         shift, information, kept = shift[keep], information[keep], edges[keep]
@@ -178,15 +180,18 @@ def adjust_keypoints(
             shape=(2 * count, 2 * count),
         )  # fmt: skip
         step = scipy.sparse.linalg.spsolve(matrix.tocsc(), right.reshape(-1)).reshape(-1, 2)
-        positions = detected + np.clip(positions + step - detected, -options.max_shift, options.max_shift)
+        moved = positions + step - detected
+        too_far = np.abs(moved).max(axis=1) > options.max_shift
+        positions = detected + np.clip(moved, -options.max_shift, options.max_shift)
+    positions[too_far] = detected[too_far]  # still pulled beyond the bound: no trustworthy position
     for image, points in enumerate(adjusted):
         chosen = nodes[:, 0] == image
         points[nodes[chosen, 1]] = positions[chosen]
     return [a.astype(np.float32) for a in adjusted]
 
 
-class _StoredImages(Sequence):
-    """The images of a feature store, decoded on access in the keypoints' frame, size checked."""
+class _DatabaseImages(Sequence):
+    """A database's images, decoded on access from the image folder, size checked."""
 
     def __init__(self, images: Path, names: list[str], sizes: list[tuple[int, int]]) -> None:
         self.images, self.names, self.sizes = images, names, sizes
@@ -210,30 +215,27 @@ class _StoredImages(Sequence):
         return gray
 
 
-def adjust_store_keypoints(
-    features: Path,
-    matches: Path,
-    images: Path,
-    names: list[str],
-    pairs: list[tuple[str, str, str]],
-    options: AdjustOptions | None = None,
-) -> dict[str, np.ndarray]:
-    """``adjust_keypoints`` on the images of a feature store and the ``pairs`` (match store key,
-    name 0, name 1) of a match store: each name's adjusted keypoints, in the store's frame."""
-    keypoints, sizes = [], []
-    with h5py.File(features, "r") as h5:
-        for name in names:
-            try:
-                keypoints.append(np.asarray(h5[name]["keypoints"], dtype=np.float32))
-                sizes.append(tuple(int(v) for v in np.asarray(h5[name]["image_size"])))
-            except (OSError, KeyError, ValueError, TypeError) as error:
-                cause = f"features of '{name}' unreadable: {describe_error(error)}"
-                raise damaged_error(features, cause) from error
-    index = {name: i for i, name in enumerate(names)}
-    found = []
-    with h5py.File(matches, "r") as h5:
-        for key, name0, name1 in pairs:
-            i, j = index[name0], index[name1]
-            found.append((i, j, read_matches(h5, key, (len(keypoints[i]), len(keypoints[j])), matches)))
-    adjusted = adjust_keypoints(_StoredImages(images, names, sizes), keypoints, found, options)
-    return dict(zip(names, adjusted))
+def adjust_database_keypoints(database: Path, images: Path, options: AdjustOptions | None = None) -> int:
+    """``adjust_keypoints`` on a COLMAP database's matches (all of them, before the geometric
+    verification), the images from the folder ``images``; the keypoints are updated in place
+    (COLMAP's convention: pixel centres at +0.5). Returns how many moved."""
+    pycolmap = import_pycolmap()
+    with pycolmap.Database.open(database) as db:
+        found = sorted(db.read_all_images(), key=lambda image: image.image_id)
+        index = {image.image_id: i for i, image in enumerate(found)}
+        keypoints = [db.read_keypoints(image.image_id)[:, :2] - COLMAP_OFFSET for image in found]
+        cameras = [db.read_camera(image.camera_id) for image in found]
+        matches = []
+        for pair_id, found_matches in zip(*db.read_all_matches()):
+            first, second = pycolmap.pair_id_to_image_pair(pair_id)
+            matches.append((index[first], index[second], np.asarray(found_matches)))
+        sizes = [(camera.width, camera.height) for camera in cameras]
+        folder = _DatabaseImages(images, [image.name for image in found], sizes)
+        adjusted = adjust_keypoints(folder, keypoints, matches, options)
+        moved = 0
+        for image, before, after in zip(found, keypoints, adjusted):
+            changed = int((after != before.astype(np.float32)).any(axis=1).sum())
+            if changed:
+                db.update_keypoints(image.image_id, after + np.float32(COLMAP_OFFSET))
+                moved += changed
+    return moved

@@ -287,7 +287,6 @@ def _write_images(
     camera_model: str,
     single_camera: bool,
     summary: DatabaseSummary,
-    refined: dict[str, np.ndarray],
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Cameras, trivial rigs, images, frames and keypoints; returns image ids and keypoint counts."""
     pycolmap = import_pycolmap()
@@ -325,9 +324,6 @@ def _write_images(
         frame.rig_id = rig_id
         frame.add_data_id(image.data_id)
         db.write_frame(frame)
-        if name in refined:
-            summary.refined_keypoints += int((refined[name] != keypoints).any(axis=1).sum())
-            keypoints = refined[name]
         db.write_keypoints(image.image_id, keypoints + np.float32(COLMAP_OFFSET))
         ids[name], counts[name] = image.image_id, len(keypoints)
         summary.keypoints += len(keypoints)
@@ -355,8 +351,8 @@ def write_database(
     feature store is updated (image ids kept, everything else rewritten); one holding other
     images is refused unless ``overwrite``. The database is written to a temporary file and
     renamed into place at the end. ``seed`` fixes the RANSAC of the verification (with
-    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` writes the keypoints as
-    ``adjust.adjust_store_keypoints`` moves them on the matched image patches.
+    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` moves the keypoints with
+    ``adjust.adjust_database_keypoints`` on the matches' image patches before the verification.
     """
     pycolmap = import_pycolmap()
     started = time.monotonic()
@@ -395,11 +391,6 @@ def write_database(
     temporary = _temporary_beside(database)
     temporary.unlink(missing_ok=True)
     try:
-        refined: dict[str, np.ndarray] = {}
-        if refine_keypoints:
-            from .adjust import adjust_store_keypoints
-
-            refined = adjust_store_keypoints(features, matches, images, names, pairs)
         with failures_reported(database, "write the database"):
             if summary.updated:
                 shutil.copyfile(database, temporary)
@@ -411,7 +402,7 @@ def write_database(
                         db.clear_all_tables()
                     with h5py.File(features, "r") as fh5, h5py.File(matches, "r") as mh5:
                         ids, counts = _write_images(
-                            db, fh5, images, names, old_ids, camera_model, single_camera, summary, refined
+                            db, fh5, images, names, old_ids, camera_model, single_camera, summary
                         )
                         for key, name0, name1 in pairs:
                             found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)
@@ -420,6 +411,10 @@ def write_database(
                             summary.matches += len(found)
                 finally:
                     db.close()
+            if refine_keypoints:
+                from .adjust import adjust_database_keypoints
+
+                summary.refined_keypoints = adjust_database_keypoints(temporary, images)
             run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
             with contextlib.closing(sqlite3.connect(temporary)) as db:  # pairs with inliers only
                 found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
