@@ -1,11 +1,16 @@
 """Sub-pixel refinement methods compared with ``sp-extract evaluate homography``'s yardstick.
 
 Usage: python benchmarks/subpixel.py [--images DIR] [--weights FILE] [--pairs-per-image 1]
+       [--methods none log-quadratic ...] [--adjust-radius 4] [--adjust-max-shift 1] [--adjust-prior 0.3]
 
 The synthetic pairs of ``evaluate homography`` (same seed) are made once; the network runs
 once per image and every method of ``sp_extract.extraction.refine.METHODS`` (and none: integer
 keypoints) post-processes the same dense maps, so the table compares the methods alone. The
 figures are accuracy, not speed: the load of the machine does not change them.
+
+A second table measures the match-time adjustment of ``colmap --refine-keypoints``
+(``sp_extract.sfm.adjust``) on each pair's mutual-nearest matches: the error |H x0 - x1| of the
+matches within 3 px, before and after adjusting the pair.
 """
 
 from __future__ import annotations
