@@ -800,7 +800,7 @@ _colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report
     "--refine-keypoints",
     is_flag=True,
     help="Move every matched keypoint (at most 1 px per axis) so that the image patches at the two ends "
-    "of its matches agree, all images jointly, before the verification (README 'COLMAP reconstruction').",
+    "of its verified matches agree, all images jointly, then verify again (README 'COLMAP reconstruction').",
 )
 @_colmap_options
 @reports_errors

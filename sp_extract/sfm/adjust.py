@@ -12,13 +12,14 @@ featuremetric keypoint adjustment (with normalised image intensities for the fea
 * the shifts of all matches are reconciled by one sparse least-squares solve over every matched
   keypoint (a match's ends move in opposite directions, a keypoint's matches pull together),
   with a small pull towards the detected positions that fixes the common translation;
-* a few such Gauss-Newton rounds. In each, a match takes no part when its patches correlate
-  below ``min_correlation`` or its step exceeds ``max_shift`` (a wrong match, or views too
-  different for a translation); a keypoint moves at most ``max_shift`` pixels per axis from
-  where it was detected, and one still pulled beyond that at the end goes back there.
+* a few such Gauss-Newton rounds; in each, a match whose patches correlate below
+  ``min_correlation`` (views too different for a translation, a wrong match) takes no part,
+  and no keypoint moves more than ``max_shift`` pixels per axis from where it was detected.
 
 Keypoints are in the store's frame (pixel centres at integers). Unmatched keypoints stay put.
-The matches are the raw ones (COLMAP's verification runs on the adjusted keypoints after).
+The matches must be verified ones: raw nearest-neighbour matches, two thirds of them wrong, pull
+keypoints to the bound (docs/accuracy.md). ``adjust_database_keypoints`` takes the inlier
+matches of COLMAP's verification.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def adjust_keypoints(
     count = len(used)
     for _ in range(options.iterations):
         shift, information, correlation = _match_steps(windows, positions, edges, offsets)
-        keep = (correlation >= options.min_correlation) & (np.abs(shift).max(axis=1) <= options.max_shift)
+        keep = correlation >= options.min_correlation
         if not keep.any():
             break
         shift, information, kept = shift[keep], information[keep], edges[keep]
@@ -180,10 +181,7 @@ def adjust_keypoints(
             shape=(2 * count, 2 * count),
         )  # fmt: skip
         step = scipy.sparse.linalg.spsolve(matrix.tocsc(), right.reshape(-1)).reshape(-1, 2)
-        moved = positions + step - detected
-        too_far = np.abs(moved).max(axis=1) > options.max_shift
-        positions = detected + np.clip(moved, -options.max_shift, options.max_shift)
-    positions[too_far] = detected[too_far]  # still pulled beyond the bound: no trustworthy position
+        positions = detected + np.clip(positions + step - detected, -options.max_shift, options.max_shift)
     for image, points in enumerate(adjusted):
         chosen = nodes[:, 0] == image
         points[nodes[chosen, 1]] = positions[chosen]
@@ -216,9 +214,9 @@ class _DatabaseImages(Sequence):
 
 
 def adjust_database_keypoints(database: Path, images: Path, options: AdjustOptions | None = None) -> int:
-    """``adjust_keypoints`` on a COLMAP database's matches (all of them, before the geometric
-    verification), the images from the folder ``images``; the keypoints are updated in place
-    (COLMAP's convention: pixel centres at +0.5). Returns how many moved."""
+    """``adjust_keypoints`` on a COLMAP database's verified matches (the inlier matches of its
+    two-view geometries), the images from the folder ``images``; the keypoints are updated in
+    place (COLMAP's convention: pixel centres at +0.5). Returns how many moved."""
     pycolmap = import_pycolmap()
     with pycolmap.Database.open(database) as db:
         found = sorted(db.read_all_images(), key=lambda image: image.image_id)
@@ -226,9 +224,10 @@ def adjust_database_keypoints(database: Path, images: Path, options: AdjustOptio
         keypoints = [db.read_keypoints(image.image_id)[:, :2] - COLMAP_OFFSET for image in found]
         cameras = [db.read_camera(image.camera_id) for image in found]
         matches = []
-        for pair_id, found_matches in zip(*db.read_all_matches()):
+        for pair_id, geometry in zip(*db.read_two_view_geometries()):
             first, second = pycolmap.pair_id_to_image_pair(pair_id)
-            matches.append((index[first], index[second], np.asarray(found_matches)))
+            inliers = np.asarray(geometry.inlier_matches).reshape(-1, 2)
+            matches.append((index[first], index[second], inliers))
         sizes = [(camera.width, camera.height) for camera in cameras]
         folder = _DatabaseImages(images, [image.name for image in found], sizes)
         adjusted = adjust_keypoints(folder, keypoints, matches, options)

@@ -351,8 +351,8 @@ def write_database(
     feature store is updated (image ids kept, everything else rewritten); one holding other
     images is refused unless ``overwrite``. The database is written to a temporary file and
     renamed into place at the end. ``seed`` fixes the RANSAC of the verification (with
-    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` moves the keypoints with
-    ``adjust.adjust_database_keypoints`` on the matches' image patches before the verification.
+    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` then moves the keypoints with
+    ``adjust.adjust_database_keypoints`` on the verified matches' image patches and verifies again.
     """
     pycolmap = import_pycolmap()
     started = time.monotonic()
@@ -411,11 +411,14 @@ def write_database(
                             summary.matches += len(found)
                 finally:
                     db.close()
-            if refine_keypoints:
+            run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
+            if refine_keypoints:  # adjust on the verified matches, then verify the adjusted keypoints
                 from .adjust import adjust_database_keypoints
 
                 summary.refined_keypoints = adjust_database_keypoints(temporary, images)
-            run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
+                with colmap_logging(verbose), pycolmap.Database.open(temporary) as db:
+                    db.clear_two_view_geometries()
+                run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
             with contextlib.closing(sqlite3.connect(temporary)) as db:  # pairs with inliers only
                 found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
                 summary.verified_pairs, inliers = found.fetchone()
