@@ -109,6 +109,7 @@ def test_nothing_to_adjust() -> None:
     flat = [np.full((32, 32), 100, np.float32)] * 2
     for matches in ([], [(0, 1, np.zeros((0, 2), int))]):
         for a, k in zip(adjust_keypoints(flat, keypoints, matches), keypoints):
+            assert a.dtype == np.float32
             np.testing.assert_array_equal(a, k)
 
 

@@ -133,14 +133,14 @@ def adjust_keypoints(
     """
     options = options or AdjustOptions()
     adjusted = [np.array(k, dtype=np.float64, copy=True) for k in keypoints]
-    first = np.cumsum([0, *(len(k) for k in keypoints)])
-    ends = [
-        np.stack([first[i] + m[:, 0], first[j] + m[:, 1]], axis=1)
-        for i, j, m in ((i, j, np.asarray(m, dtype=np.int64).reshape(-1, 2)) for i, j, m in matches)
-    ]
-    if not ends or not sum(len(e) for e in ends):
-        return adjusted
+    first = np.cumsum([0, *(len(k) for k in keypoints)])  # keypoint k of image i is node first[i] + k
+    ends = [np.zeros((0, 2), np.int64)]
+    for i, j, pairs in matches:
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        ends.append(np.stack([first[i] + pairs[:, 0], first[j] + pairs[:, 1]], axis=1))
     global_edges = np.concatenate(ends)
+    if not len(global_edges):
+        return [a.astype(np.float32) for a in adjusted]
     used, edges = np.unique(global_edges, return_inverse=True)
     edges = edges.reshape(-1, 2)
     image_of = np.searchsorted(first, used, side="right") - 1
