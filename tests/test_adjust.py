@@ -5,12 +5,14 @@ sub-pixel translations."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pycolmap
 import pytest
+from conftest import ROOT, run_cli
 from test_colmap import IMAGES, POINTS, colmap, make_scene, match
 
 from sp_extract.sfm.adjust import AdjustOptions, adjust_keypoints
@@ -146,6 +148,21 @@ def test_colmap_refine_keypoints(tmp_path: Path) -> None:
         moved += int((shift >= 1e-4).sum())  # (+0.5 and back in float32 leaves 1e-5)
     assert moved > POINTS and json.loads(report.read_text())["refined_keypoints"] == moved
     assert f"({moved} refined)" in result.stderr
+
+    blocker = tmp_path / "blocker" / "scipy"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named scipy')\n")
+    blocked = os.pathsep.join([str(blocker.parent), str(ROOT)])  # this checkout's sp_extract, no scipy
+    args = ("colmap", "--images", str(images), "--features", str(features), "--matches", str(matches))
+    result = run_cli(
+        *args, "--database", str(tmp_path / "x.db"), "--refine-keypoints", env={"PYTHONPATH": blocked}
+    )
+    assert (
+        result.returncode == 2
+        and "pip install scipy" in result.stderr
+        and "sp-extract[colmap]" in result.stderr
+    )
+    assert not (tmp_path / "x.db").exists()
 
     cv2.imwrite(str(images / "b.png"), np.zeros((100, 100), np.uint8))
     result = colmap(scene, tmp_path / "new.db", "--refine-keypoints")

@@ -355,6 +355,14 @@ def write_database(
     ``adjust.adjust_database_keypoints`` on the verified matches' image patches and verifies again.
     """
     pycolmap = import_pycolmap()
+    if refine_keypoints:
+        try:
+            from .adjust import adjust_database_keypoints
+        except ImportError as error:  # scipy, part of the colmap extra
+            raise ConfigError(
+                f"--refine-keypoints needs scipy ({error}); install it with: pip install scipy "
+                "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
+            ) from error
     started = time.monotonic()
     images, features, matches, database = Path(images), Path(features), Path(matches), Path(database)
     camera_model = check_camera_model(camera_model)
@@ -413,8 +421,6 @@ def write_database(
                     db.close()
             run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
             if refine_keypoints:  # adjust on the verified matches, then verify the adjusted keypoints
-                from .adjust import adjust_database_keypoints
-
                 summary.refined_keypoints = adjust_database_keypoints(temporary, images)
                 with colmap_logging(verbose), pycolmap.Database.open(temporary) as db:
                     db.clear_two_view_geometries()
