@@ -920,6 +920,12 @@ _colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report
 )
 @click.option("--single-camera", is_flag=True, help="One camera shared by all images (same size required).")
 @click.option("--overwrite", is_flag=True, help="Replace a database that holds other images.")
+@click.option(
+    "--refine-keypoints",
+    is_flag=True,
+    help="Move every matched keypoint (at most 1 px per axis) so that the image patches at the two ends "
+    "of its verified matches agree, all images jointly, then verify again (README 'COLMAP reconstruction').",
+)
 @_colmap_options
 @reports_errors
 def colmap(
@@ -930,6 +936,7 @@ def colmap(
     camera_model: str,
     single_camera: bool,
     overwrite: bool,
+    refine_keypoints: bool,
     seed: int,
     num_threads: int,
     verbose: bool,
@@ -957,6 +964,7 @@ def colmap(
         seed=seed,
         num_threads=num_threads,
         verbose=verbose,
+        refine_keypoints=refine_keypoints,
     )
     finish_run(summary, json_report)
 

@@ -374,6 +374,22 @@ def test_sacre_coeur_reconstruction(tmp_path: Path, sacre_coeur: Path, real_weig
         errors.append(best["mean_reprojection_error_px"])
     print(f"mean reprojection error: {errors[0]:.4f} px, with --subpixel {errors[1]:.4f} px")
     assert errors[1] < errors[0]
+    # colmap --refine-keypoints on the --subpixel stores (docs/accuracy.md: 0.693 px, 1,163 points)
+    root, report = tmp_path / "subpixel", tmp_path / "subpixel" / "refined.json"
+    for step in (
+        ("colmap", "--images", str(sacre_coeur), "--features", str(root / "feats.h5"), "--matches",
+         str(root / "matches.h5"), "--database", str(root / "refined.db"), "--num-threads", "1",
+         "--refine-keypoints"),
+        ("reconstruct", "--database", str(root / "refined.db"), "--images", str(sacre_coeur), "--out",
+         str(root / "refined"), "--num-threads", "1", "--json-report", str(report)),
+    ):  # fmt: skip
+        result = run_cli(*step, timeout=600)
+        assert result.returncode == 0, (step[0], result.stderr)
+    best = max(json.loads(report.read_text())["models"], key=lambda m: m["registered_images"])
+    print(f"with --subpixel and colmap --refine-keypoints {best['mean_reprojection_error_px']:.4f} px")
+    assert best["registered_images"] == 10
+    assert best["mean_reprojection_error_px"] < errors[1]
+    assert best["points3D"] >= max(plain["models"], key=lambda m: m["registered_images"])["points3D"]
 
 
 def test_reconstruct_synthetic_scene(scene: dict) -> None:

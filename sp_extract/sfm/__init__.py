@@ -1,1 +1,1 @@
-"""Hand-off to COLMAP: database import and reconstruction."""
+"""Hand-off to COLMAP: database import, keypoint adjustment and reconstruction."""

@@ -256,6 +256,7 @@ class DatabaseSummary(JsonReport):
     matches: int = 0
     verified_pairs: int = 0
     inlier_matches: int = 0
+    refined_keypoints: int = 0  # keypoints moved by --refine-keypoints
     updated: bool = False
     warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
@@ -268,7 +269,8 @@ class DatabaseSummary(JsonReport):
         verb = "updated" if self.updated else "written"
         return [
             f"colmap: {self.database} {verb}: {counted(self.images, 'image')}, "
-            f"{counted(self.cameras, 'camera')}, {counted(self.keypoints, 'keypoint')}",
+            f"{counted(self.cameras, 'camera')}, {counted(self.keypoints, 'keypoint')}"
+            + (f" ({self.refined_keypoints} refined)" if self.refined_keypoints else ""),
             f"{counted(self.matched_pairs, 'matched pair')} ({counted(self.matches, 'match', 'matches')}), "
             f"{counted(self.verified_pairs, 'verified pair')} "
             f"({counted(self.inlier_matches, 'inlier match', 'inlier matches')})",
@@ -345,6 +347,7 @@ def write_database(
     seed: int = 0,
     num_threads: int = -1,
     verbose: bool = False,
+    refine_keypoints: bool = False,
 ) -> DatabaseSummary:
     """Write a COLMAP database from a feature store and a match store, with verified pairs.
 
@@ -353,9 +356,18 @@ def write_database(
     feature store is updated (image ids kept, everything else rewritten); one holding other
     images is refused unless ``overwrite``. The database is written to a temporary file and
     renamed into place at the end. ``seed`` fixes the RANSAC of the verification (with
-    ``num_threads=1`` the run is repeatable).
+    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` then moves the keypoints with
+    ``adjust.adjust_database_keypoints`` on the verified matches' image patches and verifies again.
     """
     pycolmap = import_pycolmap()
+    if refine_keypoints:
+        try:
+            from .adjust import adjust_database_keypoints
+        except ImportError as error:  # scipy, part of the colmap extra
+            raise ConfigError(
+                f"--refine-keypoints needs scipy ({error}); install it with: pip install scipy "
+                "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
+            ) from error
     started = time.monotonic()
     images, features, matches, database = Path(images), Path(features), Path(matches), Path(database)
     camera_model = check_camera_model(camera_model)
@@ -413,6 +425,11 @@ def write_database(
                 finally:
                     db.close()
             run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
+            if refine_keypoints:  # adjust on the verified matches, then verify the adjusted keypoints
+                summary.refined_keypoints = adjust_database_keypoints(temporary, images)
+                with colmap_logging(verbose), pycolmap.Database.open(temporary) as db:
+                    db.clear_two_view_geometries()
+                run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
             with contextlib.closing(sqlite3.connect(temporary)) as db:  # pairs with inliers only
                 found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
                 summary.verified_pairs, inliers = found.fetchone()
