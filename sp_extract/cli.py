@@ -887,7 +887,7 @@ def export(out: Path, fmt: str | None, weights: str | None, precision: str, cali
     output  scores       float32 [batch, 8*(height//8), 8*(width//8)], keypoint probability per pixel
     output  descriptors  float32 [batch, 256, height//8, width//8], unit-norm descriptor per 8x8 cell
     Batch, height and width are dynamic. Keypoint selection (NMS, border, threshold, top-k,
-    descriptor sampling) is not in the graph; README "Export" describes it. The weights'
+    descriptor sampling) is not in the graph; docs/export.md describes it. The weights'
     licence applies to the exported model.
     """
     from .extraction.backends import export_model

@@ -2,7 +2,7 @@
 # A collection on a SLURM cluster with job arrays: every step a job, each waiting for the one
 # before (--dependency=afterok), every array task one shard (--shard auto).
 #   examples/cluster/slurm_array.sh IMAGES_DIR WORK_DIR [SHARDS]
-# IMAGES_DIR and WORK_DIR must be on storage every node sees (README "Running on a cluster":
+# IMAGES_DIR and WORK_DIR must be on storage every node sees (docs/cluster.md "Shared storage, NFS and locks":
 # NFS needs working POSIX locks). Adjust the #SBATCH-style options (partition, GPUs, time) to
 # your site. Steps:
 #   1. extract:  SHARDS array tasks, each WORK_DIR/feats.h5.shards/K-of-N.h5

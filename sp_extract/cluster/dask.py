@@ -23,7 +23,7 @@ from ..report import ExtractSummary, Progress, Summary
 from ..store.writer import remove_store
 from .shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 
-SHARD_IMAGES = 2000  # a shard's images when --shards is not given (README "Running on a cluster")
+SHARD_IMAGES = 2000  # a shard's images when --shards is not given (docs/cluster.md)
 SHARD_PAIRS = 50000  # a shard's pairs when --shards is not given
 RETRIES = 2  # re-runs of a task that raised (a task whose worker died is re-run by Dask itself)
 WORKER_WAIT_S = 600  # how long to wait for a first worker on a remote scheduler

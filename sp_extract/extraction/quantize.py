@@ -6,7 +6,7 @@ reads as FakeQuantize): weights int8 per output channel (symmetric), activations
 tensor, their ranges calibrated on a deterministic set of generated images (``builtin``) or on
 the user's photos (``sp-extract export --precision int8 --calibrate IMAGES_DIR``). The detector
 head's last convolution, its softmax and the descriptor normalisation stay float32
-(``FLOAT_NODES``: measured, README "int8"). The quantized graph is made at first use and cached
+(``FLOAT_NODES``: measured, docs/performance.md "int8"). The quantized graph is made at first use and cached
 beside the float32 export, under a hash of the weights, the network's and this module's code,
 ONNX Runtime's version and the calibration images.
 """
@@ -40,7 +40,8 @@ MAX_CALIBRATION_IMAGES = 64  # of a user's folder, evenly spaced in name order
 CALIBRATION_RESIZE = 640  # longest side of a user's calibration images
 # kept float32: the detector's last convolution (1x1, 65 channels at 1/64 of the pixels: no
 # measurable cost; its logits feed the softmax) and the operators after the convolutions, which
-# ONNX Runtime has no integer kernels for (README "int8" has the operator study)
+# ONNX Runtime has no integer kernels for (the operator study: docs/performance.md, "int8: how
+# the network is made")
 FLOAT_NODES = ("/convPb/Conv", "/Softmax", "/ReduceL2", "/Div")
 
 

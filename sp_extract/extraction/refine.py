@@ -109,7 +109,7 @@ def refine_keypoints(
     before non-maximum suppression). Returns refined (N, 2) float tensors, same order. At the
     map's edges the missing neighbours repeat the edge value. Computed in float32 whatever the
     maps' type (the floor of the logarithm would vanish in float16). ``method`` is one of
-    ``METHODS`` (README "Sub-pixel keypoints" compares them).
+    ``METHODS`` (docs/accuracy.md compares them).
     """
     offsets = METHODS[method](scores.float(), keypoints)
     return [xy.float() + offset for xy, offset in zip(keypoints, offsets)]
