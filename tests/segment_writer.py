@@ -27,12 +27,14 @@ def entry(name: str, keypoints: int = 1000) -> dict[str, np.ndarray]:
     }
 
 
-def write_entries(store: Path, names: list[str], overwrite: bool = False) -> None:
-    """What a run does: add the entries not yet in the store (one part per entry), then close."""
+def write_entries(store: Path, names: list[str], overwrite: bool = False) -> list[str]:
+    """What a run does: add the entries not yet in the store (one part per entry), then close;
+    returns the writer's notes for the user."""
     with StoreWriter(Path(store), "features", SETTINGS, overwrite=overwrite, flush_entries=1) as writer:
         for name in names:
             if name not in writer.done:
                 writer.add(name, entry(name))
+    return writer.notes
 
 
 if __name__ == "__main__":

@@ -78,8 +78,12 @@ def test_runs_add_segments_merge_fold_and_compact(tmp_path: Path) -> None:
     counts = []
     for run in range(5):  # one entry each: 5/48 < 1/8 of the main file in all
         added.append(f"b/new{run}.jpg")
-        write_entries(store, added)
+        notes = write_entries(store, added)
         counts.append(len(segments(store)))
+        assert notes == [  # the user learns that hloc needs a compaction
+            f"{store} holds {counts[-1]} segment file(s) beside it; sp-extract reads them, hloc after "
+            f"'sp-extract compact {store}'"
+        ]
     assert store.read_bytes() == main_bytes  # the main file is not rewritten by small runs
     assert counts == [1, 2, 3, 1, 2]  # the 4th segment of one size class merges them
     names = sorted(first + added)
@@ -108,7 +112,7 @@ def test_runs_add_segments_merge_fold_and_compact(tmp_path: Path) -> None:
     (tmp_path / "notes.h5").unlink()
 
     more = [f"c/im{i:02d}.jpg" for i in range(7)]  # 7/53 of the store: past 1/8, folded at once
-    write_entries(store, names + more)
+    assert write_entries(store, names + more) == []
     assert not segments(store) and sorted(list_h5_names(store)) == sorted(names + more)
 
 

@@ -834,6 +834,11 @@ class StoreWriter:
                     )
                     return
                 self.fold(compact)
+                if self._segments:
+                    self.notes.append(
+                        f"{self.path} holds {len(self._segments)} segment file(s) beside it; "
+                        f"sp-extract reads them, hloc after 'sp-extract compact {self.path}'"
+                    )
         finally:
             self.lock.release()
 
