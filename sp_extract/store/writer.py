@@ -97,12 +97,13 @@ def describe_error(error: BaseException) -> str:
 def entry_names(h5: h5py.File | h5py.Group, marker: str) -> list[str]:
     """Paths of the groups holding a ``marker`` dataset (image names or pair keys), sorted."""
     names: list[str] = []
+    suffix = f"/{marker}".encode()
 
-    def visit(name: str, obj: h5py.HLObject) -> None:
-        if isinstance(obj, h5py.Group) and isinstance(obj.get(marker, getlink=True), h5py.HardLink):
-            names.append(name)
+    def visit(path: bytes) -> None:  # every link below h5, by path; no object is opened
+        if path.endswith(suffix) and h5.id.links.get_info(path).type == h5py.h5l.TYPE_HARD:
+            names.append(path[: -len(suffix)].decode("utf-8", "surrogateescape"))
 
-    h5.visititems(visit)
+    h5.id.links.visit(visit)
     return sorted(names)
 
 
@@ -716,9 +717,9 @@ class StoreWriter:
                 for name, datasets, attrs in self._buffer:
                     group = h5.create_group(name)
                     if isinstance(datasets, h5py.Group):  # add_copy: its datasets, not subgroups
-                        for key, item in datasets.items():
-                            if isinstance(item, h5py.Dataset):
-                                h5.copy(item, group, name=key)
+                        for key in datasets:
+                            if datasets.get(key, getclass=True) is h5py.Dataset:
+                                h5py.h5o.copy(datasets.id, key.encode(), group.id, key.encode())
                         continue
                     for key, array in datasets.items():
                         dataset = group.create_dataset(key, data=array, fletcher32=np.ndim(array) > 0)
