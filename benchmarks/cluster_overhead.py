@@ -10,7 +10,9 @@ Measured on the CPU, medians over --repeats, in one run:
   holding no image (Python, imports, weights, network backend, lock, store), minus nothing;
 - start-up of a Dask task: the same in a warm process (the worker's imports are paid once);
 - merge: ``merge`` of a store of --copies x the photos' entries (real keypoint counts), per
-  entry, through the store writer (read, compare, write parts, fold).
+  entry, through the store writer (read and verify, copy into parts, fold); beside it, as the
+  baseline, the way merge wrote before (each entry decoded and written again through
+  ``StoreWriter.add``, parts of 64 entries), alternated with it --repeats times.
 
 The README's shard size follows: a shard of n images costs ``n / rate`` on a GPU worker plus
 the start-up; the merge is paid per image, on one machine, whatever the shard size.
@@ -53,6 +55,17 @@ def timed(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def decoded_merge(source: Path, out: Path, prefixes: tuple[str, ...] = ("",)) -> None:
+    """``source``'s entries (once per prefix of their names) written into ``out`` as ``merge``
+    wrote them before it copied them as HDF5 objects: each read into numpy and added again
+    through ``StoreWriter.add``, at the writer's default part size. The merge baseline."""
+    info = read_store(source, "features")
+    with h5py.File(source, "r") as h5, StoreWriter(out, "features", info.settings) as writer:
+        for prefix in prefixes:
+            for name in info.names:
+                writer.add(prefix + name, *read_entry(h5[name]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,19 +99,21 @@ def main() -> None:
     )
     source = work / "base0.h5"
     copies = work / "copies.h5"
-    info = read_store(source, "features")
-    with h5py.File(source, "r") as h5, StoreWriter(copies, "features", info.settings) as writer:
-        for copy in range(args.copies):
-            for name in info.names:
-                writer.add(f"copy{copy}/{name}", *read_entry(h5[name]))
-    entries = args.copies * len(info.names)
-    merge = timed(lambda: merge_stores(work / f"merged{next(runs)}.h5", [copies]), args.repeats) / entries
+    decoded_merge(source, copies, tuple(f"copy{copy}/" for copy in range(args.copies)))
+    entries = len(read_store(copies, "features").names)
+    decoded, merge = [], []
+    for _ in range(args.repeats):  # alternated, so that both see the same load
+        decoded.append(timed(lambda: decoded_merge(copies, work / f"decoded{next(runs)}.h5"), 1) / entries)
+        merge.append(timed(lambda: merge_stores(work / f"merged{next(runs)}.h5", [copies]), 1) / entries)
+    decoded, merge = statistics.median(decoded), statistics.median(merge)
 
     print(f"{'what':44} {'seconds':>9}")
     print(f"{'baseline: extract, per image (CPU)':44} {per_image:9.3f}")
     print(f"{'start-up, array task (fresh process)':44} {cold:9.3f}")
     print(f"{'start-up, Dask task (warm process)':44} {warm:9.3f}")
+    print(f"{'merge, per entry, decoded (before)':44} {decoded:9.5f}")
     print(f"{'merge, per entry':44} {merge:9.5f}")
+    print(f"{'merge speed-up':44} {decoded / merge:8.2f}x")
     for rate in (100, 200, 400):
         for startup, label in ((cold, "array task"), (warm, "Dask task")):
             # start-up share of a shard of n images: startup / (n / rate) <= 5%

@@ -6,6 +6,7 @@ single-process run of the same photos, read back with plain h5py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
@@ -224,6 +225,121 @@ def test_merge_reports_a_missing_shard_and_unlisted_names(
     result = CliRunner().invoke(cli, ["merge", str(out), str(stores[0]), str(stores[0].parent)])
     assert result.exit_code == 0, result.output
     assert sorted(entries(out)) == held
+
+
+def synthetic_shards(folder: Path, shards: int, per_shard: int, keypoints: int = 64) -> list[Path]:
+    """``shards`` feature stores of ``per_shard`` small random entries each (disjoint names)."""
+    rng = np.random.default_rng(0)
+    settings = {"synthetic": True}
+    stores = []
+    for shard in range(shards):
+        store = folder / f"{shard + 1}-of-{shards}.h5"
+        with StoreWriter(store, "features", settings, flush_entries=10**6) as writer:
+            for index in range(per_shard):
+                writer.add(
+                    f"d{shard}/im{index:05d}.jpg",
+                    {
+                        "keypoints": rng.random((keypoints, 2), dtype=np.float32) * 100,
+                        "scores": rng.random(keypoints, dtype=np.float32),
+                        "descriptors": rng.random((256, keypoints)).astype(np.float16),
+                        "image_size": np.array([640, 480]),
+                    },
+                    {"keypoints": {"uncertainty": 1.5 + shard}},
+                )
+        stores.append(store)
+    return stores
+
+
+def test_merge_copies_entries_as_stored_and_verifies_checksums(tmp_path: Path) -> None:
+    """``merge`` copies each entry as HDF5 objects (no decode/encode): the chunks it writes are
+    byte for byte those of the input, checksums included, with the dtypes, chunking, filters and
+    attributes ``StoreWriter.add`` gives an entry; a corrupted chunk in an input is refused."""
+    (folder := tmp_path / "shards").mkdir()
+    stores = synthetic_shards(folder, 2, 3)
+    out = tmp_path / "merged.h5"
+    assert merge_stores(out, stores).exit_code == 0
+    added = tmp_path / "added.h5"  # the same entries through the decoding path, for comparison
+    with StoreWriter(added, "features", {"synthetic": True}) as writer:
+        for store in stores:
+            with h5py.File(store, "r") as h5:
+                for name in sorted(entries(store)):
+                    writer.add(name, *read_entry(h5[name]))
+    with h5py.File(out, "r") as merged, h5py.File(added, "r") as plain:
+        names = sorted(entries(added))
+        assert sorted(entries(out)) == names
+        for name in names:
+            for key, dataset in plain[name].items():
+                got = merged[name][key]
+                assert (got.dtype, got.shape, got.chunks) == (dataset.dtype, dataset.shape, dataset.chunks)
+                assert got.fletcher32 == dataset.fletcher32 == (dataset.ndim > 0)
+                assert (
+                    got.id.get_create_plist().get_nfilters() == dataset.id.get_create_plist().get_nfilters()
+                )
+                assert dict(got.attrs) == dict(dataset.attrs)
+                chunks = got.id.get_num_chunks() if got.chunks else 0
+                assert chunks == (dataset.id.get_num_chunks() if dataset.chunks else 0)
+                for index in range(chunks):  # raw bytes as stored: the checksum travels with them
+                    offset = got.id.get_chunk_info(index).chunk_offset
+                    assert got.id.read_direct_chunk(offset) == dataset.id.read_direct_chunk(offset)
+    # flip a byte of an input's descriptors chunk: the merge refuses it, naming store and entry
+    name = sorted(entries(stores[1]))[0]
+    with h5py.File(stores[1], "r") as h5:
+        where = h5[name]["descriptors"].id.get_chunk_info(0).byte_offset
+    with open(stores[1], "r+b") as handle:
+        handle.seek(where + 7)
+        byte = handle.read(1)
+        handle.seek(where + 7)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match=f"{stores[1]}: damaged store.*entry '{name}'"):
+        merge_stores(tmp_path / "again.h5", stores)
+
+
+def test_merge_survives_sigkill_and_resumes(tmp_path: Path) -> None:
+    """A real ``sp-extract merge`` process SIGKILLed while it folds and at random moments: after
+    each kill OUT holds only correct entries and what was reported saved is durable; the same
+    command run again finishes it, equal to an uninterrupted merge."""
+    from reliability import Run, assert_entries_equal, durable_names, lock_held_by, read_entries
+
+    (folder := tmp_path / "shards").mkdir()
+    synthetic_shards(folder, 3, 150)
+    clean, out = tmp_path / "clean.h5", tmp_path / "out.h5"
+    started = time.monotonic()
+    assert merge_stores(clean, [folder]).exit_code == 0
+    duration = time.monotonic() - started
+    expected = read_entries(clean)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    moments = {
+        "in the fold": lambda pid: out.with_name(f".{out.name}.{pid}.tmp").exists(),
+        **{
+            f"{delay:.2f} s after the lock": lambda pid, delay=delay, seen={}: (
+                lock_held_by(out, pid)
+                and time.monotonic() - seen.setdefault("locked", time.monotonic()) >= delay
+            )
+            for delay in rng.uniform(0.05, 0.6, 2) * duration
+        },
+    }
+    for label, moment in moments.items():
+        before = durable_names(out)
+        run = Run("merge", str(out), str(folder))
+        pid = run.process.pid
+        fired = run.wait_until(functools.partial(moment, pid))
+        code = run.kill()
+        context = f"kill {label}: exit {code}\n{run.text[-2000:]}"
+        assert fired or code == 0, context
+        durable = durable_names(out)
+        assert before <= durable and len(durable - before) >= run.reported_saved(), context
+        if out.exists():
+            assert_entries_equal(read_entries(out), expected)
+    final = Run("merge", str(out), str(folder))
+    assert final.finish() == 0, final.text
+    assert_same_entries(out, clean)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "clean.h5",
+        "clean.h5.index",
+        "out.h5",
+        "out.h5.index",
+        "shards",
+    ]
 
 
 def test_cli_shard_auto_writes_the_array_task_store(

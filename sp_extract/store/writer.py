@@ -97,12 +97,13 @@ def describe_error(error: BaseException) -> str:
 def entry_names(h5: h5py.File | h5py.Group, marker: str) -> list[str]:
     """Paths of the groups holding a ``marker`` dataset (image names or pair keys), sorted."""
     names: list[str] = []
+    suffix = f"/{marker}".encode()
 
-    def visit(name: str, obj: h5py.HLObject) -> None:
-        if isinstance(obj, h5py.Group) and isinstance(obj.get(marker, getlink=True), h5py.HardLink):
-            names.append(name)
+    def visit(path: bytes) -> None:  # every link below h5, by path; no object is opened
+        if path.endswith(suffix) and h5.id.links.get_info(path).type == h5py.h5l.TYPE_HARD:
+            names.append(path[: -len(suffix)].decode("utf-8", "surrogateescape"))
 
-    h5.visititems(visit)
+    h5.id.links.visit(visit)
     return sorted(names)
 
 
@@ -546,7 +547,7 @@ class StoreWriter:
         self.store_id: str | None = None  # set by _open
         self.notes: list[str] = []  # what the user should know about the store after ``close``
         self.lock = StoreLock(self.path)
-        self._buffer: list[tuple[str, Entry, EntryAttrs]] = []
+        self._buffer: list[tuple[str, Entry | h5py.Group, EntryAttrs]] = []  # a group: add_copy
         self._stops_at_open = stop_requests()
         self._last_flush = time.monotonic()
         self._sequence = 0
@@ -672,6 +673,17 @@ class StoreWriter:
     def add(self, name: str, datasets: Entry, attrs: EntryAttrs | None = None) -> list[str]:
         """Buffer one entry; returns the names that became durable (possibly none)."""
         self._buffer.append((name, datasets, attrs or {}))
+        return self._flush_if_due()
+
+    def add_copy(self, name: str, source: h5py.Group) -> list[str]:
+        """``add`` of an entry of another store, copied as HDF5 objects (``H5Ocopy``: each dataset
+        with its chunks, filters, Fletcher-32 checksums and attributes as stored, not decoded and
+        encoded again). ``source``'s file must stay open until the entry is flushed; verifying its
+        checksums (reading it) is the caller's."""
+        self._buffer.append((name, source, {}))
+        return self._flush_if_due()
+
+    def _flush_if_due(self) -> list[str]:
         due = time.monotonic() - self._last_flush >= self.flush_seconds
         if len(self._buffer) >= self.flush_entries or due:
             return self.flush()
@@ -704,6 +716,11 @@ class StoreWriter:
                 self._write_header(h5, part=True)
                 for name, datasets, attrs in self._buffer:
                     group = h5.create_group(name)
+                    if isinstance(datasets, h5py.Group):  # add_copy: its datasets, not subgroups
+                        for key in datasets:
+                            if datasets.get(key, getclass=True) is h5py.Dataset:
+                                h5py.h5o.copy(datasets.id, key.encode(), group.id, key.encode())
+                        continue
                     for key, array in datasets.items():
                         dataset = group.create_dataset(key, data=array, fletcher32=np.ndim(array) > 0)
                         for attr, value in attrs.get(key, {}).items():
