@@ -5,6 +5,7 @@ A missing ../shared file fails the test (never skips it): CI must run every test
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,21 @@ def run_cli(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def match_and_map(root: Path, images: Path, features: Path, pairs: Path) -> dict:
+    """The last three of README's five commands (match-pairs, colmap, reconstruct; one thread)
+    into ``root``: ``matches.h5``, ``db.db``, ``sparse/``; returns the reconstruct report."""
+    matches, database = root / "matches.h5", root / "db.db"
+    sparse, report = root / "sparse", root / "report.json"
+    steps = [
+        ("match-pairs", str(pairs), "--features", str(features), "--out", str(matches), "-q"),
+        ("colmap", "--images", str(images), "--features", str(features), "--matches", str(matches),
+         "--database", str(database), "--num-threads", "1"),
+        ("reconstruct", "--database", str(database), "--images", str(images), "--out", str(sparse),
+         "--num-threads", "1", "--json-report", str(report)),
+    ]  # fmt: skip
+    for step in steps:
+        result = run_cli(*step, timeout=600)
+        assert result.returncode == 0, (step[0], result.stderr)
+    return json.loads(report.read_text())

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, match_and_map, run_cli
 from reliability import Run
 
 from sp_extract.pairs.core import pair_key
@@ -338,22 +338,15 @@ def test_missing_pycolmap_says_how_to_install(tmp_path: Path, scene: dict) -> No
 
 def reconstruct_photos(root: Path, photos: Path, weights: Path, *extract_options: str) -> dict:
     """The five commands of the README on the real photos; returns the reconstruct report."""
-    feats, pairs, matches = root / "feats.h5", root / "pairs.txt", root / "matches.h5"
-    database, sparse, report = root / "db.db", root / "sparse", root / "report.json"
+    feats, pairs = root / "feats.h5", root / "pairs.txt"
     root.mkdir()
-    steps = [
+    for step in (
         (str(photos), "--out", str(feats), "--weights", str(weights), "-q", *extract_options),
         ("pairs", "exhaustive", "--features", str(feats), "--out", str(pairs)),
-        ("match-pairs", str(pairs), "--features", str(feats), "--out", str(matches), "-q"),
-        ("colmap", "--images", str(photos), "--features", str(feats), "--matches", str(matches),
-         "--database", str(database), "--num-threads", "1"),
-        ("reconstruct", "--database", str(database), "--images", str(photos), "--out", str(sparse),
-         "--num-threads", "1", "--json-report", str(report)),
-    ]  # fmt: skip
-    for step in steps:
+    ):
         result = run_cli(*step, timeout=600)
         assert result.returncode == 0, (step[0], result.stderr)
-    data = json.loads(report.read_text())
+    data = match_and_map(root, photos, feats, pairs)
     for model in data["models"]:  # the binary models are there and agree with the report
         written = pycolmap.Reconstruction(model["path"])
         assert written.num_reg_images() == model["registered_images"]
