@@ -14,6 +14,7 @@ from sp_extract.pairs.core import (
     exhaustive_pairs,
     pair_key,
     read_name_list,
+    read_pair_chunks,
     read_pairs,
     sequential_pairs,
     write_pairs,
@@ -115,6 +116,23 @@ def test_read_pairs_errors_name_the_line(tmp_path: Path, content: str, message: 
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         read_pairs(path, {"a.jpg", "b.jpg", "c.jpg", "sub/d.jpg", "sub-d.jpg"})
+
+
+def test_pair_chunks_start_small_and_double(tmp_path: Path) -> None:
+    """The first chunk is FIRST_CHUNK lines (matching starts at once), each next one twice the
+    last up to the largest; every line is read once, in order."""
+    names = [f"i{n}.jpg" for n in range(40)]
+    path = tmp_path / "pairs.txt"
+    path.write_text("".join(f"{a} {b}\n" for a, b in zip(names, names[1:])))  # 39 pairs
+    expected = list(zip(names, names[1:]))
+    chunks = list(read_pair_chunks(path, set(names), chunk=8))
+    assert [len(c) for c in chunks] == [8, 8, 8, 8, 7]
+    assert [p for c in chunks for p in c] == expected
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sp_extract.pairs.core.FIRST_CHUNK", 2)
+        chunks = list(read_pair_chunks(path, set(names), chunk=8))
+    assert [len(c) for c in chunks] == [2, 4, 8, 8, 8, 8, 1]
+    assert [p for c in chunks for p in c] == expected
 
 
 def test_read_name_list(tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def _legacy_identity(out: Path, features: Path, identity: dict[str, Any]) -> dic
 
 def _estimated_pairs(pairs_file: Path, first_chunk: list[Pair]) -> int:
     """The file's pairs, estimated from its size and the first chunk's line length (progress)."""
-    if len(first_chunk) < pairs_core.PAIRS_CHUNK:
+    if len(first_chunk) < min(pairs_core.FIRST_CHUNK, pairs_core.PAIRS_CHUNK):
         return len(first_chunk)
     line = sum(len(a) + len(b) + 2 for a, b in first_chunk) / len(first_chunk)
     return max(len(first_chunk), round(pairs_file.stat().st_size / line))

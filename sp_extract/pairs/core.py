@@ -109,7 +109,8 @@ def read_name_list(path: Path, known: Collection[str]) -> list[str]:
     return list(names)
 
 
-PAIRS_CHUNK = 1 << 16  # pairs validated and handed on at a time by ``read_pair_chunks``
+PAIRS_CHUNK = 1 << 16  # the most pairs validated and handed on at a time by ``read_pair_chunks``
+FIRST_CHUNK = 1 << 10  # the first chunk's lines (later chunks double up to PAIRS_CHUNK)
 
 
 def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
@@ -127,16 +128,21 @@ def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
 
 
 def read_pair_chunks(path: Path, known: Collection[str], chunk: int | None = None) -> Iterator[list[Pair]]:
-    """The pairs of a pairs file, ``chunk`` lines at a time, each chunk checked as ``read_pairs``
-    checks a file (its bad lines counted, its repeated pairs dropped): memory and start-up
-    time do not grow with the file. A pair repeated in a later chunk is left to the caller
+    """The pairs of a pairs file in chunks of at most ``chunk`` lines, each chunk checked as
+    ``read_pairs`` checks a file (its bad lines counted, its repeated pairs dropped): memory
+    does not grow with the file. The first chunk is small (``FIRST_CHUNK`` lines, a few
+    milliseconds to check) and each next one twice the last, so matching starts at once
+    whatever the file's size. A pair repeated in a later chunk is left to the caller
     (``match-pairs`` finds it already in the store)."""
     lines = _content_lines(path, "pairs file")
+    largest = chunk or PAIRS_CHUNK
+    size = min(FIRST_CHUNK, largest)
     found = False
-    while block := list(itertools.islice(lines, chunk or PAIRS_CHUNK)):
+    while block := list(itertools.islice(lines, size)):
         pairs = _checked_pairs(path, block, known)
         found = found or bool(pairs)
         yield pairs
+        size = min(2 * size, largest)
     if not found:
         raise ConfigError(f"{path}: no pairs in the file")
 
