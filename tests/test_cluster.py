@@ -28,7 +28,7 @@ from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.pipeline import extract
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.run import match_pairs
-from sp_extract.pairs.core import exhaustive_pairs, write_pairs
+from sp_extract.pairs.core import exhaustive_pairs, pair_key, write_pairs
 from sp_extract.store.merge import merge_stores, read_entry
 from sp_extract.store.writer import StoreWriter, read_store
 
@@ -400,6 +400,16 @@ def test_dask_extract_and_match_equal_a_single_run(
     result = CliRunner().invoke(cli, [*args, *common, "--shards", "3"])
     assert result.exit_code == 0, result.output
     assert_same_entries(matches, reference["matches"])  # entries: the store ids differ, of course
+    # resume: a store holding 10 of the 45 pairs, reversed; the cluster run leaves them out
+    lines = [line.split() for line in reference["pairs"].read_text().splitlines()]
+    some, resumed = tmp_path / "some.txt", tmp_path / "resumed.h5"
+    some.write_text("".join(f"{b} {a}\n" for a, b in lines[:10]))
+    match_pairs(some, features, resumed, MatchConfig())
+    args[args.index(str(matches))] = str(resumed)
+    result = CliRunner().invoke(cli, [*args, *common, "--shards", "3"])
+    assert result.exit_code == 0 and "35 pairs saved, 10 already in" in result.output, result.output
+    expected = {pair_key(b, a) for a, b in lines[:10]} | {pair_key(a, b) for a, b in lines[10:]}
+    assert set(entries(resumed)) == expected
 
 
 def test_dask_worker_killed_mid_run(

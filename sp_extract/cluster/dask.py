@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, SpExtractError, StoreError
 from ..report import ExtractSummary, Progress, Summary
+from ..store.index import NameIndex
 from ..store.writer import remove_store
 from .shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 
@@ -216,7 +217,7 @@ def run_sharded(
     scheduler: str,
     kind: str,
     out: Path,
-    items: Callable[[set[str]], tuple[int, Iterable[tuple[str, ...]]]],
+    items: Callable[[NameIndex], tuple[int, Iterable[tuple[str, ...]]]],
     arguments: dict[str, Any],
     shards: int | None,
     overwrite: bool,
@@ -224,16 +225,17 @@ def run_sharded(
     info: dict[str, str],
 ) -> tuple[Summary, list[Summary], int]:
     """The driver: ``items(held)`` gives the work (its size and its items, less those whose
-    entries ``held`` names); run it as shards on ``scheduler``, merge into ``out``. Returns
-    the merge's summary, the shards' summaries and how many items ``out`` held already.
+    entries ``held``, the index of what ``out`` holds, names); run it as shards on
+    ``scheduler``, merge into ``out``. Returns the merge's summary, the shards' summaries and
+    how many entries ``out`` held already.
     ``info``: the merged store's attributes for people (the input named by the user)."""
     from ..store.merge import merge_stores, merge_summary
-    from ..store.writer import read_store
+    from ..store.writer import stored_names
 
     out = Path(out)
     if not out.parent.is_dir():
         raise StoreError(f"{out}: the output folder {out.parent} does not exist")
-    held = set() if overwrite or not out.exists() else set(read_store(out, kind).names)
+    held, held_count = (NameIndex(), 0) if overwrite or not out.exists() else stored_names(out, kind)
     folder = shard_folder(out)
     folder.mkdir(exist_ok=True)
     client, close = connect(scheduler)
@@ -251,14 +253,14 @@ def run_sharded(
     if not jobs:  # OUT holds everything already
         with contextlib.suppress(OSError):
             folder.rmdir()
-        return merge_summary(kind, out).finish(0, time.monotonic()), [], len(held)
+        return merge_summary(kind, out).finish(0, time.monotonic()), [], held_count
     if failed and not done:
         error = failed[0][1]
         raise (
             error if isinstance(error, SpExtractError) else StoreError(f"shard {failed[0][0].shard}: {error}")
         )
     merged = merge_stores(
-        out, [job.store for job in done], overwrite=overwrite and not held, all_shards=False, info=info
+        out, [job.store for job in done], overwrite=overwrite and not held_count, all_shards=False, info=info
     )  # shards without work have no store
     merged.failed += [{"name": f"shard {job.shard}", "reason": str(error)} for job, error in failed]
     if not failed and not merged.interrupted:  # everything is in OUT: the shards have served
@@ -267,7 +269,7 @@ def run_sharded(
             job.work.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept if it holds anything else
             folder.rmdir()
-    return merged, summaries, len(held)
+    return merged, summaries, held_count
 
 
 def combined(kind: str, merged: Summary, shards: list[Summary], held: int, started: float) -> Summary:
@@ -312,8 +314,8 @@ def extract_on_cluster(
     if not names:
         raise ConfigError(f"{root}: no images found")
 
-    def items(held: set[str]) -> tuple[int, list[tuple[str, ...]]]:
-        todo = [(name,) for name in names if name not in held]
+    def items(held: NameIndex) -> tuple[int, list[tuple[str, ...]]]:
+        todo = [(name,) for name, done in zip(names, held.contains(names)) if not done]
         return len(todo), todo
 
     out = Path(out).absolute()
@@ -372,14 +374,14 @@ def match_on_cluster(
     except OSError as error:
         raise ConfigError(f"{pairs_file}: cannot read pairs file ({error.strerror or error})") from error
 
-    def items(held: set[str]) -> tuple[int, Iterable[tuple[str, ...]]]:
-        todo = (
-            pair
-            for chunk in read_pair_chunks(pairs_file, names)
-            for pair in chunk
-            if pair_key(*pair) not in held and pair_key(pair[1], pair[0]) not in held
-        )
-        return lines, todo
+    def items(held: NameIndex) -> tuple[int, Iterable[tuple[str, ...]]]:
+        def todo() -> Iterator[tuple[str, ...]]:
+            for chunk in read_pair_chunks(pairs_file, names):
+                done = held.contains([pair_key(*p) for p in chunk])
+                done |= held.contains([pair_key(p[1], p[0]) for p in chunk])
+                yield from (pair for pair, skip in zip(chunk, done) if not skip)
+
+        return lines, todo()
 
     arguments = {"features": features, "config": config, **options}
     merged, summaries, held = run_sharded(

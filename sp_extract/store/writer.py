@@ -222,6 +222,36 @@ def read_store(path: Path, kind: str, option: str = "--out") -> StoreInfo:
     return info
 
 
+def indexed_file(file: Path, kind: str, option: str = "--out") -> tuple[StoreInfo, np.ndarray]:
+    """Attributes and sorted name hashes of a main file or segment. A file with a valid sidecar
+    index was checked when it was written and is not walked again; one without (an older
+    store, a kill between two renames, a copied or edited file) is walked and checked
+    (``read_store_file``) and gets its index, so the next run skips it."""
+    info = read_store_file(file, kind, option, scan=False)
+    hashes = load_index(file)
+    if hashes is None:
+        info = read_store_file(file, kind, option)
+        hashes = np.unique(name_hashes(info.names))
+        with contextlib.suppress(OSError):  # only an optimisation: a read-only folder is fine
+            write_index(file, hashes)
+    return info, hashes
+
+
+def stored_names(path: Path, kind: str, option: str = "--out") -> tuple[NameIndex, int]:
+    """The entries of a store (its main file and its segments) as a ``NameIndex`` loaded from
+    their sidecar indexes (no Python set of every name, no walk of indexed files), and their
+    number. Damage is refused as ``read_store`` refuses it."""
+    info, hashes = indexed_file(path, kind, option)
+    index, count = NameIndex(), len(hashes)
+    index.add_hashes(hashes)
+    for segment in live_segments(path, kind, info.store_id):
+        with segment_errors(path, segment):
+            _, hashes = indexed_file(segment, kind, option)
+        index.add_hashes(hashes)
+        count += len(hashes)
+    return index, count
+
+
 @contextlib.contextmanager
 def segment_errors(store: Path, segment: Path) -> Iterator[None]:
     """Report a damaged segment as damage to its store (``repair`` takes the store's path)."""
@@ -580,20 +610,6 @@ class StoreWriter:
             if not index.with_suffix("").exists():
                 index.unlink(missing_ok=True)
 
-    def _indexed(self, file: Path) -> tuple[StoreInfo, np.ndarray]:
-        """Attributes and name hashes of a main file or segment. A file with a valid sidecar
-        index was checked when it was written and is not walked again; one without (an older
-        store, a kill between two renames, a copied or edited file) is walked and checked
-        (``read_store_file``) and gets its index, so the next run skips it."""
-        info = read_store_file(file, self.kind, scan=False)
-        hashes = load_index(file)
-        if hashes is None:
-            info = read_store_file(file, self.kind)
-            hashes = np.unique(name_hashes(info.names))
-            with contextlib.suppress(OSError):  # only an optimisation: a read-only folder is fine
-                write_index(file, hashes)
-        return info, hashes
-
     def _open(self, overwrite: bool) -> NameIndex:
         self._remove_stale_temporaries()
         if overwrite:
@@ -601,7 +617,7 @@ class StoreWriter:
         done = NameIndex()
         checked: list[tuple[StoreInfo, Path]] = []  # settings checked once leftovers are
         if self.path.exists():
-            store, self._main_hashes = self._indexed(self.path)
+            store, self._main_hashes = indexed_file(self.path, self.kind)
             self.store_id = store.store_id  # an older store without an id stays without one
             checked.append((store, self.path))
             done.add_hashes(self._main_hashes)
@@ -614,7 +630,7 @@ class StoreWriter:
             self.store_id = uuid.uuid4().hex
         for segment in segment_files(self.path):
             with segment_errors(self.path, segment):
-                info, hashes = self._indexed(segment)
+                info, hashes = indexed_file(segment, self.kind)
             if info.store_id != self.store_id:  # left by an --overwrite run killed before deleting it
                 segment.unlink()
                 remove_index(segment)
