@@ -1036,11 +1036,26 @@ def reconstruct(
     help="As for extract: COLMAP-style masks DIR/NAME.png.",
 )
 @click.option(
+    "--orientation",
+    type=click.Choice(["exif", "ignore"]),
+    default="exif",
+    show_default=True,
+    help="As for extract: what the network sees of EXIF-rotated photos.",
+)
+@click.option("--tile", default="auto", metavar="auto|0|SIZE", show_default=True, help="As for extract.")
+@click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
     default="fp32",
     show_default=True,
     help="As for extract: network arithmetic.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+    default="auto",
+    show_default=True,
+    help="As for extract: what runs the network.",
 )
 @click.option("--weights", default=None, help="As for extract. Env: SP_EXTRACT_WEIGHTS.")
 @click.option(
@@ -1051,6 +1066,8 @@ def reconstruct(
     help="As for match-pairs.",
 )
 @click.option("--matcher-weights", metavar="NAME|PATH", help="As for match-pairs.")
+@click.option("--ratio", type=float, help="As for match-pairs (nn): Lowe's ratio test.")
+@click.option("--max-distance", type=float, help="As for match-pairs (nn): largest descriptor distance.")
 @click.option("--camera-model", default="SIMPLE_RADIAL", show_default=True, help="As for colmap.")
 @click.option("--single-camera", is_flag=True, help="As for colmap: one camera shared by all images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
@@ -1068,10 +1085,15 @@ def sfm(
     resize_max: int,
     subpixel: bool,
     masks: Path | None,
+    orientation: str,
+    tile: str,
     precision: str,
+    backend: str,
     weights: str | None,
     matcher: str,
     matcher_weights: str | None,
+    ratio: float | None,
+    max_distance: float | None,
     camera_model: str,
     single_camera: bool,
     device: str,
@@ -1105,10 +1127,15 @@ def sfm(
             resize_max=resize_max,
             subpixel=subpixel,
             precision=precision,
+            orientation=orientation,
             masks=str(masks) if masks else "",
         ),
         weights=weights,
-        match=MatchConfig(matcher=matcher, matcher_weights=matcher_weights),
+        tile=tile,
+        backend=backend,
+        match=MatchConfig(
+            matcher=matcher, matcher_weights=matcher_weights, ratio=ratio, max_distance=max_distance
+        ),
         camera_model=camera_model,
         single_camera=single_camera,
         rebuild=rebuild,

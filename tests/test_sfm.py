@@ -175,6 +175,44 @@ def test_photo_fingerprints(tmp_path: Path) -> None:
     assert (check.changed, check.deleted, check.new) == (["b.jpg"], ["c.jpg"], ["d.jpg"])
 
 
+def test_stage_options_pass_through(
+    small_images: Path, random_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--orientation, --tile and --backend reach extract, --ratio and --max-distance the match
+    stage (it is stopped there: what it was given is what this test checks); a bad --tile is
+    refused before any stage runs."""
+    from click.testing import CliRunner
+
+    import sp_extract.matching.run as match_run
+    from sp_extract.cli import cli
+    from sp_extract.extraction import pipeline as extraction
+
+    given: dict = {}
+    real_extract = extraction.extract
+
+    def extract(*args, **kwargs):
+        given["extract"] = (args[2], kwargs)
+        return real_extract(*args, **kwargs)
+
+    def match_pairs(pairs, features, out, config, **kwargs):
+        given["match"] = config
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(extraction, "extract", extract)
+    monkeypatch.setattr(match_run, "match_pairs", match_pairs)
+    work = tmp_path / "work"
+    options = ["--weights", str(random_weights), "--orientation", "ignore", "--tile", "64", "--backend",
+               "torch", "--ratio", "0.9", "--max-distance", "0.8", "--device", "cpu", "-q"]  # fmt: skip
+    result = CliRunner().invoke(cli, ["sfm", str(small_images), str(work), *options])
+    assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
+    config, kwargs = given["extract"]
+    assert config.orientation == "ignore" and (kwargs["tile"], kwargs["backend"]) == ("64", "torch")
+    assert (given["match"].ratio, given["match"].max_distance) == (0.9, 0.8)
+    result = CliRunner().invoke(cli, ["sfm", str(small_images), str(tmp_path / "w2"), "--tile", "7"])
+    assert result.exit_code == 2 and "--tile must be auto, 0" in result.output
+    assert not (tmp_path / "w2").exists()
+
+
 def test_every_option_is_in_the_readme_section() -> None:
     from click.testing import CliRunner
 

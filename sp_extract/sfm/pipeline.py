@@ -28,6 +28,7 @@ from typing import Any
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..extraction.config import ExtractConfig
 from ..extraction.discover import discover_images
+from ..extraction.tiling import parse_tile
 from ..matching.config import MatchConfig
 from ..pairs.core import (
     Pair,
@@ -65,6 +66,8 @@ class SfmOptions:
     pairs: str = "auto"  # auto, exhaustive, sequential[:K], retrieval[:K] or a pairs file
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     weights: str | None = None
+    tile: str | int = "auto"  # extract's tiling (see ``extraction.tiling``)
+    backend: str = "auto"  # what runs the network (see ``extraction.backends``)
     match: MatchConfig = field(default_factory=MatchConfig)
     camera_model: str = "SIMPLE_RADIAL"
     single_camera: bool = False
@@ -74,6 +77,9 @@ class SfmOptions:
     num_threads: int = -1
     verbose: bool = False
     quiet: bool = True
+
+    def __post_init__(self) -> None:
+        parse_tile(self.tile)  # a bad --tile is refused before any stage runs
 
 
 @dataclass
@@ -293,6 +299,8 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             weights=options.weights,
             device=options.device,
             quiet=options.quiet,
+            backend=options.backend,
+            tile=options.tile,
         )
         summary.extracted, summary.failed_images = extracted.done, extracted.failed
         summary.warnings += extracted.warnings
