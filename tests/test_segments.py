@@ -133,6 +133,41 @@ def test_resume_uses_the_index_and_rebuilds_a_stale_one(tmp_path: Path) -> None:
     assert np.array_equal(load_index(store), stored)  # walked once, indexed again
 
 
+def test_names_are_listed_from_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file with a valid index is not walked entry by entry: its names are found by going
+    down the groups to the indexed names (nested image folders, pair keys). When that walk
+    cannot find them all (a folder named like an image) or the index is stale, the file is
+    walked and checked as before; the names are the same either way."""
+    features, matches = tmp_path / "feats.h5", tmp_path / "matches.h5"
+    images = ["a.jpg", "sub/b.png", "sub/deeper/c.png", "z.png"]
+    write_entries(features, images)
+    with StoreWriter(matches, "matches", SETTINGS) as writer:
+        for key in ("a.jpg/sub-b.png", "a.jpg/z.png", "sub-deeper-c.png/a.jpg"):
+            writer.add(key, {"matches0": np.zeros(3, np.int32), "matching_scores0": np.zeros(3, np.float16)})
+    plain = {store: sorted(read_entries(store)) for store in (features, matches)}
+    walks: list[Path] = []
+    scan = store_writer.scan_entries
+
+    def counted_scan(h5: h5py.File, kind: str) -> list[str]:
+        walks.append(Path(h5.filename))
+        return scan(h5, kind)
+
+    monkeypatch.setattr(store_writer, "scan_entries", counted_scan)
+    for store, kind in ((features, "features"), (matches, "matches")):
+        assert read_store(store, kind).names == plain[store]
+        with open_store(store) as reader:
+            assert reader.names() == plain[store]
+    assert walks == []
+    write_entries(features, ["a.jpg/d.jpg"])  # a folder named like an image: walked, same names
+    assert load_index(features) is not None
+    assert read_store(features, "features").names == sorted(read_entries(features))
+    assert walks == [features]
+    shutil.copy(matches, tmp_path / "stale.h5")
+    os.replace(tmp_path / "stale.h5", matches)  # another file: its index no longer describes it
+    assert read_store(matches, "matches").names == plain[matches]
+    assert walks == [features, matches]
+
+
 def test_name_index_agrees_with_a_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(NameIndex, "RECENT", 100)  # this run's names become hash arrays, merged
     rng = random.Random(1)

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 MAGIC = 0x5350_4958_0001  # "SPIX", format 1
@@ -77,6 +78,31 @@ def load_index(file: Path) -> np.ndarray | None:
         if valid and stored[0] == MAGIC and np.array_equal(stored[1:HEADER], identity(file)):
             return stored[HEADER:]
     return None
+
+
+def indexed_names(h5: h5py.File, hashes: np.ndarray) -> list[str] | None:
+    """The entry names of ``h5`` whose valid sidecar index is ``hashes``, sorted, found by
+    walking groups only down to the entries the index knows (no entry is opened, its
+    datasets are not visited); None when the walk does not find every indexed name (a folder
+    named like an image, say), and the caller walks the whole file."""
+    found: list[str] = []
+    pending = [b""]
+    while pending:
+        prefix = pending.pop()
+        children: list[bytes] = []
+        group = h5py.h5g.open(h5.id, prefix) if prefix else h5.id  # kept: its links need it open
+        group.links.iterate(children.append)
+        paths = [prefix + b"/" + child if prefix else child for child in children]
+        names = [path.decode("utf-8", "surrogateescape") for path in paths]
+        known = np.zeros(len(names), dtype=bool)
+        if len(hashes) and names:
+            wanted = name_hashes(names)
+            known = hashes[np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)] == wanted
+        found += [name for name, entry in zip(names, known) if entry]
+        for path, entry in zip(paths, known):  # a folder of entries, or another group
+            if not entry and h5py.h5o.get_info(h5.id, path).type == h5py.h5o.TYPE_GROUP:
+                pending.append(path)
+    return sorted(found) if len(found) == len(hashes) else None
 
 
 def remove_index(file: Path) -> None:

@@ -24,6 +24,7 @@ from .writer import (
     MARKERS,
     STORE_ID_ATTR,
     entry_names,
+    file_names,
     open_error,
     segment_errors,
     segment_files,
@@ -91,8 +92,8 @@ class StoreReader:
         """Every entry name (image names or pair keys) of the store, sorted."""
         marker = MARKERS[self.kind or "features"]
         found: set[str] = set()
-        for h5 in self.files:
-            found.update(entry_names(h5, marker))
+        for path, h5 in zip([self.path, *self.segments], self.files):
+            found.update(file_names(path, h5, lambda h5=h5: entry_names(h5, marker)))
         return sorted(found)
 
     def __contains__(self, key: object) -> bool:
