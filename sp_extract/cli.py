@@ -569,7 +569,8 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
     "--rerank",
     "rerank_top",
     type=int,
-    help="Re-rank each image's M most similar by NN matching and geometric verification, keep K.",
+    help="Re-rank each image's M most similar by NN matching: those whose matches fit a fundamental "
+    "matrix significantly better than chance first, the others in similarity order; keep K.",
 )
 @click.option(
     "--query-list", type=_FILE, help="Only these images (one name a line) get neighbours (default: all)."
