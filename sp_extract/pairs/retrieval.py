@@ -413,7 +413,8 @@ def retrieval_pairs(
     the M most similar are re-ranked by matching and verification (``rerank.py``) before the
     first ``num_matched`` are kept. With ``connect`` (queries and database the same images),
     the few most similar pairs that join the components of the resulting pair graph are added
-    (``connecting_pairs``). A pair found from both sides is written once.
+    (``connecting_pairs``). A pair found from both sides is written once. The search and the
+    re-ranking run on ``device`` (``auto``: CUDA, then MPS, then the CPU).
     """
     from ..extraction.pipeline import resolve_device
     from .core import merge_pairs, read_name_list

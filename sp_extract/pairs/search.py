@@ -54,7 +54,7 @@ ACCUMULATION_UNIT = 2.0**-23  # float32 accumulation, rounding to nearest or tru
 OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}
 EXACT_NORM_PRODUCT = 32.0  # float64 scores of float16 vectors are exact below |x| |y| = 2^5
 EXACT_ELEMENTS = 1 << 22  # float64 elements per chunk of exact re-scoring
-FIRST_MARGIN = 16  # candidates kept beyond k in the first screening pass (at least k)
+FIRST_MARGIN = 48  # candidates kept beyond k in the first screening pass (at least k)
 
 Reader = Callable[[np.ndarray], np.ndarray]  # positions (N,) -> vectors (N, D), float16 values
 
@@ -78,16 +78,20 @@ def exact_device(device: torch.device) -> torch.device:
 
 
 class _Rounded:
-    """A block of vectors in the screening precision on the device, with the norms of the
-    rounded vectors and of their rounding errors (float64, on the CPU)."""
+    """A block of vectors in the screening precision on the device and, with ``norms``, the
+    norms (float64, CPU) of the vectors, of the rounded vectors and of their rounding errors."""
 
-    def __init__(self, vectors: np.ndarray, dtype: torch.dtype, device: torch.device) -> None:
-        exact = torch.from_numpy(np.asarray(vectors, np.float32))
-        rounded = exact.to(dtype)
-        self.norm = rounded.double().norm(dim=1)
-        self.error_norm = (exact - rounded.float()).double().norm(dim=1)
-        self.exact_norm = exact.double().norm(dim=1)
-        self.vectors = rounded.to(device)
+    def __init__(self, vectors: np.ndarray, dtype: torch.dtype, device: torch.device, norms: bool) -> None:
+        stored = torch.from_numpy(np.ascontiguousarray(vectors))
+        self.vectors = stored.to(dtype)
+        if norms:  # float32 sums of squares: up to d + 2 roundings, made up for by ``slack``
+            slack = 1 + (stored.shape[1] + 2) * 2.0**-23
+            exact = stored.float()
+            self.exact_norm = torch.linalg.vector_norm(exact, dim=1).double() * slack
+            self.norm = torch.linalg.vector_norm(self.vectors, dim=1, dtype=torch.float32).double() * slack
+            error = exact.sub_(self.vectors)  # exact: within a factor 2 of each other
+            self.error_norm = torch.linalg.vector_norm(error, dim=1).double() * slack
+        self.vectors = self.vectors.to(device)
 
 
 class _Database:
@@ -99,6 +103,7 @@ class _Database:
         self.keep = False  # the blocks, once made, are kept on the device
         self.kept: dict[int, torch.Tensor] = {}
         self.norm = self.error_norm = self.exact_norm = 0.0
+        self.measured = False  # the norms: after the first pass
 
     def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         for start in range(0, self.count, self.rows):
@@ -106,13 +111,15 @@ class _Database:
             if start in self.kept:
                 yield start, end, self.kept[start]
                 continue
-            block = _Rounded(self.read(np.arange(start, end)), self.dtype, self.device)
-            self.norm = max(self.norm, float(block.norm.max()))
-            self.error_norm = max(self.error_norm, float(block.error_norm.max()))
-            self.exact_norm = max(self.exact_norm, float(block.exact_norm.max()))
+            block = _Rounded(self.read(np.arange(start, end)), self.dtype, self.device, not self.measured)
+            if not self.measured:
+                self.norm = max(self.norm, float(block.norm.max()))
+                self.error_norm = max(self.error_norm, float(block.error_norm.max()))
+                self.exact_norm = max(self.exact_norm, float(block.exact_norm.max()))
             if self.keep:
                 self.kept[start] = block.vectors
             yield start, end, block.vectors
+        self.measured = True
 
 
 def merge_best(
@@ -185,8 +192,8 @@ def exact_search(
             retry = []
             for start in range(0, len(pending), rows):
                 positions = pending[start : start + rows]
-                query = _Rounded(read_queries(positions), dtype, device)
-                own = None if groups is None else torch.as_tensor(query_groups[positions], device=device)
+                query = _Rounded(read_queries(positions), dtype, device, True)
+                own = None if groups is None else _own_groups(query_groups[positions], groups)
                 score, index = _screen(query.vectors, database, kept, own, groups)
                 done = _select(query, database, score.double().cpu(), index.cpu(), width, dimension)
                 if done is None:
@@ -196,7 +203,7 @@ def exact_search(
                 if cleared.any():
                     found = positions[cleared]
                     best, best_score = _exact_best(
-                        read_queries, read_database, found, candidates[cleared], width, device
+                        read_queries, read_database, found, candidates[cleared], width, dimension, device
                     )
                     found_index[found], found_score[found] = best, best_score
             pending, margin = np.concatenate(retry), 4 * margin
@@ -218,6 +225,13 @@ def _reduced_precision_reduction(device: torch.device, allowed: bool) -> bool:
     return previous
 
 
+def _own_groups(labels: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
+    """The queries' group labels on the device, a label < 0 (no group) replaced by one no
+    database vector has."""
+    none = int(groups.min()) - 1 if len(groups) else -1
+    return torch.as_tensor(np.where(labels >= 0, labels, none), device=groups.device)
+
+
 def _screen(
     query: torch.Tensor, database: _Database, kept: int, own: torch.Tensor | None, groups: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +241,7 @@ def _screen(
     for start, end, block in database.blocks():
         scores = query @ block.T
         if own is not None and groups is not None:
-            scores[(own[:, None] >= 0) & (own[:, None] == groups[None, start:end])] = -torch.inf
+            scores.masked_fill_(own[:, None] == groups[None, start:end], -torch.inf)
         columns = torch.arange(start, end, device=query.device)
         best_score, best_index = merge_best(best_score, best_index, scores, columns)
     return best_score, best_index
@@ -259,26 +273,44 @@ def _select(
     return cleared.numpy(), candidates.numpy()
 
 
+def _float64(vectors: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``vectors`` in float64 on ``device``."""
+    return torch.from_numpy(np.asarray(vectors, np.float64)).to(device)
+
+
+def _row_blocks(counts: np.ndarray, capacity: int) -> Iterator[tuple[int, int, int]]:
+    """Consecutive rows (start, end) and their largest count, rows x count <= ``capacity``
+    (at least one row a block)."""
+    start = 0
+    while start < len(counts):
+        end, width = start + 1, max(1, int(counts[start]))
+        while end < len(counts) and (end - start + 1) * max(width, counts[end]) <= capacity:
+            width = max(width, int(counts[end]))
+            end += 1
+        yield start, end, width
+        start = end
+
+
 def _exact_best(
     read_queries: Reader,
     read_database: Reader,
     queries: np.ndarray,
     candidates: np.ndarray,
     width: int,
+    dimension: int,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``width`` best of each query's candidates (-1: none) by exact float64 scores, ties to
     the lower index; returns indices and float32 scores."""
     device = exact_device(device)
-    pairs = np.argwhere(candidates >= 0)
     exact = torch.full(candidates.shape, -torch.inf, dtype=torch.float64)
-    query_vectors = torch.from_numpy(np.asarray(read_queries(queries), np.float64)).to(device)
-    chunk = max(1, EXACT_ELEMENTS // query_vectors.shape[1])
-    for start in range(0, len(pairs), chunk):
-        row, column = pairs[start : start + chunk].T
-        found = torch.from_numpy(np.asarray(read_database(candidates[row, column]), np.float64))
-        products = (query_vectors[torch.from_numpy(row).to(device)] * found.to(device)).sum(1)
-        exact[row, column] = products.cpu()
+    counts = (candidates >= 0).sum(1)  # each row's candidates come first (``_select``)
+    for start, end, width_here in _row_blocks(counts, EXACT_ELEMENTS // dimension):
+        block = candidates[start:end, :width_here]
+        query = _float64(read_queries(queries[start:end]), device)
+        found = _float64(read_database(np.maximum(block, 0).ravel()), device)  # -1: row 0, unused
+        scores = torch.bmm(found.view(*block.shape, dimension), query[:, :, None])[:, :, 0]
+        exact[start:end, :width_here] = torch.where(torch.from_numpy(block >= 0), scores.cpu(), -torch.inf)
     index = torch.from_numpy(np.where(candidates >= 0, candidates, np.iinfo(np.int64).max))
     by_index = index.argsort(dim=1, stable=True)  # ties: the lower index first
     exact, index = exact.gather(1, by_index), index.gather(1, by_index)
