@@ -3,7 +3,7 @@ screening with a proven bound, exact re-scoring: ``sp_extract/pairs/search.py``)
 plain float32 blockwise search it replaces (baseline, in this script), same vectors, same run.
 
 Usage: python benchmarks/retrieval_search.py [--sizes 10000 100000] [-k 10]
-       [--features feats.h5] [--baseline-queries 8192] [--device cpu] [--random]
+       [--features feats.h5] [--baseline-queries 8192] [--queries N] [--device cpu] [--random]
 
 Vectors: n unit vectors of 4096 dimensions, float16 as the index stores them, made VLAD-like
 from the real VLAD vectors of ``--features`` (its ``.retrieval`` folder; without it the vectors
@@ -13,7 +13,8 @@ unrelated images score about as spread out as real VLADs do, and images of one s
 within a few hundredths of 0). Each search runs in its own process (peak memory: its
 ``VmHWM``, the memory-mapped vectors included); the baseline searches the first
 ``--baseline-queries`` queries only and its time is scaled to all of them (it scans the whole
-database for every query block, so its time is linear in the queries). The search is
+database for every query block, so its time is linear in the queries); ``--queries`` does the
+same for the new search (default: all n). The search is
 self-excluded (each image its own query, as ``pairs retrieval``). The result of both is
 checked equal (indices; where two float32 scores are within 1e-5, the order may differ).
 """
@@ -128,6 +129,11 @@ def run(method: str, path: Path, queries: int, k: int, device: str, folder: Path
     return result
 
 
+def _row(n: int, name: str, timed: int, seconds: float, scale: float, peak: float, kept: str) -> str:
+    scaled = " (scaled)" if scale > 1 else ""
+    return f"| {n:,} | {name} | {timed:,} | {seconds:,.1f}{scaled} | {peak:,.0f} | {kept} |"
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         method, path, queries, k, device, out = sys.argv[2:8]
@@ -143,6 +149,7 @@ def main() -> None:
     )
     parser.add_argument("--random", action="store_true", help="random unit vectors instead")
     parser.add_argument("--baseline-queries", type=int, default=8192)
+    parser.add_argument("--queries", type=int, help="time the new search on these first queries only")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     bases = None
@@ -152,7 +159,7 @@ def main() -> None:
         bases -= bases.mean(0)  # the shared part of the real vectors is added by the mixing
     kind = "random" if bases is None else f"VLAD-like ({len(bases)} real vectors)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {kind}")
-    print("| n | search | queries timed | seconds (all n queries) | peak MiB | screened per query |")
+    print("| n | search | queries timed | seconds (all n queries) | peak MiB | candidates kept per query |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
@@ -161,21 +168,23 @@ def main() -> None:
             make_vectors(path, n, bases)
             timed = min(n, args.baseline_queries)
             old = run("baseline", path, timed, args.k, args.device, folder)
-            new = run("exact", path, n, args.k, args.device, folder)
-            scale = n / timed
-            print(f"| {n:,} | plain float32 (before) | {timed:,} | {old['seconds'] * scale:,.1f}"
-                  f"{' (scaled)' if scale > 1 else ''} | {old['peak_mib']:,.0f} | {n:,} |")  # fmt: skip
-            print(f"| {n:,} | screened + exact (now) | {n:,} | {new['seconds']:,.1f} "
-                  f"| {new['peak_mib']:,.0f} | {new['kept']:.1f} |")  # fmt: skip
+            searched = min(n, args.queries or n)
+            new = run("exact", path, searched, args.k, args.device, folder)
+            scale, new_scale = n / timed, n / searched
+            old_seconds, new_seconds = old["seconds"] * scale, new["seconds"] * new_scale
+            print(_row(n, "plain float32 (before)", timed, old_seconds, scale, old["peak_mib"], f"{n:,}"))
+            kept = f"{new['kept']:.1f}"
+            print(_row(n, "screened + exact (now)", searched, new_seconds, new_scale, new["peak_mib"], kept))
             vectors = np.load(path, mmap_mode="r")
-            same = (old["found"] == new["found"][:timed]).all(1)
+            compared = min(timed, searched)
+            same = (old["found"][:compared] == new["found"][:compared]).all(1)
             for row in np.flatnonzero(~same):  # differ only where float32 cannot tell
                 query = np.asarray(vectors[row], np.float32)
                 scores = np.asarray(vectors[old["found"][row]], np.float32) @ query
                 exact = np.asarray(vectors[new["found"][row]], np.float64) @ query.astype(np.float64)
                 assert np.allclose(np.sort(scores), np.sort(exact), atol=1e-5), row
-            print(f"|   | speed-up {old['seconds'] * scale / new['seconds']:.2f}x, {same.sum():,} / "
-                  f"{timed:,} rows identical, the others within float32's rounding | | | | |")  # fmt: skip
+            print(f"|   | speed-up {old_seconds / new_seconds:.2f}x, {same.sum():,} / "
+                  f"{compared:,} rows identical, the others within float32's rounding | | | | |")  # fmt: skip
 
 
 if __name__ == "__main__":

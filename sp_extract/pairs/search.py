@@ -8,10 +8,11 @@ bits). Every partial sum of a dot product is then a multiple of 2^-48 of magnitu
 sum |x_i y_i| <= |x| |y| (Cauchy-Schwarz); below 2^5 that fits float64's 53 bits, so float64
 arithmetic adds them without any rounding, in whatever order: the float64 score is the exact
 real dot product of the stored vectors (required: |x| |y| < 32; the vectors here are unit
-vectors). Equal vectors get equal scores; ties are broken by the lower database index. That is
-the reference: a plain float32 search rounds each score (about 1e-7 here) in an order that
-depends on the BLAS and the block shapes, so its order of two candidates closer than that is
-arbitrary; this search's is not.
+vectors; vectors of a finer precision would get float64 scores, within about 1e-13). Equal
+vectors get equal scores; ties are broken by the lower database index. That is the reference:
+a plain float32 search rounds each score (about 1e-7 here) in an order that depends on the
+BLAS and the block shapes, so its order of two candidates closer than that is arbitrary; this
+search's is not.
 
 **Screening.** Scores are first computed with both operands rounded to a low precision
 (bfloat16 on CPUs with bfloat16 instructions, float16 on CUDA, float32 elsewhere) with float32
