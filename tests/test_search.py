@@ -72,7 +72,7 @@ def test_search_equals_brute_force(monkeypatch: pytest.MonkeyPatch, dtype: torch
     def read(vectors: np.ndarray):
         return lambda rows: vectors[rows]
 
-    block = 4 * DIMENSION * 37  # blocks of 37 rows
+    block = 4 * DIMENSION * 150  # blocks of 150 rows (the database: 4, the last one partial)
     own = np.full(len(queries), -1)
     for i, q in enumerate(queries):
         same = np.flatnonzero((database == q).all(1))
