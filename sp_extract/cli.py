@@ -593,7 +593,10 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
 @click.option("--clusters", default=64, show_default=True, help="VLAD codebook size (k-means centroids).")
 @click.option("--dims", default=64, show_default=True, help="PCA dimensions of the local descriptors.")
 @click.option(
-    "--device", default="auto", show_default=True, help="Device for --rerank: auto, cpu, cuda[:N], mps."
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Device for the similarity search and --rerank: auto, cpu, cuda[:N], mps.",
 )
 @file_option("--features", "feats.h5", "Feature store whose descriptors describe the images.")
 @_pairs_out_option

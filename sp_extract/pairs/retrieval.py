@@ -39,11 +39,12 @@ import torch
 from ..errors import ConfigError, StoreError
 from ..store.reader import open_store
 from ..store.writer import StoreLock, describe_error, fsync_path, read_store_info
+from .search import exact_search
 
 MODEL_FORMAT = 1
 SEGMENT_IMAGES = 4096  # images described per segment file
 MAX_SEGMENTS = 16  # more are merged into one (amortised: a merge per 16 growing runs)
-BLOCK_BYTES = 64 << 20  # float32 vectors per block of the similarity search
+BLOCK_BYTES = 64 << 20  # float32 vectors per block (segment merges; the search on the CPU)
 
 
 @dataclass(frozen=True)
@@ -322,17 +323,6 @@ def _blocks(count: int, dimension: int) -> Iterator[tuple[int, int]]:
         yield start, min(count, start + rows)
 
 
-def merge_best(
-    best_score: torch.Tensor, best_index: torch.Tensor, scores: torch.Tensor, columns: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running (Q, k) best scores and their indices updated with a block of ``scores``
-    (Q, B) for the candidates ``columns`` (B,): the k largest of both, best first."""
-    merged_score = torch.cat((best_score, scores), 1)
-    merged_index = torch.cat((best_index, columns.expand(len(scores), -1)), 1)
-    best_score, top = merged_score.topk(best_score.shape[1], dim=1)
-    return best_score, merged_index.gather(1, top)
-
-
 def nearest_images(
     index: GlobalIndex,
     queries: Sequence[str],
@@ -340,36 +330,29 @@ def nearest_images(
     k: int,
     query_groups: np.ndarray | None = None,
     database_groups: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` most similar database images, exactly, by blocks of queries and of
-    database vectors (memory: two blocks and a block of similarities, never n x n).
+    database vectors on ``device`` (``search.py``: low-precision screening with a proven error
+    bound, exact re-scoring; memory: blocks, never n x n).
 
     With groups, a database image of the query's own group (a label >= 0) is never a
     candidate: groups by position exclude the image itself (hloc's rule), groups by connected
     component find edges between components. Returns indices into ``database`` (Q, k') and
-    similarities (Q, k'), best first, k' = min(k, len(database)); -1 and -inf fill a row that
-    has fewer candidates.
+    similarities (Q, k'), best first, ties to the lower index, k' = min(k, len(database)); -1
+    and -inf fill a row that has fewer candidates.
     """
-    width = min(k, len(database))
-    found_index = np.full((len(queries), width), -1, np.int64)
-    found_score = np.full((len(queries), width), -np.inf, np.float32)
-    dimension = index.model.dimension
-    for q_start, q_end in _blocks(len(queries), dimension):
-        query = torch.from_numpy(index.vectors(queries[q_start:q_end]))
-        best_score = torch.full((len(query), width), -torch.inf)
-        best_index = torch.full((len(query), width), -1, dtype=torch.int64)
-        for d_start, d_end in _blocks(len(database), dimension):
-            scores = query @ torch.from_numpy(index.vectors(database[d_start:d_end])).T
-            columns = torch.arange(d_start, d_end)
-            if query_groups is not None and database_groups is not None:
-                own = torch.from_numpy(query_groups[q_start:q_end])[:, None]
-                scores[
-                    (own >= 0) & (own == torch.from_numpy(database_groups[d_start:d_end])[None])
-                ] = -torch.inf
-            best_score, best_index = merge_best(best_score, best_index, scores, columns)
-        best_index[torch.isinf(best_score)] = -1
-        found_index[q_start:q_end], found_score[q_start:q_end] = best_index.numpy(), best_score.numpy()
-    return found_index, found_score
+    return exact_search(
+        lambda rows: index.vectors([queries[i] for i in rows]),
+        len(queries),
+        lambda rows: index.vectors([database[i] for i in rows]),
+        len(database),
+        k,
+        query_groups,
+        database_groups,
+        device,
+        BLOCK_BYTES,
+    )
 
 
 def _root(parent: np.ndarray, i: int) -> int:
@@ -380,7 +363,10 @@ def _root(parent: np.ndarray, i: int) -> int:
 
 
 def connecting_pairs(
-    index: GlobalIndex, names: Sequence[str], pairs: Sequence[tuple[int, int]]
+    index: GlobalIndex,
+    names: Sequence[str],
+    pairs: Sequence[tuple[int, int]],
+    device: torch.device | str = "cpu",
 ) -> list[tuple[int, int]]:
     """Edges that join the components of the graph ``pairs`` on ``names``: Borůvka's maximum
     spanning forest over the similarities, each round one blockwise search for every image's
@@ -395,7 +381,7 @@ def connecting_pairs(
         labels = np.array([_root(parent, i) for i in range(len(names))])
         if len(np.unique(labels)) == 1:
             return added
-        found, score = nearest_images(index, names, names, 1, labels, labels)
+        found, score = nearest_images(index, names, names, 1, labels, labels, device)
         best: dict[int, tuple[float, int, int]] = {}
         for i, (j, value) in enumerate(zip(found[:, 0], score[:, 0])):
             if j >= 0 and value > best.get(labels[i], (-np.inf,))[0]:
@@ -427,7 +413,8 @@ def retrieval_pairs(
     the M most similar are re-ranked by matching and verification (``rerank.py``) before the
     first ``num_matched`` are kept. With ``connect`` (queries and database the same images),
     the few most similar pairs that join the components of the resulting pair graph are added
-    (``connecting_pairs``). A pair found from both sides is written once.
+    (``connecting_pairs``). A pair found from both sides is written once. The search and the
+    re-ranking run on ``device`` (``auto``: CUDA, then MPS, then the CPU).
     """
     from ..extraction.pipeline import resolve_device
     from .core import merge_pairs, read_name_list
@@ -446,11 +433,13 @@ def retrieval_pairs(
     if exclude_self:
         position = {name: i for i, name in enumerate(database)}
         groups = (np.array([position.get(name, -1) for name in queries]), np.arange(len(database)))
-    found, _ = nearest_images(index, queries, database, rerank_top or num_matched, *(groups or (None, None)))
+    device_used = resolve_device(device)
+    width = rerank_top or num_matched
+    found, _ = nearest_images(index, queries, database, width, *(groups or (None, None)), device_used)
     if rerank_top is not None:
         from .rerank import rerank
 
-        found = rerank(features, queries, database, found, resolve_device(device))
+        found = rerank(features, queries, database, found, device_used)
     pairs = merge_pairs(
         [(query, database[i]) for query, row in zip(queries, found[:, :num_matched]) for i in row[row >= 0]]
     )
@@ -458,5 +447,6 @@ def retrieval_pairs(
     if connect and queries == database:
         position = {name: i for i, name in enumerate(database)}
         edges = [(position[a], position[b]) for a, b in pairs]
-        pairs += [(database[i], database[j]) for i, j in connecting_pairs(index, database, edges)]
+        joining = connecting_pairs(index, database, edges, device_used)
+        pairs += [(database[i], database[j]) for i, j in joining]
     return pairs

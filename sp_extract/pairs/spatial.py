@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .retrieval import merge_best
+from .search import merge_best
 
 Pair = tuple[str, str]
 GPS_IFD = 0x8825
