@@ -4,15 +4,19 @@ adding images to a store, on synthetic stores made by copying real entries under
 Usage: python benchmarks/scale.py [--sizes 1000 10000] [--pairs 10000 1000000 10000000]
        [--match-store 2000] [--add 10] [--baseline-max 1000000] [--json results.json]
        [--max-keypoints 256] [--no-retrieval] [--resume-pairs 100000] [--big-gb 10 --kills 5]
+       [--resume-real 5000000 --resume-total 10000000 --build-minutes 40 --steady 60 --no-check]
+       [--work DIR]
 
 - stores: a real store of the shared photos (extracted once, 640 px) copied entry by entry
   under new names to each of --sizes entries;
 - pairs: time and peak memory of ``pairs exhaustive`` (up to 2,000 images), ``sequential`` and
   ``retrieval`` (k = 10; first run describing every image, then a run that adds nothing);
-- match-pairs: over a store of --match-store entries, pairs files of --pairs lines; the time
-  until the first pair is matched (a part file appears) and the peak memory (VmHWM) at that
-  moment, against the baseline of the same run: reading and checking the whole file first,
-  what match-pairs did before it streamed;
+- match-pairs: over a store of --match-store entries (more if the largest pairs file needs
+  them: n images have n (n - 1) / 2 pairs, 4,473 for 10^7), pairs files of 10 and --pairs
+  lines; the time from process start until the first pair is durable (a part file appears)
+  and the peak memory (VmHWM) then, the 10-line file being the baseline of start-up alone;
+  the first checked chunk of each file, against reading and checking the whole file first
+  (what match-pairs did before it streamed);
 - incremental add: time and extra disk to add --add images to each store.
 - with --resume-pairs N...: the start of a resumed match-pairs on a match store of N pairs
   (opening it and learning what is done, ``StoreWriter``), without a name index (the walk
@@ -25,6 +29,12 @@ Usage: python benchmarks/scale.py [--sizes 1000 10000] [--pairs 10000 1000000 10
   indexed); then --kills runs adding to the big store SIGKILLed at random moments, and a
   killed ``compact``, each followed by a check that the store opens with every entry, and at
   the end ``repair --check`` and the resumed runs.
+- with --resume-real N: a real match store (hloc layout, the writer's format, name index)
+  holding the first N pairs of a --resume-total pairs file (fewer if --build-minutes runs out),
+  as a killed match-pairs leaves it; ``repair --check`` (unless --no-check) and ``open_store``
+  read it; then ``match-pairs`` on the whole file resumes it: seconds until its first new pair
+  is durable, peak memory then, memory after --steady seconds of matching, pairs skipped and
+  saved; against the same command on a new store and on a 10-line file, twice.
 
 Each measurement runs in a fresh subprocess (peak memory is per process). Other processes of the
 machine are not controlled: figures from a loaded machine say so in README.
@@ -34,9 +44,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -314,8 +328,18 @@ def index_load(work: Path, count: int) -> dict:
     return {"what": what, "pairs": count, "seconds": loaded, "peak_mib": peak / 1024}
 
 
+def images_for(count: int) -> int:
+    """The fewest images that have ``count`` distinct pairs (n (n - 1) / 2 >= count)."""
+    return next(
+        n for n in range(int((2 * count) ** 0.5), int((2 * count) ** 0.5) + 3) if n * (n - 1) // 2 >= count
+    )
+
+
 def pairs_file(path: Path, count: int, names: int) -> Path:
-    """``count`` distinct pairs over ``names`` images (i, i + 1 + j), written once."""
+    """``count`` distinct pairs over ``names`` images (i, i + 1 + j), written once; refuses a
+    count that ``names`` images do not have (2,000 images have 1,999,000 pairs)."""
+    if count > names * (names - 1) // 2:
+        raise ValueError(f"{names} images have {names * (names - 1) // 2:,} pairs, not {count:,}")
     with open(path, "w") as handle:
         written = 0
         for step in range(1, names):
@@ -328,38 +352,236 @@ def pairs_file(path: Path, count: int, names: int) -> Path:
     return path
 
 
-def first_match(pairs: Path, store: Path, out: Path, limit: float = 600) -> tuple[float, float]:
-    """Seconds until match-pairs has a pair durable (a part file) and its peak memory then."""
+def status_kib(pid: int, field: str) -> int | None:
+    """A memory figure (VmHWM, VmRSS) of a running process, None once it has ended."""
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+    return None
+
+
+def first_match(
+    pairs: Path, store: Path, out: Path, limit: float = 600, steady: float = 0.0, finish: bool = False
+) -> dict[str, float | int | None]:
+    """``match-pairs PAIRS --features STORE -o OUT`` in a fresh process: seconds from its start
+    until a new pair is durable (a part file appears; a new store that finished first counts
+    when its file appears), peak memory (VmHWM, MiB) then; with ``steady``, resident and peak
+    memory ``steady`` seconds later. It is then interrupted (SIGINT, as Ctrl-C), or with
+    ``finish`` left to finish; the summary line gives the pairs saved and skipped (already in
+    the store)."""
+    existed = out.exists()
+    parts = out.with_name(out.name + ".parts")
+    command = [sys.executable, "-m", "sp_extract", "match-pairs", str(pairs), "--features", str(store)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sp_extract",
-            "match-pairs",
-            str(pairs),
-            "--features",
-            str(store),
-            "-o",
-            str(out),
-        ],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [*command, "-o", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     started = time.perf_counter()
-    parts = out.with_name(out.name + ".parts")
+    found: dict[str, float | int | None] = {"seconds": None, "peak_mib": None}
     try:
         while time.perf_counter() - started < limit and process.poll() is None:
-            if parts.is_dir() and any(parts.glob("part-*.h5")):
+            if any(parts.glob("part-*.h5")) or (not existed and out.exists()):
+                found["seconds"] = time.perf_counter() - started
                 break
-            time.sleep(0.02)
-        elapsed = time.perf_counter() - started
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+            time.sleep(0.01)
+        if found["seconds"] is None and process.poll() is not None and out.exists():  # done between polls
+            found["seconds"] = time.perf_counter() - started
+        peak = status_kib(process.pid, "VmHWM")
+        found["peak_mib"] = None if peak is None else peak / 1024
+        if steady and process.poll() is None:
+            time.sleep(steady)
+            rss, peak = status_kib(process.pid, "VmRSS"), status_kib(process.pid, "VmHWM")
+            found.update(steady_rss_mib=rss and rss / 1024, steady_peak_mib=peak and peak / 1024)
     finally:
-        process.terminate()
-        process.wait()
-    return elapsed, peak / 1024
+        if not finish:
+            process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=3600)
+    summary = re.search(r"match-pairs: ([\d,]+) pairs? saved, (\d+) already", output)
+    if summary is None:
+        raise RuntimeError(f"match-pairs {pairs}: no summary (exit {process.returncode}): {output[-500:]}")
+    found.update(saved=int(summary[1].replace(",", "")), skipped=int(summary[2]))
+    return found
+
+
+def bulk_matches(
+    store: Path, features: Path, pairs: Path, count: int, budget: float = float("inf")
+) -> dict[str, float]:
+    """Extend the match store ``store`` (made by match-pairs from the first lines of ``pairs``,
+    one main file) to the first ``count`` pairs of ``pairs``, as the writer's fold writes a main
+    file: a copy of it written through ``_hdf5_writing``, the entries, its name index
+    (``write_index``), a rename, under the store's lock. Entries are created here, with the
+    dataset creation properties (chunks, Fletcher-32) of the writer's own, where a fold would
+    copy them from part files (``H5Ocopy``: too slow for millions). Their content is
+    synthetic: ``matches0`` int32, about a third matched, ``matching_scores0`` float16.
+    After ``budget`` seconds it stops adding (still the first pairs of the file) and finishes
+    the store. Returns seconds, entries added and the store's bytes; progress every 50,000 on
+    stderr."""
+    from sp_extract.store.index import load_index, name_hashes, write_index
+    from sp_extract.store.reader import open_store
+    from sp_extract.store.writer import StoreLock, _hdf5_writing, fsync_path
+
+    started = time.perf_counter()
+    with open_store(features) as h5:
+        keypoints = {name: h5[name]["descriptors"].shape[-1] for name in h5.names()}
+    lock = StoreLock(store)
+    lock.acquire()
+    try:
+        stored = load_index(store)
+        assert stored is not None, f"{store}: no name index"
+        temporary = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+        shutil.copyfile(store, temporary)
+        rng = np.random.default_rng(0)
+        contents: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        hashes, batch = [stored], []
+        with _hdf5_writing(temporary, create=False) as out, open(pairs) as lines:
+            template = out[next(iter(out))]  # an entry the writer wrote: name0 / name1 / datasets
+            template = template[next(iter(template))]
+            made = {key: template[key].id for key in ("matches0", "matching_scores0")}
+            link = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+            link.set_create_intermediate_group(True)
+            link.set_char_encoding(h5py.h5t.CSET_UTF8)
+            parents: dict[str, h5py.h5g.GroupID] = {}
+            for number, line in enumerate(itertools.islice(lines, count)):
+                if number < len(stored):  # stored by match-pairs itself
+                    continue
+                if time.perf_counter() - started > budget:
+                    break
+                name0, name1 = line.split()
+                if name0 not in parents:
+                    parents[name0] = out.require_group(name0).id
+                group = h5py.h5g.create(parents[name0], name1.encode(), lcpl=link)
+                shape = (keypoints[name0], keypoints[name1])
+                if shape not in contents:
+                    matched = [rng.random(shape[0]) < 1 / 3 for _ in range(16)]
+                    contents[shape] = [
+                        (np.where(m, rng.integers(0, shape[1], shape[0]), -1).astype(np.int32),
+                         np.where(m, rng.random(shape[0]), 0).astype(np.float16))
+                        for m in matched
+                    ]  # fmt: skip
+                for key, data in zip(made, contents[shape][number % 16]):
+                    space = h5py.h5s.create_simple(data.shape)
+                    dataset = h5py.h5d.create(
+                        group, key.encode(), made[key].get_type(), space,
+                        dcpl=made[key].get_create_plist(), lcpl=link,
+                    )  # fmt: skip
+                    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+                batch.append(f"{name0}/{name1}")
+                if len(batch) == 50_000:
+                    hashes.append(name_hashes(batch))
+                    batch.clear()
+                    added = sum(map(len, hashes)) - len(stored)
+                    seconds = time.perf_counter() - started
+                    size = temporary.stat().st_size / 1e9
+                    print(
+                        f"{added:,} entries added, {seconds:.0f} s, {size:.2f} GB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            hashes.append(name_hashes(batch))
+        write_index(store, np.concatenate(hashes), described=temporary)
+        os.replace(temporary, store)
+        fsync_path(store.parent, directory=True)
+    finally:
+        lock.release()
+    entries = sum(map(len, hashes))
+    return {"seconds": time.perf_counter() - started, "added": entries - len(stored), "entries": entries,
+            "bytes": store.stat().st_size}  # fmt: skip
+
+
+def resume_store(
+    work: Path, real: Path, stored: int, total: int, check: bool, budget: float = float("inf")
+) -> tuple[list[dict], Path]:
+    """A match store holding the first ``stored`` pairs of ``work/pTOTAL.txt`` (over the feature
+    store ``work/matchIMAGES.h5``), as a killed run leaves it: match-pairs wrote the first
+    chunk, ``bulk_matches`` the rest (``budget`` seconds at most); ``repair --check`` (with
+    ``check``: it reads every dataset, hours at 10^6 entries here) accepts it, and
+    ``open_store`` reads 1,000 of its pairs.
+    Returns the rows and the store."""
+    images = images_for(total)
+    features = work / f"match{images}.h5"
+    if not features.exists():
+        synthetic_store(real, features, images)
+    pairs = work / f"p{total}.txt"
+    if not pairs.exists():
+        pairs_file(pairs, total, images)
+    head = work / "head.txt"
+    with open(pairs) as lines:
+        head.write_text("".join(itertools.islice(lines, 1024)))
+    out = work / "resumed.h5"
+    run("match-pairs", str(head), "--features", str(features), "-o", str(out), "-q")
+    built = bulk_matches(out, features, pairs, stored, budget)
+    stored = built["entries"]
+    gigabytes = built["bytes"] / 1e9
+    rows = [{"what": f"match store built: {built['added']:,} entries added, {gigabytes:.1f} GB",
+             "pairs": stored, "seconds": built["seconds"]}]  # fmt: skip
+    if check:
+        started = time.perf_counter()
+        command = [sys.executable, "-m", "sp_extract", "repair", "--check", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV)
+        assert result.returncode == 0, result.stdout + result.stderr
+        line = next(
+            line for line in (result.stdout + result.stderr).splitlines() if line.startswith("check:")
+        )
+        rows.append({"what": line, "pairs": stored, "seconds": time.perf_counter() - started})
+    rows.append(
+        {"what": "open_store: 1,000 stored pairs read", "pairs": stored, "seconds": read_back(out, pairs)}
+    )
+    return rows, out
+
+
+def read_back(store: Path, pairs: Path) -> float:
+    """Seconds to read 1,000 pairs spread over the stored ones (the first of the pairs file)
+    through ``open_store``, checksums verified; they must all be there."""
+    from sp_extract.store.reader import open_store
+
+    stored = stored_pairs(store)
+    started = time.perf_counter()
+    with open_store(store) as reader, open(pairs) as lines:
+        for line in itertools.islice(lines, 0, stored, max(1, stored // 1000)):
+            assert len(reader["/".join(line.split())]["matches0"][()]) > 0
+    return time.perf_counter() - started
+
+
+def stored_pairs(store: Path) -> int:
+    """The entries of a store's main file and segments, from their name indexes (no walk: at
+    10^6 entries a walk of the file takes minutes here)."""
+    from sp_extract.store.index import load_index
+    from sp_extract.store.writer import part_files, segment_files
+
+    assert not part_files(store)
+    return sum(len(load_index(file)) for file in [store, *segment_files(store)])
+
+
+def resume_runs(work: Path, out: Path, total: int, steady: float, repeats: int = 2) -> list[dict]:
+    """``match-pairs`` on the whole pairs file resuming ``out`` (``resume_store``): time until its
+    first new pair is durable, its peak memory then and its memory ``steady`` seconds later,
+    the pairs it skipped (all those stored) and saved; against, in the same run, the same
+    command on a new store and on a pairs file of 10 lines (start-up), ``repeats`` times."""
+    from sp_extract.store.writer import remove_store
+
+    images = images_for(total)
+    features, pairs = work / f"match{images}.h5", work / f"p{total}.txt"
+    tiny = pairs_file(work / "tiny.txt", 10, images)
+    stored = done = stored_pairs(out)
+    rows = []
+    for repeat in range(repeats):
+        for what, pairs_in, target in [
+            ("10 pairs, new store", tiny, work / f"tiny{repeat}.h5"),
+            (f"{total:,} pairs, new store", pairs, work / f"empty{repeat}.h5"),
+            (f"{total:,} pairs, resume of {done:,} stored", pairs, out),
+        ]:
+            steady_s = steady if pairs_in == pairs else 0
+            measured = first_match(pairs_in, features, target, steady=steady_s, finish=pairs_in == tiny)
+            if target == out:  # every stored pair skipped (those of an earlier repeat as far as reached)
+                assert stored <= measured["skipped"] <= done and (repeat or measured["skipped"] == stored)
+                done += measured["saved"]
+            else:
+                assert measured["skipped"] == 0, measured
+                remove_store(target)
+            rows.append({"what": f"match-pairs, {what}: first new pair durable",
+                         "pairs": 10 if pairs_in == tiny else total, **measured})  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run: each row as it comes
+    assert stored_pairs(out) == done  # the stored pairs and those the resumed runs saved
+    return rows
 
 
 def read_first(pairs: Path, store: Path, whole: bool) -> tuple[float, float]:
@@ -381,12 +603,15 @@ def read_first(pairs: Path, store: Path, whole: bool) -> tuple[float, float]:
     return float(elapsed), int(peak) / 1024
 
 
+EXTRA = ("steady_rss_mib", "steady_peak_mib", "saved", "skipped")  # of first_match, when measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000])
-    parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
+    parser.add_argument("--pairs", type=int, nargs="*", default=[10_000, 1_000_000, 10_000_000])
     parser.add_argument("--match-store", type=int, default=2000)
     parser.add_argument("--add", type=int, default=10)
     parser.add_argument(
@@ -401,10 +626,26 @@ def main() -> None:
     parser.add_argument("--max-keypoints", type=int, help="Of the real entries (smaller stores).")
     parser.add_argument("--no-retrieval", action="store_true", help="Skip pairs retrieval.")
     parser.add_argument("--resume-pairs", type=int, nargs="*", default=[], help="Match stores of N pairs.")
+    parser.add_argument(
+        "--resume-real",
+        type=int,
+        default=0,
+        help="A match store of the first N pairs of a --resume-total pairs file, resumed.",
+    )
+    parser.add_argument("--resume-total", type=int, default=10_000_000)
+    parser.add_argument("--no-check", action="store_true", help="With --resume-real: no repair --check.")
+    parser.add_argument(
+        "--build-minutes",
+        type=float,
+        default=float("inf"),
+        help="With --resume-real: stop adding pairs to the store after this long (fewer than N).",
+    )
+    parser.add_argument("--steady", type=float, default=60.0, help="With --resume-real: seconds matched.")
+    parser.add_argument("--work", type=Path, help="Folder for the stores (default: a temporary one).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="sp-scale-") as folder:
+    with tempfile.TemporaryDirectory(prefix="sp-scale-", dir=args.work) as folder:
         work = Path(folder)
         real = real_store(work, args.max_keypoints)
         rows += resume_start(work, args.resume_pairs)
@@ -428,11 +669,19 @@ def main() -> None:
             # a writer process adding the entries; the peak extra disk (a fold's copy) as peak MiB
             measured = timed_add(real, store, size, args.add, ENV)
             rows.append({"what": f"add {args.add} entries", "entries": size, **measured})
-        store = synthetic_store(real, work / "match.h5", args.match_store)
-        for count in args.pairs:
-            pairs = pairs_file(work / f"p{count}.txt", count, args.match_store)
+        if args.resume_real:
+            budget = args.build_minutes * 60
+            built, out = resume_store(
+                work, real, args.resume_real, args.resume_total, not args.no_check, budget
+            )
+            rows += built + resume_runs(work, out, args.resume_total, args.steady)
+        images = max([args.match_store, *map(images_for, args.pairs)]) if args.pairs else 0
+        store = synthetic_store(real, work / f"match{images}.h5", images) if args.pairs else None
+        for count in [10, *args.pairs] if args.pairs else []:  # 10: start-up alone, the baseline
+            pairs = pairs_file(work / f"p{count}.txt", count, images)
+            started = first_match(pairs, store, work / f"m{count}.h5", finish=count == 10)
             measured = [
-                ("match-pairs: first pair saved", first_match(pairs, store, work / f"m{count}.h5")),
+                ("match-pairs: first pair durable", (started["seconds"], started["peak_mib"])),
                 ("first chunk read and checked", read_first(pairs, store, whole=False)),
             ]
             if count <= args.baseline_max:
@@ -445,10 +694,10 @@ def main() -> None:
     for row in rows:
         n = row.get("entries", row.get("pairs"))
         peak, disk = row.get("peak_mib", row.get("peak_disk_mib")), row.get("extra_disk_mib")
-        print(
-            f"{row['what']:52} {n:>10} {row['seconds']:>9.2f} {'' if peak is None else f'{peak:9.0f}':>9} "
-            f"{'' if disk is None else f'{disk:9.2f}':>9}"
-        )
+        figures = [row["seconds"], peak, disk]
+        seconds, peak, disk = (f"{x:9.2f}" if x is not None else "" for x in figures)
+        more = ", ".join(f"{key} {row[key]:.0f}" for key in EXTRA if row.get(key) is not None)
+        print(f"{row['what']:52} {n:>10} {seconds:>9} {peak:>9} {disk:>9} {more}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

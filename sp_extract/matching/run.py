@@ -308,7 +308,8 @@ def match_pairs(
                     if shard is not None:
                         chunk = [p for p in chunk if shard.holds_pair(*p)]
                     done = writer.done.contains([pair_key(*p) for p in chunk])
-                    done |= writer.done.contains([pair_key(p[1], p[0]) for p in chunk])
+                    rest = np.flatnonzero(~done)  # asked in the other order only when not found
+                    done[rest] = writer.done.contains([pair_key(chunk[i][1], chunk[i][0]) for i in rest])
                     todo = [p for p, skip in zip(chunk, done) if not skip]
                     summary.total += len(chunk)
                     summary.skipped += len(chunk) - len(todo)

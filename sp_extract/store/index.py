@@ -137,7 +137,9 @@ class NameIndex:
 
     def contains(self, names: Sequence[str]) -> np.ndarray:
         """A boolean array: which of ``names`` are in the index."""
-        found = np.array([name in self._names for name in names], dtype=bool)
+        found = np.zeros(len(names), dtype=bool)
+        if self._names:  # this run's latest names, not yet hashed
+            found[:] = [name in self._names for name in names]
         if (self._arrays or self._runs) and len(names):
             hashes = name_hashes(names)
             for array in [*self._arrays, *self._runs]:
