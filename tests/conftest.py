@@ -135,12 +135,19 @@ def run_cli(
 def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     """Run ``sp-extract`` in this process (click's CliRunner), as :func:`run_cli` reports it: for
     tests of what a command does rather than of its process (signals, locks, exit), without
-    starting Python and importing torch once more. An uncaught exception is in ``stderr``."""
+    starting Python and importing torch once more. An uncaught exception is in ``stderr``. The
+    SIGINT and SIGTERM handlers are restored after it (the CLI ignores SIGINT while it exits), also
+    when it runs in a fixture, before ``sigint_handler_restored`` records a test's handler."""
     from click.testing import CliRunner
 
     from sp_extract.cli import cli
 
-    result = CliRunner().invoke(cli, list(args))
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = CliRunner().invoke(cli, list(args))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     stderr = result.stderr
     if result.exc_info is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))
