@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -69,6 +71,32 @@ def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class CliExtraction:
+    """One ``sp-extract`` run of a folder: the store it wrote, its JSON report, the process."""
+
+    images: Path
+    store: Path
+    report: dict
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def sacre_coeur_features(
+    tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weights: Path
+) -> CliExtraction:
+    """The 10 real photos extracted once per session by the CLI with its default options (the
+    real weights, ``--json-report``), for every test that reads that store (test_e2e,
+    test_colmap). Read only: a test that writes beside or into it copies it first."""
+    out_dir = tmp_path_factory.mktemp("sacre-coeur-features")
+    store, report = out_dir / "feats.h5", out_dir / "report.json"
+    result = run_cli(
+        str(sacre_coeur), "--out", str(store), "--weights", str(real_weights), "--json-report", str(report)
+    )
+    report_data = json.loads(report.read_text()) if report.exists() else {}
+    return CliExtraction(sacre_coeur, store, report_data, result)
+
+
 def write_image(path: Path, width: int = 96, height: int = 64, seed: int = 0) -> Path:
     """A textured 8-bit grayscale image with corners (blocks), written with OpenCV."""
     rng = np.random.default_rng(seed)
@@ -102,6 +130,28 @@ def run_cli(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run ``sp-extract`` in this process (click's CliRunner), as :func:`run_cli` reports it: for
+    tests of what a command does rather than of its process (signals, locks, exit), without
+    starting Python and importing torch once more. An uncaught exception is in ``stderr``. The
+    SIGINT and SIGTERM handlers are restored after it (the CLI ignores SIGINT while it exits), also
+    when it runs in a fixture, before ``sigint_handler_restored`` records a test's handler."""
+    from click.testing import CliRunner
+
+    from sp_extract.cli import cli
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = CliRunner().invoke(cli, list(args))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["sp-extract", *args], result.exit_code, result.stdout, stderr)
 
 
 def match_and_map(root: Path, images: Path, features: Path, pairs: Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from conftest import run_cli, write_image
+from conftest import invoke_cli, write_image
 
 Entries = dict[str, dict[str, tuple[np.ndarray, dict]]]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -32,7 +32,7 @@ def make_workspace(root: Path, weights: Path, count: int = 48) -> dict:
         write_image(root / "images" / f"im{index:02d}.png", 320, 240, seed=index)
     reference = root / "reference.h5"
     options = ["--weights", str(weights), "--batch-size", "1", "--num-workers", "1", "--max-keypoints", "512"]
-    result = run_cli(str(root / "images"), "--out", str(reference), *options)
+    result = invoke_cli(str(root / "images"), "--out", str(reference), *options)  # in-process: fewer imports
     assert result.returncode == 0, result.stderr
     return {"root": root, "images": root / "images", "reference": reference, "options": options}
 

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
-from conftest import ROOT, match_and_map, run_cli
+from conftest import ROOT, CliExtraction, match_and_map, run_cli
 from reliability import Run
 
 from sp_extract.pairs.core import pair_key
@@ -338,14 +338,21 @@ def test_missing_pycolmap_says_how_to_install(tmp_path: Path, scene: dict) -> No
 
 def reconstruct_photos(root: Path, photos: Path, weights: Path, *extract_options: str) -> dict:
     """The five commands of the README on the real photos; returns the reconstruct report."""
-    feats, pairs = root / "feats.h5", root / "pairs.txt"
+    feats = root / "feats.h5"
     root.mkdir()
-    for step in (
-        (str(photos), "--out", str(feats), "--weights", str(weights), "-q", *extract_options),
-        ("pairs", "exhaustive", "--features", str(feats), "--out", str(pairs)),
-    ):
-        result = run_cli(*step, timeout=600)
-        assert result.returncode == 0, (step[0], result.stderr)
+    result = run_cli(str(photos), "--out", str(feats), "--weights", str(weights), "-q", *extract_options,
+                     timeout=600)  # fmt: skip
+    assert result.returncode == 0, ("extract", result.stderr)
+    return map_photos(root, photos, feats)
+
+
+def map_photos(root: Path, photos: Path, feats: Path) -> dict:
+    """The last four commands of the README (pairs exhaustive, match-pairs, colmap, reconstruct)
+    on a feature store of the real photos, into ``root``; returns the reconstruct report."""
+    pairs = root / "pairs.txt"
+    root.mkdir(exist_ok=True)
+    result = run_cli("pairs", "exhaustive", "--features", str(feats), "--out", str(pairs), timeout=600)
+    assert result.returncode == 0, ("pairs", result.stderr)
     data = match_and_map(root, photos, feats, pairs)
     for model in data["models"]:  # the binary models are there and agree with the report
         written = pycolmap.Reconstruction(model["path"])
@@ -354,8 +361,12 @@ def reconstruct_photos(root: Path, photos: Path, weights: Path, *extract_options
     return data
 
 
-def test_sacre_coeur_reconstruction(tmp_path: Path, sacre_coeur: Path, real_weights: Path) -> None:
-    plain = reconstruct_photos(tmp_path / "plain", sacre_coeur, real_weights)
+def test_sacre_coeur_reconstruction(
+    tmp_path: Path, sacre_coeur: Path, real_weights: Path, sacre_coeur_features: CliExtraction
+) -> None:
+    # plain: the session's default extraction (conftest, read only; test_e2e checks the store)
+    assert sacre_coeur_features.result.returncode == 0, sacre_coeur_features.result.stderr
+    plain = map_photos(tmp_path / "plain", sacre_coeur, sacre_coeur_features.store)
     refined = reconstruct_photos(tmp_path / "subpixel", sacre_coeur, real_weights, "--subpixel")
     errors = []
     for data in (plain, refined):

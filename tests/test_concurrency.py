@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import invoke_cli
 from reliability import Run, assert_entries_equal, lock_held_by, make_workspace, one_line_error, read_entries
 
 
@@ -28,7 +28,7 @@ def test_second_writer_stops_and_a_killed_holder_leaves_no_stale_lock(
     store = tmp_path / "feats.h5"
     listing = tmp_path / "first-half.txt"
     listing.write_text("".join(f"im{index:02d}.png\n" for index in range(4)))
-    assert run_cli(images, "--out", str(store), "--image-list", str(listing), *options).returncode == 0
+    assert invoke_cli(images, "--out", str(store), "--image-list", str(listing), *options).returncode == 0
     first_half = read_entries(store)
 
     holder = Run(images, "--out", str(store), *options)  # resumes: the 4 other images
@@ -37,7 +37,7 @@ def test_second_writer_stops_and_a_killed_holder_leaves_no_stale_lock(
     try:
         assert names_read_by_another_process(store) == sorted(first_half)  # readers are not blocked
 
-        second = run_cli(images, "--out", str(store), *options)
+        second = invoke_cli(images, "--out", str(store), *options)  # another process than the holder
 
         assert second.returncode == 2
         line = one_line_error(second.stderr)
@@ -47,7 +47,7 @@ def test_second_writer_stops_and_a_killed_holder_leaves_no_stale_lock(
         holder.signal_group(signal.SIGKILL)
         holder.finish()
 
-    third = run_cli(images, "--out", str(store), *options)  # the kernel released the dead holder's lock
+    third = invoke_cli(images, "--out", str(store), *options)  # the kernel released the dead holder's lock
 
     assert third.returncode == 0, third.stderr
     assert names_read_by_another_process(store) == sorted(read_entries(space["reference"]))

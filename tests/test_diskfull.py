@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from reliability import (
     assert_entries_equal,
     drop_root_file_override,
@@ -40,7 +40,7 @@ def previous_store(workspace: dict, store: Path, count: int) -> str:
     """A store of the first ``count`` images; returns its SHA-256."""
     listing = store.with_suffix(".txt")
     listing.write_text("".join(f"im{index:02d}.png\n" for index in range(count)))
-    result = run_cli(
+    result = invoke_cli(  # in this process: the run tested is the next one
         str(workspace["images"]), "--out", str(store), "--image-list", str(listing), *workspace["options"]
     )
     assert result.returncode == 0, result.stderr
@@ -65,7 +65,7 @@ def assert_refused_and_intact(
 
 
 def complete_with_room(workspace: dict, store: Path) -> None:
-    result = run_cli(str(workspace["images"]), "--out", str(store), *workspace["options"])
+    result = invoke_cli(str(workspace["images"]), "--out", str(store), *workspace["options"])
     assert result.returncode == 0, result.stderr
     expected = read_entries(workspace["reference"])
     assert read_entries(store).keys() == expected.keys()

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
-
 import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import CliExtraction
 from hloc_reader import get_keypoints, list_h5_names
 
 
-@dataclass
-class Run:
-    images: Path
-    store: Path
-    report: dict
-    result: subprocess.CompletedProcess
-
-
 @pytest.fixture(scope="module")
-def run(real_weights: Path, sacre_coeur: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    out_dir = tmp_path_factory.mktemp("e2e")
-    store, report = out_dir / "feats.h5", out_dir / "report.json"
-    result = run_cli(
-        str(sacre_coeur), "--out", str(store), "--weights", str(real_weights), "--json-report", str(report)
-    )
-    report_data = json.loads(report.read_text()) if report.exists() else {}
-    return Run(sacre_coeur, store, report_data, result)
+def run(sacre_coeur_features: CliExtraction) -> CliExtraction:
+    """The session's CLI run on the photos (conftest), shared with test_colmap."""
+    return sacre_coeur_features
 
 
-def test_exit_code_and_report(run: Run) -> None:
+def test_exit_code_and_report(run: CliExtraction) -> None:
     assert run.result.returncode == 0, run.result.stderr
     assert "Traceback" not in run.result.stderr
     report = run.report
@@ -44,13 +26,13 @@ def test_exit_code_and_report(run: Run) -> None:
     assert report["wall_time_s"] > 0 and report["throughput_per_s"] > 0
 
 
-def test_every_photo_is_in_the_store(run: Run) -> None:
+def test_every_photo_is_in_the_store(run: CliExtraction) -> None:
     photos = sorted(path.name for path in run.images.glob("*.jpg"))
     assert len(photos) == 10
     assert sorted(list_h5_names(run.store)) == photos
 
 
-def test_keypoints_lie_inside_each_image(run: Run) -> None:
+def test_keypoints_lie_inside_each_image(run: CliExtraction) -> None:
     for name in list_h5_names(run.store):
         pixels = cv2.imread(str(run.images / name), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
         height, width = pixels.shape
@@ -67,7 +49,7 @@ def test_keypoints_lie_inside_each_image(run: Run) -> None:
         assert uncertainty == pytest.approx(2.0 * np.mean(np.array([width, height]) / working), rel=1e-4)
 
 
-def test_scores_and_unit_norm_descriptors(run: Run) -> None:
+def test_scores_and_unit_norm_descriptors(run: CliExtraction) -> None:
     with h5py.File(run.store, "r") as h5:
         for name in list_h5_names(run.store):
             scores = h5[name]["scores"][()]

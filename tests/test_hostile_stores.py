@@ -1,4 +1,6 @@
-"""Hostile stores given as --out: each a clear one-line error, exit 2, the file untouched."""
+"""Hostile stores given as --out: each a clear one-line error, exit 2, the file untouched.
+
+The command runs in this process (``invoke_cli``): what it does, not its process, is tested."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli, write_image
+from conftest import invoke_cli, write_image
 from reliability import one_line_error, read_entries
 
 
@@ -56,7 +58,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) ->
     for index in range(3):
         write_image(root / "images" / f"im{index}.png", seed=index)
     store = root / "feats.h5"
-    result = run_cli(str(root / "images"), "--out", str(store), "--weights", str(random_weights))
+    result = invoke_cli(str(root / "images"), "--out", str(store), "--weights", str(random_weights))
     assert result.returncode == 0, result.stderr
     return root / "images", store
 
@@ -71,7 +73,7 @@ def test_unusable_out_is_refused_untouched(
     make(out, store)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
 
-    result = run_cli(str(images), "--out", str(out), "--weights", str(random_weights))
+    result = invoke_cli(str(images), "--out", str(out), "--weights", str(random_weights))
 
     assert result.returncode == 2, result.stderr
     line = one_line_error(result.stderr)
@@ -84,7 +86,7 @@ def test_unusable_out_is_refused_untouched(
 
 def test_out_in_a_missing_folder(reference: tuple[Path, Path], random_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "missing" / "feats.h5"
-    result = run_cli(str(reference[0]), "--out", str(out), "--weights", str(random_weights))
+    result = invoke_cli(str(reference[0]), "--out", str(out), "--weights", str(random_weights))
     assert result.returncode == 2
     assert "does not exist" in one_line_error(result.stderr)
     assert not out.parent.exists()
@@ -98,7 +100,7 @@ def test_out_as_a_symbolic_link_updates_its_target(
     link = tmp_path / "feats.h5"
     link.symlink_to(target)
     for _ in range(2):  # creates the target, then resumes it
-        result = run_cli(str(reference[0]), "--out", str(link), "--weights", str(random_weights))
+        result = invoke_cli(str(reference[0]), "--out", str(link), "--weights", str(random_weights))
         assert result.returncode == 0, result.stderr
     assert link.is_symlink() and link.resolve() == target
     assert read_entries(target).keys() == read_entries(reference[1]).keys()

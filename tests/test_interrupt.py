@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from reliability import Run, assert_entries_equal, durable_names, make_workspace, part_paths, read_entries
 
 
@@ -29,7 +29,8 @@ def start_and_wait_for_a_part(workspace: dict, store: Path) -> Run:
 
 
 def resume_to_completion(workspace: dict, store: Path) -> None:
-    result = run_cli(str(workspace["images"]), "--out", str(store), *workspace["options"])
+    """The next run (in this process: what it does, not its process) completes the store."""
+    result = invoke_cli(str(workspace["images"]), "--out", str(store), *workspace["options"])
     assert result.returncode == 0, result.stderr
     expected = read_entries(workspace["reference"])
     assert read_entries(store).keys() == expected.keys()
@@ -107,7 +108,7 @@ def test_interrupted_overwrite_keeps_the_old_store_and_the_same_command_finishes
     listing.write_text("".join(f"im{index:02d}.png\n" for index in range(4)))
     old_options = [*workspace["options"][:-1], "256"]  # the old store: other settings (max keypoints)
     images = str(workspace["images"])
-    result = run_cli(images, "--out", str(store), "--image-list", str(listing), *old_options)
+    result = invoke_cli(images, "--out", str(store), "--image-list", str(listing), *old_options)
     assert result.returncode == 0, result.stderr
     old = hashlib.sha256(store.read_bytes()).hexdigest()
     command = [images, "--out", str(store), *workspace["options"], "--overwrite"]

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 
 from sp_extract.errors import ConfigError
 from sp_extract.matching.config import MatchConfig
@@ -216,14 +216,14 @@ def test_symmetric_pairs_resume_and_settings(tmp_path: Path, random_features) ->
     feats, descriptors = random_features
     out = tmp_path / "m.h5"
     first = write_pairs_file(tmp_path / "p1.txt", ["a.jpg b.jpg", "b.jpg a.jpg", "", "f.jpg sub/c.png"])
-    result = run_cli("match-pairs", str(first), "--features", str(feats), "-o", str(out))
+    result = invoke_cli("match-pairs", str(first), "--features", str(feats), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "2 pairs saved, 0 already in" in result.stderr
     with h5py.File(out, "r") as h5:
         assert sorted(h5) == ["a.jpg", "f.jpg"] and list(h5["a.jpg"]) == ["b.jpg"]
 
     second = write_pairs_file(tmp_path / "p2.txt", ["b.jpg a.jpg", "sub/c.png f.jpg", "g.jpg f.jpg"])
-    result = run_cli("match-pairs", str(second), "--features", str(feats), "-o", str(out))
+    result = invoke_cli("match-pairs", str(second), "--features", str(feats), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "1 pair saved, 2 already in" in result.stderr
     check_against_reference(
@@ -232,7 +232,7 @@ def test_symmetric_pairs_resume_and_settings(tmp_path: Path, random_features) ->
     )  # fmt: skip
 
     before = out.read_bytes()
-    result = run_cli(
+    result = invoke_cli(
         "match-pairs", str(second), "--features", str(feats), "-o", str(out), "--max-distance", "0.7"
     )
     assert result.returncode == 2
@@ -241,11 +241,11 @@ def test_symmetric_pairs_resume_and_settings(tmp_path: Path, random_features) ->
     with StoreWriter(other_feats, "features", {"weights_sha1": "test"}) as writer, h5py.File(feats) as h5:
         for name in IMAGES:
             writer.add(name, {key: h5[name][key][()] for key in ("keypoints", "descriptors")})
-    result = run_cli("match-pairs", str(second), "--features", str(other_feats), "-o", str(out))
+    result = invoke_cli("match-pairs", str(second), "--features", str(other_feats), "-o", str(out))
     assert result.returncode == 2 and "features_id: " in result.stderr, result.stderr
     assert out.read_bytes() == before
 
-    result = run_cli(
+    result = invoke_cli(
         "match-pairs",
         str(second),
         "--features",
@@ -463,8 +463,8 @@ def sacre_coeur_matches(tmp_path_factory, sacre_coeur: Path, real_weights: Path)
     for kind, out in outputs.items():
         verify = [] if kind == "plain" else ["--verify", kind]
         run.append(("match-pairs", str(pairs), "--features", str(feats), "-o", str(out), "--quiet", *verify))
-    for args in run:
-        result = run_cli(*args)
+    for args in run:  # in this process: test_e2e and match_and_map run these commands as processes
+        result = invoke_cli(*args)
         assert result.returncode == 0, result.stderr
     return {"pairs": pairs, **outputs}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli, write_image
+from conftest import invoke_cli, run_cli, write_image
 from reliability import assert_entries_equal, one_line_error, read_entries
 
 from sp_extract.report import counted
@@ -28,7 +28,7 @@ def intact(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -> di
         write_image(root / "images" / f"im{index}.png", seed=index)
     store = root / "feats.h5"
     options = ["--weights", str(random_weights)]
-    result = run_cli(str(root / "images"), "--out", str(store), *options)
+    result = invoke_cli(str(root / "images"), "--out", str(store), *options)
     assert result.returncode == 0, result.stderr
     return {"images": root / "images", "store": store, "options": options, "entries": read_entries(store)}
 
@@ -61,7 +61,7 @@ def test_truncated_store(intact: dict, tmp_path: Path, keep: float) -> None:
     missing = intact["entries"].keys() - copied.keys()
     assert missing <= lost.keys() or "/" in lost, (missing, lost)
     # the repaired store is a store: extraction resumes it, redoing only the lost images
-    result = run_cli(str(intact["images"]), "--out", str(repaired), *intact["options"])
+    result = invoke_cli(str(intact["images"]), "--out", str(repaired), *intact["options"])
     assert result.returncode == 0, result.stderr
     assert f"{counted(len(missing), 'image')} saved, {len(copied)} already in" in result.stderr
     assert_entries_equal(read_entries(repaired), intact["entries"])

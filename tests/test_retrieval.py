@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import match_and_map, run_cli, shared_file
+from conftest import invoke_cli, match_and_map, run_cli, shared_file
 
 from sp_extract.pairs import retrieval
 from sp_extract.pairs.core import sequential_pairs
@@ -261,9 +261,8 @@ def two_datasets(tmp_path_factory: pytest.TempPathFactory, real_weights: Path) -
     data = shared_file("data/sacre_coeur").parent
     shared_file("data/scannet_sample")
     store = tmp_path_factory.mktemp("retrieval") / "feats.h5"
-    result = run_cli(
-        "extract", str(data), "--out", str(store), "--weights", str(real_weights), "-q", timeout=1200
-    )
+    # in this process: the extraction is not what is tested here (test_e2e runs it as a process)
+    result = invoke_cli("extract", str(data), "--out", str(store), "--weights", str(real_weights), "-q")
     assert result.returncode == 0, result.stderr
     return store
 

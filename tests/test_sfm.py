@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from reliability import Run
 
 from sp_extract.errors import ConfigError
@@ -26,10 +26,12 @@ from sp_extract.sfm.pipeline import parse_pairs, plan_pairs
 FAST = ("--resize-max", "640", "--num-threads", "1")  # fewer pixels: the tests' time, not the product's
 
 
-def sfm(images: Path, work: Path, weights: Path, *extra: str) -> tuple[int, dict, str]:
+def sfm(images: Path, work: Path, weights: Path, *extra: str, process: bool = True) -> tuple[int, dict, str]:
+    """``sp-extract sfm`` as a process, or (``process=False``) in this one: fewer imports."""
     report = work.parent / f"{work.name}-report.json"
-    result = run_cli("sfm", str(images), str(work), "--weights", str(weights), *FAST, "-q", "--json-report",
-                     str(report), *extra, timeout=600)  # fmt: skip
+    args = ("sfm", str(images), str(work), "--weights", str(weights), *FAST, "-q",
+            "--json-report", str(report), *extra)  # fmt: skip
+    result = run_cli(*args, timeout=600) if process else invoke_cli(*args)
     data = json.loads(report.read_text()) if report.exists() else {}
     report.unlink(missing_ok=True)
     return result.returncode, data, result.stderr
@@ -115,14 +117,14 @@ def test_changed_and_deleted_photos_are_reported(tmp_path: Path, grown: dict, re
     names = grown["names"]
     os.remove(images / names[0])
     os.utime(images / names[1], ns=(1, 1))  # touched, same content: not changed
-    code, data, stderr = sfm(images, work, real_weights)
+    code, data, stderr = sfm(images, work, real_weights, process=False)
     assert code == 0, stderr
     assert data["mode"] == "up to date" and data["deleted_images"] == [names[0]]
     assert any(names[0] in warning and "--rebuild" in warning for warning in data["warnings"])
 
     photo = images / names[2]
     photo.write_bytes(photo.read_bytes()[:-64] + bytes(64))
-    code, _, stderr = sfm(images, work, real_weights)
+    code, _, stderr = sfm(images, work, real_weights, process=False)
     assert code == 2
     assert stderr.strip().splitlines()[-1] == (
         f"sp-extract: error: {photo}: changed since its features were extracted; its features, "
