@@ -459,10 +459,11 @@ def bulk_matches(
                     ]  # fmt: skip
                 for key, data in zip(made, contents[shape][number % 16]):
                     space = h5py.h5s.create_simple(data.shape)
+                    creation = made[key].get_create_plist().copy()  # the writer's, one chunk a dataset
+                    creation.set_chunk(data.shape)
                     dataset = h5py.h5d.create(
-                        group, key.encode(), made[key].get_type(), space,
-                        dcpl=made[key].get_create_plist(), lcpl=link,
-                    )  # fmt: skip
+                        group, key.encode(), made[key].get_type(), space, dcpl=creation, lcpl=link
+                    )
                     dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
                 batch.append(f"{name0}/{name1}")
                 if len(batch) == 50_000:
@@ -556,7 +557,8 @@ def resume_runs(work: Path, out: Path, total: int, steady: float, repeats: int =
     first new pair is durable, its peak memory then and its memory ``steady`` seconds later,
     the pairs it skipped (all those stored) and saved; against, in the same run, the same
     command on a new store and on a pairs file of 10 lines (start-up), ``repeats`` times."""
-    from sp_extract.store.writer import remove_store
+    from sp_extract.matching.resume import load_resume_point
+    from sp_extract.store.writer import current_store_id, remove_store
 
     images = images_for(total)
     features, pairs = work / f"match{images}.h5", work / f"p{total}.txt"
@@ -570,6 +572,9 @@ def resume_runs(work: Path, out: Path, total: int, steady: float, repeats: int =
             (f"{total:,} pairs, resume of {done:,} stored", pairs, out),
         ]:
             steady_s = steady if pairs_in == pairs else 0
+            if target == out:  # a killed run of this version leaves OUT.resume; the built store has none
+                point = load_resume_point(out, pairs, None, current_store_id(out, "matches"))
+                what += ", from OUT.resume" if point[1] else ", every done line read"
             measured = first_match(pairs_in, features, target, steady=steady_s, finish=pairs_in == tiny)
             if target == out:  # every stored pair skipped (those of an earlier repeat as far as reached)
                 assert stored <= measured["skipped"] <= done and (repeat or measured["skipped"] == stored)

@@ -307,6 +307,63 @@ def test_pairs_file_is_streamed_in_checked_chunks(
     assert (fresh.total, fresh.done, fresh.skipped) == (6, 3, 3)
 
 
+def test_resume_starts_where_every_pair_is_stored(
+    tmp_path: Path, random_features, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run records how far into the pairs file every pair is stored (OUT.resume); the next
+    run on the same file and store seeks there instead of reading the done pairs again. An
+    edited file, --overwrite, a failed pair or a killed first run (parts only) behave."""
+    import sp_extract.matching.run as match_run
+    from sp_extract.matching.resume import resume_path
+
+    feats, _ = random_features
+    monkeypatch.setattr(pairs_core, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(pairs_core, "PAIRS_CHUNK", 4)  # chunks: 2, 4, 4 ... lines
+    names = ["a.jpg", "b.jpg", "f.jpg", "g.jpg", "sub/c.png"]
+    lines = [f"{a} {b}" for i, a in enumerate(names) for b in names[i + 1 :]]  # 10 pairs
+    pairs, out = write_pairs_file(tmp_path / "p.txt", lines), tmp_path / "m.h5"
+    read: list[int] = []
+    checked = pairs_core._checked_pairs
+    monkeypatch.setattr(pairs_core, "_checked_pairs", lambda *a: (read.append(1), checked(*a))[1])
+
+    first = match_pairs(pairs, feats, out)
+    assert (first.total, first.done, first.skipped) == (10, 10, 0) and len(read) == 3
+    saved = json.loads(resume_path(out).read_text())
+    assert (saved["offset"], saved["line"], saved["pairs"]) == (pairs.stat().st_size, 10, 10)
+    read.clear()
+    again = match_pairs(pairs, feats, out)
+    assert (again.total, again.done, again.skipped) == (10, 0, 10) and read == []  # nothing read
+    with pairs.open("a") as handle:  # an appended file starts over: every line read again
+        handle.write("sub/c.png a.jpg\n")  # a repeat, reversed
+    grown = match_pairs(pairs, feats, out)
+    assert (grown.total, grown.done, grown.skipped) == (11, 0, 11) and len(read) == 4
+    read.clear()
+    replaced = match_pairs(pairs, feats, out, overwrite=True)  # another store: the point is not its
+    assert (replaced.total, replaced.done, replaced.skipped) == (11, 10, 1) and len(read) == 4
+
+    # a pair that fails (64-d descriptors) keeps the point before its chunk
+    with StoreWriter(feats, "features", {"weights_sha1": "test"}) as writer:
+        writer.add("odd.jpg", {"keypoints": np.zeros((3, 2), np.float32),
+                               "descriptors": np.ones((64, 3), np.float16)})  # fmt: skip
+    odd = write_pairs_file(tmp_path / "odd.txt", [*lines[:2], "a.jpg odd.jpg", *lines[2:]])
+    failed = match_pairs(odd, feats, tmp_path / "odd.h5")
+    assert len(failed.failed) == 1 and json.loads(resume_path(tmp_path / "odd.h5").read_text())["line"] == 2
+
+    # a first run killed before its close (here: a bad line) leaves parts; the next run keeps
+    # their store id, so it resumes after the chunks they hold without matching them again
+    bad = write_pairs_file(tmp_path / "bad.txt", [*lines[:6], "a.jpg nowhere.jpg"])
+    killed = tmp_path / "killed.h5"
+    with pytest.raises(ConfigError, match="bad.txt:7"):
+        match_pairs(bad, feats, killed)
+    assert not killed.exists() and json.loads(resume_path(killed).read_text())["line"] == 6
+    matched: list[int] = []
+    real = match_run.nearest_neighbours
+    monkeypatch.setattr(match_run, "nearest_neighbours", lambda *a: (matched.append(1), real(*a))[1])
+    with pytest.raises(ConfigError, match="bad.txt:7"):
+        match_pairs(bad, feats, killed)
+    assert matched == []
+
+
 def test_unreadable_features_fail_their_pairs_only(tmp_path: Path) -> None:
     feats, out = tmp_path / "feats.h5", tmp_path / "m.h5"
     rng = np.random.default_rng(0)

@@ -29,13 +29,14 @@ from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
 from ..pairs import core as pairs_core
-from ..pairs.core import Pair, pair_key, read_pair_chunks
+from ..pairs.core import FilePosition, Pair, PairChunk, pair_key, read_pair_chunks
 from ..report import Progress, Summary
 from ..store.reader import open_store
-from ..store.writer import StoreWriter, read_settings, read_store
+from ..store.writer import StoreWriter, current_store_id, read_settings, read_store
 from .config import MatchConfig
 from .learned import match_batch
 from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
+from .resume import load_resume_point, save_resume_point
 from .verify import verify_matches
 
 # a learned matcher's batch on a GPU: padded N0 x N1 entries of all its pairs together (each
@@ -224,12 +225,13 @@ def _legacy_identity(out: Path, features: Path, identity: dict[str, Any]) -> dic
     return {"features": recorded, "features_settings": identity["features_settings"]}
 
 
-def _estimated_pairs(pairs_file: Path, first_chunk: list[Pair]) -> int:
-    """The file's pairs, estimated from its size and the first chunk's line length (progress)."""
+def _estimated_pairs(pairs_file: Path, first_chunk: list[Pair], start: FilePosition) -> int:
+    """The file's pairs from ``start`` on, estimated from its size and the first chunk's line
+    length (progress)."""
     if len(first_chunk) < min(pairs_core.FIRST_CHUNK, pairs_core.PAIRS_CHUNK):
         return len(first_chunk)
     line = sum(len(a) + len(b) + 2 for a, b in first_chunk) / len(first_chunk)
-    return max(len(first_chunk), round(pairs_file.stat().st_size / line))
+    return max(len(first_chunk), round((pairs_file.stat().st_size - start.offset) / line))
 
 
 def match_pairs(
@@ -263,8 +265,14 @@ def match_pairs(
     identity, names = _features_identity(features)
     if not overwrite and out.is_file():
         identity = _legacy_identity(out, features, identity)
-    chunks = read_pair_chunks(pairs_file, set(names))
-    first_chunk = next(chunks)  # a bad first chunk is refused before the store is touched
+    shard_label = str(shard) if shard else None
+    start, before = FilePosition(), 0  # where earlier runs left every pair of the file stored
+    if not overwrite:
+        start, before = load_resume_point(out, pairs_file, shard_label, current_store_id(out, "matches"))
+    chunks = read_pair_chunks(pairs_file, set(names), start=start)
+    empty = PairChunk()  # resumed at the file's end: nothing left to read
+    empty.end = start
+    first_chunk = next(chunks, empty)  # a bad first chunk is refused before the store is touched
     summary = Summary(
         command="match-pairs", output=str(out), total=0, unit="pairs", count_label="matches per pair"
     )
@@ -281,7 +289,7 @@ def match_pairs(
         model = build_matcher(weights, config.learned_options()).to(target)
     info = {"pairs": str(pairs_file), "features_path": str(features.resolve())}  # for people only
     with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
-        estimated = _estimated_pairs(pairs_file, first_chunk) // (shard.count if shard else 1)
+        estimated = _estimated_pairs(pairs_file, first_chunk, start) // (shard.count if shard else 1)
         progress = Progress(estimated, "pairs", quiet=quiet)
         try:
             with (
@@ -302,7 +310,9 @@ def match_pairs(
                 matcher = _matcher(config, work, model)
                 if model is not None:  # CPU: a pair at a time (padding only costs); GPU: padded batches
                     work = 1 if target.type == "cpu" else LEARNED_BATCH_ELEMENTS
-                for chunk in itertools.chain([first_chunk], chunks):
+                summary.total = summary.skipped = before
+                for read in itertools.chain([first_chunk], chunks):
+                    chunk: list[Pair] = read
                     # resume: pairs in the store in either order, also those repeated from an
                     # earlier chunk (flushed below), are skipped
                     if shard is not None:
@@ -332,6 +342,10 @@ def match_pairs(
                         pending.save(config, writer, summary, progress, pool)
                         pending = None
                     progress.advance(len(writer.flush()))
+                    if not summary.failed:  # every pair up to here is in the store
+                        save_resume_point(
+                            out, pairs_file, shard_label, writer.store_id, read.end, summary.total
+                        )
                 if pending is not None:
                     pending.save(config, writer, summary, progress, pool)
                 progress.advance(len(writer.flush()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -84,17 +85,40 @@ def merge_pairs(*lists: list[Pair]) -> list[Pair]:
     return merged
 
 
-def _content_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
-    """Numbered lines of a text file, stripped, without blank lines and ``#`` comments; read
-    as they come (a file of millions of lines is never held whole)."""
+@dataclass(frozen=True)
+class FilePosition:
+    """A place in a text file: its byte offset and the number of lines before it."""
+
+    offset: int = 0
+    line: int = 0
+
+
+class PairChunk(list[Pair]):
+    """A chunk of checked pairs (``read_pair_chunks``) and where in the file it ends."""
+
+    end: FilePosition = FilePosition()
+
+
+def _positioned_lines(path: Path, what: str, start: FilePosition) -> Iterator[tuple[int, str, int]]:
+    """From ``start`` on, the lines of a text file, numbered, stripped, without blank lines and
+    ``#`` comments, each with the byte offset after it; read as they come (a file of millions
+    of lines is never held whole)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                text = line.strip()
+        with open(path, "rb") as handle:
+            handle.seek(start.offset)
+            offset, number = start.offset, start.line
+            for raw in handle:
+                offset, number = offset + len(raw), number + 1
+                text = raw.decode("utf-8").strip()
                 if text and not text.startswith("#"):
-                    yield number, text
+                    yield number, text, offset
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read {what} ({error})") from error
+
+
+def _content_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """``_positioned_lines`` of the whole file, without the offsets."""
+    return ((number, text) for number, text, _ in _positioned_lines(path, what, FilePosition()))
 
 
 def read_name_list(path: Path, known: Collection[str]) -> list[str]:
@@ -127,23 +151,26 @@ def read_pairs(path: Path, known: Collection[str]) -> list[Pair]:
     return pairs
 
 
-def read_pair_chunks(path: Path, known: Collection[str], chunk: int | None = None) -> Iterator[list[Pair]]:
-    """The pairs of a pairs file in chunks of at most ``chunk`` lines, each chunk checked as
-    ``read_pairs`` checks a file (its bad lines counted, its repeated pairs dropped): memory
-    does not grow with the file. The first chunk is small (``FIRST_CHUNK`` lines, a few
-    milliseconds to check) and each next one twice the last, so matching starts at once
-    whatever the file's size. A pair repeated in a later chunk is left to the caller
-    (``match-pairs`` finds it already in the store)."""
-    lines = _content_lines(path, "pairs file")
+def read_pair_chunks(
+    path: Path, known: Collection[str], chunk: int | None = None, start: FilePosition = FilePosition()
+) -> Iterator[PairChunk]:
+    """The pairs of a pairs file from ``start`` on, in chunks of at most ``chunk`` lines, each
+    chunk checked as ``read_pairs`` checks a file (its bad lines counted, its repeated pairs
+    dropped) and knowing where it ends: memory does not grow with the file. The first chunk is
+    small (``FIRST_CHUNK`` lines, a few milliseconds to check) and each next one twice the
+    last, so matching starts at once whatever the file's size. A pair repeated in a later
+    chunk is left to the caller (``match-pairs`` finds it already in the store)."""
+    lines = _positioned_lines(path, "pairs file", start)
     largest = chunk or PAIRS_CHUNK
     size = min(FIRST_CHUNK, largest)
     found = False
     while block := list(itertools.islice(lines, size)):
-        pairs = _checked_pairs(path, block, known)
+        pairs = PairChunk(_checked_pairs(path, ((number, text) for number, text, _ in block), known))
+        pairs.end = FilePosition(block[-1][2], block[-1][0])
         found = found or bool(pairs)
         yield pairs
         size = min(2 * size, largest)
-    if not found:
+    if not found and start == FilePosition():
         raise ConfigError(f"{path}: no pairs in the file")
 
 

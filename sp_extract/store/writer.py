@@ -342,6 +342,27 @@ def segment_files(store: Path) -> list[Path]:
     return sorted(folder.glob("seg-*.h5")) if folder.is_dir() else []
 
 
+def parts_store_id(store: Path, kind: str) -> str | None:
+    """The store id of the parts a store's first run left (killed before its close created the
+    main file), which the next run keeps; None if there are none."""
+    for part in part_files(store):
+        with contextlib.suppress(StoreError):
+            info = read_store_file(part, kind, scan=False)
+            if info.store_id and not info.replacing:
+                return info.store_id
+    return None
+
+
+def current_store_id(store: Path, kind: str) -> str | None:
+    """The id the store at ``store`` has, or will keep when a writer opens it (see
+    ``parts_store_id``); None for no store, or one written before stores had ids."""
+    if store.exists():
+        with contextlib.suppress(StoreError):
+            return read_store_file(store, kind, scan=False).store_id
+        return None
+    return parts_store_id(store, kind)
+
+
 def remove_store(store: Path) -> None:
     """Delete a finished store whole: its main file, segments and their name indexes (a merged
     shard, for example). The caller holds no writer on it."""
@@ -636,8 +657,8 @@ class StoreWriter:
                 f"{self.path}: the main file is missing but {self.segments_dir} holds part of the "
                 f"store; restore {self.path.name}, or delete {self.segments_dir} to start afresh"
             )
-        else:
-            self.store_id = uuid.uuid4().hex
+        else:  # a new store; or the parts of its first run, killed before its close: their id
+            self.store_id = parts_store_id(self.path, self.kind) or uuid.uuid4().hex
         for segment in segment_files(self.path):
             with segment_errors(self.path, segment):
                 info, hashes = indexed_file(segment, self.kind)
