@@ -39,13 +39,16 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+SESSION_SIGINT = signal.getsignal(signal.SIGINT)  # Python's: Ctrl-C raises KeyboardInterrupt
+
+
 @pytest.fixture(autouse=True)
 def sigint_handler_restored() -> Iterator[None]:
     """Commands run in-process (click's CliRunner) ignore SIGINT once they are over, as the CLI
-    does while it exits: give every test the handler it started with."""
-    handler = signal.getsignal(signal.SIGINT)
+    does while it exits: every test starts and ends with the session's handler."""
+    signal.signal(signal.SIGINT, SESSION_SIGINT)  # also after a fixture ran a command in-process
     yield
-    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, SESSION_SIGINT)
 
 
 @pytest.fixture(scope="session")

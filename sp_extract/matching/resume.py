@@ -65,7 +65,8 @@ def save_resume_point(
     store. Not fsynced: a point lost in a crash only makes the next run read more."""
     point = {**_describe(pairs_file, shard, store_id), "offset": position.offset, "line": position.line}
     target = resume_path(out)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary = target.with_name(f".{target.name}.tmp")  # one writer holds the store; a killed
+    # run's leftover is deleted by the next writer (``StoreWriter._remove_stale_temporaries``)
     try:
         temporary.write_text(json.dumps({**point, "pairs": pairs}), encoding="utf-8")
         os.replace(temporary, target)

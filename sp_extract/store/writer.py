@@ -626,8 +626,8 @@ class StoreWriter:
     # -- opening ---------------------------------------------------------------------------
     def _remove_stale_temporaries(self) -> None:
         """Delete what killed runs left half-written: fold copies, part, segment and index files
-        not renamed."""
-        fold_temporary = re.compile(re.escape(f".{self.path.name}.") + r"\d+\.tmp")
+        and match-pairs' resume point not renamed."""
+        fold_temporary = re.compile(re.escape(f".{self.path.name}.") + r"(\d+|resume)\.tmp")
         with os.scandir(self.path.parent) as entries:
             for entry in entries:
                 if fold_temporary.fullmatch(entry.name):
