@@ -39,7 +39,9 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-SESSION_SIGINT = signal.getsignal(signal.SIGINT)  # Python's: Ctrl-C raises KeyboardInterrupt
+# Python's own: Ctrl-C raises KeyboardInterrupt (also when a shell started pytest in the
+# background, where SIGINT is ignored from the start)
+SESSION_SIGINT = signal.default_int_handler
 
 
 @pytest.fixture(autouse=True)
