@@ -360,7 +360,7 @@ def match_on_cluster(
     """``matching.run.match_pairs`` run as shards on a Dask cluster, merged into ``out``;
     ``options`` are match-pairs' (device, batch_size, cache_mb). The pairs file is checked
     and split as it is read; pairs ``out`` holds (in either order) are left out."""
-    from ..pairs.core import pair_key, read_pair_chunks
+    from ..pairs.core import read_pair_chunks, stored_pairs
     from ..store.writer import read_store
 
     started = time.monotonic()
@@ -377,9 +377,7 @@ def match_on_cluster(
     def items(held: NameIndex) -> tuple[int, Iterable[tuple[str, ...]]]:
         def todo() -> Iterator[tuple[str, ...]]:
             for chunk in read_pair_chunks(pairs_file, names):
-                done = held.contains([pair_key(*p) for p in chunk])
-                done |= held.contains([pair_key(p[1], p[0]) for p in chunk])
-                yield from (pair for pair, skip in zip(chunk, done) if not skip)
+                yield from (pair for pair, skip in zip(chunk, stored_pairs(held, chunk)) if not skip)
 
         return lines, todo()
 

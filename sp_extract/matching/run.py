@@ -29,7 +29,7 @@ from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
 from ..pairs import core as pairs_core
-from ..pairs.core import FilePosition, Pair, PairChunk, pair_key, read_pair_chunks
+from ..pairs.core import FilePosition, Pair, PairChunk, pair_key, read_pair_chunks, stored_pairs
 from ..report import Progress, Summary
 from ..store.reader import open_store
 from ..store.writer import StoreWriter, current_store_id, read_settings, read_store
@@ -270,9 +270,8 @@ def match_pairs(
     if not overwrite:
         start, before = load_resume_point(out, pairs_file, shard_label, current_store_id(out, "matches"))
     chunks = read_pair_chunks(pairs_file, set(names), start=start)
-    empty = PairChunk()  # resumed at the file's end: nothing left to read
-    empty.end = start
-    first_chunk = next(chunks, empty)  # a bad first chunk is refused before the store is touched
+    # a bad first chunk is refused before the store is touched; none: resumed at the file's end
+    first_chunk = next(chunks, PairChunk(end=start))
     summary = Summary(
         command="match-pairs", output=str(out), total=0, unit="pairs", count_label="matches per pair"
     )
@@ -317,10 +316,7 @@ def match_pairs(
                     # earlier chunk (flushed below), are skipped
                     if shard is not None:
                         chunk = [p for p in chunk if shard.holds_pair(*p)]
-                    done = writer.done.contains([pair_key(*p) for p in chunk])
-                    rest = np.flatnonzero(~done)  # asked in the other order only when not found
-                    done[rest] = writer.done.contains([pair_key(chunk[i][1], chunk[i][0]) for i in rest])
-                    todo = [p for p, skip in zip(chunk, done) if not skip]
+                    todo = [p for p, skip in zip(chunk, stored_pairs(writer.done, chunk)) if not skip]
                     summary.total += len(chunk)
                     summary.skipped += len(chunk) - len(todo)
                     unseen = [n for n in dict.fromkeys(n for p in todo for n in p) if n not in counts]

@@ -15,8 +15,11 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..extraction.discover import discover_images
+from ..store.index import NameIndex
 from ..store.writer import read_store_info
 
 Pair = tuple[str, str]
@@ -96,7 +99,9 @@ class FilePosition:
 class PairChunk(list[Pair]):
     """A chunk of checked pairs (``read_pair_chunks``) and where in the file it ends."""
 
-    end: FilePosition = FilePosition()
+    def __init__(self, pairs: Iterable[Pair] = (), end: FilePosition = FilePosition()) -> None:
+        super().__init__(pairs)
+        self.end = end
 
 
 def _positioned_lines(path: Path, what: str, start: FilePosition) -> Iterator[tuple[int, str, int]]:
@@ -165,8 +170,8 @@ def read_pair_chunks(
     size = min(FIRST_CHUNK, largest)
     found = False
     while block := list(itertools.islice(lines, size)):
-        pairs = PairChunk(_checked_pairs(path, ((number, text) for number, text, _ in block), known))
-        pairs.end = FilePosition(block[-1][2], block[-1][0])
+        checked = _checked_pairs(path, ((number, text) for number, text, _ in block), known)
+        pairs = PairChunk(checked, FilePosition(block[-1][2], block[-1][0]))
         found = found or bool(pairs)
         yield pairs
         size = min(2 * size, largest)
@@ -206,6 +211,15 @@ def _checked_pairs(path: Path, lines: Iterable[tuple[int, str]], known: Collecti
         more = f" (and {len(problems) - 1} more bad line(s))" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
     return pairs
+
+
+def stored_pairs(index: NameIndex, pairs: list[Pair]) -> np.ndarray:
+    """Which ``pairs`` a match store's ``index`` holds, in either order (the reversed order is
+    asked only for a pair not found as written)."""
+    done = index.contains([pair_key(a, b) for a, b in pairs])
+    rest = np.flatnonzero(~done)
+    done[rest] = index.contains([pair_key(pairs[i][1], pairs[i][0]) for i in rest])
+    return done
 
 
 def write_pairs(pairs: list[Pair], path: Path) -> None:
