@@ -258,11 +258,17 @@ def scene_of(name: str) -> str:
 @pytest.fixture(scope="module")
 def two_datasets(tmp_path_factory: pytest.TempPathFactory, real_weights: Path) -> Path:
     """The 10 Sacre Coeur photos and the 30 ScanNet frames in one store (default extraction)."""
-    data = shared_file("data/sacre_coeur").parent
-    shared_file("data/scannet_sample")
-    store = tmp_path_factory.mktemp("retrieval") / "feats.h5"
+    folders = [shared_file("data/sacre_coeur"), shared_file("data/scannet_sample")]
+    data = folders[0].parent
+    work = tmp_path_factory.mktemp("retrieval")
+    store, photos = work / "feats.h5", work / "photos.txt"
+    # only these two folders: nothing assumes what else ../shared/data holds
+    photos.write_text("".join(f"{f.name}/{p.name}\n" for f in folders for p in sorted(f.glob("*.jpg"))))
     # in this process: the extraction is not what is tested here (test_e2e runs it as a process)
-    result = invoke_cli("extract", str(data), "--out", str(store), "--weights", str(real_weights), "-q")
+    result = invoke_cli(
+        "extract", str(data), "--image-list", str(photos), "--out", str(store),
+        "--weights", str(real_weights), "-q",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return store
 
