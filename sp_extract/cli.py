@@ -1241,9 +1241,7 @@ _evaluate_options = stacked(  # the extraction options that change the features,
     ),  # fmt: skip
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
     click.option("--quiet", "-q", is_flag=True, help="No line per pair; the table only."),
-    click.option(
-        "--json-report", type=click.Path(dir_okay=False, path_type=Path), help="Write the figures as JSON."
-    ),
+    json_report_option,
 )
 
 

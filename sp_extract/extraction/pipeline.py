@@ -95,8 +95,9 @@ def as_image_batch(images: torch.Tensor | np.ndarray, device: torch.device) -> t
     images = images.to(device, torch.float32)
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise ValueError(
-            f"SuperPoint takes float images in [0, 1], these range from {images.min().item():g} to "
-            f"{images.max().item():g} (8-bit values: divide by 255, or pass them as uint8)"
+            f"SuperPoint takes float images in [0, 1], these range from {images.min().item()!r} to "
+            f"{images.max().item()!r} (8-bit values: divide by 255, or pass them as uint8; "
+            f"values a rounding error outside: clip them)"
         )
     return images
 

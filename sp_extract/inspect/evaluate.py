@@ -106,7 +106,8 @@ def homography_pairs(
             yield Pair(f"{name} light {k}", "illumination", image, illumination_change(rng, image), np.eye(3))
         for k in range(pairs_per_image):
             homography = random_homography(rng, size)
-            warped = cv2.warpPerspective(image, homography, size, flags=cv2.INTER_LINEAR)
+            # bilinear weights can overshoot [0, 1] by a rounding error: the network takes [0, 1]
+            warped = np.clip(cv2.warpPerspective(image, homography, size, flags=cv2.INTER_LINEAR), 0.0, 1.0)
             yield Pair(f"{name} warp {k}", "viewpoint", image, warped, homography)
 
 
