@@ -47,12 +47,15 @@ def connect(scheduler: str) -> tuple[Any, Callable[[], None]]:
     the function closing what was started."""
     distributed = import_distributed()
     if scheduler == "local" or scheduler.startswith("local:"):
+        import dask
         import torch
 
         gpus = torch.cuda.device_count()
         count = scheduler.partition(":")[2]
         if count and (not count.isdigit() or int(count) < 1):
             raise ConfigError(f"--scheduler {scheduler}: expected local or local:WORKERS (a number >= 1)")
+        # worker processes started afresh, never forked from this one (processes.py says why)
+        dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
         cluster = distributed.LocalCluster(
             n_workers=int(count) if count else max(gpus, 1),
             threads_per_worker=1,

@@ -14,10 +14,9 @@ border removal would drop become interior), which would make results depend on t
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
 import signal
-import sys
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..processes import child_context, die_with
 from .config import ExtractConfig
 from .decode import DecodedImage, load_image
 from .discover import is_utf8, printable
-
-PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
 
 class ImageDataset(Dataset):
@@ -57,22 +55,8 @@ def _keep(item: DecodedImage) -> DecodedImage:
     return item
 
 
-def _die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
-
-    A worker whose parent was SIGKILLed, or left at once on a second Ctrl-C, would otherwise
-    hang for ever on its full result pipe.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _init_worker(_: int) -> None:
-    _die_with_parent()
+def _init_worker(parent: int, _: int) -> None:
+    die_with(parent)
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
@@ -91,26 +75,21 @@ def decode_all(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_keep,
-        worker_init_fn=_init_worker,
+        worker_init_fn=functools.partial(_init_worker, os.getpid()),
         prefetch_factor=4,
         persistent_workers=False,
+        # never forked from this process, which may hold OpenCV, OpenMP or ONNX Runtime threads
+        multiprocessing_context=child_context(__name__),
     )
-    return _forked(loader)
+    return _workers(loader)
 
 
-def _forked(loader: DataLoader) -> Generator[DecodedImage, None, None]:
-    """Iterate ``loader``, forking its workers while OpenCV's thread pool is off: a worker forked
-    with the pool's threads idle would deadlock in its first OpenCV call that touches the pool.
-    Close the generator (``decode_all``): that drops the last reference to the loader's
-    iterator, whose destructor ends the workers; left suspended, the generator would be kept
-    alive, with the workers, by any traceback that holds its caller's frame."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        iterator = iter(loader)  # starts the worker processes
-    finally:
-        cv2.setNumThreads(threads)
-    yield from iterator
+def _workers(loader: DataLoader) -> Generator[DecodedImage, None, None]:
+    """Iterate ``loader`` (starting its workers). Close the generator (``decode_all``): that drops
+    the last reference to the loader's iterator, whose destructor ends the workers; left
+    suspended, the generator would be kept alive, with the workers, by any traceback that holds
+    its caller's frame."""
+    yield from loader
 
 
 @dataclass

@@ -3,27 +3,28 @@
 pycolmap's geometric verification and incremental mapping run for minutes in C++ and swallow
 a Ctrl-C (the run went on and exited 0). Run in a child, they are killed the moment the parent
 is interrupted (``KeyboardInterrupt``, or ``Interrupted`` from the CLI's signal handlers) or dies
-(``PR_SET_PDEATHSIG``), and the parent then removes the temporary files they were writing.
+(``die_with``), and the parent then removes the temporary files they were writing.
+The child comes from the fork server (``processes``), never forked from this process: after
+extraction and matching this process holds OpenMP, ONNX Runtime and torch thread pools, and a
+child forked with them waited for ever in pycolmap's bundle adjustment.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import signal
-import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
-from ..interrupt import die_with_parent
+from ..processes import child_context, die_with
 
 T = TypeVar("T")
 
 
 def _child(sender: Connection, parent: int, function: Callable[..., Any], args: tuple) -> None:
-    die_with_parent(parent)
+    die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -41,11 +42,11 @@ def run_in_child(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` in a child process: its result, or its exception raised here.
 
     ``function`` and its arguments and result must be picklable (module-level function, plain
-    data). The child is forked when this process runs no other thread (cheap), else spawned.
-    Whatever stops the wait here (an interruption, an error) kills the child first.
+    data). The fork server imports ``function``'s module before its first child, if it has not
+    started yet (``start_child_server`` starts it early). Whatever stops the wait here (an
+    interruption, an error) kills the child first.
     """
-    method = "fork" if threading.active_count() == 1 else "spawn"
-    context = multiprocessing.get_context(method)
+    context = child_context(function.__module__)
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(sender, os.getpid(), function, args), daemon=True)
     process.start()

@@ -39,6 +39,7 @@ from ..pairs.core import (
     unpairable,
     write_pairs,
 )
+from ..processes import start_child_server
 from ..report import JsonReport, counted, listed
 from ..store.writer import read_store_info
 from .colmap import ModelStats, check_camera_model, check_database, import_pycolmap
@@ -268,6 +269,9 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     summary = SfmSummary(str(images), str(work))
     stage = Stages(summary, options.quiet)
     recover_models(sparse)
+    # the fork server of the decoding workers and COLMAP's children imports their modules while
+    # the features are extracted
+    start_child_server("sp_extract.extraction.loader", "sp_extract.sfm.colmap", "sp_extract.sfm.grow")
 
     with stage("extract"):
         names = discover_images(images)

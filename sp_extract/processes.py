@@ -1,0 +1,76 @@
+"""Child processes that never inherit this process's native thread pools.
+
+A forked child gets a copy of its parent's memory but only the thread that forked: the thread
+pools that OpenMP (libgomp), ONNX Runtime, OpenCV or torch started in the parent look alive to
+the child, and a lock one of their threads held is held for ever. The child's first parallel
+call can then wait for ever (``sfm`` stopped at 0 % CPU in pycolmap's bundle adjustment this
+way). ``threading.active_count()`` cannot tell: it counts Python threads only.
+
+So sp-extract never forks itself. Every child (COLMAP's verification and mapping, the decoding
+workers) comes from a fork server: a fresh interpreter, started by fork + exec (safe at any
+moment), that imports the children's modules and forks each child from there. The server only
+imports: none of its pools has ever run work when it forks. Each child watches the process that
+asked for it (``die_with``) and ends with it; the server ends after its last child.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import threading
+import time
+from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
+
+START_METHOD = "forkserver"
+
+
+def child_context(*preload: str) -> BaseContext:
+    """The context to start children with. ``preload``: modules (dotted names) the server imports
+    before its first fork, if it is not running yet, so that children start in milliseconds."""
+    context = multiprocessing.get_context(START_METHOD)
+    if preload:
+        context.set_forkserver_preload(list(preload))
+    return context
+
+
+def start_child_server(*preload: str) -> None:
+    """Start the fork server now, importing ``preload``: its imports then overlap this process's
+    own work instead of delaying the first child."""
+    child_context(*preload)
+    forkserver.ensure_running()
+
+
+def die_with(pid: int) -> None:
+    """In a child: kill this process (SIGKILL) as soon as process ``pid`` ends. ``pid`` is the
+    sp-extract process that asked for the child (the fork server is only its parent), so that
+    no child outlives a killed run: a decoding worker would wait for ever for its next task, a
+    COLMAP child go on writing. A thread waits on the process (a pidfd where Linux has them)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:  # it ended before the child started
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here (not Linux, or an old kernel): poll
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(pid):
+                time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="sp-extract-watch-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
