@@ -305,6 +305,7 @@ def load_image(root: Path, name: str, config: ExtractConfig) -> DecodedImage:
     image = resize(gray, size)
     del gray  # at native size ``image`` is ``gray``: divide in place, no second full-size copy
     np.divide(image, np.float32(255.0), out=image)
+    np.clip(image, 0.0, 1.0, out=image)  # area resizing can overshoot 255 by a rounding error
     decoded = DecodedImage(
         name, to_viewer_frame(image, orientation), (width, height), orientation=orientation
     )
