@@ -33,6 +33,7 @@ from .errors import (
     SpExtractWarning,
 )
 from .interrupt import ABORTED, signals_raise
+from .sfm.config import CAMERA_MODE_HELP, CAMERA_MODES, DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
 
 if TYPE_CHECKING:
     from .cluster.shards import Shard
@@ -911,18 +912,37 @@ _colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report
 )
 
 
+_camera_options = stacked(  # the cameras of colmap and sfm
+    click.option(
+        "--camera-model",
+        default=DEFAULT_CAMERA_MODEL,
+        show_default=True,
+        help="COLMAP camera model: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV, ...",
+    ),
+    click.option(
+        "--camera-mode",
+        type=click.Choice(CAMERA_MODES),
+        default=DEFAULT_CAMERA_MODE,
+        show_default=True,
+        help=CAMERA_MODE_HELP,
+    ),
+    click.option("--single-camera", is_flag=True, help="The same as --camera-mode single."),
+)
+
+
+def camera_mode_of(camera_mode: str, single_camera: bool) -> str:
+    """``--camera-mode``, or ``single`` for ``--single-camera`` (which contradicts no other mode)."""
+    if single_camera and camera_mode not in ("single", DEFAULT_CAMERA_MODE):
+        raise click.UsageError(f"--single-camera contradicts --camera-mode {camera_mode}")
+    return "single" if single_camera else camera_mode
+
+
 @cli.command()
 @images_option("The image folder the features were extracted from (for sizes and EXIF focal lengths).")
 @file_option("--features", "feats.h5", "Feature store.")
 @file_option("--matches", "matches.h5", "Match store made from --features by match-pairs.")
 @file_option("--database", "database.db", "COLMAP database to write or update.")
-@click.option(
-    "--camera-model",
-    default="SIMPLE_RADIAL",
-    show_default=True,
-    help="COLMAP camera model: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV, ...",
-)
-@click.option("--single-camera", is_flag=True, help="One camera shared by all images (same size required).")
+@_camera_options
 @click.option("--overwrite", is_flag=True, help="Replace a database that holds other images.")
 @click.option(
     "--refine-keypoints",
@@ -938,6 +958,7 @@ def colmap(
     matches: Path,
     database: Path,
     camera_model: str,
+    camera_mode: str,
     single_camera: bool,
     overwrite: bool,
     refine_keypoints: bool,
@@ -948,10 +969,10 @@ def colmap(
 ) -> None:
     """Write a COLMAP database from a feature store and a match store (needs pycolmap).
 
-    One camera per image (focal length from EXIF, else COLMAP's 1.2 * max(width, height) prior),
-    keypoints shifted by +0.5 into COLMAP's convention, the raw matches, then COLMAP's geometric
-    verification, so 'sp-extract reconstruct' or COLMAP's mapper can run on it. A database with
-    the same images is updated (image ids kept); one with other images is refused unless
+    Cameras shared as --camera-mode says (focal length from EXIF, else COLMAP's 1.2 * max(width,
+    height) prior), keypoints shifted by +0.5 into COLMAP's convention, the raw matches, then
+    COLMAP's geometric verification, so 'sp-extract reconstruct' or COLMAP's mapper can run on
+    it. A database with the same images is updated (image ids kept); one with other images is refused unless
     --overwrite. Exit 1 when no pair passes the verification (the database is written).
     Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
@@ -963,7 +984,7 @@ def colmap(
         matches,
         database,
         camera_model=camera_model,
-        single_camera=single_camera,
+        camera_mode=camera_mode_of(camera_mode, single_camera),
         overwrite=overwrite,
         seed=seed,
         num_threads=num_threads,
@@ -1072,8 +1093,7 @@ def reconstruct(
 @click.option("--matcher-weights", metavar="NAME|PATH", help="As for match-pairs.")
 @click.option("--ratio", type=float, help="As for match-pairs (nn): Lowe's ratio test.")
 @click.option("--max-distance", type=float, help="As for match-pairs (nn): largest descriptor distance.")
-@click.option("--camera-model", default="SIMPLE_RADIAL", show_default=True, help="As for colmap.")
-@click.option("--single-camera", is_flag=True, help="As for colmap: one camera shared by all images.")
+@_camera_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
 @_colmap_options
@@ -1099,6 +1119,7 @@ def sfm(
     ratio: float | None,
     max_distance: float | None,
     camera_model: str,
+    camera_mode: str,
     single_camera: bool,
     device: str,
     quiet: bool,
@@ -1141,7 +1162,7 @@ def sfm(
             matcher=matcher, matcher_weights=matcher_weights, ratio=ratio, max_distance=max_distance
         ),
         camera_model=camera_model,
-        single_camera=single_camera,
+        camera_mode=camera_mode_of(camera_mode, single_camera),
         rebuild=rebuild,
         device=device,
         seed=seed,

@@ -243,6 +243,57 @@ def test_single_camera(tmp_path: Path) -> None:
         assert {image.camera_id for image in db.read_all_images()} == {cameras[0].camera_id}
 
 
+# two photos of one size without EXIF (frames of one video), one of that size with an EXIF focal
+# length, one of another size, and a late one that joins the first group
+GROUPED = {
+    "v1.png": (400, 300, None),
+    "v2.png": (400, 300, None),
+    "exif.jpg": (400, 300, 50),
+    "small.png": (360, 240, None),
+    "v3.png": (400, 300, None),
+}
+
+
+def cameras_of(database: Path) -> list[list[str]]:
+    """The images of each camera of ``database``."""
+    with pycolmap.Database.open(database) as db:
+        by_camera: dict[int, list[str]] = {}
+        for image in db.read_all_images():
+            by_camera.setdefault(image.camera_id, []).append(image.name)
+    return sorted(sorted(names) for names in by_camera.values())
+
+
+def test_camera_modes(tmp_path: Path) -> None:
+    """auto: a camera per image size and EXIF focal length, also for images added later;
+    per-image: one each; single: refused for several sizes; --single-camera is single."""
+    images, features, _, _ = make_scene(tmp_path, GROUPED)
+    scene = {"images": images, "features": features, "matches": match(tmp_path, features)}
+    result = colmap(scene, tmp_path / "auto.db")  # the default
+    assert result.returncode == 0, result.stderr
+    auto = cameras_of(tmp_path / "auto.db")
+    assert auto == [["exif.jpg"], ["small.png"], ["v1.png", "v2.png", "v3.png"]]
+    result = colmap(scene, tmp_path / "each.db", "--camera-mode", "per-image")
+    assert result.returncode == 0, result.stderr
+    assert cameras_of(tmp_path / "each.db") == [[name] for name in sorted(GROUPED)]
+    for args in (("--camera-mode", "single"), ("--single-camera",)):
+        result = colmap(scene, tmp_path / "single.db", *args)
+        assert result.returncode == 2 and "small.png" in result.stderr, result.stderr
+    result = colmap(scene, tmp_path / "x.db", "--single-camera", "--camera-mode", "per-image")
+    assert result.returncode == 2 and "contradicts" in result.stderr
+
+    # images added to a database (sfm's growth) join the camera of their group
+    from sp_extract.sfm.grow import add_to_database
+
+    first = [name for name in GROUPED if name != "v3.png"]
+    database = tmp_path / "grown.db"
+    pairs = [(a, b) for i, a in enumerate(first) for b in first[i + 1 :]]
+    add_to_database(database, images, features, scene["matches"], first, pairs, "SIMPLE_RADIAL", "auto", True)
+    pairs += [(name, "v3.png") for name in first]
+    add_to_database(database, images, features, scene["matches"], list(GROUPED), pairs, "SIMPLE_RADIAL",
+                    "auto", False)  # fmt: skip
+    assert cameras_of(database) == auto
+
+
 def write_features(path: Path, settings: dict, sizes: dict[str, tuple[int, int]], count: int) -> Path:
     rng = np.random.default_rng(3)
     with StoreWriter(path, "features", settings) as writer:

@@ -21,7 +21,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -36,13 +36,13 @@ from ..report import JsonReport, counted, listed
 from ..store.reader import open_store
 from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info
 from .child import run_in_child
+from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
 
 INSTALL_HINT = (
     "pycolmap is not installed; install it with: pip install pycolmap "
     "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
 )
 COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)
-DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
 # hloc's verification settings for nearest-neighbour matches, which hold many outliers
 VERIFY_MAX_TRIALS = 20_000
 VERIFY_MIN_INLIER_RATIO = 0.1
@@ -213,6 +213,22 @@ def camera_for_image(path: Path, camera_model: str, size: tuple[int, int]) -> An
     return camera
 
 
+Cameras = dict[Hashable, tuple[Any, int, str]]  # group -> camera, its rig id, its first image
+
+
+def camera_group(camera: Any, name: str, camera_mode: str) -> Hashable:
+    """The images whose camera ``camera`` (image ``name``'s, as ``camera_for_image`` makes it)
+    shares: ``auto`` one camera per image size and EXIF focal length (photos without one: per
+    size), as frames of one video or photos of one camera at one zoom are; ``single`` one for
+    all; ``per-image`` none shared (COLMAP's default)."""
+    if camera_mode == "single":
+        return camera_mode
+    if camera_mode == "per-image":
+        return name
+    focal = round(float(camera.mean_focal_length()), 2)
+    return camera.width, camera.height, camera.has_prior_focal_length, focal
+
+
 def check_camera_model(camera_model: str) -> str:
     """The COLMAP camera model name, upper-cased, or a ``ConfigError`` listing the valid ones."""
     pycolmap = import_pycolmap()
@@ -286,16 +302,17 @@ def _write_images(
     names: list[str],
     old_ids: dict[str, int],
     camera_model: str,
-    single_camera: bool,
+    camera_mode: str,
     summary: DatabaseSummary,
-    shared: tuple[Any, int, str] | None = None,
+    cameras: Cameras | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Cameras, trivial rigs, images, frames and keypoints; returns image ids and keypoint counts.
 
-    ``shared``: the camera, its rig id and the image it came from, which ``single_camera`` gives
-    every image (images added to a database that has it); None: made from the first image.
+    Images share cameras by ``camera_group``; ``cameras``: the database's cameras by group
+    (images added to a database that has them), extended by the ones written here.
     """
     pycolmap = import_pycolmap()
+    cameras = {} if cameras is None else cameras
     ids: dict[str, int] = {}
     counts: dict[str, int] = {}
     for name in names:
@@ -306,21 +323,26 @@ def _write_images(
         except (OSError, KeyError, ValueError, TypeError) as error:
             cause = f"features of '{name}' unreadable: {describe_error(error)}"
             raise damaged_error(Path(h5.filename), cause) from error
-        if shared is not None and single_camera:
-            camera, rig_id, first = shared
+        if camera_mode == "single" and cameras:  # one camera: read the first image's only
+            camera, rig_id, first = next(iter(cameras.values()))
             if (camera.width, camera.height) != size:
                 raise ConfigError(
-                    f"--single-camera: {name} is {size[0]} x {size[1]} pixels but {first} is "
-                    f"{camera.width} x {camera.height}; drop --single-camera for images of several sizes"
+                    f"--camera-mode single (--single-camera): {name} is {size[0]} x {size[1]} pixels but "
+                    f"{first} is {camera.width} x {camera.height}; use --camera-mode auto for images of "
+                    "several sizes"
                 )
         else:
             camera = camera_for_image(images / name, camera_model, size)
-            camera.camera_id = db.write_camera(camera)
-            rig = pycolmap.Rig()
-            rig.add_ref_sensor(camera.sensor_id)
-            rig_id = db.write_rig(rig)
-            shared = (camera, rig_id, name)
-            summary.cameras += 1
+            group = camera_group(camera, name, camera_mode)
+            if group in cameras:
+                camera, rig_id, _ = cameras[group]
+            else:
+                camera.camera_id = db.write_camera(camera)
+                rig = pycolmap.Rig()
+                rig.add_ref_sensor(camera.sensor_id)
+                rig_id = db.write_rig(rig)
+                cameras[group] = (camera, rig_id, name)
+                summary.cameras += 1
         image = pycolmap.Image(name=name, camera_id=camera.camera_id)
         if name in old_ids:
             image.image_id = old_ids[name]
@@ -342,7 +364,7 @@ def write_database(
     matches: Path | str,
     database: Path | str,
     camera_model: str = DEFAULT_CAMERA_MODEL,
-    single_camera: bool = False,
+    camera_mode: str = DEFAULT_CAMERA_MODE,
     overwrite: bool = False,
     seed: int = 0,
     num_threads: int = -1,
@@ -351,7 +373,7 @@ def write_database(
 ) -> DatabaseSummary:
     """Write a COLMAP database from a feature store and a match store, with verified pairs.
 
-    Every image of the feature store gets a camera (one for all with ``single_camera``), its
+    Every image of the feature store gets a camera (shared as ``camera_mode`` says), its
     keypoints and the matches of its pairs. An existing database holding only images of the
     feature store is updated (image ids kept, everything else rewritten); one holding other
     images is refused unless ``overwrite``. The database is written to a temporary file and
@@ -371,6 +393,7 @@ def write_database(
     started = time.monotonic()
     images, features, matches, database = Path(images), Path(features), Path(matches), Path(database)
     camera_model = check_camera_model(camera_model)
+    check_camera_mode(camera_mode)
     for path, what in ((features, "feature store"), (matches, "match store")):
         if not path.is_file():
             raise ConfigError(f"{path}: no such {what}")
@@ -415,7 +438,7 @@ def write_database(
                         db.clear_all_tables()
                     with open_store(features) as fh5, open_store(matches) as mh5:
                         ids, counts = _write_images(
-                            db, fh5, images, names, old_ids, camera_model, single_camera, summary
+                            db, fh5, images, names, old_ids, camera_model, camera_mode, summary
                         )
                         for key, name0, name1 in pairs:
                             found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)

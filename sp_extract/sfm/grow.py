@@ -40,10 +40,12 @@ from .child import run_in_child
 from .colmap import (
     VERIFY_MAX_TRIALS,
     VERIFY_MIN_INLIER_RATIO,
+    Cameras,
     DatabaseSummary,
     ModelStats,
     _write_images,
     camera_for_image,
+    camera_group,
     colmap_logging,
     failures_reported,
     import_pycolmap,
@@ -137,19 +139,23 @@ def _stored_pair(h5: StoreReader, name0: str, name1: str) -> tuple[str, str, str
     return None
 
 
-def _shared_camera(db: Any) -> tuple[Any, int, str] | None:
-    """The camera, rig id and an image name of a single-camera database, None if it is empty."""
-    cameras = db.read_all_cameras()
-    if not cameras:
-        return None
-    camera = cameras[0]
-    rig = db.read_rig_with_sensor(camera.sensor_id)
-    image = next(image for image in db.read_all_images() if image.camera_id == camera.camera_id)
-    return camera, rig.rig_id, image.name
+def _cameras(db: Any, camera_mode: str) -> Cameras:
+    """The database's cameras by ``camera_group`` (with their rig id and an image of theirs), which
+    the images added to it join."""
+    first = {}
+    for image in db.read_all_images():
+        first.setdefault(image.camera_id, image.name)
+    cameras: Cameras = {}
+    for camera in db.read_all_cameras():
+        if camera.camera_id in first:
+            name = first[camera.camera_id]
+            rig = db.read_rig_with_sensor(camera.sensor_id)
+            cameras.setdefault(camera_group(camera, name, camera_mode), (camera, rig.rig_id, name))
+    return cameras
 
 
 def _read_new(
-    fh5: StoreReader, images: Path, names: list[str], camera_model: str, single_camera: bool
+    fh5: StoreReader, images: Path, names: list[str], camera_model: str, camera_mode: str
 ) -> dict[str, int]:
     """Keypoint counts of the images ``names``, once everything ``_write_images`` reads of them
     (features, sizes, the image files' EXIF) was read without error: the transaction that
@@ -163,10 +169,10 @@ def _read_new(
             cause = f"features of '{name}' unreadable: {describe_error(error)}"
             raise damaged_error(Path(fh5.filename), cause) from error
         camera_for_image(images / name, camera_model, sizes[name])
-    if single_camera and len(set(sizes.values())) > 1:
+    if camera_mode == "single" and len(set(sizes.values())) > 1:
         raise ConfigError(
-            "--single-camera: the new photos have several sizes "
-            f"({', '.join(sorted({f'{w} x {h}' for w, h in sizes.values()}))}); drop --single-camera"
+            "--camera-mode single (--single-camera): the new photos have several sizes "
+            f"({', '.join(sorted({f'{w} x {h}' for w, h in sizes.values()}))}); use --camera-mode auto"
         )
     return counts
 
@@ -179,7 +185,7 @@ def _add(
     names: list[str],
     pairs: list[Pair],
     camera_model: str,
-    single_camera: bool,
+    camera_mode: str,
     verbose: bool,
 ) -> tuple[int, int, int]:
     """Add the images of ``names`` and the ``pairs`` that ``path`` lacks, in one transaction,
@@ -191,11 +197,11 @@ def _add(
         try:
             ids = {image.name: image.image_id for image in db.read_all_images()}
             new = [name for name in names if name not in ids]
-            shared = _shared_camera(db) if single_camera and ids else None
+            cameras = _cameras(db, camera_mode)
             found: list[tuple[str, str, np.ndarray]] = []
             unmatched = 0
             with open_store(features) as fh5, open_store(matches) as mh5:
-                counts = _read_new(fh5, images, new, camera_model, single_camera)
+                counts = _read_new(fh5, images, new, camera_model, camera_mode)
                 for name0, name1 in pairs:
                     stored = _stored_pair(mh5, name0, name1)
                     if stored is None:
@@ -208,7 +214,7 @@ def _add(
                     found.append((a, b, read_matches(mh5, key, (counts[a], counts[b]), matches)))
                 with graceful_stop(redeliver=True), pycolmap.DatabaseTransaction(db):
                     written = _write_images(
-                        db, fh5, images, new, {}, camera_model, single_camera, summary, shared
+                        db, fh5, images, new, {}, camera_model, camera_mode, summary, cameras
                     )
                     ids.update(written[0])
                     added = 0
@@ -238,7 +244,7 @@ def add_to_database(
     names: list[str],
     pairs: list[Pair],
     camera_model: str,
-    single_camera: bool,
+    camera_mode: str,
     fresh: bool,
     seed: int = 0,
     verbose: bool = False,
@@ -256,9 +262,7 @@ def add_to_database(
                 target.unlink(missing_ok=True)
             else:
                 marker.touch()
-            added = _add(
-                target, images, features, matches, names, pairs, camera_model, single_camera, verbose
-            )
+            added = _add(target, images, features, matches, names, pairs, camera_model, camera_mode, verbose)
             if not create:
                 marker.unlink()
             if create:

@@ -43,6 +43,7 @@ from ..processes import start_child_server
 from ..report import JsonReport, counted, listed
 from ..store.writer import read_store_info
 from .colmap import ModelStats, check_camera_model, check_database, import_pycolmap
+from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
 from .grow import (
     add_to_database,
     addition_failed,
@@ -70,8 +71,8 @@ class SfmOptions:
     tile: str | int = "auto"  # extract's tiling (see ``extraction.tiling``)
     backend: str = "auto"  # what runs the network (see ``extraction.backends``)
     match: MatchConfig = field(default_factory=MatchConfig)
-    camera_model: str = "SIMPLE_RADIAL"
-    single_camera: bool = False
+    camera_model: str = DEFAULT_CAMERA_MODEL
+    camera_mode: str = DEFAULT_CAMERA_MODE
     rebuild: bool = False
     device: str = "auto"
     seed: int = 0
@@ -259,6 +260,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
         raise ConfigError(f"{images}: no such image folder")
     import_pycolmap()
     camera_model = check_camera_model(options.camera_model)
+    check_camera_mode(options.camera_mode)
     parse_pairs(options.pairs)
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -377,7 +379,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             new,
             planned,
             camera_model,
-            options.single_camera,
+            options.camera_mode,
             fresh=summary.mode != "grow",
             seed=options.seed,
             verbose=options.verbose,

@@ -1,0 +1,21 @@
+"""The COLMAP stage's camera settings, light to import (the CLI builds its options from them)."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
+# which images share a camera (``colmap.camera_group``): auto by image size and EXIF focal length
+CAMERA_MODES = ("auto", "single", "per-image")
+DEFAULT_CAMERA_MODE = "auto"
+CAMERA_MODE_HELP = (
+    "Which images share a camera (intrinsics): auto: those of one size and EXIF focal length "
+    "(without EXIF: of one size, as frames of a video); single: all (one size required); "
+    "per-image: none (COLMAP's own default)."
+)
+
+
+def check_camera_mode(camera_mode: str) -> str:
+    if camera_mode not in CAMERA_MODES:
+        raise ConfigError(f"--camera-mode {camera_mode}: expected one of {', '.join(CAMERA_MODES)}")
+    return camera_mode
