@@ -3,7 +3,7 @@
 ONNX Runtime's quantizer rewrites the float32 graph in QDQ form (QuantizeLinear / DequantizeLinear
 pairs around each quantized operator, which ONNX Runtime fuses into integer kernels and OpenVINO
 reads as FakeQuantize): weights int8 per output channel (symmetric), activations uint8 per
-tensor (``u8s8``; weights uint8 per channel, ``u8u8``, on x86 CPUs without VNNI: ``int8_variant``),
+tensor (``u8s8``; on x86 CPUs without VNNI the weights are uint8, ``u8u8``: ``int8_variant``),
 their ranges calibrated on a deterministic set of generated images (``builtin``) or on
 the user's photos (``sp-extract export --precision int8 --calibrate IMAGES_DIR``). The detector
 head's last convolution, its softmax and the descriptor normalisation stay float32
@@ -50,8 +50,9 @@ FLOAT_NODES = ("/convPb/Conv", "/Softmax", "/ReduceL2", "/Div")
 # ONNX Runtime's x86 kernels without VNNI (AVX2, AVX-512 before VNNI) multiply u8 x s8 with
 # VPMADDUBSW, whose 16-bit sums of two products saturate: the descriptors of the u8s8 graph go wrong
 # there (issue 22; ONNX Runtime's quantization docs name the cause). Their u8 x u8 kernels widen
-# to 16 bits first and sum in 32 bits: exact, slower (measured: docs/performance.md, "int8").
-# VNNI's VPDPBUSD and ARM's integer kernels sum u8 x s8 in 32 bits: u8s8, the fastest, is exact there.
+# to 16 bits first and sum in 32 bits: no saturation, slower (docs/performance.md, "int8 on x86
+# CPUs without VNNI").
+# VNNI's VPDPBUSD and ARM's integer kernels sum u8 x s8 in 32 bits: u8s8, the fastest, is right there.
 VARIANTS = {"u8s8": "QInt8", "u8u8": "QUInt8"}  # variant: ONNX Runtime's QuantType of the weights
 VARIANT_ENV = "SP_EXTRACT_INT8_VARIANT"  # overrides the choice (tests; a graph exported for another CPU)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # /proc/cpuinfo's names
