@@ -875,7 +875,8 @@ def compact(store: Path) -> None:
     type=click.Choice(["fp32", "int8"]),
     default="fp32",
     show_default=True,
-    help="int8: the network statically quantized (QDQ), as extract --precision int8 runs it.",
+    help="int8: the network statically quantized (QDQ), as extract --precision int8 runs it on this "
+    "CPU (u8s8, or u8u8 on x86 without VNNI; Env: SP_EXTRACT_INT8_VARIANT=u8s8|u8u8 picks one).",
 )
 @click.option(
     "--calibrate",

@@ -1,5 +1,6 @@
 """``--precision int8`` (issue 16): the quantized graph is made, cached under the right key,
-close to the plain reference network on a real photo, and a setting of the store.
+close to the plain reference network on a real photo, and a setting of the store; its variant
+follows the CPU (issue 22), and both variants are checked on this one.
 
 Calibration here is a few small generated images (``BUILTIN_SHAPE`` patched), so that each
 quantization takes a second or two; benchmarks/int8_accuracy.py measures the shipped set.
@@ -7,6 +8,7 @@ quantization takes a second or two; benchmarks/int8_accuracy.py measures the shi
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +86,70 @@ def test_int8_graph_is_cached_by_weights_code_and_calibration(
     monkeypatch.setattr(quantize, "BUILTIN_SHAPE", (2, 96, 128))  # another calibration set
     quantize.int8_model(loaded.build(), loaded.sha1)
     assert len(list((small_calibration / "onnx").glob("superpoint-int8-*.onnx"))) == 4
+    for variant in quantize.VARIANTS:  # another variant: another file, its weights of its type
+        monkeypatch.setenv(quantize.VARIANT_ENV, variant)
+        assert weight_types(quantize.int8_model(loaded.build(), loaded.sha1)) == {WEIGHT_TYPES[variant]}
+    assert len(list((small_calibration / "onnx").glob("superpoint-int8-*.onnx"))) == 5
 
 
-def test_int8_is_close_to_the_reference_network_on_a_photo(real_weights: Path, sacre_coeur: Path) -> None:
+def weight_types(model: bytes) -> set[int]:
+    """The ONNX element types of the quantized weights (initializers dequantized per channel)."""
+    graph = onnx.load_from_string(model).graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    return {
+        initializers[node.input[0]].data_type
+        for node in graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in initializers
+        and len(initializers[node.input[0]].dims) == 4  # a convolution's weights
+    }
+
+
+WEIGHT_TYPES = {"u8s8": onnx.TensorProto.INT8, "u8u8": onnx.TensorProto.UINT8}
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "variant"),
+    [
+        ("x86_64", "fpu sse2 avx2 avx512f avx512bw avx512_vnni", "u8s8"),  # Cascade Lake, Zen 4
+        ("x86_64", "fpu sse2 avx2 avx_vnni", "u8s8"),  # Alder Lake
+        ("AMD64", "sse2 avx2 avx_vnni", "u8s8"),  # Windows spells it so
+        ("x86_64", "fpu sse2 avx avx2 fma", "u8u8"),  # Haswell to Zen 3: saturating u8 x s8
+        ("x86_64", "sse2 avx2 avx512f avx512bw", "u8u8"),  # Skylake-SP: AVX-512 without VNNI
+        ("x86_64", None, "u8u8"),  # flags unknown: the exact one
+        ("aarch64", "fp asimd asimddp", "u8s8"),
+        ("aarch64", "fp asimd", "u8s8"),  # ARM's kernels sum in 32 bits, dot product or not
+        ("arm64", None, "u8s8"),  # macOS
+    ],
+)
+def test_int8_variant_follows_the_cpu(machine: str, flags: str | None, variant: str) -> None:
+    assert quantize.choose_variant(machine, None if flags is None else frozenset(flags.split())) == variant
+
+
+def test_int8_variant_reads_the_cpu_flags_and_the_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x86, arm, other = tmp_path / "x86", tmp_path / "arm", tmp_path / "other"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd asimddp\n")
+    other.write_text("processor\t: 0\n")
+    assert quantize.cpu_flags(x86) == {"fpu", "avx2", "avx512_vnni"}  # the first CPU's
+    assert quantize.cpu_flags(arm) == {"fp", "asimd", "asimddp"}
+    assert quantize.cpu_flags(other) is None and quantize.cpu_flags(tmp_path / "none") is None
+    for variant in quantize.VARIANTS:
+        monkeypatch.setenv(quantize.VARIANT_ENV, variant)
+        assert quantize.int8_variant() == variant
+    monkeypatch.setenv(quantize.VARIANT_ENV, "u8s8-7bit")
+    with pytest.raises(ConfigError, match="SP_EXTRACT_INT8_VARIANT=u8s8-7bit: not an int8 variant .*u8u8"):
+        quantize.int8_variant()
+
+
+@pytest.mark.parametrize("forced", [None, "u8u8"])  # this CPU's variant; the one for x86 without VNNI
+def test_int8_is_close_to_the_reference_network_on_a_photo(
+    real_weights: Path, sacre_coeur: Path, forced: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if forced:
+        monkeypatch.setenv(quantize.VARIANT_ENV, forced)
     name = sorted(p.name for p in sacre_coeur.glob("*.jpg"))[2]
     image = torch.from_numpy(load_image(sacre_coeur, name, ExtractConfig(resize_max=320)).image)[None, None]
     state = torch.load(real_weights, map_location="cpu", weights_only=True)
@@ -95,7 +158,8 @@ def test_int8_is_close_to_the_reference_network_on_a_photo(real_weights: Path, s
     reference = reference_postprocess(ref_scores[0].numpy(), ref_descriptors[0].numpy(), 0.005, 4, 4, -1)
     loaded = load_weights(str(real_weights))
     backend = make_backend("onnxruntime", loaded.build(), CPU, "int8", 2, loaded.sha1)
-    assert backend.name.startswith("onnxruntime") and backend.name.endswith("(cpu, int8)")
+    variant = forced or quantize.choose_variant(platform.machine(), quantize.cpu_flags())
+    assert backend.name.startswith("onnxruntime") and backend.name.endswith(f"(cpu, int8 {variant})")
     scores, descriptors = backend(image)
     assert scores.shape == ref_scores.shape and descriptors.shape == ref_descriptors.shape
     assert not torch.equal(descriptors, ref_descriptors)  # it is another network

@@ -84,7 +84,8 @@ class TorchBackend:
 
 class OnnxRuntimeBackend:
     """ONNX Runtime on the CPU, ``threads`` intra-op threads, no spinning between calls, no
-    memory-pattern planning (it costs more than it saves when batch shapes vary)."""
+    memory-pattern planning (it costs more than it saves when batch shapes vary). ``precision``
+    is what its name says of the graph (e.g. ``int8 u8s8``)."""
 
     def __init__(self, onnx_model: bytes, threads: int, precision: str = "fp32") -> None:
         import onnxruntime
@@ -114,9 +115,10 @@ def import_openvino() -> ModuleType:
 
 
 class OpenVinoBackend:
-    """OpenVINO on the CPU; ``precision`` sets its inference precision (its own default is bf16)."""
+    """OpenVINO on the CPU; ``precision`` sets its inference precision (its own default is bf16),
+    ``label`` what its name says of it (default: ``precision``)."""
 
-    def __init__(self, onnx_model: bytes, threads: int, precision: str) -> None:
+    def __init__(self, onnx_model: bytes, threads: int, precision: str, label: str | None = None) -> None:
         openvino = import_openvino()
         core = openvino.Core()
         config = {
@@ -126,7 +128,7 @@ class OpenVinoBackend:
         }
         compiled = core.compile_model(core.read_model(io.BytesIO(onnx_model)), "CPU", config)
         self.request = compiled.create_infer_request()
-        self.name = f"openvino {openvino.__version__.split('-')[0]} (cpu, {precision})"
+        self.name = f"openvino {openvino.__version__.split('-')[0]} (cpu, {label or precision})"
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         array = np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32)
@@ -215,13 +217,20 @@ def make_backend(
     threads: int,
     weights_sha1: str,
 ) -> Backend:
-    """A ready backend (``name`` from ``choose_backend``) running ``net`` with ``threads`` threads."""
+    """A ready backend (``name`` from ``choose_backend``) running ``net`` with ``threads`` threads.
+    Its name says the precision, at int8 with the graph's variant (e.g. ``int8 u8s8``)."""
     if name == "torch":
         return TorchBackend(net, device, precision)
+    if precision == "int8":
+        from .quantize import int8_variant
+
+        label = f"int8 {int8_variant()}"
+    else:
+        label = precision
     if name == "openvino":
         import_openvino()  # fail before exporting
-        return OpenVinoBackend(network_model(net, weights_sha1, precision), threads, precision)
-    return OnnxRuntimeBackend(network_model(net, weights_sha1, precision), threads, precision)
+        return OpenVinoBackend(network_model(net, weights_sha1, precision), threads, precision, label)
+    return OnnxRuntimeBackend(network_model(net, weights_sha1, precision), threads, label)
 
 
 def network_model(
@@ -247,7 +256,8 @@ def export_model(
 
     ``onnx``: the ONNX graph the onnxruntime backend runs. ``openvino``: that graph as OpenVINO
     IR, ``out`` (.xml) with its weights beside it (.bin). ``precision`` int8: the quantized graph
-    (QDQ), calibrated on the images of the folder ``calibrate`` or on the built-in set. ``fmt``
+    (QDQ) for this CPU (``quantize.int8_variant``), calibrated on the images of the folder
+    ``calibrate`` or on the built-in set. ``fmt``
     None: from ``out``'s extension (.onnx, .xml), else ``ConfigError``.
     """
     out = Path(out)

@@ -3,12 +3,13 @@
 ONNX Runtime's quantizer rewrites the float32 graph in QDQ form (QuantizeLinear / DequantizeLinear
 pairs around each quantized operator, which ONNX Runtime fuses into integer kernels and OpenVINO
 reads as FakeQuantize): weights int8 per output channel (symmetric), activations uint8 per
-tensor, their ranges calibrated on a deterministic set of generated images (``builtin``) or on
+tensor (``u8s8``; on x86 CPUs without VNNI the weights are uint8, ``u8u8``: ``int8_variant``),
+their ranges calibrated on a deterministic set of generated images (``builtin``) or on
 the user's photos (``sp-extract export --precision int8 --calibrate IMAGES_DIR``). The detector
 head's last convolution, its softmax and the descriptor normalisation stay float32
 (``FLOAT_NODES``: measured, docs/performance.md "int8"). The quantized graph is made at first use and cached
 beside the float32 export, under a hash of the weights, the network's and this module's code,
-ONNX Runtime's version and the calibration images.
+ONNX Runtime's version, the calibration images and the variant.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import hashlib
 import inspect
 import io
 import logging
+import os
+import platform
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +46,47 @@ CALIBRATION_RESIZE = 640  # longest side of a user's calibration images
 # ONNX Runtime has no integer kernels for (the operator study: docs/performance.md, "int8: how
 # the network is made")
 FLOAT_NODES = ("/convPb/Conv", "/Softmax", "/ReduceL2", "/Div")
+# The int8 graph's integer types, activations x weights, by the CPU that runs it (``int8_variant``).
+# ONNX Runtime's x86 kernels without VNNI (AVX2, AVX-512 before VNNI) multiply u8 x s8 with
+# VPMADDUBSW, whose 16-bit sums of two products saturate: the descriptors of the u8s8 graph go wrong
+# there (issue 22; ONNX Runtime's quantization docs name the cause). Their u8 x u8 kernels widen
+# to 16 bits first and sum in 32 bits: no saturation, slower (docs/performance.md, "int8 on x86
+# CPUs without VNNI").
+# VNNI's VPDPBUSD and ARM's integer kernels sum u8 x s8 in 32 bits: u8s8, the fastest, is right there.
+VARIANTS = {"u8s8": "QInt8", "u8u8": "QUInt8"}  # variant: ONNX Runtime's QuantType of the weights
+VARIANT_ENV = "SP_EXTRACT_INT8_VARIANT"  # overrides the choice (tests; a graph exported for another CPU)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # /proc/cpuinfo's names
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")  # platform.machine(), lower case
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU's feature flags (Linux: x86's ``flags``, ARM's ``Features``), None where not readable."""
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
+
+
+def choose_variant(machine: str, flags: frozenset[str] | None) -> str:
+    """The variant for a CPU: u8s8 unless x86 without VNNI, or x86 whose flags are unknown (u8u8)."""
+    if machine.lower() not in X86_MACHINES:
+        return "u8s8"
+    return "u8s8" if flags is not None and any(flag in flags for flag in VNNI_FLAGS) else "u8u8"
+
+
+def int8_variant() -> str:
+    """The variant for this CPU, or ``$SP_EXTRACT_INT8_VARIANT`` where set."""
+    chosen = os.environ.get(VARIANT_ENV)
+    if chosen is None:
+        return choose_variant(platform.machine(), cpu_flags())
+    if chosen not in VARIANTS:
+        raise ConfigError(f"{VARIANT_ENV}={chosen}: not an int8 variant (use {' or '.join(VARIANTS)})")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -164,8 +208,9 @@ def quantize(
     calibration: Calibration,
     float_nodes: tuple[str, ...] = FLOAT_NODES,
     ranges: Path | None = None,
+    variant: str = "u8s8",
 ) -> bytes:
-    """``fp32_model`` (ONNX) statically quantized in QDQ form, ``float_nodes`` left float32.
+    """``fp32_model`` (ONNX) statically quantized in QDQ form as ``variant``, ``float_nodes`` left float32.
 
     ``ranges``: a file keeping the calibrated ranges (read if there, else written), so that
     variants of one graph are calibrated once."""
@@ -187,7 +232,7 @@ def quantize(
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=getattr(QuantType, VARIANTS[variant]),
             nodes_to_exclude=list(float_nodes),
             calibrate_method=CalibrationMethod.Percentile,
             extra_options=options,
@@ -196,20 +241,24 @@ def quantize(
         return out.read_bytes()
 
 
-def cache_key(weights_sha1: str, calibration: Calibration) -> str:
-    """Hash of what the int8 graph depends on: weights, code, quantizer version, calibration."""
+def cache_key(weights_sha1: str, calibration: Calibration, variant: str) -> str:
+    """Hash of what the int8 graph depends on: weights, code, quantizer version, calibration, variant."""
     import onnxruntime
 
     from . import model as model_module
 
     code = Path(inspect.getfile(model_module)).read_bytes() + Path(__file__).read_bytes()
-    text = f"{weights_sha1}:{onnxruntime.__version__}:{calibration.identity}:".encode()
+    text = f"{weights_sha1}:{onnxruntime.__version__}:{calibration.identity}:{variant}:".encode()
     return hashlib.sha1(text + code).hexdigest()[:20]
 
 
 def int8_model(net: torch.nn.Module, weights_sha1: str, calibration: Calibration | None = None) -> bytes:
-    """The int8 graph of ``net`` calibrated on ``calibration`` (default: the built-in set), from
-    the cache if there, else quantized and cached (best effort)."""
-    calibration = calibration or builtin_calibration()
-    key = cache_key(weights_sha1, calibration)
-    return cached(f"superpoint-int8-{key}.onnx", lambda: quantize(onnx_model(net, weights_sha1), calibration))
+    """The int8 graph of ``net`` for this CPU (``int8_variant``) calibrated on ``calibration``
+    (default: the built-in set), from the cache if there, else quantized and cached (best effort)."""
+    calibration, variant = calibration or builtin_calibration(), int8_variant()
+    key = cache_key(weights_sha1, calibration, variant)
+
+    def make() -> bytes:
+        return quantize(onnx_model(net, weights_sha1), calibration, variant=variant)
+
+    return cached(f"superpoint-int8-{key}.onnx", make)
