@@ -33,6 +33,7 @@ from .errors import (
     SpExtractWarning,
 )
 from .interrupt import ABORTED, signals_raise
+from .sfm import EXPORT_FORMATS
 
 if TYPE_CHECKING:
     from .cluster.shards import Shard
@@ -179,6 +180,13 @@ run_options = stacked(  # every store-writing command has these
     click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming."),
     click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only."),
     json_report_option,
+)
+
+
+EXPORT_FORMATS_HELP = (
+    "gaussian-splatting: undistorted images/ and PINHOLE sparse/0 (3DGS; OpenMVS reads sparse/); "
+    "nerfstudio: transforms.json, images/, sparse_pc.ply (nerfstudio, instant-ngp); "
+    "ply: points.ply (coloured) and cameras.ply."
 )
 
 
@@ -1074,6 +1082,14 @@ def reconstruct(
 @click.option("--max-distance", type=float, help="As for match-pairs (nn): largest descriptor distance.")
 @click.option("--camera-model", default="SIMPLE_RADIAL", show_default=True, help="As for colmap.")
 @click.option("--single-camera", is_flag=True, help="As for colmap: one camera shared by all images.")
+@click.option(
+    "--export",
+    "export_formats",
+    multiple=True,
+    type=click.Choice(EXPORT_FORMATS),
+    help="Also write the model as this format (repeatable) into WORK_DIR/export/FORMAT, as "
+    "export-model does; replaced atomically when the model grows. " + EXPORT_FORMATS_HELP,
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
 @_colmap_options
@@ -1100,6 +1116,7 @@ def sfm(
     max_distance: float | None,
     camera_model: str,
     single_camera: bool,
+    export_formats: tuple[str, ...],
     device: str,
     quiet: bool,
     seed: int,
@@ -1143,6 +1160,7 @@ def sfm(
         camera_model=camera_model,
         single_camera=single_camera,
         rebuild=rebuild,
+        export=export_formats,
         device=device,
         seed=seed,
         num_threads=num_threads,
@@ -1150,6 +1168,40 @@ def sfm(
         quiet=quiet,
     )
     finish_run(run_sfm(images_dir, work_dir, options), json_report)
+
+
+# -- the model handed to dense and neural methods (issue 26) ------------------------------------
+@cli.command("export-model")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), help="Required. " + EXPORT_FORMATS_HELP)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The photos' folder (gaussian-splatting, nerfstudio).",
+)
+@click.option(
+    "--num-threads", default=-1, show_default=True, help="Threads for COLMAP's undistortion; -1 all."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
+@reports_errors
+def export_model(
+    model_dir: Path, out: Path, fmt: str | None, images: Path | None, num_threads: int, verbose: bool
+) -> None:
+    """Write the COLMAP model MODEL_DIR (e.g. WORK/sparse/0) for a dense or neural method into
+    the folder OUT (replaced atomically when it holds an earlier export).
+
+    \b
+    sp-extract export-model work/sparse/0 splat/ --format gaussian-splatting --images photos/
+    sp-extract export-model work/sparse/0 ns/ --format nerfstudio --images photos/
+    sp-extract export-model work/sparse/0 cloud/ --format ply
+    """
+    from .sfm.handoff import export_model as run_export
+
+    if fmt is None:  # click's own message for a missing option spans lines
+        raise ConfigError(f"--format is required: {', '.join(EXPORT_FORMATS)}")
+    summary = run_export(model_dir, out, fmt, images, num_threads=num_threads, verbose=verbose)
+    click.echo(summary.line(), err=True)
 
 
 # -- inspection: info, show, evaluate (issue 14) -------------------------------------------------

@@ -1,0 +1,196 @@
+"""``sp-extract export-model`` and ``sfm --export`` (issue 26): the shared photos' model grown by
+``sfm --export`` (8 photos, then all 10), each format read back independently: the
+gaussian-splatting folder with pycolmap and OpenCV, ``transforms.json`` by projecting the model's
+points with it (OpenGL axes, as ``../shared/data/fox/transforms.json``), the PLY files with
+plyfile; README's commands run as written; the refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import plyfile
+import pycolmap
+import pytest
+from conftest import ROOT, run_cli, shared_file
+from test_sfm import copy_photos, sfm
+
+FORMATS = ("gaussian-splatting", "nerfstudio", "ply")
+EXPORTS = tuple(arg for fmt in FORMATS for arg in ("--export", fmt))
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weights: Path) -> dict:
+    """8 photos mapped with every export, then the other 2 added, then a run with nothing new."""
+    root = tmp_path_factory.mktemp("handoff")
+    names = sorted(p.name for p in sacre_coeur.glob("*.jpg"))
+    images, work = copy_photos(sacre_coeur, root / "images", names[:8]), root / "work"
+    code, first, stderr = sfm(images, work, real_weights, *EXPORTS)
+    assert code == 0, stderr
+    frames_before = len(json.loads((work / "export/nerfstudio/transforms.json").read_text())["frames"])
+    copy_photos(sacre_coeur, images, names[8:])
+    code, second, stderr = sfm(images, work, real_weights, *EXPORTS)
+    assert code == 0, stderr
+    stamps = {fmt: (work / "export" / fmt / "export.json").stat().st_mtime_ns for fmt in FORMATS}
+    code, third, stderr = sfm(images, work, real_weights, *EXPORTS)
+    assert code == 0, stderr
+    model = pycolmap.Reconstruction(work / "sparse" / "0")
+    return {"root": root, "images": images, "work": work, "model": model, "first": first, "second": second,
+            "third": third, "frames_before": frames_before, "stamps": stamps}  # fmt: skip
+
+
+def registered_names(model: pycolmap.Reconstruction) -> set[str]:
+    return {model.images[i].name for i in model.reg_image_ids()}
+
+
+def test_sfm_exports_and_replaces_them_when_the_model_grows(grown: dict) -> None:
+    work, model = grown["work"], grown["model"]
+    assert grown["second"]["registered"] > grown["frames_before"] >= 3
+    assert grown["second"]["exports"] == [str(work / "export" / fmt) for fmt in FORMATS]
+    frames = json.loads((work / "export/nerfstudio/transforms.json").read_text())["frames"]
+    assert len(frames) == grown["second"]["registered"] == model.num_reg_images()
+    assert not list((work / "export").glob("*.new")) and not list((work / "export").glob("*.old"))
+    # nothing new: the model and its exports are left as they were
+    assert grown["third"]["mode"] == "up to date"
+    assert {fmt: (work / "export" / fmt / "export.json").stat().st_mtime_ns for fmt in FORMATS} == grown[
+        "stamps"
+    ]
+
+
+def test_gaussian_splatting_folder_is_undistorted_colmap(grown: dict) -> None:
+    out, model = grown["work"] / "export" / "gaussian-splatting", grown["model"]
+    for sparse in (out / "sparse" / "0", out / "sparse"):  # 3DGS reads sparse/0, OpenMVS sparse/
+        undistorted = pycolmap.Reconstruction(sparse)
+        assert registered_names(undistorted) == registered_names(model)
+        assert {camera.model.name for camera in undistorted.cameras.values()} == {"PINHOLE"}
+        for image_id in undistorted.reg_image_ids():
+            image = undistorted.images[image_id]
+            camera = undistorted.cameras[image.camera_id]
+            height, width = cv2.imread(str(out / "images" / image.name)).shape[:2]
+            assert (width, height) == (camera.width, camera.height)
+            original = model.find_image_with_name(image.name)
+            np.testing.assert_allclose(image.projection_center(), original.projection_center(), atol=1e-6)
+        assert undistorted.num_points3D() == model.num_points3D()
+
+
+def project_opengl(frame: dict, points: np.ndarray) -> np.ndarray:
+    """Pixels of world points seen by a nerfstudio frame: camera-to-world in OpenGL axes (x right,
+    y up, looking down -z), OpenCV's radial-tangential distortion (k1, k2, p1, p2)."""
+    matrix = np.array(frame["transform_matrix"])
+    camera = (points - matrix[:3, 3]) @ matrix[:3, :3]  # world -> camera (rows)
+    x, y = camera[:, 0] / -camera[:, 2], -camera[:, 1] / -camera[:, 2]  # image y points down
+    r2 = x * x + y * y
+    radial = 1 + frame["k1"] * r2 + frame["k2"] * r2 * r2
+    xd = x * radial + 2 * frame["p1"] * x * y + frame["p2"] * (r2 + 2 * x * x)
+    yd = y * radial + frame["p1"] * (r2 + 2 * y * y) + 2 * frame["p2"] * x * y
+    return np.stack([frame["fl_x"] * xd + frame["cx"], frame["fl_y"] * yd + frame["cy"]], axis=1)
+
+
+def test_transforms_json_reprojects_the_model_in_opengl_axes(grown: dict) -> None:
+    out, model = grown["work"] / "export" / "nerfstudio", grown["model"]
+    transforms = json.loads((out / "transforms.json").read_text())
+    assert transforms["ply_file_path"] == "sparse_pc.ply"
+    transform, scale = np.array(transforms["applied_transform"]), transforms["applied_scale"]
+    errors, in_front = [], []
+    for frame in transforms["frames"]:
+        frame = {**transforms, **frame}  # per-frame intrinsics where cameras differ
+        name = frame["file_path"].removeprefix("images/")
+        assert (out / frame["file_path"]).read_bytes() == (grown["images"] / name).read_bytes()
+        image = model.find_image_with_name(name)
+        camera = model.cameras[image.camera_id]
+        assert (frame["w"], frame["h"], frame["camera_model"]) == (camera.width, camera.height, "OPENCV")
+        observed = [p for p in image.points2D if p.has_point3D()]
+        world = np.array([model.points3D[p.point3D_id].xyz for p in observed])
+        exported = scale * (world @ transform[:, :3].T + transform[:, 3])
+        errors += list(np.linalg.norm(project_opengl(frame, exported) - [p.xy for p in observed], axis=1))
+        matrix = np.array(frame["transform_matrix"])
+        in_front.append(np.median((exported - matrix[:3, 3]) @ matrix[:3, 2]) < 0)  # down -z
+    assert len(errors) > 500 and np.median(errors) < 1.5, np.median(errors)
+    assert all(in_front)
+    # fox's transforms.json (instant-ngp's colmap2nerf) has the same axes: its cameras, around the
+    # fox, look down -z towards the middle of the camera centres
+    fox = np.array(
+        [
+            f["transform_matrix"]
+            for f in json.loads(shared_file("data/fox/transforms.json").read_text())["frames"]
+        ]
+    )
+    towards = fox[:, :3, 3].mean(axis=0) - fox[:, :3, 3]
+    assert np.mean(np.einsum("ij,ij->i", -fox[:, :3, 2], towards) > 0) > 0.95
+    # splat initialisation: the same points, in the exported world
+    cloud = plyfile.PlyData.read(out / "sparse_pc.ply")["vertex"]
+    points = np.array([p.xyz for p in model.points3D.values()])
+    expected = scale * (points @ transform[:, :3].T + transform[:, 3])
+    np.testing.assert_allclose(np.stack([cloud["x"], cloud["y"], cloud["z"]], axis=1), expected, atol=1e-4)
+
+
+def test_ply_reads_back_as_the_models_points_and_cameras(grown: dict) -> None:
+    out, model = grown["work"] / "export" / "ply", grown["model"]
+    points = plyfile.PlyData.read(out / "points.ply")["vertex"]
+    expected = list(model.points3D.values())
+    assert points.count == model.num_points3D() > 100
+    np.testing.assert_allclose(
+        np.stack([points["x"], points["y"], points["z"]], axis=1),
+        [p.xyz for p in expected],
+        rtol=1e-6,
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(np.stack([points["red"], points["green"], points["blue"]], axis=1),
+                                  [p.color for p in expected])  # fmt: skip
+    cameras = plyfile.PlyData.read(out / "cameras.ply")["vertex"]
+    centres = [model.images[i].projection_center() for i in sorted(model.reg_image_ids())]
+    np.testing.assert_allclose(
+        np.stack([cameras["x"], cameras["y"], cameras["z"]], axis=1), centres, atol=1e-5
+    )
+
+
+def readme_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Next: dense models")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    return re.findall(r"^(sp-extract export-model .*?)(?:\s+#.*)?$", section, re.MULTILINE)
+
+
+def test_readme_commands_as_written(grown: dict, tmp_path: Path) -> None:
+    commands = readme_commands()
+    assert {re.search(r"--format (\S+)", command).group(1) for command in commands} == set(FORMATS)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "sparse").symlink_to(grown["work"] / "sparse")
+    (tmp_path / "photos").symlink_to(grown["images"])
+    for command in commands:
+        result = run_cli(*command.split()[1:], cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stderr)
+        out = tmp_path / command.split()[3]
+        assert json.loads((out / "export.json").read_text())["format"] in command
+    assert (
+        len(json.loads((tmp_path / "nerf" / "transforms.json").read_text())["frames"])
+        == grown["model"].num_reg_images()
+    )
+
+
+def test_refusals_in_one_line(grown: dict, tmp_path: Path) -> None:
+    model, images = str(grown["work"] / "sparse" / "0"), str(grown["images"])
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    cases = [
+        ((model, "o", "--format", "mesh"), "'mesh' is not one of 'gaussian-splatting', 'nerfstudio', 'ply'"),
+        ((model, "o"), "--format is required"),
+        ((str(grown["work"] / "sparse"), "o", "--format", "ply"), "not a COLMAP model (no cameras.bin"),
+        ((model, "o", "--format", "nerfstudio"), "--format nerfstudio needs the photos: give --images DIR"),
+        (
+            (model, "o", "--format", "gaussian-splatting", "--images", str(tmp_path / "photos")),
+            "holds none of",
+        ),
+        ((model, str(tmp_path / "mine"), "--format", "ply"), "is not an export of sp-extract"),
+        (("--format", "ply", str(tmp_path / "nothing"), "o"), "no such model folder"),
+    ]
+    for args, message in cases:
+        result = run_cli("export-model", *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, (args, result.stderr)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "o").exists() and images
