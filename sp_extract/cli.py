@@ -1090,6 +1090,11 @@ def reconstruct(
     help="Also write the model as this format (repeatable) into WORK_DIR/export/FORMAT, as "
     "export-model does; replaced atomically when the model grows. " + EXPORT_FORMATS_HELP,
 )
+@click.option(
+    "--no-report",
+    is_flag=True,
+    help="Do not write WORK_DIR/report.html (the page of the run: 'sp-extract report').",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
 @_colmap_options
@@ -1117,6 +1122,7 @@ def sfm(
     camera_model: str,
     single_camera: bool,
     export_formats: tuple[str, ...],
+    no_report: bool,
     device: str,
     quiet: bool,
     seed: int,
@@ -1161,6 +1167,7 @@ def sfm(
         single_camera=single_camera,
         rebuild=rebuild,
         export=export_formats,
+        report=not no_report,
         device=device,
         seed=seed,
         num_threads=num_threads,
@@ -1202,6 +1209,31 @@ def export_model(
         raise ConfigError(f"--format is required: {', '.join(EXPORT_FORMATS)}")
     summary = run_export(model_dir, out, fmt, images, num_threads=num_threads, verbose=verbose)
     click.echo(summary.line(), err=True)
+
+
+@cli.command()
+@click.argument("work_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The photos' folder [default: the one the last sfm run in WORK_DIR recorded].",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The page to write [default: WORK_DIR/report.html].",
+)
+@reports_errors
+def report(work_dir: Path, images: Path | None, out: Path | None) -> None:
+    """Write the page of an sfm work folder: one self-contained HTML file (no network) with the
+    last run's summary and stage times, every photo (thumbnail, keypoints, verified matches,
+    3D points, reprojection error), track-length and error histograms, keypoint and match
+    pictures of a sample, and the points and cameras in 3D (drag, shift-drag, wheel).
+    'sfm' writes it after each run (--no-report: not)."""
+    from .sfm.page import write_report
+
+    click.echo(f"wrote {write_report(work_dir, images, out)}", err=True)
 
 
 # -- inspection: info, show, evaluate (issue 14) -------------------------------------------------

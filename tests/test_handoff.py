@@ -1,13 +1,19 @@
-"""``sp-extract export-model`` and ``sfm --export`` (issue 26): the shared photos' model grown by
-``sfm --export`` (8 photos, then all 10), each format read back independently: the
-gaussian-splatting folder with pycolmap and OpenCV, ``transforms.json`` by projecting the model's
-points with it (OpenGL axes, as ``../shared/data/fox/transforms.json``), the PLY files with
-plyfile; README's commands run as written; the refusals."""
+"""``sp-extract export-model``, ``sfm --export`` and the report page (issue 26): the shared
+photos' model grown by ``sfm --export`` (8 photos, then all 10), each format read back
+independently: the gaussian-splatting folder with pycolmap and OpenCV, ``transforms.json`` by
+projecting the model's points with it (OpenGL axes, as ``../shared/data/fox/transforms.json``),
+the PLY files with plyfile; README's commands run as written; the refusals. The report page is
+opened in headless Chromium (Debian's ``chromium``, which ``.ci/run`` installs): no console
+output, a 3D canvas with points drawn, the registered count; its screenshot is kept in
+``tests/artifacts/`` (``SP_EXTRACT_TEST_ARTIFACTS``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -28,18 +34,23 @@ def grown(tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weig
     root = tmp_path_factory.mktemp("handoff")
     names = sorted(p.name for p in sacre_coeur.glob("*.jpg"))
     images, work = copy_photos(sacre_coeur, root / "images", names[:8]), root / "work"
-    code, first, stderr = sfm(images, work, real_weights, *EXPORTS)
+    code, first, stderr = sfm(images, work, real_weights, *EXPORTS, "--no-report")
     assert code == 0, stderr
+    reported_first = (work / "report.html").exists()
     frames_before = len(json.loads((work / "export/nerfstudio/transforms.json").read_text())["frames"])
     copy_photos(sacre_coeur, images, names[8:])
     code, second, stderr = sfm(images, work, real_weights, *EXPORTS)
     assert code == 0, stderr
+    grown_page = (work / "report.html").read_text(encoding="utf-8")
     stamps = {fmt: (work / "export" / fmt / "export.json").stat().st_mtime_ns for fmt in FORMATS}
     code, third, stderr = sfm(images, work, real_weights, *EXPORTS)
     assert code == 0, stderr
     model = pycolmap.Reconstruction(work / "sparse" / "0")
-    return {"root": root, "images": images, "work": work, "model": model, "first": first, "second": second,
-            "third": third, "frames_before": frames_before, "stamps": stamps}  # fmt: skip
+    return {
+        "images": images, "work": work, "model": model, "model_names": registered_names(model),
+        "first": first, "second": second, "third": third, "frames_before": frames_before,
+        "stamps": stamps, "reported_first": reported_first, "grown_page": grown_page,
+    }  # fmt: skip
 
 
 def registered_names(model: pycolmap.Reconstruction) -> set[str]:
@@ -194,3 +205,80 @@ def test_refusals_in_one_line(grown: dict, tmp_path: Path) -> None:
         assert result.stderr.count("\n") == 1 and message in result.stderr, (args, result.stderr)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "o").exists() and images
+
+
+# -- the report page -----------------------------------------------------------------------------
+BACKGROUND = (16, 20, 28)  # the 3D view's background (page.PAGE's canvas colour)
+ARTIFACTS = Path(os.environ.get("SP_EXTRACT_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    """Debian's headless Chromium on a page; a missing browser fails the test (CI installs it)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail("chromium is missing: apt-get install -y chromium (.ci/run installs it)")
+    flags = ("--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0")
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_sfm_writes_the_report_unless_told_not_to(grown: dict) -> None:
+    assert not grown["reported_first"]  # --no-report
+    assert grown["second"]["report"] == str(grown["work"] / "report.html")
+    page = grown["grown_page"]
+    registered = grown["second"]["registered"]
+    assert f"{registered} / 10 photos registered" in page
+    # what the grow run added: its 2 photos marked, named in the summary
+    added = grown["second"]["added_images"]
+    assert (
+        len(added) == 2
+        and f"This run added 2 photos to the model ({len(set(added) & set(grown['model_names']))} registered)"
+        in page
+    )
+    for name in added:
+        assert re.search(re.escape(name) + r" <span class='tag'>new</span>", page)
+    assert "http://" not in page and "https://" not in page and "<script src" not in page  # no network
+
+
+def test_report_command_and_its_page_in_a_browser(grown: dict, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    result = run_cli("report", str(grown["work"]), "--out", str(page))
+    assert result.returncode == 0, result.stderr
+    dom = chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    assert "CONSOLE" not in dom.stderr, dom.stderr  # no console message, error or other
+    registered = grown["model"].num_reg_images()
+    headline = re.search(r'<p id="headline"><b>(.*?)</b>', dom.stdout).group(1)
+    assert headline.startswith(
+        f"{registered} / 10 photos registered, {grown['model'].num_points3D():,} 3D points"
+    )
+    assert (
+        int(re.search(r'data-drawn-points="(\d+)"', dom.stdout).group(1))
+        > 0.5 * grown["model"].num_points3D()
+    )
+    assert '<div id="errors" hidden="">' in dom.stdout  # the page's own error box stayed empty
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    done = chromium(f"--screenshot={shot}", "--window-size=1280,1000", page.as_uri())
+    assert done.returncode == 0 and "CONSOLE" not in done.stderr, done.stderr
+    picture = cv2.imread(str(shot))[:, :, ::-1]  # RGB
+    canvas = np.all(picture == BACKGROUND, axis=2)
+    rows, columns = np.flatnonzero(canvas.sum(axis=1) > 200), np.flatnonzero(canvas.sum(axis=0) > 200)
+    assert len(rows) > 300 and len(columns) > 600  # the 960 x 600 view is on screen
+    inside = picture[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1].reshape(-1, 3).astype(np.int64)
+    # the points are drawn as 2 x 2 pixels in their own colours (the frusta are blue and orange)
+    colours = np.array([p.color for p in grown["model"].points3D.values()], np.int64)
+    in_colour = np.isin(inside @ [65536, 256, 1], colours @ [65536, 256, 1]).sum()
+    assert in_colour > grown["model"].num_points3D(), in_colour
+
+
+def test_report_refusals(tmp_path: Path, grown: dict) -> None:
+    (tmp_path / "empty").mkdir()
+    for args, message in [
+        ((str(tmp_path / "nothing"),), "no such work folder"),
+        ((str(tmp_path / "empty"),), "no sfm-run.json (written by 'sp-extract sfm'); give --images DIR"),
+        ((str(grown["work"]), "--images", str(tmp_path / "gone")), "no such image folder"),
+    ]:
+        result = run_cli("report", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, (
+            result.stderr
+        )

@@ -9,7 +9,8 @@ at the end of the name order; retrieval: their nearest images among all); the ma
 matches only unmatched pairs; the database gains the new images and pairs (``grow``), and the
 mapper continues the previous model, followed by global bundle adjustment; ``export`` formats
 are then written from the largest model into ``export/FORMAT`` (``handoff``), again when it
-changed. ``rebuild`` maps from scratch (and starts the stores over when photos changed). Photos
+changed; the run's summary goes to ``sfm-run.json`` and the page of the run to ``report.html``
+(``page``). ``rebuild`` maps from scratch (and starts the stores over when photos changed). Photos
 are fingerprinted (``photos``): a changed photo stops the run (its features would silently be
 wrong), a deleted one is reported and stays in the model.
 """
@@ -52,6 +53,7 @@ from .grow import (
     recover_folder,
 )
 from .handoff import check_format, export_after_run
+from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 
 STAGES = ("extract", "pairs", "match", "database", "map")
@@ -75,6 +77,7 @@ class SfmOptions:
     single_camera: bool = False
     rebuild: bool = False
     export: tuple[str, ...] = ()  # formats written to WORK/export/FORMAT (``handoff``)
+    report: bool = True  # WORK/report.html (``page``)
     device: str = "auto"
     seed: int = 0
     num_threads: int = -1
@@ -97,6 +100,7 @@ class SfmSummary(JsonReport):
     pairs_mode: str = ""
     images: int = 0  # photos in the folder
     new_images: int = 0  # photos the database did not hold
+    added_images: list[str] = field(default_factory=list)  # their names
     extracted: int = 0
     failed_images: list[dict[str, str]] = field(default_factory=list)
     deleted_images: list[str] = field(default_factory=list)
@@ -111,6 +115,7 @@ class SfmSummary(JsonReport):
     models: list[ModelStats] = field(default_factory=list)
     unregistered_images: list[str] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)  # export folders written or up to date
+    report: str = ""  # the report page
     stage_times_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
@@ -146,6 +151,7 @@ class SfmSummary(JsonReport):
                 f"{listed(self.unregistered_images, NAMES_SHOWN)}"
             )
         lines += [f"export: {path}" for path in self.exports]
+        lines += [f"report: {self.report}"] if self.report else []
         lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed_images[:NAMES_SHOWN]]
         lines += [f"warning: {warning}" for warning in self.warnings]
         times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.stage_times_s.items())
@@ -349,7 +355,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             )
         known = set(held) if summary.mode == "grow" else set()
         new = [name for name in usable if name not in known]
-        summary.new_images = len(new)
+        summary.new_images, summary.added_images = len(new), new
         summary.pairs_mode, planned = plan_pairs(
             options.pairs, feats, usable, new, work, in_store | set(names), options.device
         )
@@ -420,7 +426,13 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
                 sparse / "0", images, work / "export", options.export, options.num_threads, options.verbose
             )
     failed = not found or summary.failed_images or matched.failed
-    return _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
+    _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
+    summary.write_json(work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
+    if options.report:
+        with stage("report"):
+            summary.report = str(write_report(work, images))
+        summary.wall_time_s = round(time.monotonic() - started, 3)
+    return summary
 
 
 def _finish(summary: SfmSummary, started: float, exit_code: int) -> SfmSummary:
