@@ -210,6 +210,8 @@ def cli(debug: bool) -> None:
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
     sp-extract merge feats.h5 feats.h5.shards/  shard stores (--shard K/N) -> one store
     sp-extract sfm IMAGES_DIR WORK_DIR        all five in one, growing the model on re-runs
+    sp-extract export-model MODEL OUT --format F  for 3DGS, nerfstudio, instant-ngp, OpenMVS, PLY
+    sp-extract report WORK_DIR                the page of an sfm run (sfm writes it too)
     sp-extract info feats.h5                  what a store holds; 'show' draws it
     sp-extract compact feats.h5               fold a grown store into one file, for hloc
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs

@@ -282,3 +282,37 @@ def test_report_refusals(tmp_path: Path, grown: dict) -> None:
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, (
             result.stderr
         )
+
+
+def test_report_stays_fast_on_a_large_model(tmp_path: Path) -> None:
+    """10^5 points and 10^3 cameras (a synthetic model): half the points drawn, and said so."""
+    from sp_extract.sfm.page import MAX_POINTS
+
+    model = pycolmap.Reconstruction()
+    camera = pycolmap.Camera.create_from_model_id(1, pycolmap.CameraModelId.SIMPLE_PINHOLE, 500.0, 640, 480)
+    model.add_camera_with_trivial_rig(camera)
+    for i in range(1000):  # a ring of cameras looking at the origin
+        angle = 2 * np.pi * i / 1000
+        centre = 10 * np.array([np.cos(angle), 0.0, np.sin(angle)])
+        z = -centre / 10
+        rotation = np.stack([np.cross([0.0, 1.0, 0.0], z), [0.0, 1.0, 0.0], z])
+        pose = pycolmap.Rigid3d(pycolmap.Rotation3d(rotation), -rotation @ centre)
+        model.add_image_with_trivial_frame(
+            pycolmap.Image(name=f"{i:04d}.jpg", camera_id=1, image_id=i + 1), pose
+        )
+    rng = np.random.default_rng(0)
+    for xyz, colour in zip(rng.normal(size=(100_000, 3)), rng.integers(0, 256, (100_000, 3), dtype=np.uint8)):
+        model.add_point3D(xyz, pycolmap.Track(), colour)
+    (tmp_path / "work" / "sparse" / "0").mkdir(parents=True)
+    model.write(tmp_path / "work" / "sparse" / "0")
+    (tmp_path / "photos").mkdir()
+    result = run_cli("report", str(tmp_path / "work"), "--images", str(tmp_path / "photos"))
+    assert result.returncode == 0, result.stderr
+    dom = chromium("--dump-dom", (tmp_path / "work" / "report.html").as_uri())
+    assert "CONSOLE" not in dom.stderr, dom.stderr
+    assert "1000 / 1000 photos registered, 100,000 3D points" in dom.stdout
+    assert f"{MAX_POINTS:,} of the 100,000 points drawn (a random subset)" in dom.stdout
+    drawn = int(re.search(r'data-drawn-points="(\d+)"', dom.stdout).group(1))
+    assert 0.9 * MAX_POINTS < drawn <= MAX_POINTS
+    milliseconds = float(re.search(r'data-draw-ms="([\d.]+)"', dom.stdout).group(1))
+    assert milliseconds < 500, milliseconds  # one frame (about 25 ms on a loaded 2-core machine)

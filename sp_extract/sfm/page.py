@@ -35,7 +35,7 @@ from .grow import MAX_IMAGE_ID
 
 RUN_RECORD = "sfm-run.json"  # in WORK: the last sfm run's summary
 REPORT = "report.html"
-MAX_POINTS = 100_000  # drawn in the 3D view; more are subsampled
+MAX_POINTS = 50_000  # drawn in the 3D view; more are subsampled
 MAX_CAMERAS = 1_000
 THUMBNAIL_PX = 120
 PICTURE_PX = 720
@@ -52,6 +52,8 @@ def _jpeg(picture: np.ndarray, quality: int = 80) -> str:
 def thumbnail(path: Path) -> str:
     """A small JPEG of a photo as a data URL ("" if it cannot be read); decoded at a reduced
     scale (JPEG's DCT scaling), so a thousand large photos take seconds."""
+    if not path.is_file():  # deleted since the run
+        return ""
     picture = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION)
     if picture is None:
         picture = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -101,7 +103,7 @@ def _image_errors(model: Any) -> dict[str, tuple[int, float]]:
 def histogram_svg(values: np.ndarray, bins: np.ndarray, label: str, integer: bool = False) -> str:
     """A bar chart of ``values`` in ``bins`` (edges), inline SVG with labelled axes."""
     counts, edges = np.histogram(values, bins)
-    width, height, left, bottom = 360, 160, 40, 30
+    width, height, left, bottom = 360, 160, 56, 30
     top = max(int(counts.max()), 1) if len(counts) else 1
     bar = (width - left - 10) / max(len(counts), 1)
     bars = "".join(
@@ -285,12 +287,12 @@ def _page(
         point_errors = np.array([p.error for p in points])
         if len(points):
             top = max(int(lengths.max()), 2)
-            high = float(np.percentile(point_errors, 99)) or 1.0
+            high = max(float(np.percentile(point_errors, 99)), 1e-3)  # the long tail in the last bar
             parts.append(
                 "<h2>Tracks and errors</h2><div class='charts'>"
                 + histogram_svg(lengths, np.arange(2, top + 2) - 0.5, "track length (images per point)", True)
                 + histogram_svg(
-                    np.minimum(point_errors, high), np.linspace(0, high, 21), "point reprojection error (px)"
+                    np.clip(point_errors, 0, high), np.linspace(0, high, 21), "point reprojection error (px)"
                 )
                 + "</div>"
             )
@@ -364,36 +366,45 @@ window.addEventListener("error", e => {
     target = [median(0), median(1), median(2)];
     let spread = 0;
     for (const c of cams) spread += Math.hypot(c.c[0] - target[0], c.c[1] - target[1], c.c[2] - target[2]);
-    dist = cams.length ? 1.0 * spread / cams.length : 10; yaw = 0; pitch = 0;
+    dist = cams.length ? spread / cams.length : 10; yaw = 0; pitch = 0;
   }
   function rotation() {
     const cy = Math.cos(yaw), sy = Math.sin(yaw), cp = Math.cos(pitch), sp = Math.sin(pitch);
     return mul(mul([[1, 0, 0], [0, cp, -sp], [0, sp, cp]], [[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]]), first);
   }
+  // colours packed as the canvas's 32-bit pixels (little-endian RGBA), the background likewise
+  const packed = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    packed[i] = 0xff000000 | rgb[3 * i + 2] << 16 | rgb[3 * i + 1] << 8 | rgb[3 * i];
+  }
+  const background = 0xff000000 | 28 << 16 | 20 << 8 | 16;
+  const project = (R, p) => {  // a frustum's corner; none closer than 5 % of the distance
+    const d0 = p[0] - target[0], d1 = p[1] - target[1], d2 = p[2] - target[2];
+    const z = R[2][0] * d0 + R[2][1] * d1 + R[2][2] * d2 + dist;
+    if (z <= 0.05 * dist) return null;
+    return [f * (R[0][0] * d0 + R[0][1] * d1 + R[0][2] * d2) / z + W / 2,
+            f * (R[1][0] * d0 + R[1][1] * d1 + R[1][2] * d2) / z + H / 2];
+  };
   function draw() {
-    const R = rotation(), image = ctx.createImageData(W, H), px = image.data;
-    const depth = new Float32Array(W * H).fill(Infinity);
-    for (let i = 0; i < px.length; i += 4) { px[i] = 16; px[i + 1] = 20; px[i + 2] = 28; px[i + 3] = 255; }
-    const project = p => {
-      const d = [p[0] - target[0], p[1] - target[1], p[2] - target[2]];
-      const x = R[0][0] * d[0] + R[0][1] * d[1] + R[0][2] * d[2];
-      const y = R[1][0] * d[0] + R[1][1] * d[1] + R[1][2] * d[2];
-      const z = R[2][0] * d[0] + R[2][1] * d[1] + R[2][2] * d[2] + dist;
-      return z > 1e-3 * dist ? [f * x / z + W / 2, f * y / z + H / 2, z] : null;
-    };
+    const started = performance.now(), R = rotation(), image = ctx.createImageData(W, H);
+    const px = new Uint32Array(image.data.buffer), depth = new Float32Array(W * H).fill(Infinity);
+    px.fill(background);
+    const [a0, a1, a2] = R[0], [b0, b1, b2] = R[1], [c0, c1, c2] = R[2];
+    const t0 = target[0], t1 = target[1], t2 = target[2], near = 1e-3 * dist;
     let drawn = 0;
     for (let i = 0; i < n; i++) {
-      const q = project([xyz[3 * i], xyz[3 * i + 1], xyz[3 * i + 2]]);
-      if (!q) continue;
-      const u = Math.round(q[0]), v = Math.round(q[1]);
+      const d0 = xyz[3 * i] - t0, d1 = xyz[3 * i + 1] - t1, d2 = xyz[3 * i + 2] - t2;
+      const z = c0 * d0 + c1 * d1 + c2 * d2 + dist;
+      if (z <= near) continue;
+      const u = Math.round(f * (a0 * d0 + a1 * d1 + a2 * d2) / z + W / 2);
+      const v = Math.round(f * (b0 * d0 + b1 * d1 + b2 * d2) / z + H / 2);
       if (u < 0 || v < 0 || u >= W - 1 || v >= H - 1) continue;
       drawn++;
-      for (const k of [0, 1, W, W + 1]) {
-        const at = v * W + u + k;
-        if (q[2] < depth[at]) {
-          depth[at] = q[2]; px.set([rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]], 4 * at);
-        }
-      }
+      const at = v * W + u, colour = packed[i];  // a 2 x 2 dot, nearest first
+      if (z < depth[at]) { depth[at] = z; px[at] = colour; }
+      if (z < depth[at + 1]) { depth[at + 1] = z; px[at + 1] = colour; }
+      if (z < depth[at + W]) { depth[at + W] = z; px[at + W] = colour; }
+      if (z < depth[at + W + 1]) { depth[at + W + 1] = z; px[at + W + 1] = colour; }
     }
     ctx.putImageData(image, 0, 0);
     const size = 0.05 * dist;
@@ -402,13 +413,15 @@ window.addEventListener("error", e => {
         const a = [sx * c.w / 2 * size, sy * c.h / 2 * size, size];
         return [0, 1, 2].map(k => c.c[k] + c.R[0][k] * a[0] + c.R[1][k] * a[1] + c.R[2][k] * a[2]);
       };
-      const o = project(c.c), q = [corner(-1, -1), corner(1, -1), corner(1, 1), corner(-1, 1)].map(project);
+      const o = project(R, c.c);
+      const q = [corner(-1, -1), corner(1, -1), corner(1, 1), corner(-1, 1)].map(p => project(R, p));
       if (!o || q.some(p => !p)) continue;
       ctx.strokeStyle = c.added ? "#f28c28" : "#7fb0ff"; ctx.beginPath();
       for (let k = 0; k < 4; k++) { ctx.moveTo(o[0], o[1]); ctx.lineTo(q[k][0], q[k][1]); }
       ctx.moveTo(q[3][0], q[3][1]); for (const p of q) ctx.lineTo(p[0], p[1]); ctx.stroke();
     }
     canvas.dataset.drawnPoints = drawn;
+    canvas.dataset.drawMs = (performance.now() - started).toFixed(1);
   }
   let drag = null;
   canvas.addEventListener("contextmenu", e => e.preventDefault());
