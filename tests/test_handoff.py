@@ -316,3 +316,28 @@ def test_report_stays_fast_on_a_large_model(tmp_path: Path) -> None:
     assert 0.9 * MAX_POINTS < drawn <= MAX_POINTS
     milliseconds = float(re.search(r'data-draw-ms="([\d.]+)"', dom.stdout).group(1))
     assert milliseconds < 500, milliseconds  # one frame (about 25 ms on a loaded 2-core machine)
+
+
+def test_nerfstudio_intrinsics_of_each_colmap_camera_model() -> None:
+    from sp_extract.errors import ConfigError
+    from sp_extract.sfm.handoff import nerfstudio_camera
+
+    def camera(model: str, params: list[float]) -> pycolmap.Camera:
+        return pycolmap.Camera(model=model, width=640, height=480, params=params, camera_id=7)
+
+    opencv = nerfstudio_camera(camera("OPENCV", [500, 510, 320, 240, 0.1, -0.2, 0.003, -0.004]))
+    assert opencv == {"fl_x": 500, "fl_y": 510, "cx": 320, "cy": 240, "w": 640, "h": 480,
+                      "camera_model": "OPENCV", "k1": 0.1, "k2": -0.2, "p1": 0.003, "p2": -0.004}  # fmt: skip
+    simple = nerfstudio_camera(camera("SIMPLE_RADIAL", [500, 320, 240, -0.05]))
+    assert (simple["fl_x"], simple["fl_y"], simple["k1"], simple["k2"], simple["p1"]) == (
+        500,
+        500,
+        -0.05,
+        0,
+        0,
+    )
+    fisheye = nerfstudio_camera(camera("OPENCV_FISHEYE", [300, 301, 320, 240, 0.1, 0.2, 0.3, 0.4]))
+    assert fisheye["camera_model"] == "OPENCV_FISHEYE"
+    assert [fisheye[k] for k in ("k1", "k2", "k3", "k4")] == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ConfigError, match="camera 7: nerfstudio has no FOV camera model"):
+        nerfstudio_camera(camera("FOV", [500, 500, 320, 240, 0.9]))

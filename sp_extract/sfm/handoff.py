@@ -228,6 +228,12 @@ def _nerfstudio(model: Any, images: Path, out: Path) -> None:
     cameras = {camera_id: nerfstudio_camera(c) for camera_id, c in model.cameras.items()}
     reg = sorted(model.reg_image_ids(), key=lambda i: model.images[i].name)
     shared = len({json.dumps(cameras[model.images[i].camera_id], sort_keys=True) for i in reg}) == 1
+    kinds = sorted({cameras[model.images[i].camera_id]["camera_model"] for i in reg})
+    if len(kinds) > 1:  # nerfstudio reads camera_model once, for every frame
+        raise ConfigError(
+            f"the model mixes {' and '.join(kinds)} cameras; nerfstudio takes one camera model: "
+            "export --format gaussian-splatting (undistorted) instead"
+        )
     frames = []
     for image_id in reg:
         image = model.images[image_id]
@@ -241,7 +247,7 @@ def _nerfstudio(model: Any, images: Path, out: Path) -> None:
         frames.append(frame | {"colmap_im_id": image_id} | ({} if shared else cameras[image.camera_id]))
     points, colours = _points(model)
     write_ply(out / "sparse_pc.ply", points * scale - scale * centre, colours)
-    transforms = (cameras[model.images[reg[0]].camera_id] if shared else {}) | {
+    transforms = (cameras[model.images[reg[0]].camera_id] if shared else {"camera_model": kinds[0]}) | {
         "aabb_scale": AABB_SCALE,
         "frames": frames,
         "applied_transform": np.hstack([np.eye(3), -centre[:, None]]).tolist(),
