@@ -362,11 +362,19 @@ window.addEventListener("error", e => {
   const first = cams.length ? cams[0].R : [[1, 0, 0], [0, 1, 0], [0, 0, 1]];
   let target, yaw, pitch, dist;
   const mul = (A, B) => A.map(r => [0, 1, 2].map(j => r[0] * B[0][j] + r[1] * B[1][j] + r[2] * B[2][j]));
-  function reset() {
-    target = [median(0), median(1), median(2)];
-    let spread = 0;
-    for (const c of cams) spread += Math.hypot(c.c[0] - target[0], c.c[1] - target[1], c.c[2] - target[2]);
-    dist = cams.length ? spread / cams.length : 10; yaw = 0; pitch = 0;
+  function reset() {  // from behind the first camera, back far enough that every camera and 95 % of the
+    target = [median(0), median(1), median(2)]; yaw = 0; pitch = 0;  // points are in the picture
+    const R = first, needed = p => {
+      const d = [0, 1, 2].map(k => p[k] - target[k]);
+      const [x, y, z] = R.map(r => r[0] * d[0] + r[1] * d[1] + r[2] * d[2]);
+      return Math.max(f * Math.abs(x) / (0.45 * W), f * Math.abs(y) / (0.45 * H)) - z;
+    };
+    const step = Math.max(1, Math.floor(n / 2000)), wants = [];
+    for (let i = 0; i < n; i += step) wants.push(needed([xyz[3 * i], xyz[3 * i + 1], xyz[3 * i + 2]]));
+    wants.sort((a, b) => a - b);
+    const points95 = wants.length ? wants[Math.floor(0.95 * (wants.length - 1))] : 0;
+    dist = Math.max(points95, ...cams.map(c => needed(c.c)));
+    if (!(dist > 0)) dist = 10;
   }
   function rotation() {
     const cy = Math.cos(yaw), sy = Math.sin(yaw), cp = Math.cos(pitch), sp = Math.sin(pitch);
@@ -408,7 +416,7 @@ window.addEventListener("error", e => {
     }
     ctx.putImageData(image, 0, 0);
     const size = 0.05 * dist;
-    for (const c of cams) {
+    for (const c of [...cams.filter(c => !c.added), ...cams.filter(c => c.added)]) {  // added on top
       const corner = (sx, sy) => { // camera axes -> world: R^T
         const a = [sx * c.w / 2 * size, sy * c.h / 2 * size, size];
         return [0, 1, 2].map(k => c.c[k] + c.R[0][k] * a[0] + c.R[1][k] * a[1] + c.R[2][k] * a[2]);
