@@ -183,8 +183,11 @@ def test_readme_commands_as_written(grown: dict, tmp_path: Path) -> None:
 
 
 def test_refusals_in_one_line(grown: dict, tmp_path: Path) -> None:
-    model, images = str(grown["work"] / "sparse" / "0"), str(grown["images"])
+    model = str(grown["work"] / "sparse" / "0")
     (tmp_path / "photos").mkdir()
+    some = shutil.copytree(grown["images"], tmp_path / "some")
+    gone = sorted(grown["model_names"])[0]
+    (some / gone).unlink()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     cases = [
@@ -196,6 +199,10 @@ def test_refusals_in_one_line(grown: dict, tmp_path: Path) -> None:
             (model, "o", "--format", "gaussian-splatting", "--images", str(tmp_path / "photos")),
             "holds none of",
         ),
+        (
+            (model, "o", "--format", "nerfstudio", "--images", str(some)),
+            f"{some / gone}: no such image, though",
+        ),
         ((model, str(tmp_path / "mine"), "--format", "ply"), "is not an export of sp-extract"),
         (("--format", "ply", str(tmp_path / "nothing"), "o"), "no such model folder"),
     ]
@@ -204,7 +211,7 @@ def test_refusals_in_one_line(grown: dict, tmp_path: Path) -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and message in result.stderr, (args, result.stderr)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert not (tmp_path / "o").exists() and images
+    assert not (tmp_path / "o").exists()
 
 
 # -- the report page -----------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def export_model(
         images = Path(images)
         if not images.is_dir():
             raise ConfigError(f"{images}: no such image folder")
-        check_images_present(images, names, model_dir, "is a registered image", "map the model again")
+        check_images_present(images, names, model_dir, "registers it", "map the model again without it")
     recover_folder(out)
     _check_out(out)
     building = out.with_name(out.name + ".new")
