@@ -348,3 +348,28 @@ def test_nerfstudio_intrinsics_of_each_colmap_camera_model() -> None:
     assert [fisheye[k] for k in ("k1", "k2", "k3", "k4")] == [0.1, 0.2, 0.3, 0.4]
     with pytest.raises(ConfigError, match="camera 7: nerfstudio has no FOV camera model"):
         nerfstudio_camera(camera("FOV", [500, 500, 320, 240, 0.9]))
+
+
+def test_an_export_is_replaced_whole_or_not_at_all(grown: dict, tmp_path: Path, monkeypatch) -> None:
+    from sp_extract.errors import StoreError
+    from sp_extract.sfm import handoff
+
+    model, out = grown["work"] / "sparse" / "0", tmp_path / "cloud"
+    handoff.export_model(model, out, "ply")
+    before = (out / "points.ply").read_bytes()
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(handoff, "_ply", disk_full)
+    with pytest.raises(StoreError, match=r"cloud: cannot write the ply export \(No space left on device\)"):
+        handoff.export_model(model, out, "ply")
+    assert (out / "points.ply").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud"]
+    monkeypatch.undo()
+    # killed between the two renames: the previous export aside, a half-built one beside it
+    out.rename(tmp_path / "cloud.old")
+    (tmp_path / "cloud.new").mkdir()
+    handoff.recover_folder(out)
+    assert (out / "points.ply").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud"]
