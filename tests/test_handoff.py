@@ -4,16 +4,20 @@ independently: the gaussian-splatting folder with pycolmap and OpenCV, ``transfo
 projecting the model's points with it (OpenGL axes, as ``../shared/data/fox/transforms.json``),
 the PLY files with plyfile; README's commands run as written; the refusals. The report page is
 opened in headless Chromium (Debian's ``chromium``, which ``.ci/run`` installs): no console
-output, a 3D canvas with points drawn, the registered count; its screenshot is kept in
+output, a 3D canvas with points drawn, the registered count, and (over the DevTools protocol) the
+view following real mouse drags, shift-drags, wheel turns and a double-click; its screenshot is kept in
 ``tests/artifacts/`` (``SP_EXTRACT_TEST_ARTIFACTS``)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -219,13 +223,21 @@ BACKGROUND = (16, 20, 28)  # the 3D view's background (page.PAGE's canvas colour
 ARTIFACTS = Path(os.environ.get("SP_EXTRACT_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
 
 
-def chromium(*args: str) -> subprocess.CompletedProcess:
-    """Debian's headless Chromium on a page; a missing browser fails the test (CI installs it)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu")
+
+
+def browser() -> str:
+    """Debian's Chromium; a missing browser fails the test (CI installs it)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
         pytest.fail("chromium is missing: apt-get install -y chromium (.ci/run installs it)")
-    flags = ("--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0")
-    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
+    return found
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on a page, its console messages on stderr (``CONSOLE`` lines)."""
+    command = [browser(), *BROWSER_FLAGS, "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 def test_sfm_writes_the_report_unless_told_not_to(grown: dict) -> None:
@@ -373,3 +385,86 @@ def test_an_export_is_replaced_whole_or_not_at_all(grown: dict, tmp_path: Path, 
     handoff.recover_folder(out)
     assert (out / "points.ply").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud"]
+
+
+CANVAS_HASH = """(() => {
+  const c = document.getElementById("view");
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let h = 0;
+  for (let i = 0; i < d.length; i += 4) h = (h * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) >>> 0;
+  return h;
+})()"""
+NEXT_FRAME = "new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done(1))))"
+
+
+async def mouse_on_the_view(page: Path, profile: Path) -> list[int]:
+    """Drive the page's 3D view with real mouse events (Chrome DevTools protocol, over tornado's
+    websocket client): the canvas's pixel hash at the start, after a drag, a shift-drag, a wheel
+    turn and a double-click."""
+    import tornado.websocket
+
+    command = [browser(), *BROWSER_FLAGS, "--remote-debugging-port=0", "--remote-allow-origins=*",
+               f"--user-data-dir={profile}", "--window-size=1280,1000", page.as_uri()]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        address = next(
+            m.group(1) for line in process.stderr if (m := re.search(r"listening on ws://([^/]+)/", line))
+        )
+        with urllib.request.urlopen(f"http://{address}/json/list", timeout=30) as response:
+            target = next(t for t in json.loads(response.read()) if t["type"] == "page")
+        connection = await tornado.websocket.websocket_connect(target["webSocketDebuggerUrl"])
+        ids = itertools.count(1)
+
+        async def call(method: str, **params: object) -> dict:
+            number = next(ids)
+            await connection.write_message(json.dumps({"id": number, "method": method, "params": params}))
+            while True:
+                message = json.loads(await connection.read_message())
+                if message.get("id") == number:
+                    assert "error" not in message, message
+                    return message["result"]
+
+        async def run(expression: str) -> object:
+            result = await call(
+                "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+            )
+            assert "exceptionDetails" not in result, result
+            return result["result"].get("value")
+
+        async def mouse(kind: str, x: float, y: float, **extra: object) -> None:
+            await call("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
+
+        loaded = f"location.href === {json.dumps(page.as_uri())} && document.readyState === 'complete'"
+        while not await run(loaded):  # the tab starts on about:blank
+            await asyncio.sleep(0.1)
+        x, y = await run(
+            "(() => { const c = document.getElementById('view'); c.scrollIntoView();"
+            " const r = c.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        hashes = [await run(CANVAS_HASH)]
+        for modifiers in (0, 8):  # a drag rotates, a shift-drag (modifier 8) pans
+            await mouse("mousePressed", x, y, button="left", clickCount=1, modifiers=modifiers)
+            await mouse("mouseMoved", x + 120, y + 40, button="left", modifiers=modifiers)
+            await mouse("mouseReleased", x + 120, y + 40, button="left", clickCount=1, modifiers=modifiers)
+            await run(NEXT_FRAME)
+            hashes.append(await run(CANVAS_HASH))
+        await mouse("mouseWheel", x, y, deltaX=0, deltaY=-300)
+        await run(NEXT_FRAME)
+        hashes.append(await run(CANVAS_HASH))
+        await mouse("mousePressed", x, y, button="left", clickCount=2)
+        await mouse("mouseReleased", x, y, button="left", clickCount=2)
+        await run(NEXT_FRAME)
+        hashes.append(await run(CANVAS_HASH))
+        connection.close()
+        return hashes
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_report_3d_view_follows_the_mouse(grown: dict, tmp_path: Path) -> None:
+    start, rotated, panned, zoomed, reset = asyncio.run(
+        mouse_on_the_view(grown["work"] / "report.html", tmp_path)
+    )
+    assert len({start, rotated, panned, zoomed}) == 4  # each gesture changed the picture
+    assert reset == start  # a double-click goes back to the first view
