@@ -224,6 +224,11 @@ def write_report(work: Path | str, images: Path | str | None = None, out: Path |
     return out
 
 
+def _script_safe(text: str) -> str:
+    """JSON inside a ``<script>`` element: a photo named ``</script>...`` must not end it."""
+    return text.replace("</", "<\\/")
+
+
 def _read_run(work: Path) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
         return json.loads((work / RUN_RECORD).read_text(encoding="utf-8"))
@@ -280,7 +285,7 @@ def _page(
             "Drag: rotate; right- or shift-drag: pan; wheel: zoom; double-click: reset."
             + (f" <b>{esc(note)}</b>." if note else "")
             + '</p><canvas id="view" width="960" height="600"></canvas>'
-            + f'<script id="scene" type="application/json">{json.dumps(scene)}</script>'
+            + f'<script id="scene" type="application/json">{_script_safe(json.dumps(scene))}</script>'
         )
         points = list(model.points3D.values())
         lengths = np.array([p.track.length() for p in points])
