@@ -33,7 +33,13 @@ from .errors import (
     SpExtractWarning,
 )
 from .interrupt import ABORTED, signals_raise
-from .sfm.config import CAMERA_MODE_HELP, CAMERA_MODES, DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
+from .sfm.config import (
+    CAMERA_MODE_HELP,
+    CAMERA_MODES,
+    DEFAULT_CAMERA_MODE,
+    DEFAULT_CAMERA_MODEL,
+    MODEL_FORMATS,
+)
 
 if TYPE_CHECKING:
     from .cluster.shards import Shard
@@ -183,6 +189,13 @@ run_options = stacked(  # every store-writing command has these
 )
 
 
+MODEL_FORMATS_HELP = (
+    "gaussian-splatting: undistorted images/ and PINHOLE sparse/0 (3DGS; OpenMVS reads sparse/); "
+    "nerfstudio: transforms.json, images/, sparse_pc.ply (nerfstudio, instant-ngp); "
+    "ply: points.ply (coloured) and cameras.ply."
+)
+
+
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="sp-extract")
 @click.option(
@@ -203,6 +216,8 @@ def cli(debug: bool) -> None:
     sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
     sp-extract merge feats.h5 feats.h5.shards/  shard stores (--shard K/N) -> one store
     sp-extract sfm IMAGES_DIR WORK_DIR        all five in one, growing the model on re-runs
+    sp-extract export-model MODEL OUT --format F  for 3DGS, nerfstudio, instant-ngp, OpenMVS, PLY
+    sp-extract report WORK_DIR                the page of an sfm run (sfm writes it too)
     sp-extract info feats.h5                  what a store holds; 'show' draws it
     sp-extract compact feats.h5               fold a grown store into one file, for hloc
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
@@ -1095,6 +1110,19 @@ def reconstruct(
 @click.option("--ratio", type=float, help="As for match-pairs (nn): Lowe's ratio test.")
 @click.option("--max-distance", type=float, help="As for match-pairs (nn): largest descriptor distance.")
 @_camera_options
+@click.option(
+    "--export",
+    "export_formats",
+    multiple=True,
+    type=click.Choice(MODEL_FORMATS),
+    help="Also write the model as this format (repeatable) into WORK_DIR/export/FORMAT, as "
+    "export-model does; replaced atomically when the model grows. " + MODEL_FORMATS_HELP,
+)
+@click.option(
+    "--no-report",
+    is_flag=True,
+    help="Do not write WORK_DIR/report.html (the page of the run: 'sp-extract report').",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
 @_colmap_options
@@ -1122,6 +1150,8 @@ def sfm(
     camera_model: str,
     camera_mode: str,
     single_camera: bool,
+    export_formats: tuple[str, ...],
+    no_report: bool,
     device: str,
     quiet: bool,
     seed: int,
@@ -1165,6 +1195,8 @@ def sfm(
         camera_model=camera_model,
         camera_mode=camera_mode_of(camera_mode, single_camera),
         rebuild=rebuild,
+        export=export_formats,
+        report=not no_report,
         device=device,
         seed=seed,
         num_threads=num_threads,
@@ -1172,6 +1204,65 @@ def sfm(
         quiet=quiet,
     )
     finish_run(run_sfm(images_dir, work_dir, options), json_report)
+
+
+# -- the model handed to dense and neural methods (issue 26) ------------------------------------
+@cli.command("export-model")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(MODEL_FORMATS), help="Required. " + MODEL_FORMATS_HELP)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The photos' folder (gaussian-splatting, nerfstudio).",
+)
+@click.option(
+    "--num-threads", default=-1, show_default=True, help="Threads for COLMAP's undistortion; -1 all."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
+@reports_errors
+def export_model(
+    model_dir: Path, out: Path, fmt: str | None, images: Path | None, num_threads: int, verbose: bool
+) -> None:
+    """Write the COLMAP model MODEL_DIR (e.g. WORK/sparse/0) for a dense or neural method into
+    the folder OUT (replaced atomically when it holds an earlier export).
+
+    \b
+    sp-extract export-model work/sparse/0 splat/ --format gaussian-splatting --images photos/
+    sp-extract export-model work/sparse/0 ns/ --format nerfstudio --images photos/
+    sp-extract export-model work/sparse/0 cloud/ --format ply
+    """
+    from .sfm.handoff import export_model as run_export
+
+    if fmt is None:  # click's own message for a missing option spans lines
+        raise ConfigError(f"--format is required: {', '.join(MODEL_FORMATS)}")
+    summary = run_export(model_dir, out, fmt, images, num_threads=num_threads, verbose=verbose)
+    click.echo(summary.line(), err=True)
+
+
+@cli.command()
+@click.argument("work_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The photos' folder [default: the one the last sfm run in WORK_DIR recorded].",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The page to write [default: WORK_DIR/report.html].",
+)
+@reports_errors
+def report(work_dir: Path, images: Path | None, out: Path | None) -> None:
+    """Write the page of an sfm work folder: one self-contained HTML file (no network) with the
+    last run's summary and stage times, every photo (thumbnail, keypoints, verified matches,
+    3D points, reprojection error), track-length and error histograms, keypoint and match
+    pictures of a sample, and the points and cameras in 3D (drag, shift-drag, wheel).
+    'sfm' writes it after each run (--no-report: not)."""
+    from .sfm.page import write_report
+
+    click.echo(f"wrote {write_report(work_dir, images, out)}", err=True)
 
 
 # -- inspection: info, show, evaluate (issue 14) -------------------------------------------------

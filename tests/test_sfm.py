@@ -85,7 +85,7 @@ def test_grow_registers_the_new_photos_into_the_existing_model(grown: dict) -> N
     assert set(after.values()) == set(grown["names"])
     assert second["points3D"] > first["points3D"] and second["mean_reprojection_error_px"] < 1.5
     assert not list(grown["work"].glob("sparse.*"))  # nothing left beside the model
-    assert set(second["stage_times_s"]) == {"extract", "pairs", "match", "database", "map"}
+    assert set(second["stage_times_s"]) == {"extract", "pairs", "match", "database", "map", "report"}
 
 
 def test_interrupted_run_is_finished_by_the_same_command(

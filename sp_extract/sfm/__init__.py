@@ -1,1 +1,1 @@
-"""Hand-off to COLMAP: database import, keypoint adjustment and reconstruction."""
+"""Hand-off to COLMAP: database import, keypoint adjustment and reconstruction; the model handed on."""

@@ -1,4 +1,5 @@
-"""The COLMAP stage's camera settings, light to import (the CLI builds its options from them)."""
+"""The COLMAP stage's settings (cameras, model formats), light to import: the CLI builds its options
+from them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
 # which images share a camera (``colmap.camera_group``): auto by image size and EXIF focal length
 CAMERA_MODES = ("auto", "single", "per-image")
 DEFAULT_CAMERA_MODE = "auto"
+# what export-model and sfm --export write (``handoff``)
+MODEL_FORMATS = ("gaussian-splatting", "nerfstudio", "ply")
 CAMERA_MODE_HELP = (
     "Which images share a camera (intrinsics): auto: those of one size and EXIF focal length "
     "(without EXIF: of one size, as frames of a video); single: all (one size required); "

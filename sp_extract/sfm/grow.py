@@ -11,8 +11,8 @@ identity (SQLite's ``application_id``, which COLMAP leaves alone) that its model
 previous model (``input_path``: registered images keep their ids and start from their poses,
 the new ones are registered, then COLMAP's final global bundle adjustment runs). The models
 are written, largest first, to ``sparse.new`` beside ``sparse`` and swapped in by two renames
-(``sparse`` -> ``sparse.old``, ``sparse.new`` -> ``sparse``); ``recover_models`` undoes what a
-run killed between them left, so there is always a complete model. Both run pycolmap's long
+(``sparse`` -> ``sparse.old``, ``sparse.new`` -> ``sparse``: ``swap_in``); ``recover_folder`` undoes
+what a run killed between them left, so there is always a complete model. Both run pycolmap's long
 steps in a child process (``child``).
 """
 
@@ -282,15 +282,28 @@ def add_to_database(
 
 
 # -- the model -----------------------------------------------------------------------------------
-def recover_models(sparse: Path) -> None:
-    """Put back the models a run killed between its two renames left aside; drop half-built ones."""
-    aside, building = sparse.with_name(sparse.name + ".old"), sparse.with_name(sparse.name + ".new")
+def recover_folder(target: Path) -> None:
+    """Put back the folder a run killed between ``swap_in``'s two renames left aside; drop a
+    half-built one (``sparse``: the models; an export folder)."""
+    aside, building = target.with_name(target.name + ".old"), target.with_name(target.name + ".new")
     if aside.is_dir():
-        if sparse.is_dir():
+        if target.is_dir():
             shutil.rmtree(aside)
         else:
-            os.replace(aside, sparse)
+            os.replace(aside, target)
     shutil.rmtree(building, ignore_errors=True)
+
+
+def swap_in(building: Path, target: Path) -> None:
+    """Replace the folder ``target`` by ``building`` (``target.new``) with two renames:
+    ``target`` -> ``target.old``, ``building`` -> ``target``; ``recover_folder`` undoes a kill
+    between them, so there is always a complete folder."""
+    aside = target.with_name(target.name + ".old")
+    fsync_path(building, directory=True)
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(building, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def model_record(sparse: Path) -> dict[str, Any] | None:
@@ -350,7 +363,7 @@ def map_database(
     verbose: bool = False,
 ) -> list[tuple[ModelStats, dict[int, str]]]:
     """Map ``database`` into ``sparse`` (module doc), continuing ``sparse/0`` when ``grow``."""
-    building, aside = sparse.with_name(sparse.name + ".new"), sparse.with_name(sparse.name + ".old")
+    building = sparse.with_name(sparse.name + ".new")
     previous = str(sparse / "0") if grow else ""
     try:
         with failures_reported(sparse, "write the models"):
@@ -363,11 +376,7 @@ def map_database(
                     "unchanged; run with --rebuild to map from scratch"
                 )
             (building / MODEL_RECORD).write_text(json.dumps(state.record()) + "\n", encoding="utf-8")
-            fsync_path(building, directory=True)
-            if sparse.exists():
-                os.replace(sparse, aside)
-            os.replace(building, sparse)
-            shutil.rmtree(aside, ignore_errors=True)
+            swap_in(building, sparse)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     for stats, _ in found:

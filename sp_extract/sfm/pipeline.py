@@ -7,10 +7,12 @@ photos arrived does only their work: the images without features are extracted; 
 only for the images the database lacks (exhaustive: with every image; sequential: the window
 at the end of the name order; retrieval: their nearest images among all); the match store
 matches only unmatched pairs; the database gains the new images and pairs (``grow``), and the
-mapper continues the previous model, followed by global bundle adjustment. ``rebuild`` maps
-from scratch (and starts the stores over when photos changed). Photos are fingerprinted
-(``photos``): a changed photo stops the run (its features would silently be wrong), a deleted
-one is reported and stays in the model.
+mapper continues the previous model, followed by global bundle adjustment; ``export`` formats
+are then written from the largest model into ``export/FORMAT`` (``handoff``), again when it
+changed; the run's summary goes to ``sfm-run.json`` and the page of the run to ``report.html``
+(``page``). ``rebuild`` maps from scratch (and starts the stores over when photos changed). Photos
+are fingerprinted (``photos``): a changed photo stops the run (its features would silently be
+wrong), a deleted one is reported and stays in the model.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ from .grow import (
     map_database,
     model_record,
     read_models,
-    recover_models,
+    recover_folder,
 )
+from .handoff import check_format, export_after_run
+from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 
 STAGES = ("extract", "pairs", "match", "database", "map")
@@ -74,6 +78,8 @@ class SfmOptions:
     camera_model: str = DEFAULT_CAMERA_MODEL
     camera_mode: str = DEFAULT_CAMERA_MODE
     rebuild: bool = False
+    export: tuple[str, ...] = ()  # formats written to WORK/export/FORMAT (``handoff``)
+    report: bool = True  # WORK/report.html (``page``)
     device: str = "auto"
     seed: int = 0
     num_threads: int = -1
@@ -81,7 +87,9 @@ class SfmOptions:
     quiet: bool = True
 
     def __post_init__(self) -> None:
-        parse_tile(self.tile)  # a bad --tile is refused before any stage runs
+        parse_tile(self.tile)  # a bad --tile or --export is refused before any stage runs
+        for fmt in self.export:
+            check_format(fmt)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class SfmSummary(JsonReport):
     pairs_mode: str = ""
     images: int = 0  # photos in the folder
     new_images: int = 0  # photos the database did not hold
+    added_images: list[str] = field(default_factory=list)  # their names
     extracted: int = 0
     failed_images: list[dict[str, str]] = field(default_factory=list)
     deleted_images: list[str] = field(default_factory=list)
@@ -107,6 +116,8 @@ class SfmSummary(JsonReport):
     mean_reprojection_error_px: float = 0.0
     models: list[ModelStats] = field(default_factory=list)
     unregistered_images: list[str] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)  # export folders written or up to date
+    report: str = ""  # the report page
     stage_times_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
@@ -141,6 +152,8 @@ class SfmSummary(JsonReport):
                 f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
                 f"{listed(self.unregistered_images, NAMES_SHOWN)}"
             )
+        lines += [f"export: {path}" for path in self.exports]
+        lines += [f"report: {self.report}"] if self.report else []
         lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed_images[:NAMES_SHOWN]]
         lines += [f"warning: {warning}" for warning in self.warnings]
         times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.stage_times_s.items())
@@ -237,7 +250,8 @@ class Stages:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if not self.quiet:
-            print(f"sfm [{STAGES.index(name) + 1}/{len(STAGES)}] {name}", file=sys.stderr, flush=True)
+            step = f" [{STAGES.index(name) + 1}/{len(STAGES)}]" if name in STAGES else ":"  # after the five
+            print(f"sfm{step} {name}", file=sys.stderr, flush=True)
         started = time.monotonic()
         try:
             yield
@@ -270,7 +284,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     database, sparse = work / "database.db", work / "sparse"
     summary = SfmSummary(str(images), str(work))
     stage = Stages(summary, options.quiet)
-    recover_models(sparse)
+    recover_folder(sparse)
     # the fork server of the decoding workers and COLMAP's children imports their modules while
     # the features are extracted
     start_child_server("sp_extract.extraction.loader", "sp_extract.sfm.colmap", "sp_extract.sfm.grow")
@@ -347,7 +361,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             )
         known = set(held) if summary.mode == "grow" else set()
         new = [name for name in usable if name not in known]
-        summary.new_images = len(new)
+        summary.new_images, summary.added_images = len(new), new
         summary.pairs_mode, planned = plan_pairs(
             options.pairs, feats, usable, new, work, in_store | set(names), options.device
         )
@@ -412,8 +426,19 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
         best = summary.models[0]
         summary.registered, summary.points3D = best.registered_images, best.points3D
         summary.mean_reprojection_error_px = best.mean_reprojection_error_px
+    if found and options.export:
+        with stage("export"):
+            summary.exports = export_after_run(
+                sparse / "0", images, work / "export", options.export, options.num_threads, options.verbose
+            )
     failed = not found or summary.failed_images or matched.failed
-    return _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
+    _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
+    summary.write_json(work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
+    if options.report:
+        with stage("report"):
+            summary.report = str(write_report(work, images))
+        summary.wall_time_s = round(time.monotonic() - started, 3)
+    return summary
 
 
 def _finish(summary: SfmSummary, started: float, exit_code: int) -> SfmSummary:
