@@ -10,18 +10,20 @@ So sp-extract never forks itself. Every child (COLMAP's verification and mapping
 workers) comes from a fork server: a fresh interpreter, started by fork + exec (safe at any
 moment), that imports the children's modules and forks each child from there. The server only
 imports: none of its pools has ever run work when it forks. Each child watches the process that
-asked for it (``die_with``) and ends with it; the server ends after its last child.
+asked for it (``die_with``) and ends with it; this process stops the server (and waits for it)
+when it exits, so that no process of a finished or interrupted run is left behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import select
 import signal
 import threading
 import time
-from multiprocessing import forkserver
+from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
 
 START_METHOD = "forkserver"
@@ -31,6 +33,7 @@ def child_context(*preload: str) -> BaseContext:
     """The context to start children with. ``preload``: modules (dotted names) the server imports
     before its first fork, if it is not running yet, so that children start in milliseconds."""
     context = multiprocessing.get_context(START_METHOD)
+    _stop_at_exit()
     if preload:
         context.set_forkserver_preload(list(preload))
     return context
@@ -41,6 +44,25 @@ def start_child_server(*preload: str) -> None:
     own work instead of delaying the first child."""
     child_context(*preload)
     forkserver.ensure_running()
+
+
+def stop_child_server() -> None:
+    """Stop the fork server and its resource tracker, if this process started them, and wait for
+    them to end: left to notice this process's end, they outlived it for a moment, and as
+    orphans stayed zombies where nothing reaps them (some containers' first process)."""
+    for server in (forkserver._forkserver, resource_tracker._resource_tracker):
+        stop = getattr(server, "_stop", None)  # CPython's own shutdown of each
+        if stop is not None:
+            stop()
+
+
+_registered: list[bool] = []
+
+
+def _stop_at_exit() -> None:
+    if not _registered:
+        atexit.register(stop_child_server)
+        _registered.append(True)
 
 
 def die_with(pid: int) -> None:
