@@ -294,6 +294,29 @@ def test_camera_modes(tmp_path: Path) -> None:
     assert cameras_of(database) == auto
 
 
+def test_implausible_cameras_are_named() -> None:
+    """A registered image whose refined camera is out of COLMAP's bounds (focal length 0.1 to 10
+    times the longest side, distortion parameters up to 1) is named; plausible ones are not."""
+    from sp_extract.sfm.colmap import implausible_cameras, model_stats
+
+    options = pycolmap.SyntheticDatasetOptions()
+    options.num_rigs, options.num_cameras_per_rig, options.num_frames_per_rig = 3, 1, 2
+    model = pycolmap.synthesize_dataset(options)
+    assert implausible_cameras(model) == [] and model_stats(model, Path("m")).implausible_cameras == []
+    cameras = sorted(model.cameras)
+    by_camera = {camera_id: sorted(i.name for i in model.images.values() if i.camera_id == camera_id)
+                 for camera_id in cameras}  # fmt: skip
+    far, distorted = (model.cameras[camera_id] for camera_id in cameras[:2])
+    longest = max(far.width, far.height)
+    far.focal_length = 10.5 * longest  # just past the bound
+    params = distorted.params
+    params[distorted.extra_params_idxs()[0]] = 1.5
+    distorted.params = params
+    assert implausible_cameras(model) == sorted(by_camera[cameras[0]] + by_camera[cameras[1]])
+    far.focal_length = 9.5 * longest
+    assert implausible_cameras(model) == by_camera[cameras[1]]
+
+
 def write_features(path: Path, settings: dict, sizes: dict[str, tuple[int, int]], count: int) -> Path:
     rng = np.random.default_rng(3)
     with StoreWriter(path, "features", settings) as writer:

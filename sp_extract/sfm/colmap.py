@@ -36,7 +36,13 @@ from ..report import JsonReport, counted, listed
 from ..store.reader import open_store
 from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info
 from .child import run_in_child
-from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
+from .config import (
+    DEFAULT_CAMERA_MODE,
+    DEFAULT_CAMERA_MODEL,
+    PLAUSIBLE_FOCAL_RATIO,
+    PLAUSIBLE_MAX_EXTRA_PARAM,
+    check_camera_mode,
+)
 
 INSTALL_HINT = (
     "pycolmap is not installed; install it with: pip install pycolmap "
@@ -502,6 +508,32 @@ class ModelStats:
     observations: int
     mean_track_length: float
     mean_reprojection_error_px: float
+    # registered images whose refined camera is implausible (``implausible_cameras``)
+    implausible_cameras: list[str] = field(default_factory=list)
+
+
+def implausible_cameras(model: Any) -> list[str]:
+    """The registered images of ``model`` whose refined camera has a focal length or distortion
+    outside COLMAP's own bounds (``PLAUSIBLE_*``). Such a model registered them all the same,
+    but is likely wrong: per-image focal lengths of 361 px and 2.1e7 px on 9 frames of one phone
+    video gave a model whose poses were off by 50 degrees."""
+    low, high = PLAUSIBLE_FOCAL_RATIO
+    names = []
+    for image_id in model.reg_image_ids():
+        image = model.images[image_id]
+        if model.cameras[image.camera_id].has_bogus_params(low, high, PLAUSIBLE_MAX_EXTRA_PARAM):
+            names.append(image.name)
+    return sorted(names)
+
+
+def implausible_warning(model: ModelStats) -> str:
+    """The summary's line for a model with implausible cameras."""
+    return (
+        f"model {model.path} is likely wrong: {counted(len(model.implausible_cameras), 'registered image')} "
+        f"ended with an implausible camera (focal length or distortion out of COLMAP's bounds), e.g. "
+        f"{model.implausible_cameras[0]}; try --camera-mode single for photos of one camera, or more "
+        "photos between these views"
+    )
 
 
 @dataclass
@@ -532,6 +564,9 @@ class ReconstructSummary(JsonReport):
             )
         if not self.models:
             lines.append("no model could be reconstructed (too few verified matches between the images?)")
+        lines += [
+            f"warning: {implausible_warning(model)}" for model in self.models if model.implausible_cameras
+        ]
         if self.unregistered_images:
             lines.append(
                 f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
@@ -597,7 +632,9 @@ def reconstruct(
         shutil.rmtree(previous, ignore_errors=True)
     summary.models = models
     summary.unregistered_images = [name for name in names if name not in registered]
-    summary.exit_code = EXIT_OK if summary.models else EXIT_SOME_FAILED
+    largest = max(summary.models, key=lambda model: model.registered_images, default=None)
+    plausible = largest is not None and not largest.implausible_cameras
+    summary.exit_code = EXIT_OK if plausible else EXIT_SOME_FAILED
     summary.wall_time_s = time.monotonic() - started
     return summary
 
@@ -632,4 +669,5 @@ def model_stats(model: Any, path: Path) -> ModelStats:
         observations=model.compute_num_observations(),
         mean_track_length=round(model.compute_mean_track_length(), 4),
         mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
+        implausible_cameras=implausible_cameras(model),
     )

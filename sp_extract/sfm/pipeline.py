@@ -44,7 +44,7 @@ from ..pairs.core import (
 from ..processes import start_child_server
 from ..report import JsonReport, counted, listed
 from ..store.writer import read_store_info
-from .colmap import ModelStats, check_camera_model, check_database, import_pycolmap
+from .colmap import ModelStats, check_camera_model, check_database, implausible_warning, import_pycolmap
 from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
 from .grow import (
     add_to_database,
@@ -431,7 +431,10 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             summary.exports = export_after_run(
                 sparse / "0", images, work / "export", options.export, options.num_threads, options.verbose
             )
-    failed = not found or summary.failed_images or matched.failed
+    implausible = bool(found) and bool(summary.models[0].implausible_cameras)
+    if implausible:
+        summary.warnings.append(implausible_warning(summary.models[0]))
+    failed = not found or implausible or summary.failed_images or matched.failed
     _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
     summary.write_json(work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
     if options.report:
