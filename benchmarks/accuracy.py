@@ -33,6 +33,7 @@ from pathlib import Path
 import pycolmap
 
 from sp_extract.inspect.poses import AUC_THRESHOLDS, evaluate_poses
+from sp_extract.sfm.colmap import colmap_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -63,9 +64,10 @@ def sift_pipeline(images: Path, work: Path) -> Path:
     """COLMAP's SIFT pipeline with default options, CPU; the folder of its largest model."""
     database, sparse = work / "database.db", work / "sparse"
     sparse.mkdir(parents=True)
-    pycolmap.extract_features(database, images, device=pycolmap.Device.cpu)
-    pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
-    models = pycolmap.incremental_mapping(database, images, sparse)
+    with colmap_logging(verbose=False):
+        pycolmap.extract_features(database, images, device=pycolmap.Device.cpu)
+        pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
+        models = pycolmap.incremental_mapping(database, images, sparse)
     if not models:
         raise RuntimeError(f"{images}: COLMAP built no model")
     largest = max(models, key=lambda index: models[index].num_reg_images())
