@@ -124,6 +124,7 @@ def _by_basename(names: list[str], source: Path) -> dict[str, int]:
 
 
 def is_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a COLMAP model (cameras, images, points3D as .bin or .txt)."""
     return all(any((folder / f"{n}{e}").is_file() for e in (".bin", ".txt")) for n in MODEL_FILES)
 
 
