@@ -221,6 +221,7 @@ def cli(debug: bool) -> None:
     sp-extract info feats.h5                  what a store holds; 'show' draws it
     sp-extract compact feats.h5               fold a grown store into one file, for hloc
     sp-extract evaluate homography DIR        keypoint accuracy on synthetic pairs
+    sp-extract evaluate poses MODEL REF       camera poses against reference poses (pose AUC)
     Exit codes: 0 all done, 1 some images (pairs) failed, 2 usage or configuration error,
     3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),
     130/143 interrupted by SIGINT/SIGTERM (finished work is saved), 141 output closed by its reader.
@@ -1374,12 +1375,14 @@ def _run_evaluation(kind: str, source: Path, options: dict[str, Any], **extra: A
 
 @cli.group()
 def evaluate() -> None:
-    """Measure keypoint and descriptor accuracy on image pairs with known homographies.
+    """Measure keypoint and descriptor accuracy on image pairs with known homographies
+    (homography, hpatches), or a model's camera poses against reference poses (poses).
 
-    The SuperPoint paper's protocol: repeatability and localization error (3 px), matching
-    score, mean matching accuracy (MMA, 3 px; --json-report has 1..10 px) of mutual nearest
-    neighbours, homography accuracy at 1, 3 and 5 px (OpenCV RANSAC). Takes extract's options,
-    so the figures show what an option costs. Exit 1 if some images could not be read.
+    \b
+    homography, hpatches: the SuperPoint paper's protocol: repeatability and localization error
+    (3 px), matching score, mean matching accuracy (MMA, 3 px; --json-report has 1..10 px) of mutual
+    nearest neighbours, homography accuracy at 1, 3 and 5 px (OpenCV RANSAC). Takes extract's
+    options, so the figures show what an option costs. Exit 1 if some images could not be read.
     """
 
 
@@ -1405,6 +1408,41 @@ def hpatches(hpatches_dir: Path, **options: Any) -> None:
     1.ppm .. 6.ppm and H_1_2 .. H_1_6): image 1 against each other. Errors are in the files'
     pixels."""
     _run_evaluation("hpatches", hpatches_dir, options)
+
+
+@evaluate.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The photos the model was built from: only the reference images among them count "
+    "[default: every reference image].",
+)
+@click.option("--per-image", is_flag=True, help="Also a line per reference image: registered, its errors.")
+@json_report_option
+@reports_errors
+def poses(
+    model: Path, reference: Path, images: Path | None, per_image: bool, json_report: Path | None
+) -> None:
+    """The camera poses of the COLMAP MODEL folder against REFERENCE poses: a COLMAP model folder or
+    a transforms.json (instant-ngp, nerfstudio). Images are matched by file name. A folder of models
+    (sparse/ holding 0, 1, ...) gives its largest.
+
+    \b
+    registered share of the reference images, relative-pose AUC at 1/2/5/10 degrees over all pairs
+    of reference images (unregistered: failed), median rotation and translation-direction errors,
+    median camera-centre error after a similarity alignment (share of the scene size).
+    """
+    from .inspect.poses import evaluate_poses
+
+    evaluation = evaluate_poses(model, reference, images)
+    if evaluation.note:
+        click.echo(evaluation.note, err=True)
+    for line in evaluation.lines(per_image):
+        click.echo(line)
+    if json_report:
+        evaluation.write_json(json_report)
 
 
 def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

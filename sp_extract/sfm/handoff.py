@@ -94,7 +94,7 @@ def read_model(model_dir: Path) -> Any:
     except (ValueError, RuntimeError, OSError) as error:
         raise ConfigError(f"{model_dir}: unreadable COLMAP model ({error})") from error
     if model.num_reg_images() == 0:
-        raise ConfigError(f"{model_dir}: the model has no registered image; nothing to export")
+        raise ConfigError(f"{model_dir}: the model has no registered image")
     return model
 
 
