@@ -484,17 +484,24 @@ def verify_pairs(database: Path, seed: int, num_threads: int, verbose: bool) -> 
     """pycolmap's geometric verification of the matches in ``database``, with hloc's RANSAC
     settings for nearest-neighbour matches (run in a child process by ``write_database``)."""
     pycolmap = import_pycolmap()
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.max_num_trials = VERIFY_MAX_TRIALS
-    verification.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-    verification.ransac.random_seed = seed
     verifier = pycolmap.GeometricVerifierOptions()
     verifier.num_threads = num_threads
-    pycolmap.set_random_seed(seed)
     with colmap_logging(verbose):
         pycolmap.geometric_verification(
-            database, verifier_options=verifier, two_view_geometry_options=verification
+            database, verifier_options=verifier, two_view_geometry_options=verification_options(seed)
         )
+
+
+def verification_options(seed: int) -> Any:
+    """pycolmap's two-view geometry options with hloc's RANSAC settings for nearest-neighbour
+    matches (``VERIFY_*``), seeded; also seeds pycolmap's global generator."""
+    pycolmap = import_pycolmap()
+    options = pycolmap.TwoViewGeometryOptions()
+    options.ransac.max_num_trials = VERIFY_MAX_TRIALS
+    options.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
+    options.ransac.random_seed = seed
+    pycolmap.set_random_seed(seed)
+    return options
 
 
 # -- reconstruction ------------------------------------------------------------------------------

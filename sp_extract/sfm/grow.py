@@ -38,8 +38,6 @@ from ..store.reader import StoreReader, open_store
 from ..store.writer import damaged_error, describe_error, fsync_path
 from .child import run_in_child
 from .colmap import (
-    VERIFY_MAX_TRIALS,
-    VERIFY_MIN_INLIER_RATIO,
     Cameras,
     DatabaseSummary,
     ModelStats,
@@ -51,6 +49,7 @@ from .colmap import (
     import_pycolmap,
     model_stats,
     read_matches,
+    verification_options,
 )
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
@@ -109,13 +108,8 @@ def verify_listed_pairs(database: Path, pairs_file: Path, seed: int, verbose: bo
     """pycolmap's geometric verification of the pairs of ``pairs_file`` with hloc's RANSAC
     settings (``colmap.verify_pairs``'s), in a child process of ``add_to_database``."""
     pycolmap = import_pycolmap()
-    options = pycolmap.TwoViewGeometryOptions()
-    options.ransac.max_num_trials = VERIFY_MAX_TRIALS
-    options.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-    options.ransac.random_seed = seed
-    pycolmap.set_random_seed(seed)
     with colmap_logging(verbose):
-        pycolmap.verify_matches(database, pairs_file, options=options)
+        pycolmap.verify_matches(database, pairs_file, options=verification_options(seed))
 
 
 def _verify_missing(database: Path, seed: int, verbose: bool) -> int:
