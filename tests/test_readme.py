@@ -52,6 +52,8 @@ CHAINS = {
     "Extraction": "main",
     "Matching": "main",
     "Retrieval pairs": "main",
+    "Stores that grow by what is added": "main",
+    "`sp-extract info STORE`": "main",
     "`sp-extract show`": "main",
     "Running on a cluster": "cluster",
     "COLMAP reconstruction": "colmap",
@@ -291,6 +293,7 @@ def registered_names(model: Path) -> set[str]:
 def check_outputs(work: Path, segment: str) -> None:
     """What a README command wrote, read back (module doc)."""
     words = shlex.split(segment)
+    words = words[: next((i for i, w in enumerate(words) if w in ("|", ">", ">>", ";")), len(words))]
     if words[0] != "sp-extract":
         return
     name, params = parsed(words[1:])
@@ -317,6 +320,9 @@ def check_outputs(work: Path, segment: str) -> None:
         check_network(at("out"))
     elif name == "export-model":
         check_export(at("out"), params["fmt"], registered_names(at("model_dir")))
+    elif name in ("compact", "info"):
+        with h5py.File(at("store"), "r") as h5:
+            assert len(h5) > 0
     elif name == "show":
         out = at("out")
         pictures = [out] if out.suffix == ".png" else [out / "index.html", *out.glob("*.png")]
