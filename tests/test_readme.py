@@ -26,6 +26,7 @@ the package is installed from this checkout, as in CI, both run the same code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -247,10 +248,16 @@ def feature_names(store: Path) -> list[str]:
         return sorted(name for name in h5 if "keypoints" in h5[name])
 
 
-def check_features(store: Path, images: Path, max_keypoints: int, shard: bool) -> None:
-    expected = sorted(path.name for path in images.iterdir())
+def in_shard(name: str, shard: str) -> bool:
+    """README's rule: image NAME is in shard K of N when BLAKE2b-64(NAME) mod N = K - 1."""
+    k, n = map(int, shard.split("/"))
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") % n == k - 1
+
+
+def check_features(store: Path, images: Path, max_keypoints: int, shard: str | None) -> None:
+    expected = sorted(path.name for path in images.iterdir() if shard is None or in_shard(path.name, shard))
     names = feature_names(store)
-    assert (set(names) <= set(expected)) if shard else names == expected, (store, names)
+    assert names == expected and names, (store, names)
     with h5py.File(store, "r") as h5:
         for name in names:
             keypoints, descriptors = h5[name]["keypoints"][()], h5[name]["descriptors"][()]
@@ -302,7 +309,7 @@ def check_outputs(work: Path, segment: str) -> None:
         out = at("out")
         if params["shard"]:
             out = next((out.parent / f"{out.name}.shards").glob("*.h5"))
-        check_features(out, at("images_dir"), params["max_keypoints"], bool(params["shard"]))
+        check_features(out, at("images_dir"), params["max_keypoints"], params["shard"])
     elif name.startswith("pairs "):
         check_pairs(work, at("out"), at("features"), name, params)
     elif name == "match-pairs":
