@@ -165,23 +165,39 @@ def images_option(help: str) -> Callable[..., Any]:
     )
 
 
+def check_report(path: Path, created: Path | None = None) -> None:
+    """``--json-report``'s check, before any work: its folder exists, or is ``created`` (the folder
+    the command makes with its parents before it writes the report: sfm's WORK_DIR), and the file
+    can be written (where the folder is still to be made: its nearest existing parent)."""
+    folder, hint = path.parent, "'--json-report'"
+    if not folder.is_dir() and not (created is not None and folder.absolute() == created.absolute()):
+        raise click.BadParameter(f"{path}: the folder {folder} does not exist", param_hint=hint)
+    existing = path if path.exists() else folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise click.BadParameter(f"{path}: cannot be written (permission denied)", param_hint=hint)
+
+
 def writable_report(_ctx: click.Context, _param: click.Parameter, path: Path | None) -> Path | None:
-    """``--json-report``'s check, before any work: its folder exists and the file can be written."""
+    """``--json-report``'s callback: :func:`check_report` on the path given."""
     if path is not None:
-        folder = path.parent
-        if not folder.is_dir():
-            raise click.BadParameter(f"{path}: the folder {folder} does not exist")
-        if not os.access(path if path.exists() else folder, os.W_OK):
-            raise click.BadParameter(f"{path}: cannot be written (permission denied)")
+        check_report(path)
     return path
 
 
-json_report_option = click.option(
-    "--json-report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    callback=writable_report,
-    help="Write the run's summary as JSON to this file.",
-)
+def report_option(checked: bool = True) -> Callable[..., Any]:
+    """``--json-report FILE``; ``checked=False`` leaves its check to the command (sfm: the folder
+    may be the WORK_DIR it creates, an argument the option's callback cannot rely on seeing)."""
+    return click.option(
+        "--json-report",
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=writable_report if checked else None,
+        help="Write the run's summary as JSON to this file.",
+    )
+
+
+json_report_option = report_option()
 run_options = stacked(  # every store-writing command has these
     click.option("--overwrite", is_flag=True, help="Start the store afresh instead of resuming."),
     click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only."),
@@ -919,13 +935,12 @@ def export(out: Path, fmt: str | None, weights: str | None, precision: str, cali
 
 
 # -- COLMAP: database and reconstruction (issue 4) ----------------------------------------------
-_colmap_options = stacked(  # --seed, --num-threads, --verbose and --json-report of both commands
+_colmap_options = stacked(  # --seed, --num-threads and --verbose of colmap, reconstruct and sfm
     click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices."),
     click.option(
         "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
     ),
     click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log."),
-    json_report_option,
 )
 
 
@@ -968,6 +983,7 @@ def camera_mode_of(camera_mode: str, single_camera: bool) -> str:
     "of its verified matches agree, all images jointly, then verify again (README 'COLMAP reconstruction').",
 )
 @_colmap_options
+@json_report_option
 @reports_errors
 def colmap(
     images: Path,
@@ -1024,6 +1040,7 @@ def colmap(
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_colmap_options
+@json_report_option
 @reports_errors
 def reconstruct(
     database: Path,
@@ -1127,6 +1144,7 @@ def reconstruct(
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and the summary only.")
 @_colmap_options
+@report_option(checked=False)
 @reports_errors
 def sfm(
     images_dir: Path,
@@ -1171,6 +1189,8 @@ def sfm(
     replaced atomically. A changed photo stops the run (use --rebuild); deleted ones are reported.
     Exit 0: a model, 1: no model or some images (pairs) failed, 2: usage, 130/143: interrupted.
     """
+    if json_report is not None:
+        check_report(json_report, created=work_dir)
     from .extraction.config import ExtractConfig
     from .matching.config import MatchConfig
     from .sfm.pipeline import SfmOptions, run_sfm

@@ -215,6 +215,23 @@ def test_stage_options_pass_through(
     assert not (tmp_path / "w2").exists()
 
 
+def test_json_report_into_the_work_dir_it_creates(
+    small_images: Path, random_weights: Path, tmp_path: Path
+) -> None:
+    """README's ``sfm photos/ work/ --json-report work/last-run.json`` on a first run: the report's
+    folder is the WORK_DIR that sfm creates, so the early check takes it; a folder below it that
+    nothing creates is still refused before any work."""
+    work = tmp_path / "new" / "work"
+    deeper = invoke_cli("sfm", str(small_images), str(work), "--json-report", str(work / "sub" / "r.json"))
+    assert deeper.returncode == 2 and f"the folder {work / 'sub'} does not exist" in deeper.stderr
+    assert not work.parent.exists()
+    report = work / "last-run.json"
+    result = invoke_cli("sfm", str(small_images), str(work), "--weights", str(random_weights), *FAST, "-q",
+                        "--json-report", str(report))  # fmt: skip
+    assert result.returncode in (0, 1) and "--json-report" not in result.stderr, result.stderr
+    assert json.loads(report.read_text())["work"] == str(work)
+
+
 def test_every_option_is_in_the_readme_section() -> None:
     from click.testing import CliRunner
 
