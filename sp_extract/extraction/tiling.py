@@ -1,8 +1,8 @@
 """Tiled network: the features of a huge image, found tile by tile in bounded memory.
 
-The network's activations take some 800 bytes per input pixel (64 float32 channels at full
-resolution twice over, and ONNX Runtime's arena), so a 50 Mpx photo at native size would need
-about 37 GiB at once. Tiled, the image is cut into tiles on the 8-pixel cell grid; each runs
+The network's activations take some 530 to 800 bytes per input pixel (64 float32 channels at
+full resolution twice over, and the allocator's slack), so a 50 Mpx photo at native size would
+need 25 to 37 GiB at once. Tiled, the image is cut into tiles on the 8-pixel cell grid; each runs
 through the network with a margin of image around it (its window). Why that is exact: the
 receptive field of an output cell is 84 pixels (8 convolutions and 3 max-pools, then the heads'
 3 x 3 convolution), and the zero padding at a window's cut edge disturbs the outputs of the 5
@@ -31,9 +31,9 @@ from .postprocess import Candidates, tile_candidates
 
 Dense = tuple[torch.Tensor, torch.Tensor]
 DISTURBED = 40  # px along a window's cut edge whose outputs the zero padding there changes
-# peak memory per network input pixel on ONNX Runtime, its arena grown (measured: 795 B at
-# 1152 x 1152 from the second run on; 666 B on the first; 512 B without the arena, which then
-# grows run by run in the allocator); the whole-image runs measured 640 B (7.2 GiB at 12 Mpx)
+# memory per network input pixel, for the budget: ONNX Runtime's default arena kept 794 B from
+# its second run on (measured at 1152 and 1632 px square); the arena it runs with here
+# (``backends.exact_cpu_arena``) keeps 528 B, so the budget leaves room for the other backends
 BYTES_PER_PIXEL = 800
 AUTO_BUDGET = 2 * 2**30  # --tile auto: tile an image whose network pass would need more than this
 
