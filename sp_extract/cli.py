@@ -339,7 +339,7 @@ def cluster_target(
     metavar="auto|0|SIZE",
     show_default=True,
     help="Run the network tile by tile (bounded memory for huge images at --resize-max 0; same "
-    "features): auto tiles images above about 5 Mpx, 0 never, SIZE in tiles of SIZE px (multiple of 8).",
+    "features): auto tiles images above about 2.7 Mpx, 0 never, SIZE in tiles of SIZE px (multiple of 8).",
 )
 @click.option(
     "--batch-size",

@@ -12,6 +12,7 @@ the weights and of the network's code; ``export`` writes the same graph for depl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import io
@@ -82,10 +83,23 @@ class TorchBackend:
         return run_torch(self.net, images, self.precision)
 
 
+@functools.cache
+def exact_cpu_arena() -> None:
+    """Register, once a process, a CPU memory arena for ONNX Runtime sessions that grows by what
+    is requested. Its default arena grows by powers of two and kept 794 bytes per input pixel
+    from the second run on (666 the first); this one keeps 528 (measured, 1632 x 1632 input)."""
+    import onnxruntime
+
+    info = onnxruntime.OrtMemoryInfo(
+        "Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT
+    )
+    onnxruntime.create_and_register_allocator(info, onnxruntime.OrtArenaCfg({"arena_extend_strategy": 1}))
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime on the CPU, ``threads`` intra-op threads, no spinning between calls, no
-    memory-pattern planning (it costs more than it saves when batch shapes vary). ``precision``
-    is what its name says of the graph (e.g. ``int8 u8s8``)."""
+    memory-pattern planning (it costs more than it saves when batch shapes vary), the arena of
+    ``exact_cpu_arena``. ``precision`` is what its name says of the graph (e.g. ``int8 u8s8``)."""
 
     def __init__(self, onnx_model: bytes, threads: int, precision: str = "fp32") -> None:
         import onnxruntime
@@ -96,6 +110,8 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # the memory-pattern planner made the second run of each input shape about 3x slower
         options.enable_mem_pattern = False
+        exact_cpu_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
         self.session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
         self.name = f"onnxruntime {onnxruntime.__version__} (cpu, {precision})"
 

@@ -101,7 +101,10 @@ class Batch:
 
     def tensor(self, pin: bool = False) -> torch.Tensor:
         """(B, 1, H, W) float32 tensor of the images; ``pin``: in page-locked memory, stacked
-        there directly, so that the copy to a GPU can run asynchronously (``non_blocking``)."""
+        there directly, so that the copy to a GPU can run asynchronously (``non_blocking``).
+        One image, unpinned, is not copied (a huge image's pixels are held once)."""
+        if len(self.images) == 1 and not pin:
+            return torch.from_numpy(np.ascontiguousarray(self.images[0].image, np.float32))[None, None]
         height, width = self.images[0].image.shape
         stacked = torch.empty((len(self.images), 1, height, width), pin_memory=pin)
         np.stack([item.image for item in self.images], out=stacked.numpy()[:, 0])

@@ -35,13 +35,14 @@ from .discover import find_images
 from .loader import Batch, decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .orientation import to_stored_frame, viewed_size
-from .postprocess import Features, postprocess, to_original_frame
+from .postprocess import Candidates, Features, postprocess, select_candidates, to_original_frame
 from .tiling import TiledNetwork, parse_tile
 from .weights import load_weights
 
 DETECTION_NOISE = 2.0  # keypoint uncertainty in working-size pixels, as hloc records it
 CPU_FP16_SLOWDOWN = 5  # PyTorch fp16 against fp32 on the CPU, measured (README, Performance)
 Dense = tuple[torch.Tensor, torch.Tensor]  # the network's dense (scores, descriptors) of a batch
+Tiled = list[list[Candidates]]  # per image of a batch run tile by tile, its tiles' keypoints (``tiling``)
 Entry = tuple[str, dict[str, np.ndarray], dict[str, dict[str, float]]]  # StoreWriter.add's arguments
 
 
@@ -126,21 +127,27 @@ class SuperPoint(torch.nn.Module):
         return self.postprocess(dense_outputs(network, images), len(images))
 
     def postprocess(
-        self, dense: Dense | None, count: int, allowed: torch.Tensor | None = None
+        self, dense: Dense | Tiled | None, count: int, allowed: torch.Tensor | None = None
     ) -> list[Features]:
         """Per-image features of the dense outputs of a batch of ``count`` images (None: images
-        smaller than one 8 x 8 cell, which have no keypoint; they are stored so, not failed).
-        ``allowed``: (B, H, W) bool, False on masked pixels (see ``postprocess.postprocess``)."""
+        smaller than one 8 x 8 cell, which have no keypoint; they are stored so, not failed; a
+        list: the keypoints of a batch run tile by tile, ``tiling``). ``allowed``: (B, H, W)
+        bool, False on masked pixels (see ``postprocess.postprocess``)."""
         if dense is None:
             empty = torch.zeros((0, 2)), torch.zeros(0), torch.zeros((0, DESCRIPTOR_DIM))
             return [Features(*empty) for _ in range(count)]
         c = self.config
+        if isinstance(dense, list):
+            masks = [None] * count if allowed is None else allowed
+            return [select_candidates(parts, c.max_keypoints, mask) for parts, mask in zip(dense, masks)]
         return postprocess(*dense, c.threshold, c.nms_radius, c.border, c.max_keypoints, c.subpixel, allowed)
 
 
-def dense_outputs(network: Callable[[torch.Tensor], Dense], images: torch.Tensor) -> Dense | None:
-    """``network``'s dense (scores, descriptors) on a batch, None if the images are smaller than
-    one 8 x 8 cell (the network has no output there)."""
+def dense_outputs(
+    network: Callable[[torch.Tensor], Dense | Tiled], images: torch.Tensor
+) -> Dense | Tiled | None:
+    """``network``'s dense (scores, descriptors) on a batch (or its tiles' keypoints, ``tiling``),
+    None if the images are smaller than one 8 x 8 cell (the network has no output there)."""
     return network(images) if min(images.shape[-2:]) >= STRIDE else None
 
 
@@ -172,8 +179,11 @@ def out_of_memory_reason(image: DecodedImage) -> str:
 
 
 def network_chunks(
-    runner: Callable[[torch.Tensor], Dense], images: list[DecodedImage], pin: bool, budget: MemoryBudget
-) -> Iterator[tuple[list[DecodedImage], Dense | None | str]]:
+    runner: Callable[[torch.Tensor], Dense | Tiled],
+    images: list[DecodedImage],
+    pin: bool,
+    budget: MemoryBudget,
+) -> Iterator[tuple[list[DecodedImage], Dense | Tiled | None | str]]:
     """The dense outputs of a batch's images, in chunks that fit the device's memory, ready for
     post-processing on another thread (``for_other_thread``).
 
@@ -189,7 +199,7 @@ def network_chunks(
         except torch.cuda.OutOfMemoryError:  # = torch.OutOfMemoryError, as CUDA raises it
             fits = False  # handled below, once the error and the frames it holds are released
         if fits:
-            yield chunk, None if dense is None else for_other_thread(dense)
+            yield chunk, dense if dense is None or isinstance(dense, list) else for_other_thread(dense)
             continue
         release_cached_memory()
         if len(chunk) == 1:
@@ -221,13 +231,13 @@ def feature_datasets(
 def finish_batch(
     model: SuperPoint,
     images: list[DecodedImage],
-    dense: Dense | None,
+    dense: Dense | Tiled | None,
     summary: ExtractSummary,
     timings: dict[str, float],
 ) -> list[Entry]:
     """Post-process one batch's dense outputs into store entries (run on the writer's thread,
     with their device as its current CUDA device: a thread starts with GPU 0 current)."""
-    device = torch.device("cpu") if dense is None else dense[0].device
+    device = torch.device("cpu") if dense is None or isinstance(dense, list) else dense[0].device
     with torch.inference_mode(), timed(timings, "postprocess", time.thread_time), current_device(device):
         entries = []
         for image, features in zip(images, model.postprocess(dense, len(images), allowed_pixels(images))):
@@ -474,7 +484,7 @@ def extract(
     with threads, device_scope(target):
         runner = make_backend(backend, model.net, target, config.precision, cpu_cores(), model.weights_sha1)
         summary.device, summary.backend = str(target), runner.name
-        network = TiledNetwork(runner, tile_size)
+        network = TiledNetwork(runner, config, tile_size)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
         with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
             todo = [n for n, done in zip(names, writer.done.contains(names)) if not done]

@@ -111,5 +111,11 @@ def refine_keypoints(
     maps' type (the floor of the logarithm would vanish in float16). ``method`` is one of
     ``METHODS`` (docs/accuracy.md compares them).
     """
-    offsets = METHODS[method](scores.float(), keypoints)
-    return [xy.float() + offset for xy, offset in zip(keypoints, offsets)]
+    return [xy.float() + offset for xy, offset in zip(keypoints, keypoint_offsets(scores, keypoints, method))]
+
+
+def keypoint_offsets(
+    scores: torch.Tensor, keypoints: list[torch.Tensor], method: str = DEFAULT_METHOD
+) -> list[torch.Tensor]:
+    """The (N, 2) sub-pixel offsets ``refine_keypoints`` adds to each image's keypoints."""
+    return METHODS[method](scores.float(), keypoints)
