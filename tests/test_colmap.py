@@ -295,8 +295,8 @@ def test_camera_modes(tmp_path: Path) -> None:
 
 
 def test_implausible_cameras_are_named() -> None:
-    """A registered image whose refined camera is out of COLMAP's bounds (focal length 0.1 to 10
-    times the longest side, distortion parameters up to 1) is named; plausible ones are not."""
+    """A registered image whose refined focal length is out of COLMAP's bounds (0.1 to 10 times
+    the longest side) is named; plausible ones are not, a strong distortion alone neither."""
     from sp_extract.sfm.colmap import implausible_cameras, model_stats
 
     options = pycolmap.SyntheticDatasetOptions()
@@ -306,11 +306,12 @@ def test_implausible_cameras_are_named() -> None:
     cameras = sorted(model.cameras)
     by_camera = {camera_id: sorted(i.name for i in model.images.values() if i.camera_id == camera_id)
                  for camera_id in cameras}  # fmt: skip
-    far, distorted = (model.cameras[camera_id] for camera_id in cameras[:2])
+    far, near, distorted = (model.cameras[camera_id] for camera_id in cameras[:3])
     longest = max(far.width, far.height)
-    far.focal_length = 10.5 * longest  # just past the bound
+    far.focal_length = 10.5 * longest  # just past the bounds
+    near.focal_length = 0.09 * max(near.width, near.height)
     params = distorted.params
-    params[distorted.extra_params_idxs()[0]] = 1.5
+    params[distorted.extra_params_idxs()[0]] = -2.6  # as an Internet photo's in a right model
     distorted.params = params
     assert implausible_cameras(model) == sorted(by_camera[cameras[0]] + by_camera[cameras[1]])
     far.focal_length = 9.5 * longest

@@ -9,10 +9,9 @@ DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
 # which images share a camera (``colmap.camera_group``): auto by image size and EXIF focal length
 CAMERA_MODES = ("auto", "single", "per-image")
 DEFAULT_CAMERA_MODE = "auto"
-# a registered image's refined camera outside these is implausible, the model likely wrong
-# (COLMAP's own mapper bounds: min/max_focal_length_ratio of max(width, height), max_extra_param)
+# a registered image's refined focal length outside these (times max(width, height)) is
+# implausible, the model likely wrong (COLMAP's own mapper bounds, min/max_focal_length_ratio)
 PLAUSIBLE_FOCAL_RATIO = (0.1, 10.0)
-PLAUSIBLE_MAX_EXTRA_PARAM = 1.0
 # what export-model and sfm --export write (``handoff``)
 MODEL_FORMATS = ("gaussian-splatting", "nerfstudio", "ply")
 CAMERA_MODE_HELP = (
