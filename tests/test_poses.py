@@ -272,7 +272,8 @@ def test_bad_inputs_fail_in_one_line(scene: dict, tmp_path: Path) -> None:
 def test_sfm_model_of_nine_fox_frames(tmp_path: Path, real_weights: Path) -> None:
     """``sfm`` on every 6th fox frame (9, symbolic links), with one COLMAP thread (repeatable;
     20 to 50 s on the loaded 2-core machine), against the shared reference poses: all registered,
-    AUC@5 about 88 (above 50 asserted; a wrong model, such as one camera per frame, gives 0)."""
+    AUC@5 about 88 (above 50 asserted). The same matches with a camera per frame give a wrong
+    model (AUC@5 near 0) that registers every frame: ``reconstruct`` must exit 1 and say so."""
     fox = shared_file("data/fox")
     photos = tmp_path / "fox9"
     photos.mkdir()
@@ -296,3 +297,21 @@ def test_sfm_model_of_nine_fox_frames(tmp_path: Path, real_weights: Path) -> Non
     assert (report["reference_images"], report["registered"]) == (9, 9), report
     assert report["auc"]["5"] > 50, report["auc"]
     assert report["median_centre_error"] < 0.05, report
+
+    # the same matches with a camera per frame (COLMAP's default, sp-extract's before): a wrong
+    # model that registers every frame must not pass for a success
+    work, per_image = tmp_path / "work", tmp_path / "per-image"
+    stores = ("--features", str(work / "feats.h5"), "--matches", str(work / "matches.h5"))
+    database = str(per_image / "db.db")
+    per_image.mkdir()
+    result = run_cli(
+        "colmap", "--images", str(photos), *stores, "--database", database, "--camera-mode", "per-image"
+    )
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "reconstruct", "--database", database, "--images", str(photos), "--out", str(per_image / "sparse"),
+        "--num-threads", "1", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1 and "is likely wrong" in result.stderr, result.stderr
+    wrong = evaluate(str(per_image / "sparse" / "0"), str(fox / "transforms.json"), "--images", str(photos))
+    assert wrong["auc"]["5"] < report["auc"]["5"] / 2, (wrong["auc"], report["auc"])
