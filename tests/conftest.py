@@ -1,4 +1,5 @@
-"""Shared fixtures: the real weights and photos in ../shared, and small synthetic inputs.
+"""Shared fixtures: the real weights and photos in ../shared, and small synthetic inputs; the
+test tiers (``MODULE_MARKERS``).
 
 A missing ../shared file fails the test (never skips it): CI must run every test.
 """
@@ -22,6 +23,36 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+# Each module's markers (declared in pyproject.toml). slow: real-photo pipelines, kills and
+# interruptions, README's commands: about 500 of the suite's 720 s on 2 cores, so that
+# `python -m pytest -q -m "not slow"` (the development tier) takes under 5 minutes.
+MODULE_MARKERS = {
+    "test_adjust": ("colmap",),
+    "test_cluster": ("dask",),
+    "test_colmap": ("colmap", "slow"),
+    "test_diskfull": ("slow",),
+    "test_examples": ("colmap", "dask"),
+    "test_handoff": ("colmap", "browser", "slow"),
+    "test_interrupt": ("slow",),
+    "test_kill": ("slow",),
+    "test_messages": ("colmap",),
+    "test_photo_collections": ("colmap", "slow"),
+    "test_poses": ("colmap", "slow"),
+    "test_processes": ("colmap", "slow"),
+    "test_readme": ("colmap", "dask", "slow"),
+    "test_retrieval": ("colmap", "slow"),
+    "test_sfm": ("colmap", "slow"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    stale = [name for name in MODULE_MARKERS if not (ROOT / "tests" / f"{name}.py").exists()]
+    if stale:  # a renamed module would leave the fast tier silently
+        raise pytest.UsageError(f"tests/conftest.py MODULE_MARKERS names missing modules: {stale}")
+    for item in items:
+        for marker in MODULE_MARKERS.get(item.module.__name__, ()):
+            item.add_marker(marker)
 
 
 def shared_file(relative: str) -> Path:
