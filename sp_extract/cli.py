@@ -32,6 +32,7 @@ from .errors import (
     SpExtractError,
     SpExtractWarning,
 )
+from .extraction.config import ExtractConfig
 from .interrupt import ABORTED, signals_raise
 from .sfm.config import (
     CAMERA_MODE_HELP,
@@ -40,6 +41,8 @@ from .sfm.config import (
     DEFAULT_CAMERA_MODEL,
     MODEL_FORMATS,
 )
+
+EXTRACT = ExtractConfig()  # the detector's defaults, defined once in extraction/config.py
 
 if TYPE_CHECKING:
     from .cluster.shards import Shard
@@ -294,14 +297,24 @@ def cluster_target(
     help="HDF5 feature store to create or extend (hloc layout).",
 )
 @click.option(
-    "--max-keypoints", default=-1, show_default=True, help="Keep the best N per image; -1 keeps all."
+    "--max-keypoints",
+    default=EXTRACT.max_keypoints,
+    show_default=True,
+    help="Keep the best N per image; -1 keeps all.",
 )
-@click.option("--threshold", default=0.005, show_default=True, help="Detection score threshold.")
-@click.option("--nms-radius", default=4, show_default=True, help="Non-maximum suppression radius (px).")
-@click.option("--border", default=4, show_default=True, help="Drop keypoints this close to the border (px).")
+@click.option("--threshold", default=EXTRACT.threshold, show_default=True, help="Detection score threshold.")
+@click.option(
+    "--nms-radius", default=EXTRACT.nms_radius, show_default=True, help="Non-maximum suppression radius (px)."
+)
+@click.option(
+    "--border",
+    default=EXTRACT.border,
+    show_default=True,
+    help="Drop keypoints this close to the border (px).",
+)
 @click.option(
     "--resize-max",
-    default=1024,
+    default=EXTRACT.resize_max,
     show_default=True,
     help="Downscale so the longest side is at most this (px); 0 keeps the native size.",
 )
@@ -1083,11 +1096,18 @@ def reconstruct(
 )
 @click.option("--rebuild", is_flag=True, help="Map the model from scratch (needed after a photo changed).")
 @click.option(
-    "--max-keypoints", default=-1, show_default=True, help="As for extract: keep the best N; -1 all."
+    "--max-keypoints",
+    default=EXTRACT.max_keypoints,
+    show_default=True,
+    help="As for extract: keep the best N; -1 all.",
 )
-@click.option("--threshold", default=0.005, show_default=True, help="As for extract: detection threshold.")
-@click.option("--nms-radius", default=4, show_default=True, help="As for extract (px).")
-@click.option("--resize-max", default=1024, show_default=True, help="As for extract (px); 0: native size.")
+@click.option(
+    "--threshold", default=EXTRACT.threshold, show_default=True, help="As for extract: detection threshold."
+)
+@click.option("--nms-radius", default=EXTRACT.nms_radius, show_default=True, help="As for extract (px).")
+@click.option(
+    "--resize-max", default=EXTRACT.resize_max, show_default=True, help="As for extract (px); 0: native size."
+)
 @click.option("--subpixel", is_flag=True, help="As for extract: sub-pixel keypoints.")
 @click.option(
     "--masks",
@@ -1359,10 +1379,21 @@ _evaluate_options = stacked(  # the extraction options that change the features,
         show_default=True,
         help="Keep the best N per image (the paper's protocol keeps 1000 at 480 x 640); -1 all.",
     ),
-    click.option("--threshold", default=0.005, show_default=True, help="Detection score threshold."),
-    click.option("--nms-radius", default=4, show_default=True, help="Non-maximum suppression radius (px)."),
-    click.option("--border", default=4, show_default=True, help="Border without keypoints (px)."),
-    click.option("--resize-max", default=1024, show_default=True, help="As for extract (px); 0: native."),
+    click.option(
+        "--threshold", default=EXTRACT.threshold, show_default=True, help="Detection score threshold."
+    ),
+    click.option(
+        "--nms-radius",
+        default=EXTRACT.nms_radius,
+        show_default=True,
+        help="Non-maximum suppression radius (px).",
+    ),
+    click.option(
+        "--border", default=EXTRACT.border, show_default=True, help="Border without keypoints (px)."
+    ),
+    click.option(
+        "--resize-max", default=EXTRACT.resize_max, show_default=True, help="As for extract (px); 0: native."
+    ),
     click.option("--resize-force", is_flag=True, help="As for extract: also upscale smaller images."),
     click.option("--subpixel", is_flag=True, help="As for extract: sub-pixel keypoints."),
     click.option("--reduced-decode", is_flag=True, help="As for extract: reduced-scale JPEG decoding."),
