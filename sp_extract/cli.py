@@ -434,7 +434,6 @@ def extract(
     Image names are paths relative to IMAGES_DIR, as COLMAP records them. Re-running extracts
     only the images not yet in the store; a store made with other settings is refused.
     """
-    from .extraction.config import ExtractConfig
     from .extraction.pipeline import extract as run_extract
 
     config = ExtractConfig(
@@ -1069,7 +1068,8 @@ def reconstruct(
 
     Every image the database names must be in --images. Prints, per model, the registered
     images, 3D points, mean track length and mean reprojection error, and the images no model
-    registered. Exit 0: at least one model, 1: none could be built.
+    registered. Exit 0: at least one model, 1: none could be built, or the largest is likely wrong
+    (a registered image's focal length out of COLMAP's bounds; the summary says which).
     Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
     from .sfm.colmap import reconstruct as run_reconstruct
@@ -1207,11 +1207,11 @@ def sfm(
     only they are extracted, paired (with all images), matched, added to the database and
     registered into the existing model (image ids kept), then bundle adjusted; the model is
     replaced atomically. A changed photo stops the run (use --rebuild); deleted ones are reported.
-    Exit 0: a model, 1: no model or some images (pairs) failed, 2: usage, 130/143: interrupted.
+    Exit 0: a model, 1: no model, a likely wrong one (implausible focal length) or some images
+    (pairs) failed, 2: usage, 130/143: interrupted.
     """
     if json_report is not None:
         check_report(json_report, created=work_dir)
-    from .extraction.config import ExtractConfig
     from .matching.config import MatchConfig
     from .sfm.pipeline import SfmOptions, run_sfm
 
@@ -1411,7 +1411,6 @@ _evaluate_options = stacked(  # the extraction options that change the features,
 
 
 def _run_evaluation(kind: str, source: Path, options: dict[str, Any], **extra: Any) -> None:
-    from .extraction.config import ExtractConfig
     from .inspect.evaluate import run_evaluation
 
     json_report = options.pop("json_report")

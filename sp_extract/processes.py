@@ -17,6 +17,7 @@ when it exits, so that no process of a finished or interrupted run is left behin
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import select
@@ -56,13 +57,9 @@ def stop_child_server() -> None:
             stop()
 
 
-_registered: list[bool] = []
-
-
+@functools.cache
 def _stop_at_exit() -> None:
-    if not _registered:
-        atexit.register(stop_child_server)
-        _registered.append(True)
+    atexit.register(stop_child_server)  # once: the cache makes later calls no-ops
 
 
 def die_with(pid: int) -> None:
