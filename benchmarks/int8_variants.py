@@ -34,7 +34,7 @@ def build(work: Path, count: int, resize_max: int) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from superpoint_reference import dense_v1
+    from support.superpoint_reference import dense_v1
 
     from sp_extract.extraction.backends import onnx_model
     from sp_extract.extraction.config import ExtractConfig

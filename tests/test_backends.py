@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from superpoint_reference import assert_same_features, dense_v1
-from superpoint_reference import postprocess as reference_postprocess
+from support.superpoint_reference import assert_same_features, dense_v1
+from support.superpoint_reference import postprocess as reference_postprocess
 
 from sp_extract.errors import ConfigError, StoreError
 from sp_extract.extraction import backends

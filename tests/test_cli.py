@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli, write_image
-from hloc_reader import snapshot
+from support.hloc_reader import snapshot
 
 from sp_extract.report import Progress
 

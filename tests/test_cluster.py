@@ -298,7 +298,7 @@ def test_merge_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     """A real ``sp-extract merge`` process SIGKILLed while it folds and at random moments: after
     each kill OUT holds only correct entries and what was reported saved is durable; the same
     command run again finishes it, equal to an uninterrupted merge."""
-    from reliability import Run, assert_entries_equal, durable_names, lock_held_by, read_entries
+    from support.reliability import Run, assert_entries_equal, durable_names, lock_held_by, read_entries
 
     (folder := tmp_path / "shards").mkdir()
     synthetic_shards(folder, 3, 150)

@@ -24,7 +24,7 @@ import numpy as np
 import pycolmap
 import pytest
 from conftest import ROOT, CliExtraction, match_and_map, run_cli
-from reliability import Run
+from support.reliability import Run
 
 from sp_extract.pairs.core import pair_key
 from sp_extract.store.writer import StoreWriter

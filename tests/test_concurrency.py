@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from conftest import invoke_cli
-from reliability import Run, assert_entries_equal, lock_held_by, make_workspace, one_line_error, read_entries
+from support.reliability import (
+    Run,
+    assert_entries_equal,
+    lock_held_by,
+    make_workspace,
+    one_line_error,
+    read_entries,
+)
 
 
 def names_read_by_another_process(store: Path) -> list[str]:

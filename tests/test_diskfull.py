@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import invoke_cli, run_cli
-from reliability import (
+from support.reliability import (
     assert_entries_equal,
     drop_root_file_override,
     make_workspace,

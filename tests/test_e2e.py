@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import CliExtraction
-from hloc_reader import get_keypoints, list_h5_names
+from support.hloc_reader import get_keypoints, list_h5_names
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import onnxruntime
 import openvino
 import torch
 from conftest import run_cli
-from superpoint_reference import dense_v1
+from support.superpoint_reference import dense_v1
 
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image

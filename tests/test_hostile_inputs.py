@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import write_image
-from reliability import cli_env, drop_root_file_override, read_entries, run_limited
+from support.reliability import cli_env, drop_root_file_override, read_entries, run_limited
 
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image

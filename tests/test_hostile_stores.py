@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import invoke_cli, write_image
-from reliability import one_line_error, read_entries
+from support.reliability import one_line_error, read_entries
 
 
 def text_file(path: Path, reference: Path) -> None:

@@ -16,8 +16,8 @@ import onnx
 import pytest
 import torch
 from conftest import run_cli
-from superpoint_reference import dense_v1
-from superpoint_reference import postprocess as reference_postprocess
+from support.superpoint_reference import dense_v1
+from support.superpoint_reference import postprocess as reference_postprocess
 
 from sp_extract.errors import ConfigError
 from sp_extract.extraction import quantize

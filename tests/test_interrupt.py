@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import invoke_cli, run_cli
-from reliability import Run, assert_entries_equal, durable_names, make_workspace, part_paths, read_entries
+from support.reliability import (
+    Run,
+    assert_entries_equal,
+    durable_names,
+    make_workspace,
+    part_paths,
+    read_entries,
+)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from reliability import (
+from support.reliability import (
     Run,
     assert_entries_equal,
     durable_names,

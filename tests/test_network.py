@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from superpoint_reference import (
+from support.superpoint_reference import (
     RefFeatures,
     assert_same_features,
     dense_v1,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from superpoint_reference import assert_same_features, to_original_hloc
-from superpoint_reference import nms as reference_nms
-from superpoint_reference import postprocess as reference_postprocess
+from support.superpoint_reference import assert_same_features, to_original_hloc
+from support.superpoint_reference import nms as reference_nms
+from support.superpoint_reference import postprocess as reference_postprocess
 
 from sp_extract.extraction.postprocess import nms_opencv, nms_torch, postprocess, to_original_frame
 

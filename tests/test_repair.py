@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import invoke_cli, run_cli, write_image
-from reliability import assert_entries_equal, one_line_error, read_entries
+from support.reliability import assert_entries_equal, one_line_error, read_entries
 
 from sp_extract.report import counted
 from sp_extract.store.writer import StoreWriter

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import torch
 from conftest import run_cli, write_image
-from hloc_reader import snapshot
+from support.hloc_reader import snapshot
 
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.model import SuperPoint

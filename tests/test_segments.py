@@ -24,9 +24,9 @@ import h5py
 import numpy as np
 import pytest
 from conftest import run_cli
-from hloc_reader import list_h5_names
-from reliability import assert_entries_equal, read_entries
-from segment_writer import SETTINGS, entry, write_entries
+from support.hloc_reader import list_h5_names
+from support.reliability import assert_entries_equal, read_entries
+from support.segment_writer import SETTINGS, entry, write_entries
 
 from sp_extract.errors import StoreError
 from sp_extract.inspect.info import store_info
@@ -288,7 +288,7 @@ def test_kill_in_consolidation_merge_fold_and_compact(tmp_path: Path) -> None:
     plan = [(1, writing_segment()), (2, None), (3, None), (4, writing_segment(4)), (5, folding), (6, None)]
     for run, condition in plan:
         names.append(f"new{run}.jpg")
-        command = [sys.executable, str(TESTS / "segment_writer.py"), str(store), *names]
+        command = [sys.executable, str(TESTS / "support" / "segment_writer.py"), str(store), *names]
         if condition is not None:
             durable = set(all_entries(store))
             hits.append(kill_when(command, condition))

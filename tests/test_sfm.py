@@ -16,7 +16,7 @@ import numpy as np
 import pycolmap
 import pytest
 from conftest import invoke_cli, run_cli
-from reliability import Run
+from support.reliability import Run
 
 from sp_extract.errors import ConfigError
 from sp_extract.pairs.core import pair_key

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import run_cli, write_image
-from reliability import one_line_error
+from support.reliability import one_line_error
 
 from sp_extract import cli
 from sp_extract.errors import StoreError

@@ -1,4 +1,4 @@
-"""Feature store layout, read back the way hloc reads it (see hloc_reader.py)."""
+"""Feature store layout, read back the way hloc reads it (see support/hloc_reader.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hloc_reader import get_keypoints, list_h5_names, load_for_matching
+from support.hloc_reader import get_keypoints, list_h5_names, load_for_matching
 
 import sp_extract
 from sp_extract.extraction.config import ExtractConfig

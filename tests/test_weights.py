@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli, write_image
-from superpoint_reference import dense_v1, dense_v6, random_v6_state
+from support.superpoint_reference import dense_v1, dense_v6, random_v6_state
 
 from sp_extract.errors import WeightsError
 from sp_extract.extraction import weights
