@@ -20,9 +20,9 @@ from typing import Any
 
 from ..errors import ConfigError, SpExtractError, StoreError
 from ..report import ExtractSummary, Progress, Summary
+from ..shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 from ..store.index import NameIndex
 from ..store.writer import remove_store
-from .shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 
 SHARD_IMAGES = 2000  # a shard's images when --shards is not given (docs/cluster.md)
 SHARD_PAIRS = 50000  # a shard's pairs when --shards is not given

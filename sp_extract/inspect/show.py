@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, StoreError
-from ..pairs.core import flat_name, pair_key
+from ..names import flat_name, pair_key
 from ..store.reader import open_store
 from ..store.writer import H5_ERRORS, read_store_info
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..extraction.discover import discover_images
+from ..names import pair_key
 from ..store.index import NameIndex
 from ..store.writer import read_store_info
 
@@ -29,16 +30,6 @@ def unpairable(names: Collection[str]) -> list[str]:
     """The names a pairs file cannot hold: with white space, which separates its two names (as
     hloc and COLMAP read it)."""
     return [name for name in names if len(name.split()) != 1]
-
-
-def flat_name(name: str) -> str:
-    """An image name as it appears in a match store's pair key (hloc: ``/`` becomes ``-``)."""
-    return name.replace("/", "-")
-
-
-def pair_key(name0: str, name1: str) -> str:
-    """The match store's group of a pair: hloc's ``names_to_pair``."""
-    return flat_name(name0) + "/" + flat_name(name1)
 
 
 def source_names(features: Path | None, images: Path | None) -> list[str]:

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
-from ..pairs.core import flat_name
+from ..names import flat_name
 from ..report import JsonReport, counted, listed
 from ..store.reader import open_store
 from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info

@@ -33,7 +33,8 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
-from ..pairs.core import Pair, pair_key
+from ..names import pair_key
+from ..pairs.core import Pair
 from ..store.reader import StoreReader, open_store
 from ..store.writer import damaged_error, describe_error, fsync_path
 from .child import run_in_child

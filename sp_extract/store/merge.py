@@ -1,4 +1,4 @@
-"""``merge``: fold stores of one run (shards, ``cluster.shards``) into one store.
+"""``merge``: fold stores of one run (shards, ``sp_extract.shards``) into one store.
 
 The inputs must be stores of one kind made with the same settings (weights and, for match
 stores, the same feature store included); an entry held by several inputs is kept once if its
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
-from ..pairs.core import pair_key
+from ..names import pair_key
 from ..report import Progress, Summary
 from .reader import StoreReader, open_store
 from .writer import (
@@ -162,7 +162,7 @@ def _unheld(kind: str, expected: list[str], held: dict[str, Any]) -> list[str]:
 
 def missing_shards(stores: list[Path]) -> list[str]:
     """Shards absent from ``stores`` when all are named as shards ``K-of-N.h5`` of one N."""
-    from ..cluster.shards import shard_of_store
+    from ..shards import shard_of_store
 
     shards = [shard_of_store(path) for path in stores]
     counts = {shard.count for shard in shards if shard}
