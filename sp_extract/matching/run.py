@@ -32,8 +32,9 @@ from ..pairs import core as pairs_core
 from ..pairs.core import FilePosition, Pair, PairChunk, read_pair_chunks, stored_pairs
 from ..report import Progress, Summary
 from ..shards import Shard
+from ..store.catalog import current_store_id, read_settings, read_store
 from ..store.reader import open_store
-from ..store.writer import StoreWriter, current_store_id, read_settings, read_store
+from ..store.writer import StoreWriter
 from .config import MatchConfig
 from .learned import match_batch
 from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours

@@ -20,8 +20,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..extraction.discover import discover_images
 from ..names import pair_key
+from ..store.catalog import read_store_info
 from ..store.index import NameIndex
-from ..store.writer import read_store_info
 
 Pair = tuple[str, str]
 

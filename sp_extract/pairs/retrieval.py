@@ -37,8 +37,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, StoreError
+from ..store.atomic import fsync_path
+from ..store.catalog import read_store_info
+from ..store.failures import describe_error
+from ..store.lock import StoreLock
 from ..store.reader import open_store
-from ..store.writer import StoreLock, describe_error, fsync_path, read_store_info
 from .search import exact_search
 
 MODEL_FORMAT = 1

@@ -33,8 +33,10 @@ import numpy as np
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..names import flat_name
 from ..report import JsonReport, counted, listed
+from ..store.atomic import fsync_path
+from ..store.catalog import StoreInfo, read_store, read_store_info
+from ..store.failures import damaged_error, describe_error
 from ..store.reader import open_store
-from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info
 from .child import run_in_child
 from .config import (
     DEFAULT_CAMERA_MODE,

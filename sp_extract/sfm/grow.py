@@ -35,8 +35,9 @@ from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
 from ..names import pair_key
 from ..pairs.core import Pair
+from ..store.atomic import fsync_path
+from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
-from ..store.writer import damaged_error, describe_error, fsync_path
 from .child import run_in_child
 from .colmap import (
     Cameras,

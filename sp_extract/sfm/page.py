@@ -28,8 +28,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..inspect.show import FeatureSource, draw_keypoints, draw_matches
 from ..report import counted
+from ..store.catalog import read_store_info
 from ..store.reader import open_store
-from ..store.writer import read_store_info
 from .colmap import import_pycolmap
 from .grow import MAX_IMAGE_ID
 

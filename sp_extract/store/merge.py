@@ -26,9 +26,9 @@ from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
 from ..names import pair_key
 from ..report import Progress, Summary
-from .reader import StoreReader, open_store
-from .writer import (
-    H5_ERRORS,
+from .catalog import StoreInfo, part_files, read_store, settings_difference
+from .failures import H5_ERRORS, damaged_error, describe_error, open_error
+from .format import (
     KIND_ATTR,
     MARKERS,
     REPLACING_ATTR,
@@ -37,16 +37,10 @@ from .writer import (
     VERSION_ATTR,
     Entry,
     EntryAttrs,
-    StoreInfo,
-    StoreLock,
-    StoreWriter,
-    damaged_error,
-    describe_error,
-    open_error,
-    part_files,
-    read_store,
-    settings_difference,
 )
+from .lock import StoreLock
+from .reader import StoreReader, open_store
+from .writer import StoreWriter
 
 OWN_ATTRS = {KIND_ATTR, VERSION_ATTR, SETTINGS_ATTR, STORE_ID_ATTR, REPLACING_ATTR}
 # entries are copied from the inputs at flush time (add_copy: the buffer holds no data), so a
