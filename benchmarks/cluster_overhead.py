@@ -30,10 +30,11 @@ from pathlib import Path
 
 import h5py
 
-from sp_extract.cluster.shards import Shard
 from sp_extract.extraction.pipeline import extract
+from sp_extract.shards import Shard
+from sp_extract.store.catalog import read_store
 from sp_extract.store.merge import merge_stores, read_entry
-from sp_extract.store.writer import StoreWriter, read_store
+from sp_extract.store.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,8 +39,10 @@ from sp_extract.matching.lightglue import LightGlue
 from sp_extract.matching.run import match_pairs
 from sp_extract.matching.superglue import SuperGlue
 from sp_extract.matching.weights import build_matcher, load_matcher_weights
-from sp_extract.pairs.core import exhaustive_pairs, pair_key, write_pairs
-from sp_extract.store.writer import StoreWriter, read_store_info
+from sp_extract.names import pair_key
+from sp_extract.pairs.core import exhaustive_pairs, write_pairs
+from sp_extract.store.catalog import read_store_info
+from sp_extract.store.writer import StoreWriter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -110,7 +110,8 @@ def real_store(work: Path, max_keypoints: int | None = None) -> Path:
 def synthetic_store(real: Path, path: Path, count: int, start: int = 0) -> Path:
     """Entries ``start`` to ``count`` of a synthetic features store: the real entries copied
     round-robin under new names."""
-    from sp_extract.store.writer import StoreWriter, read_store_info
+    from sp_extract.store.catalog import read_store_info
+    from sp_extract.store.writer import StoreWriter
 
     settings, names = read_store_info(real, "features")
     with h5py.File(real, "r") as source:
@@ -163,7 +164,7 @@ def big_store(real: Path, path: Path, gigabytes: float) -> int:
     """A features store of about ``gigabytes`` GB: the real entries copied round-robin under new
     names straight into one file (HDF5 object copies: no parts, no fold); returns its entries.
     Like a store of an earlier version, it has no name index yet."""
-    from sp_extract.store.writer import entry_names
+    from sp_extract.store.format import entry_names
 
     with h5py.File(real, "r") as source, h5py.File(path, "w") as out:
         for key, value in source.attrs.items():
@@ -177,9 +178,10 @@ def big_store(real: Path, path: Path, gigabytes: float) -> int:
 
 def incremental(real: Path, work: Path, gigabytes: float, add: int, kills: int, seed: int) -> list[dict]:
     """The --big-gb measurements (see the module's docstring)."""
+    from sp_extract.store.catalog import read_store_file
     from sp_extract.store.reader import open_store
     from sp_extract.store.repair import check_store
-    from sp_extract.store.writer import StoreWriter, read_store_file
+    from sp_extract.store.writer import StoreWriter
 
     rows: list[dict] = []
     (work / "big").mkdir()
@@ -263,7 +265,7 @@ RESUME = PEAK + (
 def match_store(path: Path, count: int, images: int) -> list[str]:
     """A match store of ``count`` pairs (i, i + step) of ``images`` images, tiny entries written
     straight with h5py (as a store of an earlier version: no name index); returns 1,000 keys."""
-    from sp_extract.store.writer import KIND_ATTR, SETTINGS_ATTR
+    from sp_extract.store.format import KIND_ATTR, SETTINGS_ATTR
 
     matches, scores = np.full(8, -1, np.int32), np.zeros(8, np.float16)
     keys = []
@@ -407,7 +409,7 @@ def bulk_matches(
 ) -> dict[str, float]:
     """Extend the match store ``store`` (made by match-pairs from the first lines of ``pairs``,
     one main file) to the first ``count`` pairs of ``pairs``, as the writer's fold writes a main
-    file: a copy of it written through ``_hdf5_writing``, the entries, its name index
+    file: a copy of it written through ``hdf5_writing``, the entries, its name index
     (``write_index``), a rename, under the store's lock. Entries are created here, with the
     dataset creation properties (chunks, Fletcher-32) of the writer's own, where a fold would
     copy them from part files (``H5Ocopy``: too slow for millions). Their content is
@@ -415,9 +417,11 @@ def bulk_matches(
     After ``budget`` seconds it stops adding (still the first pairs of the file) and finishes
     the store. Returns seconds, entries added and the store's bytes; progress every 50,000 on
     stderr."""
+    from sp_extract.store.atomic import fsync_path
+    from sp_extract.store.h5file import hdf5_writing
     from sp_extract.store.index import load_index, name_hashes, write_index
+    from sp_extract.store.lock import StoreLock
     from sp_extract.store.reader import open_store
-    from sp_extract.store.writer import StoreLock, _hdf5_writing, fsync_path
 
     started = time.perf_counter()
     with open_store(features) as h5:
@@ -432,7 +436,7 @@ def bulk_matches(
         rng = np.random.default_rng(0)
         contents: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         hashes, batch = [stored], []
-        with _hdf5_writing(temporary, create=False) as out, open(pairs) as lines:
+        with hdf5_writing(temporary, create=False) as out, open(pairs) as lines:
             template = out[next(iter(out))]  # an entry the writer wrote: name0 / name1 / datasets
             template = template[next(iter(template))]
             made = {key: template[key].id for key in ("matches0", "matching_scores0")}
@@ -545,8 +549,8 @@ def read_back(store: Path, pairs: Path) -> float:
 def stored_pairs(store: Path) -> int:
     """The entries of a store's main file and segments, from their name indexes (no walk: at
     10^6 entries a walk of the file takes minutes here)."""
+    from sp_extract.store.catalog import part_files, segment_files
     from sp_extract.store.index import load_index
-    from sp_extract.store.writer import part_files, segment_files
 
     assert not part_files(store)
     return sum(len(load_index(file)) for file in [store, *segment_files(store)])
@@ -558,7 +562,7 @@ def resume_runs(work: Path, out: Path, total: int, steady: float, repeats: int =
     the pairs it skipped (all those stored) and saved; against, in the same run, the same
     command on a new store and on a pairs file of 10 lines (start-up), ``repeats`` times."""
     from sp_extract.matching.resume import load_resume_point
-    from sp_extract.store.writer import current_store_id, remove_store
+    from sp_extract.store.catalog import current_store_id, remove_store
 
     images = images_for(total)
     features, pairs = work / f"match{images}.h5", work / f"p{total}.txt"
@@ -596,7 +600,7 @@ def read_first(pairs: Path, store: Path, whole: bool) -> tuple[float, float]:
     code = PEAK + (
         "import sys, time; from pathlib import Path;"
         "from sp_extract.pairs.core import read_pair_chunks, read_pairs;"
-        "from sp_extract.store.writer import read_store_info;"
+        "from sp_extract.store.catalog import read_store_info;"
         "names = set(read_store_info(Path(sys.argv[2]), 'features')[1]); t = time.perf_counter();"
         "whole = sys.argv[3] == '1';"
         "read_pairs(sys.argv[1], names) if whole else next(read_pair_chunks(sys.argv[1], names));"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from scale import real_store, synthetic_store
 
+from sp_extract.store.catalog import read_store
 from sp_extract.store.index import index_path, load_index
-from sp_extract.store.writer import read_store
 
 
 def best_time(store: Path, repeats: int) -> float:

@@ -45,8 +45,8 @@ from .sfm.config import (
 EXTRACT = ExtractConfig()  # the detector's defaults, defined once in extraction/config.py
 
 if TYPE_CHECKING:
-    from .cluster.shards import Shard
     from .report import Summary
+    from .shards import Shard
 
 
 class DefaultCommandGroup(click.Group):
@@ -281,7 +281,7 @@ def cluster_target(
         if shards is not None and scheduler is None:
             raise ConfigError("--shards goes with --shard auto or --scheduler")
         return out, None
-    from .cluster.shards import parse_shard, shard_output
+    from .shards import parse_shard, shard_output
 
     chosen = parse_shard(shard, shards)
     return shard_output(out, chosen), chosen

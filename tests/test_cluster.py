@@ -22,15 +22,17 @@ from click.testing import CliRunner
 from conftest import write_image
 
 from sp_extract.cli import cli
-from sp_extract.cluster.shards import Shard, parse_shard
 from sp_extract.errors import ConfigError, StoreError
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.pipeline import extract
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.run import match_pairs
-from sp_extract.pairs.core import exhaustive_pairs, pair_key, write_pairs
+from sp_extract.names import pair_key
+from sp_extract.pairs.core import exhaustive_pairs, write_pairs
+from sp_extract.shards import Shard, parse_shard
+from sp_extract.store.catalog import read_store
 from sp_extract.store.merge import merge_stores, read_entry
-from sp_extract.store.writer import StoreWriter, read_store
+from sp_extract.store.writer import StoreWriter
 
 CONFIG = ExtractConfig(resize_max=160)  # small: the runs compared are many
 

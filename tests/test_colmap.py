@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, CliExtraction, match_and_map, run_cli
 from support.reliability import Run
 
-from sp_extract.pairs.core import pair_key
+from sp_extract.names import pair_key
 from sp_extract.store.writer import StoreWriter
 
 # name: (width, height, EXIF FocalLengthIn35mmFilm or None)

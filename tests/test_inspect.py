@@ -15,7 +15,7 @@ from conftest import write_image
 from sp_extract.cli import cli
 from sp_extract.inspect.evaluate import random_homography
 from sp_extract.inspect.metrics import evaluate_pair, warp_points
-from sp_extract.store.writer import KIND_ATTR, SETTINGS_ATTR, VERSION_ATTR, parts_dir
+from sp_extract.store.format import KIND_ATTR, SETTINGS_ATTR, VERSION_ATTR, parts_dir
 
 
 def invoke(*args: str) -> Result:

@@ -35,7 +35,7 @@ from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.learned import match_batch
 from sp_extract.matching.run import match_pairs
 from sp_extract.matching.weights import build_matcher, load_matcher_weights
-from sp_extract.pairs.core import pair_key
+from sp_extract.names import pair_key
 from sp_extract.store.writer import StoreWriter
 
 WIDTH, HEIGHT = 640, 480

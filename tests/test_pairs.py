@@ -10,9 +10,9 @@ import pytest
 from conftest import run_cli
 
 from sp_extract.errors import ConfigError
+from sp_extract.names import pair_key
 from sp_extract.pairs.core import (
     exhaustive_pairs,
-    pair_key,
     read_name_list,
     read_pair_chunks,
     read_pairs,

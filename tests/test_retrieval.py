@@ -17,13 +17,15 @@ from sp_extract.pairs import retrieval
 from sp_extract.pairs.core import sequential_pairs
 from sp_extract.pairs.rerank import fundamental_log_nfa, meaningful_set, rerank
 from sp_extract.pairs.retrieval import (
-    GlobalIndex,
     RetrievalConfig,
+    Vlad,
     VladModel,
     connecting_pairs,
     nearest_images,
     retrieval_pairs,
 )
+from sp_extract.store import vectors
+from sp_extract.store.vectors import GlobalIndex
 from sp_extract.store.writer import StoreWriter
 
 SMALL = RetrievalConfig(clusters=4, dims=8, sample=2000, iterations=5)
@@ -139,7 +141,7 @@ def test_rerank_puts_significant_geometry_first(tmp_path: Path) -> None:
 
 def test_search_is_exact_and_blockwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names = [f"img{i:02d}.jpg" for i in range(23)]
-    index = GlobalIndex(write_store(tmp_path / "f.h5", random_images(names, 1)), SMALL)
+    index = GlobalIndex(write_store(tmp_path / "f.h5", random_images(names, 1)), Vlad(SMALL))
     assert index.update() == 23
     vectors = index.vectors(names)
     monkeypatch.setattr(retrieval, "BLOCK_BYTES", 4 * vectors.shape[1] * 5)  # blocks of 5 rows
@@ -163,11 +165,11 @@ def test_descriptors_are_kept_and_grow_with_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = write_store(tmp_path / "f.h5", random_images([f"a{i}.jpg" for i in range(12)], 2))
-    assert GlobalIndex(store, SMALL).update() == 12
+    assert GlobalIndex(store, Vlad(SMALL)).update() == 12
     write_store(store, random_images([f"b{i}.jpg" for i in range(3)], 3))  # the store grows
     folder = store.with_name("f.h5.retrieval")
     (folder / "segment-9.npy").write_bytes(b"killed before its names were written")
-    index = GlobalIndex(store, SMALL)
+    index = GlobalIndex(store, Vlad(SMALL))
     assert index.update() == 3  # only the new images are described
     assert not (folder / "segment-9.npy").exists()
     assert sorted(p.name for p in folder.glob("segment-*")) == [
@@ -180,14 +182,16 @@ def test_descriptors_are_kept_and_grow_with_the_store(
     # before it deleted the old segments) once
     for suffix in ("npy", "txt"):
         (folder / f"segment-3.{suffix}").write_bytes((folder / f"segment-2.{suffix}").read_bytes())
-    monkeypatch.setattr(retrieval, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(vectors, "MAX_SEGMENTS", 2)
     write_store(store, random_images(["c0.jpg"], 4))
-    merged = GlobalIndex(store, SMALL)
+    merged = GlobalIndex(store, Vlad(SMALL))
     assert merged.update() == 1
     assert sorted(p.name for p in folder.glob("segment-*")) == ["segment-5.npy", "segment-5.txt"]
     assert len(merged.rows) == 16 and merged.names == sorted(merged.rows)
     np.testing.assert_array_equal(merged.vectors(index.names), kept)
-    assert GlobalIndex(store, RetrievalConfig(clusters=5, dims=8, sample=2000)).update() == 16  # new model
+    assert (
+        GlobalIndex(store, Vlad(RetrievalConfig(clusters=5, dims=8, sample=2000))).update() == 16
+    )  # new model
 
 
 def test_connecting_pairs_join_components(tmp_path: Path) -> None:
@@ -201,7 +205,7 @@ def test_connecting_pairs_join_components(tmp_path: Path) -> None:
     store = write_store(tmp_path / "f.h5", images)
     pairs = retrieval_pairs(store, 2, SMALL, connect=False)
     assert all(a[:2] == b[:2] for a, b in pairs)  # neighbours from the image's own scene only
-    index = GlobalIndex(store, SMALL)
+    index = GlobalIndex(store, Vlad(SMALL))
     index.update()
     names = sorted(images)
     edges = [(names.index(a), names.index(b)) for a, b in pairs]
@@ -283,7 +287,7 @@ def test_real_photos_neighbours_come_from_their_scene(two_datasets: Path, tmp_pa
         "pairs", "retrieval", "--features", str(store), "-k", "3", "--no-connect", "-o", str(out)
     )
     assert result.returncode == 0, result.stderr
-    index = GlobalIndex(store, RetrievalConfig())
+    index = GlobalIndex(store, Vlad(RetrievalConfig()))
     assert index.update() == 0  # the run kept them
     names = sorted(index.rows)
     assert len(names) == 40

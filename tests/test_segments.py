@@ -31,11 +31,13 @@ from support.segment_writer import SETTINGS, entry, write_entries
 from sp_extract.errors import StoreError
 from sp_extract.inspect.info import store_info
 from sp_extract.matching.run import match_pairs
+from sp_extract.store import catalog as store_catalog
 from sp_extract.store import writer as store_writer
+from sp_extract.store.catalog import read_store
 from sp_extract.store.index import NameIndex, load_index, name_hashes
 from sp_extract.store.reader import open_store
 from sp_extract.store.repair import check_store
-from sp_extract.store.writer import StoreWriter, read_store
+from sp_extract.store.writer import StoreWriter
 
 TESTS = Path(__file__).parent
 
@@ -146,13 +148,13 @@ def test_names_are_listed_from_the_index(tmp_path: Path, monkeypatch: pytest.Mon
             writer.add(key, {"matches0": np.zeros(3, np.int32), "matching_scores0": np.zeros(3, np.float16)})
     plain = {store: sorted(read_entries(store)) for store in (features, matches)}
     walks: list[Path] = []
-    scan = store_writer.scan_entries
+    scan = store_catalog.scan_entries
 
     def counted_scan(h5: h5py.File, kind: str) -> list[str]:
         walks.append(Path(h5.filename))
         return scan(h5, kind)
 
-    monkeypatch.setattr(store_writer, "scan_entries", counted_scan)
+    monkeypatch.setattr(store_catalog, "scan_entries", counted_scan)
     for store, kind in ((features, "features"), (matches, "matches")):
         assert read_store(store, kind).names == plain[store]
         with open_store(store) as reader:

@@ -19,7 +19,7 @@ from conftest import invoke_cli, run_cli
 from support.reliability import Run
 
 from sp_extract.errors import ConfigError
-from sp_extract.pairs.core import pair_key
+from sp_extract.names import pair_key
 from sp_extract.sfm.photos import PhotoManifest
 from sp_extract.sfm.pipeline import parse_pairs, plan_pairs
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from ..errors import ConfigError, SpExtractError, StoreError
 from ..report import ExtractSummary, Progress, Summary
+from ..shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
+from ..store.catalog import remove_store
 from ..store.index import NameIndex
-from ..store.writer import remove_store
-from .shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 
 SHARD_IMAGES = 2000  # a shard's images when --shards is not given (docs/cluster.md)
 SHARD_PAIRS = 50000  # a shard's pairs when --shards is not given
@@ -232,8 +232,8 @@ def run_sharded(
     ``scheduler``, merge into ``out``. Returns the merge's summary, the shards' summaries and
     how many entries ``out`` held already.
     ``info``: the merged store's attributes for people (the input named by the user)."""
+    from ..store.catalog import stored_names
     from ..store.merge import merge_stores, merge_summary
-    from ..store.writer import stored_names
 
     out = Path(out)
     if not out.parent.is_dir():
@@ -325,7 +325,7 @@ def extract_on_cluster(
     if out.is_file() and not overwrite:  # refused now, not after the cluster's work
         from ..extraction.pipeline import store_settings
         from ..extraction.weights import load_weights
-        from ..store.writer import read_store, settings_difference
+        from ..store.catalog import read_store, settings_difference
 
         stored = read_store(out, "features").settings
         wanted = store_settings(config, load_weights(options.get("weights")).sha1)
@@ -364,7 +364,7 @@ def match_on_cluster(
     ``options`` are match-pairs' (device, batch_size, cache_mb). The pairs file is checked
     and split as it is read; pairs ``out`` holds (in either order) are left out."""
     from ..pairs.core import read_pair_chunks, stored_pairs
-    from ..store.writer import read_store
+    from ..store.catalog import read_store
 
     started = time.monotonic()
     pairs_file, features = Path(pairs_file).absolute(), Path(features).absolute()

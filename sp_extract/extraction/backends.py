@@ -28,6 +28,7 @@ import torch
 
 from ..devices import ShapeTuning, to_device
 from ..errors import ConfigError
+from ..store.atomic import atomic_write
 from . import model as model_module
 from .weights import cache_dir, load_weights
 
@@ -196,9 +197,8 @@ def cached(name: str, make: Callable[[], bytes]) -> bytes:
     data = make()
     try:  # an unwritable cache only costs the export again next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        with atomic_write(path, durable=False) as partial:
+            partial.write_bytes(data)
     except OSError:
         pass
     return data
@@ -297,19 +297,18 @@ def export_model(
     openvino = import_openvino() if fmt == "openvino" else None
     loaded = load_weights(weights)
     data = network_model(loaded.build(), loaded.sha1, precision, calibrate)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.part{out.suffix}")
+    partial = out.with_name(f".{out.name}.{os.getpid()}.part{out.suffix}")  # OpenVINO: .xml, .bin beside
     try:
-        if openvino is None:
-            partial.write_bytes(data)
-            written = [out]
-        else:
-            model = openvino.Core().read_model(io.BytesIO(data))
-            openvino.save_model(model, partial, compress_to_fp16=False)
-            os.replace(partial.with_suffix(".bin"), out.with_suffix(".bin"))
-            written = [out, out.with_suffix(".bin")]
-        os.replace(partial, out)
+        with atomic_write(out, partial, durable=False):
+            if openvino is None:
+                partial.write_bytes(data)
+                written = [out]
+            else:
+                model = openvino.Core().read_model(io.BytesIO(data))
+                openvino.save_model(model, partial, compress_to_fp16=False)
+                os.replace(partial.with_suffix(".bin"), out.with_suffix(".bin"))
+                written = [out, out.with_suffix(".bin")]
     except OSError as error:
-        partial.unlink(missing_ok=True)
         partial.with_suffix(".bin").unlink(missing_ok=True)
         raise ConfigError(f"{out}: cannot write the model ({error.strerror or error})") from error
     return written

@@ -21,12 +21,12 @@ import cv2
 import numpy as np
 import torch
 
-from ..cluster.shards import Shard
 from ..devices import current_device, device_scope, for_other_thread, release_cached_memory
 from ..errors import ConfigError, SpExtractWarning
 from ..interrupt import graceful_stop
 from ..pairs.core import unpairable
 from ..report import ExtractSummary, Progress, counted, listed
+from ..shards import Shard
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
@@ -432,7 +432,7 @@ def extract(
     (waiting for the decoding workers) and ``network``; on the background thread (its CPU
     time) ``postprocess`` and ``write``. ``tile``: ``auto`` runs the network tile by tile on
     images too large for a memory budget, 0 never, N in tiles of N pixels (see ``tiling``).
-    ``shard``: extract only the images of this shard (see ``cluster.shards``).
+    ``shard``: extract only the images of this shard (see ``sp_extract.shards``).
     """
     config = config or ExtractConfig()
     if batch_size is not None and batch_size < 1:

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 
 from ..errors import WeightsError
+from ..store.atomic import atomic_write
 from .model import LAYER_NAMES, SuperPoint
 
 
@@ -110,11 +111,10 @@ def download(
     kind, actual, expected = spec.checksum(data)
     if actual != expected:
         raise WeightsError(f"{url}: checksum mismatch ({kind} {actual}, expected {expected})")
-    partial = destination.with_name(f"{destination.name}.{os.getpid()}.part")  # one per process
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(data)
-        os.replace(partial, destination)
+        with atomic_write(destination, durable=False) as partial:  # one temporary per process
+            partial.write_bytes(data)
     except OSError as error:
         raise WeightsError(
             f"{destination}: cannot write the weights cache ({error.strerror or error}); "

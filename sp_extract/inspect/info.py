@@ -20,18 +20,11 @@ import numpy as np
 
 from ..errors import StoreError
 from ..report import JsonReport
+from ..store.catalog import part_files, segment_files
+from ..store.failures import H5_ERRORS
+from ..store.format import KIND_ATTR, REQUIRED, SETTINGS_ATTR, STORE_ID_ATTR, VERSION_ATTR
+from ..store.format import MARKERS as _MARKERS
 from ..store.repair import stored_end_of_file
-from ..store.writer import (
-    H5_ERRORS,
-    KIND_ATTR,
-    REQUIRED,
-    SETTINGS_ATTR,
-    STORE_ID_ATTR,
-    VERSION_ATTR,
-    part_files,
-    segment_files,
-)
-from ..store.writer import MARKERS as _MARKERS
 
 CHECK_HINT = "verify every checksum with 'sp-extract repair --check {path}'"
 HISTOGRAM_BINS = 10

@@ -18,9 +18,10 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, StoreError
-from ..pairs.core import flat_name, pair_key
+from ..names import flat_name, pair_key
+from ..store.catalog import read_store_info
+from ..store.failures import H5_ERRORS
 from ..store.reader import open_store
-from ..store.writer import H5_ERRORS, read_store_info
 
 BANNER_PX = 28
 GAP_PX = 10

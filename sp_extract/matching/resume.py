@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pairs.core import FilePosition
+from ..store.atomic import atomic_write
 
 FORMAT = 1
 
@@ -67,10 +68,6 @@ def save_resume_point(
     target = resume_path(out)
     temporary = target.with_name(f".{target.name}.tmp")  # one writer holds the store; a killed
     # run's leftover is deleted by the next writer (``StoreWriter._remove_stale_temporaries``)
-    try:
+    # only an optimisation: a full disk or read-only folder must not stop the run
+    with contextlib.suppress(OSError), atomic_write(target, temporary, durable=False) as temporary:
         temporary.write_text(json.dumps({**point, "pairs": pairs}), encoding="utf-8")
-        os.replace(temporary, target)
-    except OSError:  # only an optimisation: a full disk or read-only folder must not stop the run
-        pass
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -23,16 +23,18 @@ import h5py
 import numpy as np
 import torch
 
-from ..cluster.shards import Shard
 from ..devices import HostCopy, copy_to_host, device_scope
 from ..errors import ConfigError, StoreError
 from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
+from ..names import pair_key
 from ..pairs import core as pairs_core
-from ..pairs.core import FilePosition, Pair, PairChunk, pair_key, read_pair_chunks, stored_pairs
+from ..pairs.core import FilePosition, Pair, PairChunk, read_pair_chunks, stored_pairs
 from ..report import Progress, Summary
+from ..shards import Shard
+from ..store.catalog import current_store_id, read_settings, read_store
 from ..store.reader import open_store
-from ..store.writer import StoreWriter, current_store_id, read_settings, read_store
+from ..store.writer import StoreWriter
 from .config import MatchConfig
 from .learned import match_batch
 from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
@@ -254,7 +256,7 @@ def match_pairs(
     in either order (or met earlier in the file), are skipped (resume); a store made with other
     settings or from another feature store is refused unless ``overwrite``. Pairs whose
     features cannot be read are recorded as failed in the returned ``Summary`` and the run goes on.
-    ``shard``: match only the pairs of this shard (see ``cluster.shards``).
+    ``shard``: match only the pairs of this shard (see ``sp_extract.shards``).
     """
     config = config or MatchConfig()
     if batch_size < 1:

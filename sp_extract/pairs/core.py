@@ -10,7 +10,6 @@ validated chunks (``match-pairs``). Retrieval and spatial pairs live in their ow
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..extraction.discover import discover_images
+from ..names import pair_key
+from ..store.atomic import atomic_write
+from ..store.catalog import read_store_info
 from ..store.index import NameIndex
-from ..store.writer import read_store_info
 
 Pair = tuple[str, str]
 
@@ -29,16 +30,6 @@ def unpairable(names: Collection[str]) -> list[str]:
     """The names a pairs file cannot hold: with white space, which separates its two names (as
     hloc and COLMAP read it)."""
     return [name for name in names if len(name.split()) != 1]
-
-
-def flat_name(name: str) -> str:
-    """An image name as it appears in a match store's pair key (hloc: ``/`` becomes ``-``)."""
-    return name.replace("/", "-")
-
-
-def pair_key(name0: str, name1: str) -> str:
-    """The match store's group of a pair: hloc's ``names_to_pair``."""
-    return flat_name(name0) + "/" + flat_name(name1)
 
 
 def source_names(features: Path | None, images: Path | None) -> list[str]:
@@ -230,11 +221,8 @@ def write_pairs(pairs: list[Pair], path: Path) -> None:
         raise ConfigError(
             f"{path}: image name '{spaced[0]}' contains white space, which pairs files cannot hold"
         )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
-        os.replace(temporary, path)
+    try:  # also when interrupted: no half-written temporary left behind
+        with atomic_write(path, durable=False) as temporary:
+            temporary.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot write pairs ({error.strerror or error})") from error
-    finally:  # also when interrupted: no half-written temporary left behind
-        temporary.unlink(missing_ok=True)

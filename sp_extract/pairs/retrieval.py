@@ -12,39 +12,27 @@ bounded blocks, and an image's vector depends only on the model, so a growing co
 describes its new images; ASMK and tf-idf need inverted files, and tf-idf weights change with
 every image added. What VLAD lacks in precision, ``--rerank`` (``rerank.py``) adds back.
 
-The vectors are kept beside the store in ``STORE.retrieval/``: ``model.npz``, ``meta.json``
-(the parameters, the store's settings and the model's checksum) and segments of vectors
-(``segment-N.npy``, float16, with their names in ``segment-N.txt``), each written to a
-temporary file and renamed. A run describes only the images no segment holds; a model made
-with other parameters or for a store with other settings is detected and replaced.
+The vectors are kept beside the store in ``STORE.retrieval/`` by the vector index
+(``store/vectors.py``: ``GlobalIndex``), which describes only the images it does not hold yet;
+``Vlad`` is what it makes them with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import re
-import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from ..errors import ConfigError, StoreError
-from ..store.reader import open_store
-from ..store.writer import StoreLock, describe_error, fsync_path, read_store_info
+from ..errors import ConfigError
+from ..store.reader import StoreReader
+from ..store.vectors import BLOCK_BYTES, GlobalIndex, read_descriptors
 from .search import exact_search
-
-MODEL_FORMAT = 1
-SEGMENT_IMAGES = 4096  # images described per segment file
-MAX_SEGMENTS = 16  # more are merged into one (amortised: a merge per 16 growing runs)
-BLOCK_BYTES = 64 << 20  # float32 vectors per block (segment merges; the search on the CPU)
 
 
 @dataclass(frozen=True)
@@ -86,6 +74,9 @@ class VladModel:
             digest.update(np.ascontiguousarray(array, np.float32).tobytes())
         return digest.hexdigest()
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "projection": self.projection, "centroids": self.centroids}
+
     def describe(self, descriptors: np.ndarray) -> np.ndarray:
         """The VLAD vector (K * P,) float32 of one image's (N, D) descriptors; zero if N = 0."""
         local = (torch.from_numpy(np.asarray(descriptors, np.float32)) - torch.from_numpy(self.mean)) @ (
@@ -118,17 +109,6 @@ def sample_descriptors(h5: h5py.File, names: Sequence[str], total: int, seed: in
     return np.concatenate(parts)
 
 
-def read_descriptors(h5: h5py.File, name: str) -> np.ndarray:
-    """One image's descriptors as (N, D) float32, from the store's (D, N)."""
-    try:
-        stored = h5[name]["descriptors"]
-        if stored.ndim != 2:
-            raise ValueError(f"descriptors of shape {stored.shape}, expected D x N")
-        return np.asarray(stored, np.float32).T
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise StoreError(f"{h5.filename}: cannot read the descriptors of '{name}' ({error})") from error
-
-
 def train_model(samples: np.ndarray, config: RetrievalConfig) -> VladModel:
     """PCA to ``config.dims`` and k-means (Lloyd, seeded random initialisation) on the samples."""
     if len(samples) < config.clusters:
@@ -153,174 +133,20 @@ def train_model(samples: np.ndarray, config: RetrievalConfig) -> VladModel:
     return VladModel(mean.numpy(), projection.numpy(), centroids.numpy())
 
 
-class GlobalIndex:
-    """The global descriptors of a feature store, kept in ``STORE.retrieval/`` (module doc).
+@dataclass(frozen=True)
+class Vlad:
+    """VLAD with ``config`` as the vector index's describer (``store.vectors.Describer``)."""
 
-    ``update`` brings them up to date with the store (training the model if there is none or
-    it is stale) under a lock; then ``vectors`` reads any names' vectors from the segments.
-    """
+    config: RetrievalConfig
 
-    def __init__(self, features: Path, config: RetrievalConfig) -> None:
-        self.features = Path(features)
-        self.config = config
-        self.folder = self.features.with_name(self.features.name + ".retrieval")
-        self.model: VladModel | None = None
-        self.names: list[str] = []  # the store's images, sorted (``update``)
-        self.rows: dict[str, tuple[int, int]] = {}  # name -> segment number, row
-        self.segments: dict[int, np.ndarray] = {}  # memory-mapped (rows, dimension) float16
+    def parameters(self) -> dict[str, Any]:
+        return asdict(self.config)
 
-    # -- files ---------------------------------------------------------------------------
-    def _write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
-        """Write ``path`` through a temporary file, fsynced and renamed."""
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        fsync_path(self.folder, directory=True)
+    def model(self, arrays: Mapping[str, np.ndarray]) -> VladModel:
+        return VladModel(arrays["mean"], arrays["projection"], arrays["centroids"])
 
-    def _meta(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return {"format": MODEL_FORMAT, "config": asdict(self.config), "features_settings": settings}
-
-    def _load_model(self, settings: dict[str, Any]) -> VladModel | None:
-        """The kept model if it was made with these parameters for a store of these settings."""
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            meta = json.loads((self.folder / "meta.json").read_text())
-            if {k: v for k, v in meta.items() if k != "model_sha1"} != self._meta(settings):
-                return None
-            with np.load(self.folder / "model.npz") as data:
-                model = VladModel(data["mean"], data["projection"], data["centroids"])
-            if model.checksum() == meta["model_sha1"]:
-                return model
-        return None
-
-    def _segment_numbers(self) -> list[int]:
-        found = (re.fullmatch(r"segment-(\d+)\.npy", p.name) for p in self.folder.glob("segment-*.npy"))
-        return sorted(int(match[1]) for match in found if match)
-
-    def _open_segments(self) -> None:
-        """Map every complete segment; drop what a killed run left (a vectors file without its
-        names, temporaries)."""
-        for stale in self.folder.glob("*.tmp"):
-            stale.unlink()
-        self.rows, self.segments = {}, {}
-        for number in self._segment_numbers():
-            names_path = self.folder / f"segment-{number}.txt"
-            try:
-                vectors = np.load(self.folder / f"segment-{number}.npy", mmap_mode="r")
-                names = names_path.read_text(encoding="utf-8").splitlines() if names_path.exists() else []
-            except (OSError, ValueError):
-                vectors, names = np.zeros((0, 0)), [""]
-            if len(names) != len(vectors) or vectors.shape[1:] != (self.model.dimension,):
-                del vectors
-                (self.folder / f"segment-{number}.npy").unlink()
-                names_path.unlink(missing_ok=True)
-                continue
-            self.segments[number] = vectors
-            self.rows.update((name, (number, row)) for row, name in enumerate(names))
-
-    def _add_segment(self, names: list[str], vectors: np.ndarray) -> None:
-        number = max(self._segment_numbers(), default=0) + 1
-        self._write(
-            self.folder / f"segment-{number}.txt",
-            lambda f: f.write("".join(n + "\n" for n in names).encode()),
-        )
-        self._write(self.folder / f"segment-{number}.npy", lambda f: np.save(f, vectors))
-
-    # -- updating ------------------------------------------------------------------------
-    def update(self, progress: Callable[[int], None] | None = None) -> int:
-        """Describe the store's images that no segment holds; returns how many were described."""
-        settings, names = read_store_info(self.features, "features")
-        if not names:
-            raise ConfigError(f"{self.features}: the feature store holds no images")
-        self.names = names
-        lock = StoreLock(self.folder)
-        lock.acquire()
-        try:
-            return self._update(settings, names, progress)
-        except OSError as error:
-            raise StoreError(
-                f"{self.folder}: cannot write global descriptors ({describe_error(error)})"
-            ) from error
-        finally:
-            lock.release()
-
-    def _update(
-        self, settings: dict[str, Any], names: list[str], progress: Callable[[int], None] | None
-    ) -> int:
-        with open_store(self.features) as h5:
-            self.model = self._load_model(settings) if self.folder.is_dir() else None
-            if self.model is None:
-                shutil.rmtree(self.folder, ignore_errors=True)
-                self.folder.mkdir()
-                self.model = train_model(
-                    sample_descriptors(h5, names, self.config.sample, self.config.seed), self.config
-                )
-                model = self.model
-                self._write(
-                    self.folder / "model.npz",
-                    lambda f: np.savez(
-                        f, mean=model.mean, projection=model.projection, centroids=model.centroids
-                    ),
-                )
-                meta = {**self._meta(settings), "model_sha1": model.checksum()}
-                self._write(self.folder / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
-            self._open_segments()
-            new = [name for name in names if name not in self.rows]
-            for start in range(0, len(new), SEGMENT_IMAGES):
-                chunk = new[start : start + SEGMENT_IMAGES]
-                vectors = np.stack([self.model.describe(read_descriptors(h5, n)) for n in chunk]).astype(
-                    np.float16
-                )
-                self._add_segment(chunk, vectors)
-                if progress is not None:
-                    progress(len(chunk))
-        if len(self._segment_numbers()) > MAX_SEGMENTS:
-            self._merge()
-        self._open_segments()
-        return len(new)
-
-    def _merge(self) -> None:
-        """Fold every segment into one, written block by block (bounded memory) before the old
-        ones are deleted; a name held twice (a merge killed before its deletions) is kept once."""
-        self._open_segments()
-        numbers = sorted(self.segments)
-        names = sorted(self.rows)
-        number = numbers[-1] + 1
-        self._write(
-            self.folder / f"segment-{number}.txt",
-            lambda f: f.write("".join(n + "\n" for n in names).encode()),
-        )
-        temporary = self.folder / f"segment-{number}.npy.tmp"
-        merged = np.lib.format.open_memmap(temporary, "w+", np.float16, (len(names), self.model.dimension))
-        for start, end in _blocks(len(names), self.model.dimension):
-            merged[start:end] = self.vectors(names[start:end])
-        merged.flush()
-        del merged
-        fsync_path(temporary)
-        os.replace(temporary, self.folder / f"segment-{number}.npy")
-        fsync_path(self.folder, directory=True)
-        self.segments = {}
-        for old in numbers:
-            (self.folder / f"segment-{old}.txt").unlink()
-            (self.folder / f"segment-{old}.npy").unlink()
-
-    # -- reading -------------------------------------------------------------------------
-    def vectors(self, names: Sequence[str]) -> np.ndarray:
-        """The (len(names), dimension) float32 vectors of ``names`` (all described)."""
-        out = np.empty((len(names), self.model.dimension), np.float32)
-        where = np.array([self.rows[name] for name in names], np.int64).reshape(-1, 2)
-        for number in np.unique(where[:, 0]):
-            picked = np.flatnonzero(where[:, 0] == number)
-            out[picked] = self.segments[int(number)][where[picked, 1]]
-        return out
-
-
-def _blocks(count: int, dimension: int) -> Iterator[tuple[int, int]]:
-    rows = max(1, BLOCK_BYTES // (4 * dimension))
-    for start in range(0, count, rows):
-        yield start, min(count, start + rows)
+    def train(self, h5: StoreReader, names: list[str]) -> VladModel:
+        return train_model(sample_descriptors(h5, names, self.config.sample, self.config.seed), self.config)
 
 
 def nearest_images(
@@ -423,7 +249,7 @@ def retrieval_pairs(
         raise ConfigError(f"--num-matched must be >= 1, got {num_matched}")
     if rerank_top is not None and rerank_top < num_matched:
         raise ConfigError(f"--rerank ({rerank_top}) must be at least --num-matched ({num_matched})")
-    index = GlobalIndex(features, config or RetrievalConfig())
+    index = GlobalIndex(features, Vlad(config or RetrievalConfig()))
     index.update(progress)
     names = index.names  # a name kept from an entry the store no longer has is not used
     known = set(names)

@@ -31,10 +31,12 @@ import h5py
 import numpy as np
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
-from ..pairs.core import flat_name
+from ..names import flat_name
 from ..report import JsonReport, counted, listed
+from ..store.atomic import atomic_write
+from ..store.catalog import StoreInfo, read_store, read_store_info
+from ..store.failures import damaged_error, describe_error
 from ..store.reader import open_store
-from ..store.writer import StoreInfo, damaged_error, describe_error, fsync_path, read_store, read_store_info
 from .child import run_in_child
 from .config import (
     DEFAULT_CAMERA_MODE,
@@ -432,7 +434,7 @@ def write_database(
     temporary = _temporary_beside(database)
     temporary.unlink(missing_ok=True)
     try:
-        with failures_reported(database, "write the database"):
+        with failures_reported(database, "write the database"), atomic_write(database, temporary):
             if summary.updated:
                 shutil.copyfile(database, temporary)
             with colmap_logging(verbose):
@@ -462,8 +464,6 @@ def write_database(
                 found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
                 summary.verified_pairs, inliers = found.fetchone()
                 summary.inlier_matches = inliers or 0
-            fsync_path(temporary)
-            os.replace(temporary, database)
     finally:
         for suffix in ("", "-journal", "-wal", "-shm"):  # SQLite's files beside the database
             temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)

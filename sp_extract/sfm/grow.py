@@ -33,9 +33,11 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
-from ..pairs.core import Pair, pair_key
+from ..names import pair_key
+from ..pairs.core import Pair
+from ..store.atomic import atomic_write, fsync_path
+from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
-from ..store.writer import damaged_error, describe_error, fsync_path
 from .child import run_in_child
 from .colmap import (
     Cameras,
@@ -252,21 +254,22 @@ def add_to_database(
     marker = _addition_marker(database)
     try:
         with failures_reported(database, "write the database"):
-            if create:
-                target.unlink(missing_ok=True)
-            else:
-                marker.touch()
-            added = _add(target, images, features, matches, names, pairs, camera_model, camera_mode, verbose)
-            if not create:
-                marker.unlink()
-            if create:
-                with contextlib.closing(sqlite3.connect(target)) as db:
-                    db.execute(f"PRAGMA application_id = {secrets.randbelow(1 << 31) + 1}")
-                    db.commit()
-            verified = _verify_missing(target, seed, verbose)
-            if create:
-                fsync_path(target)
-                os.replace(target, database)
+            with atomic_write(database, target) if create else contextlib.nullcontext():
+                if create:
+                    target.unlink(missing_ok=True)
+                else:
+                    marker.touch()
+                added = _add(
+                    target, images, features, matches, names, pairs, camera_model, camera_mode, verbose
+                )
+                if not create:
+                    marker.unlink()
+                if create:
+                    with contextlib.closing(sqlite3.connect(target)) as db:
+                        db.execute(f"PRAGMA application_id = {secrets.randbelow(1 << 31) + 1}")
+                        db.commit()
+                verified = _verify_missing(target, seed, verbose)
+            if create:  # after the rename: the new database needs no marker
                 marker.unlink(missing_ok=True)
     finally:
         if create:

@@ -17,7 +17,6 @@ import base64
 import contextlib
 import html
 import json
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ import numpy as np
 from ..errors import ConfigError
 from ..inspect.show import FeatureSource, draw_keypoints, draw_matches
 from ..report import counted
+from ..store.atomic import atomic_write
+from ..store.catalog import read_store_info
 from ..store.reader import open_store
-from ..store.writer import read_store_info
 from .colmap import import_pycolmap
 from .grow import MAX_IMAGE_ID
 
@@ -213,14 +213,11 @@ def write_report(work: Path | str, images: Path | str | None = None, out: Path |
     keypoints, matches, pairs = _database_counts(work / "database.db")
     added = set((run or {}).get("added_images", []))
     page = _page(work, images, run, model, keypoints, matches, pairs, added)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(page, encoding="utf-8")
-        os.replace(temporary, out)
+        with atomic_write(out, durable=False) as temporary:
+            temporary.write_text(page, encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{out}: cannot write the report ({error.strerror or error})") from error
-    finally:
-        temporary.unlink(missing_ok=True)
     return out
 
 

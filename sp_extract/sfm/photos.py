@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, StoreError
+from ..store.atomic import atomic_write
 
 MANIFEST = "photos.json"
 MANIFEST_FORMAT = 1
@@ -104,12 +104,9 @@ class PhotoManifest:
         self.entries = {name: entry for name, entry in self.entries.items() if name in names}
 
     def save(self) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         data = {"format": MANIFEST_FORMAT, "photos": dict(sorted(self.entries.items()))}
         try:
-            temporary.write_text(json.dumps(data, indent=0) + "\n", encoding="utf-8")
-            os.replace(temporary, self.path)
+            with atomic_write(self.path, durable=False) as temporary:
+                temporary.write_text(json.dumps(data, indent=0) + "\n", encoding="utf-8")
         except OSError as error:
             raise StoreError(f"{self.path}: cannot write ({error.strerror or error})") from error
-        finally:
-            temporary.unlink(missing_ok=True)

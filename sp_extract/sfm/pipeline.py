@@ -43,7 +43,7 @@ from ..pairs.core import (
 )
 from ..processes import start_child_server
 from ..report import JsonReport, counted, listed
-from ..store.writer import read_store_info
+from ..store.catalog import read_store_info
 from .colmap import ModelStats, check_camera_model, check_database, implausible_warning, import_pycolmap
 from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
 from .grow import (

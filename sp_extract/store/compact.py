@@ -13,7 +13,10 @@ from pathlib import Path
 import h5py
 
 from ..errors import StoreError
-from .writer import H5_ERRORS, KIND_ATTR, MARKERS, StoreWriter, live_segments, part_files, read_store_file
+from .catalog import live_segments, part_files, read_store_file
+from .failures import H5_ERRORS
+from .format import KIND_ATTR, MARKERS
+from .writer import StoreWriter
 
 
 def compact_store(path: Path) -> tuple[int, int]:

@@ -28,6 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import atomic_write
+
 MAGIC = 0x5350_4958_0001  # "SPIX", format 1
 HEADER = 4  # magic, inode, size, mtime_ns
 
@@ -53,20 +55,14 @@ def identity(file: Path) -> np.ndarray:
 
 def write_index(file: Path, hashes: np.ndarray, described: Path | None = None) -> None:
     """Write ``file``'s sidecar durably for the hashes of its entries. ``described`` is the file
-    whose identity is recorded when it is not yet in place (the temporary renamed to ``file``).
-    The caller fsyncs the folder after renaming the file itself."""
+    whose identity is recorded when it is not yet in place (the temporary renamed to ``file``)."""
     target = index_path(file)
-    temporary = target.with_name(target.name + ".tmp")
     header = np.concatenate([np.array([MAGIC], dtype=np.uint64), identity(described or file)])
-    try:
-        with open(temporary, "wb") as out:
-            np.save(out, np.concatenate([header, np.unique(hashes.astype(np.uint64))]))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_write(target, target.with_name(target.name + ".tmp")) as temporary,
+        open(temporary, "wb") as out,
+    ):
+        np.save(out, np.concatenate([header, np.unique(hashes.astype(np.uint64))]))
 
 
 def load_index(file: Path) -> np.ndarray | None:

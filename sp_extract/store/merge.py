@@ -1,4 +1,4 @@
-"""``merge``: fold stores of one run (shards, ``cluster.shards``) into one store.
+"""``merge``: fold stores of one run (shards, ``sp_extract.shards``) into one store.
 
 The inputs must be stores of one kind made with the same settings (weights and, for match
 stores, the same feature store included); an entry held by several inputs is kept once if its
@@ -24,11 +24,11 @@ import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
-from ..pairs.core import pair_key
+from ..names import pair_key
 from ..report import Progress, Summary
-from .reader import StoreReader, open_store
-from .writer import (
-    H5_ERRORS,
+from .catalog import StoreInfo, part_files, read_store, settings_difference
+from .failures import H5_ERRORS, damaged_error, describe_error, open_error
+from .format import (
     KIND_ATTR,
     MARKERS,
     REPLACING_ATTR,
@@ -37,16 +37,10 @@ from .writer import (
     VERSION_ATTR,
     Entry,
     EntryAttrs,
-    StoreInfo,
-    StoreLock,
-    StoreWriter,
-    damaged_error,
-    describe_error,
-    open_error,
-    part_files,
-    read_store,
-    settings_difference,
 )
+from .lock import StoreLock
+from .reader import StoreReader, open_store
+from .writer import StoreWriter
 
 OWN_ATTRS = {KIND_ATTR, VERSION_ATTR, SETTINGS_ATTR, STORE_ID_ATTR, REPLACING_ATTR}
 # entries are copied from the inputs at flush time (add_copy: the buffer holds no data), so a
@@ -162,7 +156,7 @@ def _unheld(kind: str, expected: list[str], held: dict[str, Any]) -> list[str]:
 
 def missing_shards(stores: list[Path]) -> list[str]:
     """Shards absent from ``stores`` when all are named as shards ``K-of-N.h5`` of one N."""
-    from ..cluster.shards import shard_of_store
+    from ..shards import shard_of_store
 
     shards = [shard_of_store(path) for path in stores]
     counts = {shard.count for shard in shards if shard}

@@ -18,17 +18,9 @@ from typing import Any
 import h5py
 
 from ..errors import StoreError
-from .writer import (
-    H5_ERRORS,
-    KIND_ATTR,
-    MARKERS,
-    STORE_ID_ATTR,
-    entry_names,
-    file_names,
-    open_error,
-    segment_errors,
-    segment_files,
-)
+from .catalog import file_names, segment_files
+from .failures import H5_ERRORS, open_error, segment_errors
+from .format import KIND_ATTR, MARKERS, STORE_ID_ATTR, entry_names
 
 OPEN_ATTEMPTS = 10
 

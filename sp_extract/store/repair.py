@@ -22,8 +22,9 @@ import h5py
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, StoreError
 from ..report import JsonReport, Summary
-from .writer import (
-    H5_ERRORS,
+from .catalog import part_files, read_store_info, segment_files
+from .failures import H5_ERRORS, describe_error, open_error
+from .format import (
     KIND_ATTR,
     MARKERS,
     REPLACING_ATTR,
@@ -31,17 +32,12 @@ from .writer import (
     SETTINGS_ATTR,
     STORE_ID_ATTR,
     VERSION_ATTR,
-    DescriptorFile,
     Entry,
     EntryAttrs,
-    StoreWriter,
-    describe_error,
-    open_error,
-    part_files,
-    read_store_info,
-    segment_files,
     shape_problem,
 )
+from .h5file import DescriptorFile
+from .writer import StoreWriter
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..pairs.core import flat_name
+from .errors import ConfigError
+from .names import flat_name
 
 SHARD_NAME = re.compile(r"(\d+)-of-(\d+)\.h5")
 
