@@ -14,13 +14,13 @@ from .options import (
     DETECTOR,
     FILE,
     FOLDER,
-    MASKS,
     backend_option,
     cluster_options,
     cluster_target,
     config_from,
     device_option,
     extract_options,
+    masks_option,
     out_option,
     precision_option,
     run_options,
@@ -33,7 +33,7 @@ from .options import (
 @click.argument("images_dir", type=FOLDER)
 @out_option(None, "HDF5 feature store to create or extend (hloc layout).", required=True)
 @extract_options(*DETECTOR, "resize_force", "fp32_descriptors", "subpixel", "reduced_decode", "orientation")
-@extract_options("masks", masks=MASKS)
+@masks_option
 @tile_option
 @click.option(
     "--batch-size",

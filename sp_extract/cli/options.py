@@ -60,10 +60,11 @@ def option_from(config: type, name: str, *decls: str, **overrides: Any) -> Decor
     elif kind is bool:
         settings["is_flag"] = True
     else:
-        choices = item.metadata.get("choices")
-        settings["type"] = click.Choice(choices) if choices else kind if kind is not str else None
-        settings["default"] = item.default
-        settings["show_default"] = item.default is not None
+        settings.update(default=item.default, show_default=item.default is not None)
+        if "choices" in item.metadata:
+            settings["type"] = click.Choice(item.metadata["choices"])
+        elif kind is not str:
+            settings["type"] = kind
         if "metavar" in item.metadata:
             settings["metavar"] = item.metadata["metavar"]
     settings.update(overrides)
@@ -102,8 +103,14 @@ def masks_path(_ctx: click.Context, _param: click.Parameter, path: Path | None) 
     return str(path) if path else ""
 
 
-MASKS = {"type": click.Path(exists=True, file_okay=False, path_type=Path), "default": None}
-MASKS.update(callback=masks_path, show_default=False)
+masks_option = option_from(
+    ExtractConfig,
+    "masks",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    show_default=False,
+    callback=masks_path,
+)
 DETECTOR = ("max_keypoints", "threshold", "nms_radius", "border", "resize_max")  # extract's first
 
 
@@ -220,12 +227,13 @@ cluster_options = stacked(  # extract and match-pairs on many machines (issue 12
     ),
 )
 
+verbose_option = click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
 colmap_options = stacked(  # --seed, --num-threads and --verbose of colmap, reconstruct and sfm
     click.option("--seed", default=0, show_default=True, help="Seed of COLMAP's random choices."),
     click.option(
         "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
     ),
-    click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log."),
+    verbose_option,
 )
 
 camera_options = stacked(  # the cameras of colmap and sfm

@@ -15,7 +15,6 @@ from ..sfm.config import MODEL_FORMATS, MODEL_FORMATS_HELP
 from .errors import finish_run, reports_errors
 from .options import (
     FOLDER,
-    MASKS,
     backend_option,
     camera_mode_of,
     camera_options,
@@ -27,12 +26,14 @@ from .options import (
     file_option,
     images_option,
     json_report_option,
+    masks_option,
     match_options,
     out_option,
     precision_option,
     quiet_option,
     report_option,
     tile_option,
+    verbose_option,
     weights_option,
 )
 
@@ -145,7 +146,8 @@ def reconstruct(
 )
 @click.option("--rebuild", is_flag=True, help="Map the model from scratch (needed after a photo changed).")
 @extract_options("max_keypoints", "threshold", "nms_radius", "resize_max", "subpixel")
-@extract_options("masks", "orientation", masks=MASKS)
+@masks_option
+@extract_options("orientation")
 @tile_option
 @precision_option()
 @backend_option
@@ -218,7 +220,7 @@ def sfm(
 @click.option(
     "--num-threads", default=-1, show_default=True, help="Threads for COLMAP's undistortion; -1 all."
 )
-@click.option("--verbose", "-v", is_flag=True, help="Show COLMAP's own log.")
+@verbose_option
 @reports_errors
 def export_model(
     model_dir: Path, out: Path, fmt: str | None, images: Path | None, num_threads: int, verbose: bool
