@@ -50,7 +50,17 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, [*head, *rest])
 
 
-@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+COMMANDS = (
+    *(extract.extract, extract.export, pairs.pairs, match.match_pairs),
+    *(store.merge, store.repair, store.compact),
+    *(sfm.colmap, sfm.reconstruct, sfm.sfm, sfm.export_model, sfm.report),
+    *(inspect.info, inspect.show, inspect.evaluate),
+)
+
+
+@click.group(
+    cls=DefaultCommandGroup, commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, "-V", "--version", prog_name="sp-extract")
 @click.option(
     "--debug",
@@ -80,26 +90,6 @@ def cli(debug: bool) -> None:
     3 unexpected error (one line; the traceback in a log file, or shown with 'sp-extract --debug'),
     130/143 interrupted by SIGINT/SIGTERM (finished work is saved), 141 output closed by its reader.
     """
-
-
-for command in (
-    extract.extract,
-    extract.export,
-    pairs.pairs,
-    match.match_pairs,
-    store.merge,
-    store.repair,
-    store.compact,
-    sfm.colmap,
-    sfm.reconstruct,
-    sfm.sfm,
-    sfm.export_model,
-    sfm.report,
-    inspect.info,
-    inspect.show,
-    inspect.evaluate,
-):
-    cli.add_command(command)
 
 
 def main() -> None:
