@@ -22,7 +22,7 @@ import torch
 from conftest import write_image
 
 from sp_extract import ExtractConfig, extract
-from sp_extract.cli import show_warning
+from sp_extract.cli.errors import show_warning
 from sp_extract.devices import ShapeTuning, copy_to_host, for_other_thread, restored_settings, to_device
 from sp_extract.errors import SpExtractWarning
 from sp_extract.extraction import backends, pipeline

@@ -183,7 +183,7 @@ NIGHTLY = ROOT / "examples" / "nightly"
 def parsed_sfm_command(command: str, tmp_path: Path) -> dict:
     """The parameters click gives ``sfm`` for a command line, its /srv/sfm paths moved into
     ``tmp_path`` (``--json-report``'s folder must exist); an unknown option fails here."""
-    from sp_extract.cli import sfm
+    from sp_extract.cli.sfm import sfm
 
     (tmp_path / "sfm").mkdir(exist_ok=True)
     words = shlex.split(command.replace("/srv/sfm", str(tmp_path / "sfm")))

@@ -30,18 +30,15 @@ from ..devices import ShapeTuning, to_device
 from ..errors import ConfigError
 from ..store.atomic import atomic_write
 from . import model as model_module
+from .config import BACKENDS, CPU_ONLY_PRECISIONS, EXPORT_FORMATS, EXPORT_PRECISIONS
 from .weights import cache_dir, load_weights
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("scores", "descriptors")
 OPSET = 17
-EXPORT_FORMATS = ("onnx", "openvino")
-EXPORT_PRECISIONS = ("fp32", "int8")
 OPENVINO_HINT = "OpenVINO is not installed: pip install 'sp-extract[openvino]' (or pip install openvino)"
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _OPENVINO_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}  # int8: its float rest
-CPU_ONLY_PRECISIONS = ("int8",)  # run by onnxruntime or openvino only
 
 
 class Backend(Protocol):

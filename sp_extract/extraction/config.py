@@ -6,7 +6,7 @@ refused on resume (unless ``--overwrite``). Defaults are those of the reference 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -19,24 +19,70 @@ RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf"
 RAW_EXTENSIONS += (".raf", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".erf", ".kdc", ".dcr", ".mrw", ".rwl")
 OTHER_IMAGE_EXTENSIONS = (".gif", ".avif", ".jxl", ".jp2", ".j2k", ".exr", ".hdr", ".psd", ".svg", ".ico")
 ORIENTATIONS = ("exif", "ignore")  # exif: the network sees images as a viewer shows them
+CPU_ONLY_PRECISIONS = ("int8",)  # run by onnxruntime or openvino only
+TORCH_PRECISIONS = tuple(p for p in PRECISIONS if p not in CPU_ONLY_PRECISIONS)  # what PyTorch runs
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")  # what runs the network (``backends``)
+EXPORT_FORMATS = ("onnx", "openvino")
+EXPORT_PRECISIONS = ("fp32", "int8")
+# each field's ``help`` (and ``choices``) is what the CLI shows; ``cli/options.py`` builds the options
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
     """Detector, resize and storage settings of one extraction."""
 
-    max_keypoints: int = -1
-    threshold: float = 0.005
-    nms_radius: int = 4
-    border: int = 4
-    resize_max: int = 1024
-    resize_force: bool = False
-    fp32_descriptors: bool = False
-    precision: str = "fp32"
-    subpixel: bool = False
-    reduced_decode: bool = False
-    orientation: str = "exif"  # "exif": the network sees images as a viewer shows them; "ignore"
-    masks: str = ""  # folder of COLMAP-style masks, recorded as its absolute path; "": none
+    max_keypoints: int = field(default=-1, metadata={"help": "Keep the best N per image; -1 keeps all."})
+    threshold: float = field(default=0.005, metadata={"help": "Detection score threshold."})
+    nms_radius: int = field(default=4, metadata={"help": "Non-maximum suppression radius (px)."})
+    border: int = field(default=4, metadata={"help": "Drop keypoints this close to the border (px)."})
+    resize_max: int = field(
+        default=1024,
+        metadata={"help": "Downscale so the longest side is at most this (px); 0 keeps the native size."},
+    )
+    resize_force: bool = field(
+        default=False, metadata={"help": "Also upscale smaller images to --resize-max."}
+    )
+    fp32_descriptors: bool = field(
+        default=False, metadata={"help": "Store descriptors as float32 (default float16)."}
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "choices": PRECISIONS,
+            "help": "Network arithmetic; fp16/bf16 are faster on GPUs, int8 (statically quantized, CPU "
+            'backends only; README "int8") on CPUs, but they change the features slightly '
+            "(a setting of the store).",
+        },
+    )
+    subpixel: bool = field(
+        default=False,
+        metadata={
+            "help": "Move keypoints to sub-pixel score peaks (quadratic fit); lowers SfM reprojection error."
+        },
+    )
+    reduced_decode: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode JPEGs at 1/2, 1/4 or 1/8 scale when the working size allows (faster on large "
+            "photos; pixels differ slightly from a full decode). Always on above 100 Mpx."
+        },
+    )
+    orientation: str = field(
+        default="exif",
+        metadata={
+            "choices": ORIENTATIONS,
+            "help": "exif: the network sees each photo as a viewer shows it (EXIF orientation of JPEG, TIFF, "
+            "PNG, WebP); keypoints and image_size stay in the stored pixel frame, the one COLMAP reads. "
+            "ignore: the stored pixels as they are (a setting of the store).",
+        },
+    )
+    masks: str = field(  # folder of COLMAP-style masks, recorded as its absolute path; "": none
+        default="",
+        metadata={
+            "help": "COLMAP-style masks: DIR/NAME.png for image NAME, the stored image's size; no keypoints "
+            "on zero pixels. An image without a mask uses the whole image (a setting of the store)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_keypoints == 0 or self.max_keypoints < -1:

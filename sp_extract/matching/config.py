@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from .verify import VERIFY_MIN_MATCHES
 
 MATCHERS = ("nn", "superglue", "lightglue")
-# each learned matcher's options and their defaults (those of Magic Leap's and cvg's code)
+# each learned matcher's options and their defaults (those of Magic Leap's and cvg's code), defined
+# here once: the networks' own defaults (superglue.py, lightglue.py) and the CLI's help read them
 LEARNED_OPTIONS = {
     "superglue": {"sinkhorn_iterations": 100, "match_threshold": 0.2},
     "lightglue": {"depth_confidence": 0.95, "width_confidence": 0.99, "filter_threshold": 0.1},
 }
+VERIFY_MIN_MATCHES = {"fundamental": 8, "homography": 4}  # fewer matches cannot be verified
+# each field's ``help`` (and ``choices``) is what the CLI shows; ``cli/options.py`` builds the options
 
 
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _learned(matcher: str, name: str, help: str, note: str = "") -> Any:
+    """A learned matcher's option: None for its default (from LEARNED_OPTIONS, shown in the help)."""
+    label = {"superglue": "SuperGlue", "lightglue": "LightGlue"}[matcher]
+    default = LEARNED_OPTIONS[matcher][name]
+    return field(default=None, metadata={"help": f"{label}: {help} [default: {default}{note}]."})
 
 
 @dataclass(frozen=True)
@@ -25,18 +34,48 @@ class MatchConfig:
     """Matcher settings; recorded in the match store and checked on resume (those that play a
     part: see ``settings``; a learned matcher's weights by their identity)."""
 
-    mutual: bool = True
-    ratio: float | None = None
-    max_distance: float | None = None
-    verify: str | None = None
-    verify_threshold: float = 4.0
-    matcher: str = "nn"
-    matcher_weights: str | None = None
-    sinkhorn_iterations: int | None = None
-    match_threshold: float | None = None
-    depth_confidence: float | None = None
-    width_confidence: float | None = None
-    filter_threshold: float | None = None
+    mutual: bool = field(default=True, metadata={"help": "Keep only mutual nearest neighbours."})
+    ratio: float | None = field(
+        default=None, metadata={"help": "Lowe's ratio test on descriptor distances (hloc NN-ratio: 0.8)."}
+    )
+    max_distance: float | None = field(
+        default=None,
+        metadata={"help": "Largest L2 distance of unit descriptors (hloc NN-superpoint: 0.7)."},
+    )
+    verify: str | None = field(
+        default=None,
+        metadata={
+            "choices": tuple(VERIFY_MIN_MATCHES),
+            "help": "Keep only inliers of a fundamental matrix or homography (OpenCV USAC MAGSAC).",
+        },
+    )
+    verify_threshold: float = field(default=4.0, metadata={"help": "Largest inlier error for --verify (px)."})
+    matcher: str = field(
+        default="nn",
+        metadata={
+            "choices": MATCHERS,
+            "help": "nn: nearest neighbours; superglue, lightglue: the learned matchers (see README).",
+        },
+    )
+    matcher_weights: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "NAME|PATH",
+            "help": "superglue-outdoor (default), superglue-indoor, lightglue-superpoint (default), or a "
+            ".pth / transformers checkpoint (.safetensors, .bin) of either project.",
+        },
+    )
+    sinkhorn_iterations: int | None = _learned(
+        "superglue", "sinkhorn_iterations", "Sinkhorn iterations", "; hloc uses 50"
+    )
+    match_threshold: float | None = _learned("superglue", "match_threshold", "smallest match score kept")
+    depth_confidence: float | None = _learned(
+        "lightglue", "depth_confidence", "stop a pair early when this share of keypoints is confident, -1 off"
+    )
+    width_confidence: float | None = _learned(
+        "lightglue", "width_confidence", "prune keypoints unlikely to match (adaptive width), -1 off"
+    )
+    filter_threshold: float | None = _learned("lightglue", "filter_threshold", "smallest match score kept")
 
     def __post_init__(self) -> None:
         if self.matcher not in MATCHERS:

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LEARNED_OPTIONS
 from .learned import PaddedFeatures, mutual_matches
+
+DEFAULTS = LEARNED_OPTIONS["lightglue"]
 
 
 def normalize_keypoints(keypoints: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
@@ -200,9 +203,9 @@ class LightGlue(nn.Module):
 
     def __init__(
         self,
-        depth_confidence: float = 0.95,
-        width_confidence: float = 0.99,
-        filter_threshold: float = 0.1,
+        depth_confidence: float = DEFAULTS["depth_confidence"],
+        width_confidence: float = DEFAULTS["width_confidence"],
+        filter_threshold: float = DEFAULTS["filter_threshold"],
         dim: int = 256,
         heads: int = 4,
         layers: int = 9,

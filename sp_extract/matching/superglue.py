@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LEARNED_OPTIONS
 from .learned import PaddedFeatures, mutual_matches
+
+DEFAULTS = LEARNED_OPTIONS["superglue"]
 
 
 class LinearBatchNormReLU(nn.Module):
@@ -104,8 +107,8 @@ class SuperGlue(nn.Module):
 
     def __init__(
         self,
-        sinkhorn_iterations: int = 100,
-        match_threshold: float = 0.2,
+        sinkhorn_iterations: int = DEFAULTS["sinkhorn_iterations"],
+        match_threshold: float = DEFAULTS["match_threshold"],
         dim: int = 256,
         heads: int = 4,
         layers: int = 18,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-VERIFY_MIN_MATCHES = {"fundamental": 8, "homography": 4}  # fewer matches cannot be verified
+from .config import VERIFY_MIN_MATCHES
+
 VERIFY_CONFIDENCE = 0.999
 VERIFY_MAX_ITERS = 10_000
 

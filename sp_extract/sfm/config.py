@@ -14,6 +14,12 @@ DEFAULT_CAMERA_MODE = "auto"
 PLAUSIBLE_FOCAL_RATIO = (0.1, 10.0)
 # what export-model and sfm --export write (``handoff``)
 MODEL_FORMATS = ("gaussian-splatting", "nerfstudio", "ply")
+MODEL_FORMATS_HELP = (
+    "gaussian-splatting: undistorted images/ and PINHOLE sparse/0 (3DGS; OpenMVS reads sparse/); "
+    "nerfstudio: transforms.json, images/, sparse_pc.ply (nerfstudio, instant-ngp); "
+    "ply: points.ply (coloured) and cameras.ply."
+)
+CAMERA_MODEL_HELP = "COLMAP camera model: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV, ..."
 CAMERA_MODE_HELP = (
     "Which images share a camera (intrinsics): auto: those of one size and EXIF focal length "
     "(without EXIF: of one size, as frames of a video); single: all (one size required); "
