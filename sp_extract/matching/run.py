@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from ..cluster.shards import Shard
-from ..devices import HostCopy, copy_to_host, device_scope
+from ..devices import HostCopy, copy_to_host, device_scope, resolve_device
 from ..errors import ConfigError, StoreError
-from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
 from ..pairs import core as pairs_core
 from ..pairs.core import FilePosition, Pair, PairChunk, pair_key, read_pair_chunks, stored_pairs

@@ -416,7 +416,7 @@ def retrieval_pairs(
     (``connecting_pairs``). A pair found from both sides is written once. The search and the
     re-ranking run on ``device`` (``auto``: CUDA, then MPS, then the CPU).
     """
-    from ..extraction.pipeline import resolve_device
+    from ..devices import resolve_device
     from .core import merge_pairs, read_name_list
 
     if num_matched < 1:
