@@ -502,7 +502,7 @@ _source_options = stacked(
 
 def _pairable(names: list[str]) -> list[str]:
     """``names`` without those a pairs file cannot hold (white space), with a warning naming them."""
-    from .pairs.core import unpairable
+    from .extraction.discover import unpairable
     from .report import counted, listed
 
     spaced = unpairable(names)

@@ -25,13 +25,12 @@ from ..cluster.shards import Shard
 from ..devices import current_device, device_scope, for_other_thread, release_cached_memory, resolve_device
 from ..errors import ConfigError, SpExtractWarning
 from ..interrupt import graceful_stop
-from ..pairs.core import unpairable
 from ..report import ExtractSummary, Progress, counted, listed
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
-from .discover import find_images
+from .discover import find_images, unpairable
 from .loader import Batch, decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .orientation import to_stored_frame, viewed_size

@@ -18,17 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..extraction.discover import discover_images
+from ..extraction.discover import discover_images, unpairable
 from ..store.index import NameIndex
 from ..store.writer import read_store_info
 
 Pair = tuple[str, str]
-
-
-def unpairable(names: Collection[str]) -> list[str]:
-    """The names a pairs file cannot hold: with white space, which separates its two names (as
-    hloc and COLMAP read it)."""
-    return [name for name in names if len(name.split()) != 1]
 
 
 def flat_name(name: str) -> str:

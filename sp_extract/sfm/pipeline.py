@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..extraction.config import ExtractConfig
-from ..extraction.discover import discover_images
+from ..extraction.discover import discover_images, unpairable
 from ..extraction.tiling import parse_tile
 from ..matching.config import MatchConfig
 from ..pairs.core import (
@@ -38,7 +38,6 @@ from ..pairs.core import (
     merge_pairs,
     read_pairs,
     sequential_pairs,
-    unpairable,
     write_pairs,
 )
 from ..processes import start_child_server
