@@ -30,7 +30,7 @@ from ..inspect.show import FeatureSource, draw_keypoints, draw_matches
 from ..report import counted
 from ..store.reader import open_store
 from ..store.writer import read_store_info
-from .colmap import import_pycolmap
+from .environment import import_pycolmap
 from .grow import MAX_IMAGE_ID
 
 RUN_RECORD = "sfm-run.json"  # in WORK: the last sfm run's summary
