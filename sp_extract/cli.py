@@ -662,11 +662,21 @@ def retrieval(
     """Each image with its K most similar images by a VLAD global descriptor of its SuperPoint
     descriptors (no other network). The descriptors are kept in FEATURES.retrieval/ and only
     new images are described on the next run; --rerank M verifies the M best by matching."""
+    from .matching.rerank import rerank
     from .pairs.retrieval import RetrievalConfig, retrieval_pairs
 
     config = RetrievalConfig(clusters=clusters, dims=dims)
     pairs = retrieval_pairs(
-        features, num_matched, config, query_list, db_list, exclude_self, rerank_top, connect, device
+        features,
+        num_matched,
+        config,
+        query_list,
+        db_list,
+        exclude_self,
+        rerank_top,
+        connect,
+        device,
+        rerank=rerank,
     )
     _write_pairs(pairs, out)
 

@@ -10,7 +10,7 @@ of the collection's descriptors. Why VLAD rather than ASMK or a tf-idf bag of wo
 a fixed-length vector whose similarity is a dot product, so search is exact matrix products in
 bounded blocks, and an image's vector depends only on the model, so a growing collection only
 describes its new images; ASMK and tf-idf need inverted files, and tf-idf weights change with
-every image added. What VLAD lacks in precision, ``--rerank`` (``rerank.py``) adds back.
+every image added. What VLAD lacks in precision, ``--rerank`` (``matching.rerank``) adds back.
 
 The vectors are kept beside the store in ``STORE.retrieval/``: ``model.npz``, ``meta.json``
 (the parameters, the store's settings and the model's checksum) and segments of vectors
@@ -45,6 +45,9 @@ MODEL_FORMAT = 1
 SEGMENT_IMAGES = 4096  # images described per segment file
 MAX_SEGMENTS = 16  # more are merged into one (amortised: a merge per 16 growing runs)
 BLOCK_BYTES = 64 << 20  # float32 vectors per block (segment merges; the search on the CPU)
+# re-ranks (Q, M) candidates by matching (``matching.rerank.rerank``, which the caller passes:
+# matching sits above pairs): features, queries, database, candidates, device -> candidates
+Reranker = Callable[[Path, Sequence[str], Sequence[str], np.ndarray, torch.device], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -405,16 +408,18 @@ def retrieval_pairs(
     connect: bool = True,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    rerank: Reranker | None = None,
 ) -> list[tuple[str, str]]:
     """Pairs of each query image with its ``num_matched`` most similar database images.
 
     Queries and database default to every image of the store (``--query-list``/``--db-list``
     restrict them: localization of new images against a mapped set). With ``rerank_top`` M,
-    the M most similar are re-ranked by matching and verification (``rerank.py``) before the
-    first ``num_matched`` are kept. With ``connect`` (queries and database the same images),
-    the few most similar pairs that join the components of the resulting pair graph are added
-    (``connecting_pairs``). A pair found from both sides is written once. The search and the
-    re-ranking run on ``device`` (``auto``: CUDA, then MPS, then the CPU).
+    the M most similar are re-ranked by ``rerank`` (matching and verification:
+    ``matching.rerank.rerank``) before the first ``num_matched`` are kept. With ``connect``
+    (queries and database the same images), the few most similar pairs that join the components
+    of the resulting pair graph are added (``connecting_pairs``). A pair found from both sides
+    is written once. The search and the re-ranking run on ``device`` (``auto``: CUDA, then MPS,
+    then the CPU).
     """
     from ..devices import resolve_device
     from .core import merge_pairs, read_name_list
@@ -423,6 +428,10 @@ def retrieval_pairs(
         raise ConfigError(f"--num-matched must be >= 1, got {num_matched}")
     if rerank_top is not None and rerank_top < num_matched:
         raise ConfigError(f"--rerank ({rerank_top}) must be at least --num-matched ({num_matched})")
+    if rerank_top is not None and rerank is None:
+        raise ValueError(
+            "rerank_top needs rerank, the re-ranking by matching (sp_extract.matching.rerank.rerank)"
+        )
     index = GlobalIndex(features, config or RetrievalConfig())
     index.update(progress)
     names = index.names  # a name kept from an entry the store no longer has is not used
@@ -436,9 +445,7 @@ def retrieval_pairs(
     device_used = resolve_device(device)
     width = rerank_top or num_matched
     found, _ = nearest_images(index, queries, database, width, *(groups or (None, None)), device_used)
-    if rerank_top is not None:
-        from .rerank import rerank
-
+    if rerank is not None and rerank_top is not None:
         found = rerank(features, queries, database, found, device_used)
     pairs = merge_pairs(
         [(query, database[i]) for query, row in zip(queries, found[:, :num_matched]) for i in row[row >= 0]]
