@@ -33,7 +33,7 @@ from pathlib import Path
 import pycolmap
 
 from sp_extract.inspect.poses import AUC_THRESHOLDS, evaluate_poses
-from sp_extract.sfm.colmap import colmap_logging
+from sp_extract.sfm.environment import colmap_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

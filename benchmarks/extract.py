@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 import torch
 
+from sp_extract.devices import resolve_device
 from sp_extract.errors import SpExtractError
 from sp_extract.extraction.backends import choose_backend, make_backend, network_model
 from sp_extract.extraction.config import ExtractConfig
@@ -52,7 +53,6 @@ from sp_extract.extraction.pipeline import (
     default_batch_size,
     extract,
     library_threads,
-    resolve_device,
 )
 from sp_extract.extraction.postprocess import (
     Features,

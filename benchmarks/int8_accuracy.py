@@ -35,9 +35,10 @@ import h5py
 import numpy as np
 import torch
 
-from sp_extract.extraction.backends import OnnxRuntimeBackend, onnx_model
+from sp_extract.extraction.backends import OnnxRuntimeBackend
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image, working_size
+from sp_extract.extraction.onnx_export import onnx_model
 from sp_extract.extraction.pipeline import extract
 from sp_extract.extraction.postprocess import postprocess
 from sp_extract.extraction.quantize import FLOAT_NODES, builtin_calibration, quantize

@@ -36,9 +36,9 @@ def build(work: Path, count: int, resize_max: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from support.superpoint_reference import dense_v1
 
-    from sp_extract.extraction.backends import onnx_model
     from sp_extract.extraction.config import ExtractConfig
     from sp_extract.extraction.decode import load_image
+    from sp_extract.extraction.onnx_export import onnx_model
     from sp_extract.extraction.quantize import FLOAT_NODES, VARIANTS, builtin_calibration, quantize
     from sp_extract.extraction.weights import load_weights
 

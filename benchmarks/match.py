@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from sp_extract import ExtractConfig, extract
-from sp_extract.extraction.pipeline import resolve_device
+from sp_extract.devices import resolve_device
 from sp_extract.matching.config import MatchConfig
 from sp_extract.matching.learned import PaddedFeatures
 from sp_extract.matching.lightglue import LightGlue

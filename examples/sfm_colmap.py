@@ -14,9 +14,11 @@ from pathlib import Path
 
 from sp_extract import ExtractConfig, extract
 from sp_extract.errors import SpExtractError
+from sp_extract.extraction.discover import unpairable
 from sp_extract.matching.run import match_pairs
-from sp_extract.pairs.core import exhaustive_pairs, source_names, unpairable, write_pairs
-from sp_extract.sfm.colmap import reconstruct, write_database
+from sp_extract.pairs.core import exhaustive_pairs, source_names, write_pairs
+from sp_extract.sfm.colmap import write_database
+from sp_extract.sfm.mapping import reconstruct
 
 
 def run() -> None:

@@ -1,6 +1,7 @@
 """Device specifics shared by extraction and matching: the few CUDA and Apple MPS rules, in one
 place, so that every other line runs the same on the CPU.
 
+- ``resolve_device``: the ``--device`` choice (``auto``: CUDA, then MPS, then the CPU).
 - ``device_scope``: a run's device made current (``current_device``: a CUDA call that names no
   device acts on it, not on GPU 0), and PyTorch's process-wide settings restored when it ends.
 - ``to_device``: host to device; asynchronous only from pinned memory to CUDA.
@@ -19,6 +20,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; else ``cpu``, ``cuda[:N]``, ``mps``."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N, mps)") from error
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise ConfigError(f"--device {spec}: not available on this machine")
+    return device
 
 
 def _saved_settings() -> list[tuple[Any, str, Any]]:

@@ -22,8 +22,8 @@ from support.superpoint_reference import assert_same_features, dense_v1
 from support.superpoint_reference import postprocess as reference_postprocess
 
 from sp_extract.errors import ConfigError, StoreError
-from sp_extract.extraction import backends
-from sp_extract.extraction.backends import choose_backend, make_backend, onnx_model
+from sp_extract.extraction import onnx_export
+from sp_extract.extraction.backends import choose_backend, make_backend
 from sp_extract.extraction.config import ExtractConfig
 from sp_extract.extraction.decode import load_image
 from sp_extract.extraction.pipeline import BackgroundWriter, extract
@@ -81,18 +81,18 @@ def test_onnx_export_is_cached_by_weights_hash(
     random_weights: Path, private_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = load_weights(str(random_weights))
-    first = onnx_model(loaded.build(), loaded.sha1)
+    first = onnx_export.onnx_model(loaded.build(), loaded.sha1)
     cached = list((private_cache / "onnx").glob("*.onnx"))
     assert len(cached) == 1 and cached[0].read_bytes() == first
 
     def no_export(*args: object) -> None:
         raise AssertionError("exported again although cached")
 
-    monkeypatch.setattr(backends, "export_onnx", no_export)
-    assert onnx_model(loaded.build(), loaded.sha1) == first
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    assert onnx_export.onnx_model(loaded.build(), loaded.sha1) == first
     monkeypatch.undo()
     monkeypatch.setenv("SP_EXTRACT_CACHE", str(private_cache))
-    onnx_model(loaded.build(), "0" * 40)  # other weights: another file
+    onnx_export.onnx_model(loaded.build(), "0" * 40)  # other weights: another file
     assert len(list((private_cache / "onnx").glob("*.onnx"))) == 2
 
 

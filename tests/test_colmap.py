@@ -297,7 +297,7 @@ def test_camera_modes(tmp_path: Path) -> None:
 def test_implausible_cameras_are_named() -> None:
     """A registered image whose refined focal length is out of COLMAP's bounds (0.1 to 10 times
     the longest side) is named; plausible ones are not, a strong distortion alone neither."""
-    from sp_extract.sfm.colmap import implausible_cameras, model_stats
+    from sp_extract.sfm.mapping import implausible_cameras, model_stats
 
     options = pycolmap.SyntheticDatasetOptions()
     options.num_rigs, options.num_cameras_per_rig, options.num_frames_per_rig = 3, 1, 2
@@ -504,7 +504,8 @@ def test_reconstruct_synthetic_scene(scene: dict) -> None:
 
 def test_unwritable_json_report_is_a_config_error(tmp_path: Path) -> None:
     from sp_extract.errors import ConfigError
-    from sp_extract.sfm.colmap import DatabaseSummary, ReconstructSummary
+    from sp_extract.sfm.colmap import DatabaseSummary
+    from sp_extract.sfm.mapping import ReconstructSummary
 
     target = tmp_path / "missing-folder" / "report.json"
     for summary in (DatabaseSummary(str(tmp_path / "db.db")), ReconstructSummary("db.db", str(tmp_path))):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import invoke_cli, match_and_map, run_cli, shared_file
 
+from sp_extract.matching.rerank import fundamental_log_nfa, meaningful_set, rerank
 from sp_extract.pairs import retrieval
 from sp_extract.pairs.core import sequential_pairs
-from sp_extract.pairs.rerank import fundamental_log_nfa, meaningful_set, rerank
 from sp_extract.pairs.retrieval import (
     RetrievalConfig,
     Vlad,

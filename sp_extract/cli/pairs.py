@@ -26,7 +26,7 @@ _source_options = stacked(
 
 def _pairable(names: list[str]) -> list[str]:
     """``names`` without those a pairs file cannot hold (white space), with a warning naming them."""
-    from ..pairs.core import unpairable
+    from ..extraction.discover import unpairable
     from ..report import counted, listed
 
     spaced = unpairable(names)
@@ -181,10 +181,20 @@ def retrieval(
     """Each image with its K most similar images by a VLAD global descriptor of its SuperPoint
     descriptors (no other network). The descriptors are kept in FEATURES.retrieval/ and only
     new images are described on the next run; --rerank M verifies the M best by matching."""
+    from ..matching.rerank import rerank
     from ..pairs.retrieval import RetrievalConfig, retrieval_pairs
 
     config = RetrievalConfig(clusters=clusters, dims=dims)
     pairs = retrieval_pairs(
-        features, num_matched, config, query_list, db_list, exclude_self, rerank_top, connect, device
+        features,
+        num_matched,
+        config,
+        query_list,
+        db_list,
+        exclude_self,
+        rerank_top,
+        connect,
+        device,
+        rerank=rerank,
     )
     _write_pairs(pairs, out)

@@ -122,7 +122,7 @@ def reconstruct(
     (a registered image's focal length out of COLMAP's bounds; the summary says which).
     Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
-    from ..sfm.colmap import reconstruct as run_reconstruct
+    from ..sfm.mapping import reconstruct as run_reconstruct
 
     summary = run_reconstruct(
         database, images, out, overwrite=overwrite, seed=seed, num_threads=num_threads, verbose=verbose

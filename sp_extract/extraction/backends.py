@@ -4,21 +4,16 @@ A backend maps a (B, 1, H, W) float32 batch in [0, 1] to the network's dense out
 torch tensors: ``scores`` (B, 8*(H//8), 8*(W//8)) and ``descriptors`` (B, 256, H//8, W//8), so
 post-processing (``postprocess``) is the same whatever runs the network.
 
-ONNX Runtime and OpenVINO run an ONNX export of this package's own PyTorch module (dynamic batch,
-height and width), made at first use and cached in ``weights.cache_dir()/onnx`` under a hash of
-the weights and of the network's code; ``export`` writes the same graph for deployment. At
+ONNX Runtime and OpenVINO run an ONNX export of this package's own PyTorch module, made at first
+use and cached (``onnx_export``); ``export_model`` writes the same graph for deployment. At
 ``--precision int8`` they run that graph statically quantized (``quantize``), cached the same way.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import io
 import os
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -29,13 +24,10 @@ import torch
 from ..devices import ShapeTuning, to_device
 from ..errors import ConfigError
 from ..store.atomic import atomic_write
-from . import model as model_module
 from .config import BACKENDS, CPU_ONLY_PRECISIONS, EXPORT_FORMATS, EXPORT_PRECISIONS
-from .weights import cache_dir, load_weights
+from .onnx_export import INPUT_NAME, OUTPUT_NAMES, onnx_model
+from .weights import load_weights
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("scores", "descriptors")
-OPSET = 17
 OPENVINO_HINT = "OpenVINO is not installed: pip install 'sp-extract[openvino]' (or pip install openvino)"
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _OPENVINO_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}  # int8: its float rest
@@ -148,57 +140,6 @@ class OpenVinoBackend:
         array = np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32)
         result = self.request.infer({INPUT_NAME: array})
         return tuple(torch.from_numpy(np.asarray(result[name])) for name in OUTPUT_NAMES)
-
-
-def export_onnx(net: torch.nn.Module, destination: Path | io.BytesIO) -> None:
-    """Write ``net`` (on the CPU, NCHW float32) as ONNX with dynamic batch, height and width."""
-    example = torch.rand(1, 1, 64, 96)
-    axes = {
-        INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-        "scores": {0: "batch", 1: "height8", 2: "width8"},
-        "descriptors": {0: "batch", 2: "cells_y", 3: "cells_x"},
-    }
-    options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exact and dependency-light
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            net.eval(),
-            (example,),
-            destination,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            **options,
-        )
-
-
-def onnx_model(net: torch.nn.Module, weights_sha1: str) -> bytes:
-    """The ONNX export of ``net``, from the cache if there, else exported and cached (best effort)."""
-    code = Path(inspect.getfile(model_module)).read_bytes()
-    key = hashlib.sha1(f"{weights_sha1}:{OPSET}:".encode() + code).hexdigest()[:20]
-
-    def export() -> bytes:
-        buffer = io.BytesIO()
-        export_onnx(net, buffer)
-        return buffer.getvalue()
-
-    return cached(f"superpoint-{key}.onnx", export)
-
-
-def cached(name: str, make: Callable[[], bytes]) -> bytes:
-    """The file ``name`` of the ONNX cache, else ``make()``, written there (best effort)."""
-    path = cache_dir() / "onnx" / name
-    if path.is_file():
-        return path.read_bytes()
-    data = make()
-    try:  # an unwritable cache only costs the export again next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, durable=False) as partial:
-            partial.write_bytes(data)
-    except OSError:
-        pass
-    return data
 
 
 def choose_backend(name: str, device: torch.device, precision: str) -> str:

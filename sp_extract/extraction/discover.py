@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def is_utf8(name: str) -> bool:
 def printable(name: str) -> str:
     """A name for messages: undecodable bytes written as ``\\xNN`` escapes."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unpairable(names: Collection[str]) -> list[str]:
+    """The names a pairs file cannot hold: with white space, which separates its two names (as
+    hloc and COLMAP read it)."""
+    return [name for name in names if len(name.split()) != 1]
 
 
 @dataclass

@@ -21,17 +21,16 @@ import cv2
 import numpy as np
 import torch
 
-from ..devices import current_device, device_scope, for_other_thread, release_cached_memory
+from ..devices import current_device, device_scope, for_other_thread, release_cached_memory, resolve_device
 from ..errors import ConfigError, SpExtractWarning
 from ..interrupt import graceful_stop
-from ..pairs.core import unpairable
 from ..report import ExtractSummary, Progress, counted, listed
 from ..shards import Shard
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
 from .config import ExtractConfig
 from .decode import DecodedImage
-from .discover import find_images
+from .discover import find_images, unpairable
 from .loader import Batch, decode_all, make_batches
 from .model import DESCRIPTOR_DIM, STRIDE
 from .orientation import to_stored_frame, viewed_size
@@ -44,28 +43,6 @@ CPU_FP16_SLOWDOWN = 5  # PyTorch fp16 against fp32 on the CPU, measured (README,
 Dense = tuple[torch.Tensor, torch.Tensor]  # the network's dense (scores, descriptors) of a batch
 Tiled = list[list[Candidates]]  # per image of a batch run tile by tile, its tiles' keypoints (``tiling``)
 Entry = tuple[str, dict[str, np.ndarray], dict[str, dict[str, float]]]  # StoreWriter.add's arguments
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; else ``cpu``, ``cuda[:N]``, ``mps``."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as error:
-        raise ConfigError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N, mps)") from error
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, False):
-        raise ConfigError(f"--device {spec}: not available on this machine")
-    return device
 
 
 def as_image_batch(images: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .backends import INPUT_NAME, cached, onnx_model
 from .config import ExtractConfig
 from .decode import load_image
 from .discover import discover_images
+from .onnx_export import INPUT_NAME, cached, onnx_model
 
 BUILTIN_SHAPE = (8, 480, 640)  # images, height, width of the generated calibration set
 SEED = 20160816  # of the generated set

@@ -24,11 +24,12 @@ import cv2
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from ..extraction.config import ExtractConfig
 from ..extraction.decode import load_image
 from ..extraction.discover import discover_images
-from ..extraction.pipeline import SuperPoint, resolve_device
+from ..extraction.pipeline import SuperPoint
 from ..extraction.postprocess import to_original_frame
 from ..report import JsonReport
 from .metrics import HOMOGRAPHY_EPSILONS, MMA_THRESHOLDS, PairMetrics, evaluate_pair

@@ -23,9 +23,8 @@ import h5py
 import numpy as np
 import torch
 
-from ..devices import HostCopy, copy_to_host, device_scope
+from ..devices import HostCopy, copy_to_host, device_scope, resolve_device
 from ..errors import ConfigError, StoreError
-from ..extraction.pipeline import resolve_device
 from ..interrupt import graceful_stop
 from ..names import pair_key
 from ..pairs import core as pairs_core

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..extraction.discover import discover_images
+from ..extraction.discover import discover_images, unpairable
 from ..names import pair_key
 from ..store.atomic import atomic_write
 from ..store.catalog import read_store_info
@@ -26,10 +26,6 @@ from ..store.index import NameIndex
 Pair = tuple[str, str]
 
 
-def unpairable(names: Collection[str]) -> list[str]:
-    """The names a pairs file cannot hold: with white space, which separates its two names (as
-    hloc and COLMAP read it)."""
-    return [name for name in names if len(name.split()) != 1]
 
 
 def source_names(features: Path | None, images: Path | None) -> list[str]:

@@ -10,7 +10,7 @@ of the collection's descriptors. Why VLAD rather than ASMK or a tf-idf bag of wo
 a fixed-length vector whose similarity is a dot product, so search is exact matrix products in
 bounded blocks, and an image's vector depends only on the model, so a growing collection only
 describes its new images; ASMK and tf-idf need inverted files, and tf-idf weights change with
-every image added. What VLAD lacks in precision, ``--rerank`` (``rerank.py``) adds back.
+every image added. What VLAD lacks in precision, ``--rerank`` (``matching.rerank``) adds back.
 
 The vectors are kept beside the store in ``STORE.retrieval/`` by the vector index
 (``store/vectors.py``: ``GlobalIndex``), which describes only the images it does not hold yet;
@@ -33,6 +33,10 @@ from ..errors import ConfigError
 from ..store.reader import StoreReader
 from ..store.vectors import BLOCK_BYTES, GlobalIndex, read_descriptors
 from .search import exact_search
+
+# re-ranks (Q, M) candidates by matching (``matching.rerank.rerank``, which the caller passes:
+# matching sits above pairs): features, queries, database, candidates, device -> candidates
+Reranker = Callable[[Path, Sequence[str], Sequence[str], np.ndarray, torch.device], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -231,24 +235,30 @@ def retrieval_pairs(
     connect: bool = True,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    rerank: Reranker | None = None,
 ) -> list[tuple[str, str]]:
     """Pairs of each query image with its ``num_matched`` most similar database images.
 
     Queries and database default to every image of the store (``--query-list``/``--db-list``
     restrict them: localization of new images against a mapped set). With ``rerank_top`` M,
-    the M most similar are re-ranked by matching and verification (``rerank.py``) before the
-    first ``num_matched`` are kept. With ``connect`` (queries and database the same images),
-    the few most similar pairs that join the components of the resulting pair graph are added
-    (``connecting_pairs``). A pair found from both sides is written once. The search and the
-    re-ranking run on ``device`` (``auto``: CUDA, then MPS, then the CPU).
+    the M most similar are re-ranked by ``rerank`` (matching and verification:
+    ``matching.rerank.rerank``) before the first ``num_matched`` are kept. With ``connect``
+    (queries and database the same images), the few most similar pairs that join the components
+    of the resulting pair graph are added (``connecting_pairs``). A pair found from both sides
+    is written once. The search and the re-ranking run on ``device`` (``auto``: CUDA, then MPS,
+    then the CPU).
     """
-    from ..extraction.pipeline import resolve_device
+    from ..devices import resolve_device
     from .core import merge_pairs, read_name_list
 
     if num_matched < 1:
         raise ConfigError(f"--num-matched must be >= 1, got {num_matched}")
     if rerank_top is not None and rerank_top < num_matched:
         raise ConfigError(f"--rerank ({rerank_top}) must be at least --num-matched ({num_matched})")
+    if rerank_top is not None and rerank is None:
+        raise ValueError(
+            "rerank_top needs rerank, the re-ranking by matching (sp_extract.matching.rerank.rerank)"
+        )
     index = GlobalIndex(features, Vlad(config or RetrievalConfig()))
     index.update(progress)
     names = index.names  # a name kept from an entry the store no longer has is not used
@@ -262,9 +272,7 @@ def retrieval_pairs(
     device_used = resolve_device(device)
     width = rerank_top or num_matched
     found, _ = nearest_images(index, queries, database, width, *(groups or (None, None)), device_used)
-    if rerank_top is not None:
-        from .rerank import rerank
-
+    if rerank is not None and rerank_top is not None:
         found = rerank(features, queries, database, found, device_used)
     pairs = merge_pairs(
         [(query, database[i]) for query, row in zip(queries, found[:, :num_matched]) for i in row[row >= 0]]

@@ -36,7 +36,7 @@ import scipy.sparse.linalg
 from ..errors import ConfigError, DecodeError, StoreError
 from ..extraction.decode import read_gray
 from ..store.failures import describe_error
-from .colmap import COLMAP_OFFSET, import_pycolmap
+from .environment import COLMAP_OFFSET, import_pycolmap
 
 
 @dataclass(frozen=True)

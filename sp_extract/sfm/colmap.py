@@ -1,15 +1,12 @@
-"""COLMAP: a feature store and a match store into a COLMAP database, and SfM on it (pycolmap).
+"""COLMAP database: a feature store and a match store into a COLMAP database (pycolmap).
 
 ``write_database`` writes cameras (EXIF focal length or COLMAP's prior), trivial rigs and frames,
 images named as in the feature store, keypoints shifted by +0.5 into COLMAP's pixel convention
-and the raw matches, then runs pycolmap's geometric verification, so COLMAP's mapper can run on
-the database directly. ``reconstruct`` runs pycolmap's incremental mapper and reports each model.
-Both write into a temporary file or folder beside the target and rename it into place: a failed
-or interrupted run leaves the previous database or models untouched. pycolmap's long steps
-(verification, mapping) run in a child process (``child``), so SIGINT and SIGTERM stop them.
-
-pycolmap is an optional dependency (``pip install pycolmap``, or ``pip install
-'sp-extract[colmap]'``), imported on use.
+and the raw matches, then runs pycolmap's geometric verification, so COLMAP's mapper
+(``mapping``) can run on the database directly. It writes into a temporary file beside the
+target and renames it into place: a failed or interrupted run leaves the previous database
+untouched. The verification runs in a child process (``child``), so SIGINT and SIGTERM stop it.
+pycolmap itself, imported on use, is set up by ``environment``.
 """
 
 from __future__ import annotations
@@ -17,14 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import sqlite3
-import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import h5py
@@ -32,76 +26,26 @@ import numpy as np
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..names import flat_name
-from ..report import JsonReport, counted, listed
+from ..report import JsonReport, counted
 from ..store.atomic import atomic_write
 from ..store.catalog import StoreInfo, read_store, read_store_info
 from ..store.failures import damaged_error, describe_error
 from ..store.reader import open_store
 from .child import run_in_child
-from .config import (
-    DEFAULT_CAMERA_MODE,
-    DEFAULT_CAMERA_MODEL,
-    PLAUSIBLE_FOCAL_RATIO,
-    check_camera_mode,
+from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
+from .environment import (
+    COLMAP_OFFSET,
+    colmap_logging,
+    failures_reported,
+    import_pycolmap,
+    verification_options,
 )
 
-INSTALL_HINT = (
-    "pycolmap is not installed; install it with: pip install pycolmap "
-    "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
-)
-COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)
-# hloc's verification settings for nearest-neighbour matches, which hold many outliers
-VERIFY_MAX_TRIALS = 20_000
-VERIFY_MIN_INLIER_RATIO = 0.1
 _DATABASE_TABLES = {"cameras", "images", "keypoints", "matches", "two_view_geometries"}
 
 
-def import_pycolmap() -> ModuleType:
-    """pycolmap, or a ``ConfigError`` saying how to install it.
-
-    Importing pycolmap installs glog's failure handler for SIGTERM, which dumps a stack trace and
-    kills the process on the spot; the SIGINT and SIGTERM handlers from before are put back, so
-    an interrupted command still removes what it had half-written.
-    """
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        import pycolmap
-    except ImportError as error:
-        raise ConfigError(INSTALL_HINT) from error
-    finally:
-        for signum, handler in handlers.items():
-            if handler is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signum, handler)
-    return pycolmap
-
-
-@contextlib.contextmanager
-def colmap_logging(verbose: bool) -> Iterator[None]:
-    """COLMAP's own log lines on stderr only when ``verbose``: its failures reach the user as
-    exceptions or counts, which the commands turn into their own one-line messages."""
-    pycolmap = import_pycolmap()
-    previous = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = 0 if verbose else 3  # 3: FATAL, which aborts anyway
-    try:
-        yield
-    finally:
-        pycolmap.logging.minloglevel = previous
-
-
-@contextlib.contextmanager
-def failures_reported(target: Path, action: str) -> Iterator[None]:
-    """I/O errors and pycolmap's failures (``RuntimeError``) as one-line ``StoreError``s."""
-    try:
-        yield
-    except OSError as error:
-        raise StoreError(
-            f"{target}: cannot {action} ({error.strerror or error}); {target} is unchanged"
-        ) from error
-    except RuntimeError as error:
-        raise StoreError(f"{target}: COLMAP failed to {action} ({error}); {target} is unchanged") from error
-
-
-def _temporary_beside(path: Path, suffix: str = "tmp") -> Path:
+def temporary_beside(path: Path, suffix: str = "tmp") -> Path:
+    """A temporary path beside ``path`` (hidden, with the process id), renamed into place when done."""
     return path.with_name(f".{path.name}.{os.getpid()}.{suffix}")
 
 
@@ -431,7 +375,7 @@ def write_database(
                 "choose another --database or pass --overwrite to replace it"
             )
         summary.updated = bool(old_names)
-    temporary = _temporary_beside(database)
+    temporary = temporary_beside(database)
     temporary.unlink(missing_ok=True)
     try:
         with failures_reported(database, "write the database"), atomic_write(database, temporary):
@@ -489,194 +433,3 @@ def verify_pairs(database: Path, seed: int, num_threads: int, verbose: bool) -> 
         pycolmap.geometric_verification(
             database, verifier_options=verifier, two_view_geometry_options=verification_options(seed)
         )
-
-
-def verification_options(seed: int) -> Any:
-    """pycolmap's two-view geometry options with hloc's RANSAC settings for nearest-neighbour
-    matches (``VERIFY_*``), seeded; also seeds pycolmap's global generator."""
-    pycolmap = import_pycolmap()
-    options = pycolmap.TwoViewGeometryOptions()
-    options.ransac.max_num_trials = VERIFY_MAX_TRIALS
-    options.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-    options.ransac.random_seed = seed
-    pycolmap.set_random_seed(seed)
-    return options
-
-
-# -- reconstruction ------------------------------------------------------------------------------
-@dataclass
-class ModelStats:
-    """One reconstructed model, written to ``path`` in COLMAP's binary format."""
-
-    path: str
-    registered_images: int
-    points3D: int
-    observations: int
-    mean_track_length: float
-    mean_reprojection_error_px: float
-    # registered images whose refined camera is implausible (``implausible_cameras``)
-    implausible_cameras: list[str] = field(default_factory=list)
-
-
-def implausible_cameras(model: Any) -> list[str]:
-    """The registered images of ``model`` whose refined focal length is outside COLMAP's own
-    bounds (``PLAUSIBLE_FOCAL_RATIO`` times the image's larger side). Such a model registered
-    them all the same, but is likely wrong: per-image focal lengths of 361 px and 2.1e7 px on 9
-    frames of one phone video gave a model whose poses were off by 50 degrees. (A strong radial
-    distortion alone is not counted: Internet photos' cameras reach |k| > 1 in right models.)"""
-    low, high = PLAUSIBLE_FOCAL_RATIO
-    names = []
-    for image_id in model.reg_image_ids():
-        image = model.images[image_id]
-        camera = model.cameras[image.camera_id]
-        ratio = camera.mean_focal_length() / max(camera.width, camera.height)
-        if not low <= ratio <= high:
-            names.append(image.name)
-    return sorted(names)
-
-
-def implausible_warning(model: ModelStats) -> str:
-    """The summary's line for a model with implausible cameras."""
-    return (
-        f"model {model.path} is likely wrong: {counted(len(model.implausible_cameras), 'registered image')} "
-        f"ended with an implausible focal length (out of COLMAP's bounds), e.g. "
-        f"{model.implausible_cameras[0]}; try --camera-mode single for photos of one camera, or more "
-        "photos between these views"
-    )
-
-
-@dataclass
-class ReconstructSummary(JsonReport):
-    """What ``reconstruct`` did; ``to_dict`` is the ``--json-report`` content."""
-
-    database: str
-    output: str
-    images: int = 0
-    models: list[ModelStats] = field(default_factory=list)
-    unregistered_images: list[str] = field(default_factory=list)  # in no model
-    wall_time_s: float = 0.0
-    exit_code: int = EXIT_OK
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": "reconstruct", **asdict(self)}
-
-    def lines(self) -> list[str]:
-        lines = [
-            f"reconstruct: {counted(len(self.models), 'model')} from {counted(self.images, 'image')} "
-            f"in {self.database}"
-        ]
-        for model in self.models:
-            lines.append(
-                f"{model.path}: {counted(model.registered_images, 'image')} registered, "
-                f"{model.points3D} 3D points, mean track length {model.mean_track_length:.2f}, "
-                f"mean reprojection error {model.mean_reprojection_error_px:.3f} px"
-            )
-        if not self.models:
-            lines.append("no model could be reconstructed (too few verified matches between the images?)")
-        lines += [
-            f"warning: {implausible_warning(model)}" for model in self.models if model.implausible_cameras
-        ]
-        if self.unregistered_images:
-            lines.append(
-                f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
-                f"{listed(self.unregistered_images, UNREGISTERED_SHOWN)}"
-            )
-        lines.append(f"wall time {self.wall_time_s:.1f} s")
-        return lines
-
-
-UNREGISTERED_SHOWN = 20  # names listed in the printed summary; the JSON report has them all
-
-
-def reconstruct(
-    database: Path | str,
-    images: Path | str,
-    out: Path | str,
-    overwrite: bool = False,
-    seed: int = 0,
-    num_threads: int = -1,
-    verbose: bool = False,
-) -> ReconstructSummary:
-    """Run pycolmap's incremental mapper on ``database``; models go to ``out/0``, ``out/1``, ...
-
-    Every image the database names must be in ``images`` (``ConfigError`` otherwise). Models are
-    built in a temporary folder beside ``out`` and moved into place at the end. A non-empty
-    ``out`` is refused unless ``overwrite`` (which replaces it). ``seed`` fixes COLMAP's random
-    choices (with ``num_threads=1`` the run is repeatable). The summary lists the images that
-    no model registered.
-    """
-    import_pycolmap()
-    started = time.monotonic()
-    database, images, out = Path(database), Path(images), Path(out)
-    if not database.is_file():
-        raise ConfigError(f"{database}: no such database (write it with sp-extract colmap)")
-    if not images.is_dir():
-        raise ConfigError(f"{images}: no such image folder")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    names = check_database(database)
-    check_images_present(
-        images,
-        names,
-        database,
-        "names it",
-        "rebuild the database from the folder as it is now (extract, match, colmap)",
-    )
-    summary = ReconstructSummary(str(database), str(out), images=len(names))
-    temporary, previous = _temporary_beside(out, "building"), _temporary_beside(out, "previous")
-    try:
-        with failures_reported(out, "write the models"):
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-            models, registered = run_in_child(
-                map_images, database, images, temporary, out, seed, num_threads, verbose
-            )
-            if out.exists():  # moved aside, not deleted, until the new models are in place
-                os.replace(out, previous)
-            os.replace(temporary, out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
-    summary.models = models
-    summary.unregistered_images = [name for name in names if name not in registered]
-    largest = max(summary.models, key=lambda model: model.registered_images, default=None)
-    plausible = largest is not None and not largest.implausible_cameras
-    summary.exit_code = EXIT_OK if plausible else EXIT_SOME_FAILED
-    summary.wall_time_s = time.monotonic() - started
-    return summary
-
-
-def map_images(
-    database: Path, images: Path, building: Path, out: Path, seed: int, num_threads: int, verbose: bool
-) -> tuple[list[ModelStats], set[str]]:
-    """pycolmap's incremental mapper, writing the models into ``building`` (run in a child
-    process by ``reconstruct``): each model's statistics, with its path once moved to ``out``,
-    and the names of the images some model registered."""
-    pycolmap = import_pycolmap()
-    options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = seed
-    options.num_threads = num_threads
-    pycolmap.set_random_seed(seed)
-    with colmap_logging(verbose):
-        models = pycolmap.incremental_mapping(database, images, building, options)
-    stats, registered = [], set()
-    for index in sorted(models):
-        model = models[index]
-        registered |= {model.images[image_id].name for image_id in model.reg_image_ids()}
-        stats.append(model_stats(model, out / str(index)))
-    return stats, registered
-
-
-def model_stats(model: Any, path: Path) -> ModelStats:
-    """The statistics of a pycolmap ``Reconstruction`` that is (or will be) at ``path``."""
-    return ModelStats(
-        path=str(path),
-        registered_images=model.num_reg_images(),
-        points3D=model.num_points3D(),
-        observations=model.compute_num_observations(),
-        mean_track_length=round(model.compute_mean_track_length(), 4),
-        mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
-        implausible_cameras=implausible_cameras(model),
-    )

@@ -39,20 +39,9 @@ from ..store.atomic import atomic_write, fsync_path
 from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
 from .child import run_in_child
-from .colmap import (
-    Cameras,
-    DatabaseSummary,
-    ModelStats,
-    _write_images,
-    camera_for_image,
-    camera_group,
-    colmap_logging,
-    failures_reported,
-    import_pycolmap,
-    model_stats,
-    read_matches,
-    verification_options,
-)
+from .colmap import Cameras, DatabaseSummary, _write_images, camera_for_image, camera_group, read_matches
+from .environment import colmap_logging, failures_reported, import_pycolmap, verification_options
+from .mapping import ModelStats, model_stats
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 MODEL_RECORD = "sfm.json"  # in sparse/: the database a model was mapped from

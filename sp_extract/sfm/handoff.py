@@ -31,8 +31,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from .child import run_in_child
-from .colmap import check_images_present, colmap_logging, failures_reported, import_pycolmap
+from .colmap import check_images_present
 from .config import MODEL_FORMATS as FORMATS
+from .environment import colmap_logging, failures_reported, import_pycolmap
 from .grow import model_record, recover_folder, swap_in
 
 NEEDS_IMAGES = ("gaussian-splatting", "nerfstudio")

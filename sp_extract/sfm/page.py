@@ -5,7 +5,7 @@ drawn by an inline script (rotate: drag; pan: right- or shift-drag; zoom: wheel)
 last run's summary and stage times (``WORK/sfm-run.json``, written by every ``sfm`` run), every
 photo with a thumbnail, registered or not, its keypoints, verified matches, 3D points and mean
 reprojection error (``database.db``, ``sparse/0``), histograms of track lengths and point errors,
-keypoint and match pictures of a sample of images and pairs (``show``'s drawings), and the
+keypoint and match pictures of a sample of images and pairs (``pictures``, as ``show``), and the
 points (coloured) and cameras (frusta) in 3D. At most ``MAX_POINTS`` points and ``MAX_CAMERAS``
 cameras are drawn (a random subset, said on the page), so the page stays fast on large models.
 The photos the last run added (a grown model) are marked, their frusta drawn in orange.
@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError
-from ..inspect.show import FeatureSource, draw_keypoints, draw_matches
+from ..pictures import FeatureSource, draw_keypoints, draw_matches
 from ..report import counted
 from ..store.atomic import atomic_write
 from ..store.catalog import read_store_info
 from ..store.reader import open_store
-from .colmap import import_pycolmap
+from .environment import import_pycolmap
 from .grow import MAX_IMAGE_ID
 
 RUN_RECORD = "sfm-run.json"  # in WORK: the last sfm run's summary

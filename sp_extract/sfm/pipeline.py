@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..extraction.config import ExtractConfig
-from ..extraction.discover import discover_images
+from ..extraction.discover import discover_images, unpairable
 from ..extraction.tiling import parse_tile
 from ..matching.config import MatchConfig
 from ..pairs.core import (
@@ -38,14 +38,14 @@ from ..pairs.core import (
     merge_pairs,
     read_pairs,
     sequential_pairs,
-    unpairable,
     write_pairs,
 )
 from ..processes import start_child_server
 from ..report import JsonReport, counted, listed
 from ..store.catalog import read_store_info
-from .colmap import ModelStats, check_camera_model, check_database, implausible_warning, import_pycolmap
+from .colmap import check_camera_model, check_database
 from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
+from .environment import import_pycolmap
 from .grow import (
     add_to_database,
     addition_failed,
@@ -55,6 +55,7 @@ from .grow import (
     recover_folder,
 )
 from .handoff import check_format, export_after_run
+from .mapping import ModelStats, implausible_warning
 from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 

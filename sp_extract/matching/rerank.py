@@ -16,7 +16,10 @@ re-estimated on its inliers nor polished (a re-estimated model fits its own inli
 chance look significant). Why a test rather than the inlier count: between unrelated frames of
 indoor scenes the fundamental matrix found among 100-200 mutual matches has about as many
 inliers as between related ones (about 15), so ranking by inliers pushed related images down;
-where the evidence is not significant, the retrieval order is the better guess."""
+where the evidence is not significant, the retrieval order is the better guess.
+
+Retrieval (``pairs.retrieval.retrieval_pairs``) sits below matching, so its caller passes
+``rerank`` to it."""
 
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ import cv2
 import numpy as np
 import torch
 
-from ..matching.config import MatchConfig
-from ..matching.nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
-from ..matching.run import FeatureCache
 from ..store.reader import open_store
+from .config import MatchConfig
+from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
+from .run import FeatureCache
 
 RERANK_MATCHING = MatchConfig(mutual=True)
 VERIFY_THRESHOLD = 4.0  # pixels, as match-pairs' --verify-threshold

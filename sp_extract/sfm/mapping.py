@@ -1,0 +1,199 @@
+"""COLMAP's incremental mapper on a database (``sp-extract reconstruct``), run in a child process
+(``child``) so that SIGINT and SIGTERM stop it; the models are built in a temporary folder beside
+the target and renamed into place, and each is reported with its statistics (``ModelStats``),
+flagged as likely wrong when its refined cameras are implausible.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from ..report import JsonReport, counted, listed
+from .child import run_in_child
+from .colmap import check_database, check_images_present, temporary_beside
+from .config import PLAUSIBLE_FOCAL_RATIO
+from .environment import colmap_logging, failures_reported, import_pycolmap
+
+
+@dataclass
+class ModelStats:
+    """One reconstructed model, written to ``path`` in COLMAP's binary format."""
+
+    path: str
+    registered_images: int
+    points3D: int
+    observations: int
+    mean_track_length: float
+    mean_reprojection_error_px: float
+    # registered images whose refined camera is implausible (``implausible_cameras``)
+    implausible_cameras: list[str] = field(default_factory=list)
+
+
+def implausible_cameras(model: Any) -> list[str]:
+    """The registered images of ``model`` whose refined focal length is outside COLMAP's own
+    bounds (``PLAUSIBLE_FOCAL_RATIO`` times the image's larger side). Such a model registered
+    them all the same, but is likely wrong: per-image focal lengths of 361 px and 2.1e7 px on 9
+    frames of one phone video gave a model whose poses were off by 50 degrees. (A strong radial
+    distortion alone is not counted: Internet photos' cameras reach |k| > 1 in right models.)"""
+    low, high = PLAUSIBLE_FOCAL_RATIO
+    names = []
+    for image_id in model.reg_image_ids():
+        image = model.images[image_id]
+        camera = model.cameras[image.camera_id]
+        ratio = camera.mean_focal_length() / max(camera.width, camera.height)
+        if not low <= ratio <= high:
+            names.append(image.name)
+    return sorted(names)
+
+
+def implausible_warning(model: ModelStats) -> str:
+    """The summary's line for a model with implausible cameras."""
+    return (
+        f"model {model.path} is likely wrong: {counted(len(model.implausible_cameras), 'registered image')} "
+        f"ended with an implausible focal length (out of COLMAP's bounds), e.g. "
+        f"{model.implausible_cameras[0]}; try --camera-mode single for photos of one camera, or more "
+        "photos between these views"
+    )
+
+
+@dataclass
+class ReconstructSummary(JsonReport):
+    """What ``reconstruct`` did; ``to_dict`` is the ``--json-report`` content."""
+
+    database: str
+    output: str
+    images: int = 0
+    models: list[ModelStats] = field(default_factory=list)
+    unregistered_images: list[str] = field(default_factory=list)  # in no model
+    wall_time_s: float = 0.0
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": "reconstruct", **asdict(self)}
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"reconstruct: {counted(len(self.models), 'model')} from {counted(self.images, 'image')} "
+            f"in {self.database}"
+        ]
+        for model in self.models:
+            lines.append(
+                f"{model.path}: {counted(model.registered_images, 'image')} registered, "
+                f"{model.points3D} 3D points, mean track length {model.mean_track_length:.2f}, "
+                f"mean reprojection error {model.mean_reprojection_error_px:.3f} px"
+            )
+        if not self.models:
+            lines.append("no model could be reconstructed (too few verified matches between the images?)")
+        lines += [
+            f"warning: {implausible_warning(model)}" for model in self.models if model.implausible_cameras
+        ]
+        if self.unregistered_images:
+            lines.append(
+                f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
+                f"{listed(self.unregistered_images, UNREGISTERED_SHOWN)}"
+            )
+        lines.append(f"wall time {self.wall_time_s:.1f} s")
+        return lines
+
+
+UNREGISTERED_SHOWN = 20  # names listed in the printed summary; the JSON report has them all
+
+
+def reconstruct(
+    database: Path | str,
+    images: Path | str,
+    out: Path | str,
+    overwrite: bool = False,
+    seed: int = 0,
+    num_threads: int = -1,
+    verbose: bool = False,
+) -> ReconstructSummary:
+    """Run pycolmap's incremental mapper on ``database``; models go to ``out/0``, ``out/1``, ...
+
+    Every image the database names must be in ``images`` (``ConfigError`` otherwise). Models are
+    built in a temporary folder beside ``out`` and moved into place at the end. A non-empty
+    ``out`` is refused unless ``overwrite`` (which replaces it). ``seed`` fixes COLMAP's random
+    choices (with ``num_threads=1`` the run is repeatable). The summary lists the images that
+    no model registered.
+    """
+    import_pycolmap()
+    started = time.monotonic()
+    database, images, out = Path(database), Path(images), Path(out)
+    if not database.is_file():
+        raise ConfigError(f"{database}: no such database (write it with sp-extract colmap)")
+    if not images.is_dir():
+        raise ConfigError(f"{images}: no such image folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    names = check_database(database)
+    check_images_present(
+        images,
+        names,
+        database,
+        "names it",
+        "rebuild the database from the folder as it is now (extract, match, colmap)",
+    )
+    summary = ReconstructSummary(str(database), str(out), images=len(names))
+    temporary, previous = temporary_beside(out, "building"), temporary_beside(out, "previous")
+    try:
+        with failures_reported(out, "write the models"):
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            models, registered = run_in_child(
+                map_images, database, images, temporary, out, seed, num_threads, verbose
+            )
+            if out.exists():  # moved aside, not deleted, until the new models are in place
+                os.replace(out, previous)
+            os.replace(temporary, out)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+    summary.models = models
+    summary.unregistered_images = [name for name in names if name not in registered]
+    largest = max(summary.models, key=lambda model: model.registered_images, default=None)
+    plausible = largest is not None and not largest.implausible_cameras
+    summary.exit_code = EXIT_OK if plausible else EXIT_SOME_FAILED
+    summary.wall_time_s = time.monotonic() - started
+    return summary
+
+
+def map_images(
+    database: Path, images: Path, building: Path, out: Path, seed: int, num_threads: int, verbose: bool
+) -> tuple[list[ModelStats], set[str]]:
+    """pycolmap's incremental mapper, writing the models into ``building`` (run in a child
+    process by ``reconstruct``): each model's statistics, with its path once moved to ``out``,
+    and the names of the images some model registered."""
+    pycolmap = import_pycolmap()
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = seed
+    options.num_threads = num_threads
+    pycolmap.set_random_seed(seed)
+    with colmap_logging(verbose):
+        models = pycolmap.incremental_mapping(database, images, building, options)
+    stats, registered = [], set()
+    for index in sorted(models):
+        model = models[index]
+        registered |= {model.images[image_id].name for image_id in model.reg_image_ids()}
+        stats.append(model_stats(model, out / str(index)))
+    return stats, registered
+
+
+def model_stats(model: Any, path: Path) -> ModelStats:
+    """The statistics of a pycolmap ``Reconstruction`` that is (or will be) at ``path``."""
+    return ModelStats(
+        path=str(path),
+        registered_images=model.num_reg_images(),
+        points3D=model.num_points3D(),
+        observations=model.compute_num_observations(),
+        mean_track_length=round(model.compute_mean_track_length(), 4),
+        mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
+        implausible_cameras=implausible_cameras(model),
+    )
