@@ -26,8 +26,6 @@ from ..store.index import NameIndex
 Pair = tuple[str, str]
 
 
-
-
 def source_names(features: Path | None, images: Path | None) -> list[str]:
     """Image names of a feature store, or of an image folder (as extraction names them), sorted."""
     if images is not None:
