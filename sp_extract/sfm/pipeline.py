@@ -268,26 +268,20 @@ class SfmRun:
     summary: SfmSummary
     stage: Stages
     started: float
+    # what the stages write into the work folder
+    feats: Path = field(init=False)
+    pairs_file: Path = field(init=False)
+    matches: Path = field(init=False)
+    database: Path = field(init=False)
+    sparse: Path = field(init=False)
 
-    @property
-    def feats(self) -> Path:
-        return self.work / "feats.h5"
-
-    @property
-    def pairs_file(self) -> Path:
-        return self.work / "pairs.txt"
-
-    @property
-    def matches(self) -> Path:
-        return self.work / "matches.h5"
-
-    @property
-    def database(self) -> Path:
-        return self.work / "database.db"
-
-    @property
-    def sparse(self) -> Path:
-        return self.work / "sparse"
+    def __post_init__(self) -> None:
+        self.feats, self.pairs_file, self.matches = (
+            self.work / "feats.h5",
+            self.work / "pairs.txt",
+            self.work / "matches.h5",
+        )
+        self.database, self.sparse = self.work / "database.db", self.work / "sparse"
 
 
 @dataclass
