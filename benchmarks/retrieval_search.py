@@ -107,8 +107,8 @@ def worker(method: str, path: str, queries: int, k: int, device: str, out: str) 
         found = baseline_search(vectors, queries, k)
     else:
         found, _ = search.exact_search(
-            lambda rows: vectors[rows], queries, lambda rows: vectors[rows], count, k,
-            np.arange(queries), np.arange(count), device,
+            search.VectorSet(lambda rows: vectors[rows], queries, np.arange(queries)),
+            search.VectorSet(lambda rows: vectors[rows], count, np.arange(count)), k, device,
         )  # fmt: skip
     seconds = time.perf_counter() - start
     status = Path("/proc/self/status").read_text()

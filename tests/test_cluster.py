@@ -150,8 +150,11 @@ def test_shards_then_merge_equal_a_single_run(
     assert_same_entries(matches, reference["matches"])
     # the merged match store names the merged feature store: COLMAP takes the two together
     from sp_extract.sfm.colmap import write_database
+    from sp_extract.sfm.config import ColmapRun
 
-    database = write_database(sacre_coeur, features, matches, tmp_path / "database.db", num_threads=1)
+    database = write_database(
+        sacre_coeur, features, matches, tmp_path / "database.db", run=ColmapRun(num_threads=1)
+    )
     assert database.exit_code == 0
 
 

@@ -282,15 +282,17 @@ def test_camera_modes(tmp_path: Path) -> None:
     assert result.returncode == 2 and "contradicts" in result.stderr
 
     # images added to a database (sfm's growth) join the camera of their group
-    from sp_extract.sfm.grow import add_to_database
+    from sp_extract.sfm.config import CameraOptions
+    from sp_extract.sfm.grow import DatabaseInputs, add_to_database
 
     first = [name for name in GROUPED if name != "v3.png"]
     database = tmp_path / "grown.db"
     pairs = [(a, b) for i, a in enumerate(first) for b in first[i + 1 :]]
-    add_to_database(database, images, features, scene["matches"], first, pairs, "SIMPLE_RADIAL", "auto", True)
+    inputs = DatabaseInputs(images, features, scene["matches"])
+    camera = CameraOptions("SIMPLE_RADIAL", "auto")
+    add_to_database(database, inputs, first, pairs, camera, True)
     pairs += [(name, "v3.png") for name in first]
-    add_to_database(database, images, features, scene["matches"], list(GROUPED), pairs, "SIMPLE_RADIAL",
-                    "auto", False)  # fmt: skip
+    add_to_database(database, inputs, list(GROUPED), pairs, camera, False)
     assert cameras_of(database) == auto
 
 

@@ -18,6 +18,7 @@ from sp_extract.pairs import retrieval
 from sp_extract.pairs.core import sequential_pairs
 from sp_extract.pairs.retrieval import (
     RetrievalConfig,
+    RetrievalOptions,
     Vlad,
     VladModel,
     connecting_pairs,
@@ -203,7 +204,7 @@ def test_connecting_pairs_join_components(tmp_path: Path) -> None:
         for i in range(4)
     }
     store = write_store(tmp_path / "f.h5", images)
-    pairs = retrieval_pairs(store, 2, SMALL, connect=False)
+    pairs = retrieval_pairs(store, RetrievalOptions(2, connect=False), SMALL)
     assert all(a[:2] == b[:2] for a, b in pairs)  # neighbours from the image's own scene only
     index = GlobalIndex(store, Vlad(SMALL))
     index.update()
@@ -211,11 +212,11 @@ def test_connecting_pairs_join_components(tmp_path: Path) -> None:
     edges = [(names.index(a), names.index(b)) for a, b in pairs]
     added = connecting_pairs(index, names, edges)
     assert len(added) == 2 and {names[i][:2] for pair in added for i in pair} == {"s0", "s1", "s2"}
-    connected = retrieval_pairs(store, 2, SMALL)
+    connected = retrieval_pairs(store, RetrievalOptions(2), SMALL)
     assert connected == pairs + [(names[i], names[j]) for i, j in added]
     # --include-self: every image is its own most similar, so with K = 1 it gets no pair
-    assert retrieval_pairs(store, 1, SMALL, exclude_self=False, connect=False) == []
-    assert len(retrieval_pairs(store, 2, SMALL, exclude_self=False, connect=False)) >= 6
+    assert retrieval_pairs(store, RetrievalOptions(1, exclude_self=False, connect=False), SMALL) == []
+    assert len(retrieval_pairs(store, RetrievalOptions(2, exclude_self=False, connect=False), SMALL)) >= 6
 
 
 def test_sequential_loop_closure_adds_revisits(tmp_path: Path) -> None:
@@ -243,7 +244,7 @@ def test_sequential_loop_closure_adds_revisits(tmp_path: Path) -> None:
     sequential = sequential_pairs(sorted(images), 1)
     assert written[: len(sequential)] == sequential
     loops = {frozenset(p) for p in written[len(sequential) :]}
-    expected = {frozenset(p) for p in retrieval_pairs(store, 3, connect=False)} - {
+    expected = {frozenset(p) for p in retrieval_pairs(store, RetrievalOptions(3, connect=False))} - {
         frozenset(p) for p in sequential
     }
     assert loops == expected

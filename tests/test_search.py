@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sp_extract.pairs import search
-from sp_extract.pairs.search import exact_search
+from sp_extract.pairs.search import VectorSet, exact_search
 
 DIMENSION = 256
 
@@ -80,8 +80,8 @@ def test_search_equals_brute_force(monkeypatch: pytest.MonkeyPatch, dtype: torch
     groups = np.arange(len(database))
     for k, query_groups, database_groups in [(5, own, groups), (12, None, None), (1, own % 7, groups % 7)]:
         found, score = exact_search(
-            read(queries), len(queries), read(database), len(database), k,
-            query_groups, database_groups, "cpu", block,
+            VectorSet(read(queries), len(queries), query_groups),
+            VectorSet(read(database), len(database), database_groups), k, "cpu", block,
         )  # fmt: skip
         expected, expected_score = brute_force(queries, database, k, query_groups, database_groups)
         np.testing.assert_array_equal(found, expected)
@@ -91,14 +91,18 @@ def test_search_equals_brute_force(monkeypatch: pytest.MonkeyPatch, dtype: torch
     # a plain float32 brute force agrees wherever its own rounding (~1e-7) cannot reorder
     single = queries.astype(np.float32) @ database.astype(np.float32).T
     plain = np.argsort(-single, axis=1, kind="stable")[:, :12]
-    found, _ = exact_search(read(queries), len(queries), read(database), len(database), 12, device="cpu")
+    found, _ = exact_search(
+        VectorSet(read(queries), len(queries)), VectorSet(read(database), len(database)), 12
+    )
     gaps = np.diff(-np.sort(-single, axis=1)[:, :13], axis=1)
     clear = (np.abs(gaps) > 1e-5).all(1)
     np.testing.assert_array_equal(found[clear], plain[clear])
 
     # k larger than the database; an excluded image leaves a row short (-1, -inf)
     small = database[:6]
-    found, score = exact_search(read(queries[:3]), 3, read(small), 6, 10, np.array([0, -1, 2]), np.arange(6))
+    found, score = exact_search(
+        VectorSet(read(queries[:3]), 3, np.array([0, -1, 2])), VectorSet(read(small), 6, np.arange(6)), 10
+    )
     assert found.shape == (3, 6)
     expected, expected_score = brute_force(queries[:3], small, 6, np.array([0, -1, 2]), np.arange(6))
     np.testing.assert_array_equal(found, expected)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..errors import EXIT_SOME_FAILED, ConfigError
 from .errors import reports_errors
-from .options import FILE, device_option, file_option, images_option, out_option, stacked
+from .options import FILE, config_from, device_option, file_option, images_option, out_option, stacked
 
 _pairs_out_option = out_option(
     "pairs.txt", "Pairs file to write: 'name0 name1' a line (hloc / COLMAP format)."
@@ -81,11 +82,11 @@ def sequential(
 
     pairs = sequential_pairs(_pairable(source_names(features, images)), window, loop)
     if loop_closure is not None:
-        from ..pairs.retrieval import retrieval_pairs
+        from ..pairs.retrieval import RetrievalOptions, retrieval_pairs
 
         if images is not None:
             raise ConfigError("--loop-closure needs the descriptors of --features, not --images")
-        pairs = merge_pairs(pairs, retrieval_pairs(features, loop_closure, connect=False))
+        pairs = merge_pairs(pairs, retrieval_pairs(features, RetrievalOptions(loop_closure, connect=False)))
     _write_pairs(pairs, out)
 
 
@@ -165,36 +166,13 @@ def from_list(image_list: Path, features: Path, images: Path | None, out: Path) 
 @file_option("--features", "feats.h5", "Feature store whose descriptors describe the images.")
 @_pairs_out_option
 @reports_errors
-def retrieval(
-    num_matched: int,
-    rerank_top: int | None,
-    query_list: Path | None,
-    db_list: Path | None,
-    exclude_self: bool,
-    connect: bool,
-    clusters: int,
-    dims: int,
-    device: str,
-    features: Path,
-    out: Path,
-) -> None:
+def retrieval(device: str, features: Path, out: Path, **options: Any) -> None:
     """Each image with its K most similar images by a VLAD global descriptor of its SuperPoint
     descriptors (no other network). The descriptors are kept in FEATURES.retrieval/ and only
     new images are described on the next run; --rerank M verifies the M best by matching."""
     from ..matching.rerank import rerank
-    from ..pairs.retrieval import RetrievalConfig, retrieval_pairs
+    from ..pairs.retrieval import RetrievalConfig, RetrievalOptions, retrieval_pairs
 
-    config = RetrievalConfig(clusters=clusters, dims=dims)
-    pairs = retrieval_pairs(
-        features,
-        num_matched,
-        config,
-        query_list,
-        db_list,
-        exclude_self,
-        rerank_top,
-        connect,
-        device,
-        rerank=rerank,
-    )
+    config = config_from(RetrievalConfig, options)  # --clusters, --dims
+    pairs = retrieval_pairs(features, config_from(RetrievalOptions, options), config, device, rerank=rerank)
     _write_pairs(pairs, out)

@@ -11,7 +11,7 @@ import click
 from ..errors import ConfigError
 from ..extraction.config import ExtractConfig
 from ..matching.config import MatchConfig
-from ..sfm.config import MODEL_FORMATS, MODEL_FORMATS_HELP
+from ..sfm.config import MODEL_FORMATS, MODEL_FORMATS_HELP, CameraOptions, ColmapRun
 from .errors import finish_run, reports_errors
 from .options import (
     FOLDER,
@@ -55,19 +55,7 @@ from .options import (
 @json_report_option
 @reports_errors
 def colmap(
-    images: Path,
-    features: Path,
-    matches: Path,
-    database: Path,
-    camera_model: str,
-    camera_mode: str,
-    single_camera: bool,
-    overwrite: bool,
-    refine_keypoints: bool,
-    seed: int,
-    num_threads: int,
-    verbose: bool,
-    json_report: Path | None,
+    images: Path, features: Path, matches: Path, database: Path, json_report: Path | None, **options: Any
 ) -> None:
     """Write a COLMAP database from a feature store and a match store (needs pycolmap).
 
@@ -80,19 +68,8 @@ def colmap(
     """
     from ..sfm.colmap import write_database
 
-    summary = write_database(
-        images,
-        features,
-        matches,
-        database,
-        camera_model=camera_model,
-        camera_mode=camera_mode_of(camera_mode, single_camera),
-        overwrite=overwrite,
-        seed=seed,
-        num_threads=num_threads,
-        verbose=verbose,
-        refine_keypoints=refine_keypoints,
-    )
+    camera, run = camera_from(options), config_from(ColmapRun, options)
+    summary = write_database(images, features, matches, database, camera, run, **options)  # --overwrite, ...
     finish_run(summary, json_report)
 
 
@@ -176,8 +153,6 @@ def sfm(
     images_dir: Path,
     work_dir: Path,
     pairs_spec: str,
-    camera_mode: str,
-    single_camera: bool,
     export_formats: tuple[str, ...],
     no_report: bool,
     json_report: Path | None,
@@ -203,12 +178,20 @@ def sfm(
         pairs=pairs_spec,
         extract=config_from(ExtractConfig, options),
         match=config_from(MatchConfig, options),
-        camera_mode=camera_mode_of(camera_mode, single_camera),
+        camera=camera_from(options),
+        colmap=config_from(ColmapRun, options),
         export=export_formats,
         report=not no_report,
-        **options,  # the rest by name: weights, tile, backend, camera model, rebuild, device, COLMAP's
+        **options,  # the rest by name: weights, tile, backend, rebuild, device, quiet
     )
     finish_run(run_sfm(images_dir, work_dir, sfm_options), json_report)
+
+
+def camera_from(options: dict[str, Any]) -> CameraOptions:
+    """``CameraOptions`` of --camera-model and --camera-mode (or --single-camera), which are taken
+    out of ``options``."""
+    options["camera_mode"] = camera_mode_of(options.pop("camera_mode"), options.pop("single_camera"))
+    return config_from(CameraOptions, options)
 
 
 # -- the model handed to dense and neural methods (issue 26) ------------------------------------

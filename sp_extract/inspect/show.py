@@ -60,48 +60,76 @@ def show(
         raise ConfigError("name at least one image (or two for a pair); 'sp-extract info --names' lists them")
     if max_size < 0:
         raise ConfigError(f"--max-size must be >= 0 (0 = full size), got {max_size}")
+    kind, jobs = _jobs(store, names)
+    single = _prepare_out(out, len(jobs))
+    if kind == "features":
+        written = _draw_keypoints(store, images, jobs, out, single, max_size)
+    else:
+        written = _draw_matches(store, features, images, jobs, out, single, max_size)
+    files = [path for path, _ in written]
+    if not single:
+        files.append(write_index(out, [(path.name, caption) for path, caption in written]))
+    return files
+
+
+def _jobs(store: Path, names: list[str]) -> tuple[str, list[tuple[str, ...]]]:
+    """The store's kind (features or matches) and its pictures: one image each, or one pair."""
     with h5py.File(store, "r", locking=False) as h5:
         kind = h5.attrs.get("sp_extract_kind")
     if kind == "matches":
         if len(names) % 2:
             raise ConfigError("a match store needs image names two by two: NAME0 NAME1 [NAME0 NAME1 ...]")
-        jobs: list[tuple[str, ...]] = [tuple(names[i : i + 2]) for i in range(0, len(names), 2)]
-    elif kind == "features":
-        jobs = [(name,) for name in names]
-    else:
-        raise StoreError(f"{store}: not an sp-extract feature or match store")
-    single = len(jobs) == 1 and out.suffix.lower() == ".png"
+        return kind, [tuple(names[i : i + 2]) for i in range(0, len(names), 2)]
+    if kind == "features":
+        return kind, [(name,) for name in names]
+    raise StoreError(f"{store}: not an sp-extract feature or match store")
+
+
+def _prepare_out(out: Path, pictures: int) -> bool:
+    """Whether ``out`` is the one PNG file written (else a folder, made here), checked."""
+    single = pictures == 1 and out.suffix.lower() == ".png"
     if not single and out.suffix.lower() == ".png":
         raise ConfigError(f"--out {out}: several pictures need a folder, not a .png file")
     if single and not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     if not single:
         out.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[Path, str]] = []
-    if kind == "features":
-        source = FeatureSource(store)
-        try:
-            pictures = (draw_keypoints(source, images, job[0], max_size) for job in jobs)
-            written = _save(pictures, jobs, out, single)
-        finally:
-            source.close()
-    else:
-        if features is None:
-            raise ConfigError(f"{store}: a match store; pass --features, the feature store of its matches")
-        if not Path(features).is_file():
-            raise ConfigError(f"--features {features}: no such feature store")
-        verify = read_store_info(store, "matches")[0].get("verify")
-        source = FeatureSource(Path(features))
-        try:
-            with open_store(store, locking=False) as h5:
-                pictures = (draw_matches(source, h5, store, verify, images, job, max_size) for job in jobs)
-                written = _save(pictures, jobs, out, single)
-        finally:
-            source.close()
-    files = [path for path, _ in written]
-    if not single:
-        files.append(write_index(out, [(path.name, caption) for path, caption in written]))
-    return files
+    return single
+
+
+def _draw_keypoints(
+    store: Path, images: Path, jobs: list[tuple[str, ...]], out: Path, single: bool, max_size: int
+) -> list[tuple[Path, str]]:
+    """The keypoints of each image of ``jobs`` (a feature store), saved."""
+    source = FeatureSource(store)
+    try:
+        return _save((draw_keypoints(source, images, job[0], max_size) for job in jobs), jobs, out, single)
+    finally:
+        source.close()
+
+
+def _draw_matches(
+    store: Path,
+    features: Path | None,
+    images: Path,
+    jobs: list[tuple[str, ...]],
+    out: Path,
+    single: bool,
+    max_size: int,
+) -> list[tuple[Path, str]]:
+    """The matches of each pair of ``jobs`` (a match store) on the keypoints of ``features``, saved."""
+    if features is None:
+        raise ConfigError(f"{store}: a match store; pass --features, the feature store of its matches")
+    if not Path(features).is_file():
+        raise ConfigError(f"--features {features}: no such feature store")
+    verify = read_store_info(store, "matches")[0].get("verify")
+    source = FeatureSource(Path(features))
+    try:
+        with open_store(store, locking=False) as h5:
+            pictures = (draw_matches(source, h5, store, verify, images, job, max_size) for job in jobs)
+            return _save(pictures, jobs, out, single)
+    finally:
+        source.close()
 
 
 def _save(

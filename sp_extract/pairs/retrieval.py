@@ -32,7 +32,7 @@ import torch
 from ..errors import ConfigError
 from ..store.reader import StoreReader
 from ..store.vectors import BLOCK_BYTES, GlobalIndex, read_descriptors
-from .search import exact_search
+from .search import VectorSet, exact_search
 
 # re-ranks (Q, M) candidates by matching (``matching.rerank.rerank``, which the caller passes:
 # matching sits above pairs): features, queries, database, candidates, device -> candidates
@@ -58,6 +58,21 @@ class RetrievalConfig:
             raise ConfigError(
                 f"the sample ({self.sample} descriptors) must be at least --clusters ({self.clusters})"
             )
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """Which pairs ``retrieval_pairs`` makes: each query with its ``num_matched`` most similar
+    database images (``rerank_top``: re-ranked among that many first), queries and database from
+    name lists (default: every image), an image never its own neighbour (``exclude_self``), and,
+    with ``connect``, the pairs that join the components of the pair graph."""
+
+    num_matched: int
+    rerank_top: int | None = None
+    query_list: Path | None = None
+    db_list: Path | None = None
+    exclude_self: bool = True
+    connect: bool = True
 
 
 @dataclass
@@ -173,13 +188,9 @@ def nearest_images(
     and -inf fill a row that has fewer candidates.
     """
     return exact_search(
-        lambda rows: index.vectors([queries[i] for i in rows]),
-        len(queries),
-        lambda rows: index.vectors([database[i] for i in rows]),
-        len(database),
+        VectorSet(lambda rows: index.vectors([queries[i] for i in rows]), len(queries), query_groups),
+        VectorSet(lambda rows: index.vectors([database[i] for i in rows]), len(database), database_groups),
         k,
-        query_groups,
-        database_groups,
         device,
         BLOCK_BYTES,
     )
@@ -226,18 +237,14 @@ def connecting_pairs(
 
 def retrieval_pairs(
     features: Path,
-    num_matched: int,
+    options: RetrievalOptions,
     config: RetrievalConfig | None = None,
-    query_list: Path | None = None,
-    db_list: Path | None = None,
-    exclude_self: bool = True,
-    rerank_top: int | None = None,
-    connect: bool = True,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     rerank: Reranker | None = None,
 ) -> list[tuple[str, str]]:
-    """Pairs of each query image with its ``num_matched`` most similar database images.
+    """Pairs of each query image with its ``options.num_matched`` most similar database images,
+    by the global descriptors of ``config``.
 
     Queries and database default to every image of the store (``--query-list``/``--db-list``
     restrict them: localization of new images against a mapped set). With ``rerank_top`` M,
@@ -251,6 +258,7 @@ def retrieval_pairs(
     from ..devices import resolve_device
     from .core import merge_pairs, read_name_list
 
+    num_matched, rerank_top = options.num_matched, options.rerank_top
     if num_matched < 1:
         raise ConfigError(f"--num-matched must be >= 1, got {num_matched}")
     if rerank_top is not None and rerank_top < num_matched:
@@ -263,10 +271,10 @@ def retrieval_pairs(
     index.update(progress)
     names = index.names  # a name kept from an entry the store no longer has is not used
     known = set(names)
-    queries = read_name_list(query_list, known) if query_list else names
-    database = read_name_list(db_list, known) if db_list else names
+    queries = read_name_list(options.query_list, known) if options.query_list else names
+    database = read_name_list(options.db_list, known) if options.db_list else names
     groups = None
-    if exclude_self:
+    if options.exclude_self:
         position = {name: i for i, name in enumerate(database)}
         groups = (np.array([position.get(name, -1) for name in queries]), np.arange(len(database)))
     device_used = resolve_device(device)
@@ -278,7 +286,7 @@ def retrieval_pairs(
         [(query, database[i]) for query, row in zip(queries, found[:, :num_matched]) for i in row[row >= 0]]
     )
     pairs = [(a, b) for a, b in pairs if a != b]  # --include-self: the image took one of its K
-    if connect and queries == database:
+    if options.connect and queries == database:
         position = {name: i for i, name in enumerate(database)}
         edges = [(position[a], position[b]) for a, b in pairs]
         joining = connecting_pairs(index, database, edges, device_used)

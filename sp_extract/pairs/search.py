@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -151,60 +152,66 @@ def block_rows(dimension: int, budget: int) -> int:
     return max(1, min(budget // (4 * dimension), math.isqrt(budget // 4)))
 
 
+@dataclass(frozen=True)
+class VectorSet:
+    """The queries or the database of a search: ``read`` returns the vectors at the given
+    positions (float16 values, any float dtype) of the ``count``; ``groups``: a label (N,) for
+    each, or None."""
+
+    read: Reader
+    count: int
+    groups: np.ndarray | None = None
+
+
 def exact_search(
-    read_queries: Reader,
-    query_count: int,
-    read_database: Reader,
-    database_count: int,
+    queries: VectorSet,
+    database: VectorSet,
     k: int,
-    query_groups: np.ndarray | None = None,
-    database_groups: np.ndarray | None = None,
     device: torch.device | str = "cpu",
     block_bytes: int = 64 << 20,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` largest dot products with the database, exactly (module doc).
 
-    ``read_queries``/``read_database`` return the vectors at the given positions (float16
-    values, any float dtype). With groups, a database vector of the query's own group (a label
-    >= 0) is never a candidate. Returns database indices (Q, k') and scores (Q, k') float32
-    (the exact score rounded), best first, ties to the lower index, k' = min(k, database_count);
-    -1 and -inf fill a row that has fewer candidates.
+    With groups on both sides, a database vector of the query's own group (a label >= 0) is
+    never a candidate. Returns database indices (Q, k') and scores (Q, k') float32 (the exact
+    score rounded), best first, ties to the lower index, k' = min(k, database.count); -1 and
+    -inf fill a row that has fewer candidates.
     """
     device = torch.device(device)
-    width = min(k, database_count)
-    found_index = np.full((query_count, width), -1, np.int64)
-    found_score = np.full((query_count, width), -np.inf, np.float32)
-    if width == 0 or query_count == 0:
+    width = min(k, database.count)
+    found_index = np.full((queries.count, width), -1, np.int64)
+    found_score = np.full((queries.count, width), -np.inf, np.float32)
+    if width == 0 or queries.count == 0:
         return found_index, found_score
     dtype = screening_dtype(device)
-    dimension = read_database(np.arange(1)).shape[1]
+    dimension = database.read(np.arange(1)).shape[1]
     budget = memory_budget(device, block_bytes)
     rows = block_rows(dimension, budget)
-    database = _Database(read_database, database_count, rows, dtype, device)
-    database.keep = database_count * dimension * dtype.itemsize <= 4 * budget  # kept on the device
+    screened = _Database(database.read, database.count, rows, dtype, device)
+    screened.keep = database.count * dimension * dtype.itemsize <= 4 * budget  # kept on the device
     groups = None
-    if query_groups is not None and database_groups is not None:
-        groups = torch.as_tensor(database_groups, device=device)
+    if queries.groups is not None and database.groups is not None:
+        groups = torch.as_tensor(database.groups, device=device)
     reduced = _reduced_precision_reduction(device, False)
     try:
-        pending, margin = np.arange(query_count), max(FIRST_MARGIN, width)
+        pending, margin = np.arange(queries.count), max(FIRST_MARGIN, width)
         while len(pending):
-            kept = min(database_count, width + margin)
+            kept = min(database.count, width + margin)
             retry = []
             for start in range(0, len(pending), rows):
                 positions = pending[start : start + rows]
-                query = _Rounded(read_queries(positions), dtype, device, True)
-                own = None if groups is None else _own_groups(query_groups[positions], groups)
-                score, index = _screen(query.vectors, database, kept, own, groups)
-                done = _select(query, database, score.double().cpu(), index.cpu(), width, dimension)
+                query = _Rounded(queries.read(positions), dtype, device, True)
+                own = None if groups is None else _own_groups(queries.groups[positions], groups)
+                score, index = _screen(query.vectors, screened, kept, own, groups)
+                done = _select(query, screened, score.double().cpu(), index.cpu(), width, dimension)
                 if done is None:
-                    raise StoreError(_NOT_EXACT.format(database.exact_norm * query.exact_norm.max()))
+                    raise StoreError(_NOT_EXACT.format(screened.exact_norm * query.exact_norm.max()))
                 cleared, candidates = done
                 retry.append(positions[~cleared])
                 if cleared.any():
                     found = positions[cleared]
                     best, best_score = _exact_best(
-                        read_queries, read_database, found, candidates[cleared], width, dimension, device
+                        queries.read, database.read, found, candidates[cleared], width, dimension, device
                     )
                     found_index[found], found_score[found] = best, best_score
             pending, margin = np.concatenate(retry), 4 * margin

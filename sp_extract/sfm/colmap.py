@@ -16,7 +16,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ..store.catalog import StoreInfo, read_store, read_store_info
 from ..store.failures import damaged_error, describe_error
 from ..store.reader import open_store
 from .child import run_in_child
-from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
+from .config import CameraOptions, ColmapRun, check_camera_mode
 from .environment import (
     COLMAP_OFFSET,
     colmap_logging,
@@ -252,8 +252,7 @@ def _write_images(
     images: Path,
     names: list[str],
     old_ids: dict[str, int],
-    camera_model: str,
-    camera_mode: str,
+    camera_options: CameraOptions,
     summary: DatabaseSummary,
     cameras: Cameras | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
@@ -263,6 +262,7 @@ def _write_images(
     (images added to a database that has them), extended by the ones written here.
     """
     pycolmap = import_pycolmap()
+    camera_model, camera_mode = camera_options.camera_model, camera_options.camera_mode
     cameras = {} if cameras is None else cameras
     ids: dict[str, int] = {}
     counts: dict[str, int] = {}
@@ -314,44 +314,30 @@ def write_database(
     features: Path | str,
     matches: Path | str,
     database: Path | str,
-    camera_model: str = DEFAULT_CAMERA_MODEL,
-    camera_mode: str = DEFAULT_CAMERA_MODE,
+    camera: CameraOptions | None = None,
+    run: ColmapRun | None = None,
     overwrite: bool = False,
-    seed: int = 0,
-    num_threads: int = -1,
-    verbose: bool = False,
     refine_keypoints: bool = False,
 ) -> DatabaseSummary:
     """Write a COLMAP database from a feature store and a match store, with verified pairs.
 
-    Every image of the feature store gets a camera (shared as ``camera_mode`` says), its
-    keypoints and the matches of its pairs. An existing database holding only images of the
-    feature store is updated (image ids kept, everything else rewritten); one holding other
-    images is refused unless ``overwrite``. The database is written to a temporary file and
-    renamed into place at the end. ``seed`` fixes the RANSAC of the verification (with
-    ``num_threads=1`` the run is repeatable). ``refine_keypoints`` then moves the keypoints with
-    ``adjust.adjust_database_keypoints`` on the verified matches' image patches and verifies again.
+    Every image of the feature store gets a camera (``camera``: its model, and which images
+    share one), its keypoints and the matches of its pairs. An existing database holding only
+    images of the feature store is updated (image ids kept, everything else rewritten); one
+    holding other images is refused unless ``overwrite``. The database is written to a temporary
+    file and renamed into place at the end. ``run.seed`` fixes the RANSAC of the verification
+    (with ``run.num_threads=1`` the run is repeatable). ``refine_keypoints`` then moves the
+    keypoints with ``adjust.adjust_database_keypoints`` on the verified matches' image patches and
+    verifies again.
     """
     pycolmap = import_pycolmap()
-    if refine_keypoints:
-        try:
-            from .adjust import adjust_database_keypoints
-        except ImportError as error:  # scipy, part of the colmap extra
-            raise ConfigError(
-                f"--refine-keypoints needs scipy ({error}); install it with: pip install scipy "
-                "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
-            ) from error
+    adjust_keypoints = _keypoint_adjuster() if refine_keypoints else None
     started = time.monotonic()
     images, features, matches, database = Path(images), Path(features), Path(matches), Path(database)
-    camera_model = check_camera_model(camera_model)
-    check_camera_mode(camera_mode)
-    for path, what in ((features, "feature store"), (matches, "match store")):
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such {what}")
-    if not images.is_dir():
-        raise ConfigError(f"{images}: no such image folder")
-    if not database.parent.is_dir():
-        raise ConfigError(f"{database}: the folder {database.parent} does not exist")
+    camera, run = camera or CameraOptions(), run or ColmapRun()
+    camera_model = check_camera_model(camera.camera_model)
+    camera = CameraOptions(camera_model, check_camera_mode(camera.camera_mode))
+    _check_inputs(images, features, matches, database)
     feature_store = read_store(features, "features", "--features")
     names = feature_store.names
     match_settings, pair_keys = read_store_info(matches, "matches", "--matches")
@@ -365,32 +351,22 @@ def write_database(
         "extract the folder as it is now into a new feature store and match again",
     )
     summary = DatabaseSummary(str(database))
-    old_ids: dict[str, int] = {}
-    if database.exists() and not overwrite:
-        old_names = check_database(database)
-        others = sorted(set(old_names) - set(names))
-        if others:
-            raise StoreError(
-                f"{database}: holds {len(others)} images that are not in {features} (e.g. '{others[0]}'); "
-                "choose another --database or pass --overwrite to replace it"
-            )
-        summary.updated = bool(old_names)
+    summary.updated = not overwrite and _holds_images(database, names, features)
     temporary = temporary_beside(database)
     temporary.unlink(missing_ok=True)
     try:
         with failures_reported(database, "write the database"), atomic_write(database, temporary):
             if summary.updated:
                 shutil.copyfile(database, temporary)
-            with colmap_logging(verbose):
+            with colmap_logging(run.verbose):
                 db = pycolmap.Database.open(temporary)
                 try:
+                    old_ids = {}
                     if summary.updated:
                         old_ids = {image.name: image.image_id for image in db.read_all_images()}
                         db.clear_all_tables()
                     with open_store(features) as fh5, open_store(matches) as mh5:
-                        ids, counts = _write_images(
-                            db, fh5, images, names, old_ids, camera_model, camera_mode, summary
-                        )
+                        ids, counts = _write_images(db, fh5, images, names, old_ids, camera, summary)
                         for key, name0, name1 in pairs:
                             found = read_matches(mh5, key, (counts[name0], counts[name1]), matches)
                             db.write_matches(ids[name0], ids[name1], found)
@@ -398,12 +374,12 @@ def write_database(
                             summary.matches += len(found)
                 finally:
                     db.close()
-            run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
-            if refine_keypoints:  # adjust on the verified matches, then verify the adjusted keypoints
-                summary.refined_keypoints = adjust_database_keypoints(temporary, images)
-                with colmap_logging(verbose), pycolmap.Database.open(temporary) as db:
+            run_in_child(verify_pairs, temporary, run)
+            if adjust_keypoints:  # adjust on the verified matches, then verify the adjusted keypoints
+                summary.refined_keypoints = adjust_keypoints(temporary, images)
+                with colmap_logging(run.verbose), pycolmap.Database.open(temporary) as db:
                     db.clear_two_view_geometries()
-                run_in_child(verify_pairs, temporary, seed, num_threads, verbose)
+                run_in_child(verify_pairs, temporary, run)
             with contextlib.closing(sqlite3.connect(temporary)) as db:  # pairs with inliers only
                 found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
                 summary.verified_pairs, inliers = found.fetchone()
@@ -423,13 +399,52 @@ def write_database(
     return summary
 
 
-def verify_pairs(database: Path, seed: int, num_threads: int, verbose: bool) -> None:
+def _keypoint_adjuster() -> Callable[[Path, Path], int]:
+    """``adjust.adjust_database_keypoints`` (``--refine-keypoints``), or a ``ConfigError`` when
+    scipy, which it needs, is missing."""
+    try:
+        from .adjust import adjust_database_keypoints
+    except ImportError as error:  # scipy, part of the colmap extra
+        raise ConfigError(
+            f"--refine-keypoints needs scipy ({error}); install it with: pip install scipy "
+            "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
+        ) from error
+    return adjust_database_keypoints
+
+
+def _check_inputs(images: Path, features: Path, matches: Path, database: Path) -> None:
+    """Refuse (``ConfigError``) missing stores, image folder or database folder."""
+    for path, what in ((features, "feature store"), (matches, "match store")):
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such {what}")
+    if not images.is_dir():
+        raise ConfigError(f"{images}: no such image folder")
+    if not database.parent.is_dir():
+        raise ConfigError(f"{database}: the folder {database.parent} does not exist")
+
+
+def _holds_images(database: Path, names: list[str], features: Path) -> bool:
+    """Whether ``database`` exists and holds images, all of them among ``names`` (the feature
+    store's); a ``StoreError`` when it holds others (``--overwrite`` replaces it)."""
+    if not database.exists():
+        return False
+    old_names = check_database(database)
+    others = sorted(set(old_names) - set(names))
+    if others:
+        raise StoreError(
+            f"{database}: holds {len(others)} images that are not in {features} (e.g. '{others[0]}'); "
+            "choose another --database or pass --overwrite to replace it"
+        )
+    return bool(old_names)
+
+
+def verify_pairs(database: Path, run: ColmapRun) -> None:
     """pycolmap's geometric verification of the matches in ``database``, with hloc's RANSAC
     settings for nearest-neighbour matches (run in a child process by ``write_database``)."""
     pycolmap = import_pycolmap()
     verifier = pycolmap.GeometricVerifierOptions()
-    verifier.num_threads = num_threads
-    with colmap_logging(verbose):
+    verifier.num_threads = run.num_threads
+    with colmap_logging(run.verbose):
         pycolmap.geometric_verification(
-            database, verifier_options=verifier, two_view_geometry_options=verification_options(seed)
+            database, verifier_options=verifier, two_view_geometry_options=verification_options(run.seed)
         )

@@ -3,6 +3,8 @@ from them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import ConfigError
 
 DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
@@ -31,3 +33,22 @@ def check_camera_mode(camera_mode: str) -> str:
     if camera_mode not in CAMERA_MODES:
         raise ConfigError(f"--camera-mode {camera_mode}: expected one of {', '.join(CAMERA_MODES)}")
     return camera_mode
+
+
+@dataclass(frozen=True)
+class CameraOptions:
+    """The cameras a COLMAP database gets: COLMAP's camera model and which images share one
+    (``camera_mode``, ``colmap.camera_group``); checked where pycolmap is at hand."""
+
+    camera_model: str = DEFAULT_CAMERA_MODEL
+    camera_mode: str = DEFAULT_CAMERA_MODE
+
+
+@dataclass(frozen=True)
+class ColmapRun:
+    """How pycolmap's long steps (verification, mapping) run: the seed of their random choices,
+    their threads (-1 all; 1 with a seed: repeatable) and whether COLMAP's own log is shown."""
+
+    seed: int = 0
+    num_threads: int = -1
+    verbose: bool = False

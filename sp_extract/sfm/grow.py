@@ -40,11 +40,22 @@ from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
 from .child import run_in_child
 from .colmap import Cameras, DatabaseSummary, _write_images, camera_for_image, camera_group, read_matches
+from .config import CameraOptions, ColmapRun
 from .environment import colmap_logging, failures_reported, import_pycolmap, verification_options
 from .mapping import ModelStats, model_stats
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 MODEL_RECORD = "sfm.json"  # in sparse/: the database a model was mapped from
+
+
+@dataclass(frozen=True)
+class DatabaseInputs:
+    """What a database's images and pairs are read from: the photos' folder (sizes, EXIF focal
+    lengths), the feature store and the match store."""
+
+    images: Path
+    features: Path
+    matches: Path
 
 
 @dataclass
@@ -95,22 +106,22 @@ def _pair_names(path: Path) -> Iterator[tuple[str, str]]:
         yield names[pair_id // MAX_IMAGE_ID], names[pair_id % MAX_IMAGE_ID]
 
 
-def verify_listed_pairs(database: Path, pairs_file: Path, seed: int, verbose: bool) -> None:
+def verify_listed_pairs(database: Path, pairs_file: Path, run: ColmapRun) -> None:
     """pycolmap's geometric verification of the pairs of ``pairs_file`` with hloc's RANSAC
     settings (``colmap.verify_pairs``'s), in a child process of ``add_to_database``."""
     pycolmap = import_pycolmap()
-    with colmap_logging(verbose):
-        pycolmap.verify_matches(database, pairs_file, options=verification_options(seed))
+    with colmap_logging(run.verbose):
+        pycolmap.verify_matches(database, pairs_file, options=verification_options(run.seed))
 
 
-def _verify_missing(database: Path, seed: int, verbose: bool) -> int:
+def _verify_missing(database: Path, run: ColmapRun) -> int:
     """Verify the pairs that have matches but no two-view geometry; returns how many."""
     pairs = list(_pair_names(database))
     if pairs:
         listing = database.with_name(f".{database.name}.{os.getpid()}.pairs")
         try:
             listing.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
-            run_in_child(verify_listed_pairs, database, listing, seed, verbose)
+            run_in_child(verify_listed_pairs, database, listing, run)
         finally:
             listing.unlink(missing_ok=True)
     return len(pairs)
@@ -139,9 +150,7 @@ def _cameras(db: Any, camera_mode: str) -> Cameras:
     return cameras
 
 
-def _read_new(
-    fh5: StoreReader, images: Path, names: list[str], camera_model: str, camera_mode: str
-) -> dict[str, int]:
+def _read_new(fh5: StoreReader, images: Path, names: list[str], camera: CameraOptions) -> dict[str, int]:
     """Keypoint counts of the images ``names``, once everything ``_write_images`` reads of them
     (features, sizes, the image files' EXIF) was read without error: the transaction that
     writes them then fails on nothing but the database itself."""
@@ -153,8 +162,8 @@ def _read_new(
         except (OSError, KeyError, ValueError, TypeError) as error:
             cause = f"features of '{name}' unreadable: {describe_error(error)}"
             raise damaged_error(Path(fh5.filename), cause) from error
-        camera_for_image(images / name, camera_model, sizes[name])
-    if camera_mode == "single" and len(set(sizes.values())) > 1:
+        camera_for_image(images / name, camera.camera_model, sizes[name])
+    if camera.camera_mode == "single" and len(set(sizes.values())) > 1:
         raise ConfigError(
             "--camera-mode single (--single-camera): the new photos have several sizes "
             f"({', '.join(sorted({f'{w} x {h}' for w, h in sizes.values()}))}); use --camera-mode auto"
@@ -164,13 +173,10 @@ def _read_new(
 
 def _add(
     path: Path,
-    images: Path,
-    features: Path,
-    matches: Path,
+    inputs: DatabaseInputs,
     names: list[str],
     pairs: list[Pair],
-    camera_model: str,
-    camera_mode: str,
+    camera: CameraOptions,
     verbose: bool,
 ) -> tuple[int, int, int]:
     """Add the images of ``names`` and the ``pairs`` that ``path`` lacks, in one transaction,
@@ -182,11 +188,11 @@ def _add(
         try:
             ids = {image.name: image.image_id for image in db.read_all_images()}
             new = [name for name in names if name not in ids]
-            cameras = _cameras(db, camera_mode)
+            cameras = _cameras(db, camera.camera_mode)
             found: list[tuple[str, str, np.ndarray]] = []
             unmatched = 0
-            with open_store(features) as fh5, open_store(matches) as mh5:
-                counts = _read_new(fh5, images, new, camera_model, camera_mode)
+            with open_store(inputs.features) as fh5, open_store(inputs.matches) as mh5:
+                counts = _read_new(fh5, inputs.images, new, camera)
                 for name0, name1 in pairs:
                     stored = _stored_pair(mh5, name0, name1)
                     if stored is None:
@@ -196,11 +202,9 @@ def _add(
                     for name in (a, b):
                         if name not in counts:
                             counts[name] = db.num_keypoints_for_image(ids[name])
-                    found.append((a, b, read_matches(mh5, key, (counts[a], counts[b]), matches)))
+                    found.append((a, b, read_matches(mh5, key, (counts[a], counts[b]), inputs.matches)))
                 with graceful_stop(redeliver=True), pycolmap.DatabaseTransaction(db):
-                    written = _write_images(
-                        db, fh5, images, new, {}, camera_model, camera_mode, summary, cameras
-                    )
+                    written = _write_images(db, fh5, inputs.images, new, {}, camera, summary, cameras)
                     ids.update(written[0])
                     added = 0
                     for a, b, pair_matches in found:
@@ -223,21 +227,19 @@ def addition_failed(database: Path) -> bool:
 
 def add_to_database(
     database: Path,
-    images: Path,
-    features: Path,
-    matches: Path,
+    inputs: DatabaseInputs,
     names: list[str],
     pairs: list[Pair],
-    camera_model: str,
-    camera_mode: str,
+    camera: CameraOptions,
     fresh: bool,
-    seed: int = 0,
-    verbose: bool = False,
+    run: ColmapRun | None = None,
 ) -> DatabaseUpdate:
-    """Bring ``database`` to the images ``names`` and the ``pairs`` (module doc); ``fresh``
+    """Bring ``database`` to the images ``names`` and the ``pairs`` (module doc), read from
+    ``inputs``, with the cameras ``camera`` (its model checked by the caller); ``fresh``
     starts a new database (renamed over the old one once verified). While images are added to
     an existing database, a marker file beside it (``addition_failed``) tells the next run, if
     this one fails (a write error commits part of pycolmap's transaction), to start it over."""
+    run = run or ColmapRun()
     create = fresh or not database.exists()
     target = database.with_name(f".{database.name}.{os.getpid()}.tmp") if create else database
     marker = _addition_marker(database)
@@ -248,16 +250,14 @@ def add_to_database(
                     target.unlink(missing_ok=True)
                 else:
                     marker.touch()
-                added = _add(
-                    target, images, features, matches, names, pairs, camera_model, camera_mode, verbose
-                )
+                added = _add(target, inputs, names, pairs, camera, run.verbose)
                 if not create:
                     marker.unlink()
                 if create:
                     with contextlib.closing(sqlite3.connect(target)) as db:
                         db.execute(f"PRAGMA application_id = {secrets.randbelow(1 << 31) + 1}")
                         db.commit()
-                verified = _verify_missing(target, seed, verbose)
+                verified = _verify_missing(target, run)
             if create:  # after the rename: the new database needs no marker
                 marker.unlink(missing_ok=True)
     finally:
@@ -300,19 +300,19 @@ def model_record(sparse: Path) -> dict[str, Any] | None:
 
 
 def _map(
-    database: Path, images: Path, building: Path, previous: str, seed: int, num_threads: int, verbose: bool
+    database: Path, images: Path, building: Path, previous: str, run: ColmapRun
 ) -> list[tuple[ModelStats, dict[int, str]]]:
     """pycolmap's incremental mapper (in a child process): continue ``previous`` (a model
     folder, "" for none); the models written to ``building/0`` (largest), ``building/1``, ...;
     each with its statistics and registered images (id: name)."""
     pycolmap = import_pycolmap()
     options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = seed
-    options.num_threads = num_threads
-    pycolmap.set_random_seed(seed)
+    options.random_seed = run.seed
+    options.num_threads = run.num_threads
+    pycolmap.set_random_seed(run.seed)
     raw = building / "mapper"
     raw.mkdir()
-    with colmap_logging(verbose):
+    with colmap_logging(run.verbose):
         models = pycolmap.incremental_mapping(database, images, raw, options, input_path=previous)
     found = []
     ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
@@ -344,18 +344,17 @@ def map_database(
     sparse: Path,
     state: DatabaseState,
     grow: bool,
-    seed: int = 0,
-    num_threads: int = -1,
-    verbose: bool = False,
+    run: ColmapRun | None = None,
 ) -> list[tuple[ModelStats, dict[int, str]]]:
     """Map ``database`` into ``sparse`` (module doc), continuing ``sparse/0`` when ``grow``."""
+    run = run or ColmapRun()
     building = sparse.with_name(sparse.name + ".new")
     previous = str(sparse / "0") if grow else ""
     try:
         with failures_reported(sparse, "write the models"):
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir()
-            found = run_in_child(_map, database, images, building, previous, seed, num_threads, verbose)
+            found = run_in_child(_map, database, images, building, previous, run)
             if grow and not found:  # the previous model is worth more than none
                 raise StoreError(
                     f"{sparse}: COLMAP returned no model when continuing {previous}; the models are "

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,14 @@ from ..pairs.core import (
     write_pairs,
 )
 from ..processes import start_child_server
-from ..report import JsonReport, counted, listed
+from ..report import JsonReport, Summary, counted, listed
 from ..store.catalog import read_store_info
 from .colmap import check_camera_model, check_database
-from .config import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, check_camera_mode
+from .config import CameraOptions, ColmapRun, check_camera_mode
 from .environment import import_pycolmap
 from .grow import (
+    DatabaseInputs,
+    DatabaseUpdate,
     add_to_database,
     addition_failed,
     map_database,
@@ -76,15 +78,12 @@ class SfmOptions:
     tile: str | int = "auto"  # extract's tiling (see ``extraction.tiling``)
     backend: str = "auto"  # what runs the network (see ``extraction.backends``)
     match: MatchConfig = field(default_factory=MatchConfig)
-    camera_model: str = DEFAULT_CAMERA_MODEL
-    camera_mode: str = DEFAULT_CAMERA_MODE
+    camera: CameraOptions = field(default_factory=CameraOptions)
     rebuild: bool = False
     export: tuple[str, ...] = ()  # formats written to WORK/export/FORMAT (``handoff``)
     report: bool = True  # WORK/report.html (``page``)
     device: str = "auto"
-    seed: int = 0
-    num_threads: int = -1
-    verbose: bool = False
+    colmap: ColmapRun = field(default_factory=ColmapRun)  # seed, threads and log of COLMAP's steps
     quiet: bool = True
 
     def __post_init__(self) -> None:
@@ -217,7 +216,7 @@ def _retrieval(
 ) -> list[Pair]:
     """Retrieval pairs among ``names`` (the store may hold more: deleted photos) of every image
     (``everything``, with the pairs that connect the graph's components) or of the new ones."""
-    from ..pairs.retrieval import retrieval_pairs
+    from ..pairs.retrieval import RetrievalOptions, retrieval_pairs
 
     if len(names) < 2:
         return []
@@ -225,9 +224,8 @@ def _retrieval(
     try:
         queries.write_text("".join(name + "\n" for name in new), encoding="utf-8")
         database.write_text("".join(name + "\n" for name in names), encoding="utf-8")
-        return retrieval_pairs(
-            features, k, query_list=queries, db_list=database, connect=everything, device=device
-        )
+        search = RetrievalOptions(k, query_list=queries, db_list=database, connect=everything)
+        return retrieval_pairs(features, search, device=device)
     finally:
         queries.unlink(missing_ok=True)
         database.unlink(missing_ok=True)
@@ -260,6 +258,44 @@ class Stages:
             self.summary.stage_times_s[name] = round(time.monotonic() - started, 3)
 
 
+@dataclass
+class SfmRun:
+    """One ``sfm`` run: its folders and options, the summary its stages fill in, and their timer."""
+
+    images: Path
+    work: Path
+    options: SfmOptions
+    summary: SfmSummary
+    stage: Stages
+    started: float
+    # what the stages write into the work folder
+    feats: Path = field(init=False)
+    pairs_file: Path = field(init=False)
+    matches: Path = field(init=False)
+    database: Path = field(init=False)
+    sparse: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.feats, self.pairs_file, self.matches = (
+            self.work / "feats.h5",
+            self.work / "pairs.txt",
+            self.work / "matches.h5",
+        )
+        self.database, self.sparse = self.work / "database.db", self.work / "sparse"
+
+
+@dataclass
+class Photos:
+    """What the extract stage leaves to the next: the folder's photos, those with features, those
+    that can be paired (with features, no white space in the name), and those deleted since
+    their features were extracted."""
+
+    names: list[str]
+    in_store: set[str]
+    usable: list[str]
+    deleted: list[str]
+
+
 def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = None) -> SfmSummary:
     """Build or grow the COLMAP model of the photos of ``images`` in the folder ``work`` (module doc).
 
@@ -268,158 +304,209 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     the summary with ``interrupted`` set and the signal's exit code; an interrupted database or
     mapping step raises ``KeyboardInterrupt`` with nothing half-written left behind.
     """
-    options = options or SfmOptions()
-    started = time.monotonic()
-    images, work = Path(images), Path(work)
+    run = _start(Path(images), Path(work), options or SfmOptions(), time.monotonic())
+    summary, stage = run.summary, run.stage
+    with stage("extract"):
+        photos, extracted = _extract_stage(run)
+    if extracted.interrupted:
+        return _finish(summary, run.started, extracted.exit_code)
+    with stage("pairs"):
+        new, planned = _pairs_stage(run, photos)
+    with stage("match"):
+        matched = _match_stage(run)
+    if matched.interrupted:
+        return _finish(summary, run.started, matched.exit_code)
+    with stage("database"):
+        update = _database_stage(run, new, planned)
+    with stage("map"):
+        found = _map_stage(run, update)
+    _record_models(summary, found, photos.usable)
+    if found and run.options.export:
+        with stage("export"):
+            summary.exports = _export_stage(run)
+    implausible = bool(found) and bool(summary.models[0].implausible_cameras)
+    if implausible:
+        summary.warnings.append(implausible_warning(summary.models[0]))
+    failed = not found or implausible or summary.failed_images or matched.failed
+    _finish(summary, run.started, EXIT_SOME_FAILED if failed else EXIT_OK)
+    summary.write_json(run.work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
+    if run.options.report:
+        with stage("report"):
+            summary.report = str(write_report(run.work, run.images))
+        summary.wall_time_s = round(time.monotonic() - run.started, 3)
+    return summary
+
+
+def _start(images: Path, work: Path, options: SfmOptions, started: float) -> SfmRun:
+    """Check the options (the camera model against pycolmap's), make the work folder, put back
+    the models a killed run left aside, and start the fork server of the child processes."""
     if not images.is_dir():
         raise ConfigError(f"{images}: no such image folder")
     import_pycolmap()
-    camera_model = check_camera_model(options.camera_model)
-    check_camera_mode(options.camera_mode)
+    camera_model = check_camera_model(options.camera.camera_model)
+    check_camera_mode(options.camera.camera_mode)
     parse_pairs(options.pairs)
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"{work}: cannot create the work folder ({error.strerror or error})") from error
-    feats, pairs_file, matches = work / "feats.h5", work / "pairs.txt", work / "matches.h5"
-    database, sparse = work / "database.db", work / "sparse"
+    options = replace(options, camera=replace(options.camera, camera_model=camera_model))
     summary = SfmSummary(str(images), str(work))
-    stage = Stages(summary, options.quiet)
-    recover_folder(sparse)
+    run = SfmRun(images, work, options, summary, Stages(summary, options.quiet), started)
+    recover_folder(run.sparse)
     # the fork server of the decoding workers and COLMAP's children imports their modules while
     # the features are extracted
     start_child_server("sp_extract.extraction.loader", "sp_extract.sfm.colmap", "sp_extract.sfm.grow")
+    return run
 
-    with stage("extract"):
-        names = discover_images(images)
-        summary.images = len(names)
-        manifest = PhotoManifest(work)
-        # forget photos fingerprinted by a run that failed before their features were stored
-        manifest.keep_only(set(read_store_info(feats, "features")[1]) if feats.is_file() else set())
-        check = manifest.check(images, names)
-        if check.changed and not options.rebuild:
-            more = (
-                f" (and {counted(len(check.changed) - 1, 'other photo')})" if len(check.changed) > 1 else ""
-            )
-            raise ConfigError(
-                f"{images / check.changed[0]}: changed since its features were extracted{more}; its "
-                "features, matches and place in the model describe the old photo: run again with --rebuild"
-            )
-        if check.changed:  # --rebuild: the stores start over
-            for store in (feats, matches):
-                remove_store(store)
-            manifest.entries, check.new = {}, names
-        manifest.record(images, check.new)
-        manifest.save()
-        from ..extraction.pipeline import extract
 
-        extracted = extract(
-            images,
-            feats,
-            options.extract,
-            weights=options.weights,
-            device=options.device,
-            quiet=options.quiet,
-            backend=options.backend,
-            tile=options.tile,
+def _extract_stage(run: SfmRun) -> tuple[Photos, Summary]:
+    """Fingerprint the photos (a changed one stops the run, or with ``rebuild`` starts the stores
+    over) and extract the features of those the store lacks."""
+    from ..extraction.pipeline import extract
+
+    options, summary, feats = run.options, run.summary, run.feats
+    names = discover_images(run.images)
+    summary.images = len(names)
+    manifest = PhotoManifest(run.work)
+    # forget photos fingerprinted by a run that failed before their features were stored
+    manifest.keep_only(set(read_store_info(feats, "features")[1]) if feats.is_file() else set())
+    check = manifest.check(run.images, names)
+    if check.changed and not options.rebuild:
+        more = f" (and {counted(len(check.changed) - 1, 'other photo')})" if len(check.changed) > 1 else ""
+        raise ConfigError(
+            f"{run.images / check.changed[0]}: changed since its features were extracted{more}; its "
+            "features, matches and place in the model describe the old photo: run again with --rebuild"
         )
-        summary.extracted, summary.failed_images = extracted.done, extracted.failed
-        summary.warnings += extracted.warnings
-        _, stored = read_store_info(feats, "features")
-        manifest.keep_only(set(stored))
-        manifest.save()
-    if extracted.interrupted:
-        return _finish(summary, started, extracted.exit_code)
+    if check.changed:  # --rebuild: the stores start over
+        for store in (feats, run.matches):
+            remove_store(store)
+        manifest.entries, check.new = {}, names
+    manifest.record(run.images, check.new)
+    manifest.save()
+    extracted = extract(
+        run.images,
+        feats,
+        options.extract,
+        weights=options.weights,
+        device=options.device,
+        quiet=options.quiet,
+        backend=options.backend,
+        tile=options.tile,
+    )
+    summary.extracted, summary.failed_images = extracted.done, extracted.failed
+    summary.warnings += extracted.warnings
+    _, stored = read_store_info(feats, "features")
+    manifest.keep_only(set(stored))
+    manifest.save()
     in_store, spaced = set(stored), set(unpairable(names))  # spaced: warned about by extract
     usable = [name for name in names if name in in_store and name not in spaced]
+    return Photos(names, in_store, usable, check.deleted), extracted
 
-    with stage("pairs"):
-        held = check_database(database) if database.exists() else []
-        if held and not options.rebuild and addition_failed(database):
-            summary.warnings.append(
-                f"{database}: a run failed while adding images to it; the database and model are rebuilt"
-            )
-            summary.mode = "rebuild"
-        elif held and not options.rebuild:
-            strangers = sorted(set(held) - in_store)
-            if strangers:
-                raise StoreError(
-                    f"{database}: holds {counted(len(strangers), 'image')} without features in {feats} "
-                    f"(e.g. '{strangers[0]}'); run with --rebuild"
-                )
-            summary.mode = "grow"
-        elif options.rebuild:
-            summary.mode = "rebuild"
-        else:
-            summary.mode = "new"
-        summary.deleted_images = [name for name in check.deleted if name in set(held)]
-        if summary.deleted_images:
-            fate = "kept in" if summary.mode == "grow" else "dropped from"
-            summary.warnings.append(
-                f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
-                f"{listed(summary.deleted_images)}; {fate} the database and model"
-                + (" (--rebuild drops them)" if summary.mode == "grow" else "")
-            )
-        known = set(held) if summary.mode == "grow" else set()
-        new = [name for name in usable if name not in known]
-        summary.new_images, summary.added_images = len(new), new
-        summary.pairs_mode, planned = plan_pairs(
-            options.pairs, feats, usable, new, work, in_store | set(names), options.device
+
+def _pairs_stage(run: SfmRun, photos: Photos) -> tuple[list[str], list[Pair]]:
+    """Choose the run's mode (new, grow, rebuild), plan the pairs of the images the database
+    lacks and merge them into ``pairs.txt``; returns those images and their pairs."""
+    summary, database, pairs_file = run.summary, run.database, run.pairs_file
+    held = check_database(database) if database.exists() else []
+    summary.mode = _mode(run, held, photos.in_store)
+    summary.deleted_images = [name for name in photos.deleted if name in set(held)]
+    if summary.deleted_images:
+        fate = "kept in" if summary.mode == "grow" else "dropped from"
+        summary.warnings.append(
+            f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
+            f"{listed(summary.deleted_images)}; {fate} the database and model"
+            + (" (--rebuild drops them)" if summary.mode == "grow" else "")
         )
-        summary.new_pairs = len(planned)
-        if planned:
-            keep = read_pairs(pairs_file, in_store) if pairs_file.is_file() and summary.mode == "grow" else []
-            write_pairs(merge_pairs(keep, planned), pairs_file)
-        if not pairs_file.is_file():
-            raise ConfigError(f"{images}: fewer than 2 photos with features; nothing to pair")
+    known = set(held) if summary.mode == "grow" else set()
+    new = [name for name in photos.usable if name not in known]
+    summary.new_images, summary.added_images = len(new), new
+    summary.pairs_mode, planned = plan_pairs(
+        run.options.pairs,
+        run.feats,
+        photos.usable,
+        new,
+        run.work,
+        photos.in_store | set(photos.names),
+        run.options.device,
+    )
+    summary.new_pairs = len(planned)
+    if planned:
+        grown = pairs_file.is_file() and summary.mode == "grow"
+        keep = read_pairs(pairs_file, photos.in_store) if grown else []
+        write_pairs(merge_pairs(keep, planned), pairs_file)
+    if not pairs_file.is_file():
+        raise ConfigError(f"{run.images}: fewer than 2 photos with features; nothing to pair")
+    return new, planned
 
-    with stage("match"):
-        from ..matching.run import match_pairs
 
-        matched = match_pairs(
-            pairs_file, feats, matches, options.match, device=options.device, quiet=options.quiet
+def _mode(run: SfmRun, held: list[str], in_store: set[str]) -> str:
+    """new (no database), grow (a database to add to), or rebuild (asked for, or a database a run
+    failed to add images to); a database holding images without features is refused."""
+    rebuild, database = run.options.rebuild, run.database
+    if held and not rebuild and addition_failed(database):
+        run.summary.warnings.append(
+            f"{database}: a run failed while adding images to it; the database and model are rebuilt"
         )
-        summary.pairs, summary.matched_pairs = matched.total, matched.done
-        if matched.failed:
-            summary.warnings.append(f"{counted(len(matched.failed), 'pair')} could not be matched")
-    if matched.interrupted:
-        return _finish(summary, started, matched.exit_code)
-
-    with stage("database"):
-        update = add_to_database(
-            database,
-            images,
-            feats,
-            matches,
-            new,
-            planned,
-            camera_model,
-            options.camera_mode,
-            fresh=summary.mode != "grow",
-            seed=options.seed,
-            verbose=options.verbose,
-        )
-        summary.verified_pairs = update.pairs_verified
-        summary.database_images = update.state.images
-
-    with stage("map"):
-        record = model_record(sparse)
-        state = update.state
-        grow = summary.mode == "grow" and (record or {}).get("database_id") == state.identity
-        if grow and record == state.record():  # nothing new since the model was made
-            summary.mode = "up to date"
-            found = read_models(sparse)
-        else:
-            found = map_database(
-                database,
-                images,
-                sparse,
-                state,
-                grow,
-                options.seed,
-                options.num_threads,
-                options.verbose,
+        return "rebuild"
+    if held and not rebuild:
+        strangers = sorted(set(held) - in_store)
+        if strangers:
+            raise StoreError(
+                f"{database}: holds {counted(len(strangers), 'image')} without features in {run.feats} "
+                f"(e.g. '{strangers[0]}'); run with --rebuild"
             )
+        return "grow"
+    return "rebuild" if rebuild else "new"
+
+
+def _match_stage(run: SfmRun) -> Summary:
+    """Match the pairs of ``pairs.txt`` that the match store lacks."""
+    from ..matching.run import match_pairs
+
+    options, summary = run.options, run.summary
+    matched = match_pairs(
+        run.pairs_file, run.feats, run.matches, options.match, device=options.device, quiet=options.quiet
+    )
+    summary.pairs, summary.matched_pairs = matched.total, matched.done
+    if matched.failed:
+        summary.warnings.append(f"{counted(len(matched.failed), 'pair')} could not be matched")
+    return matched
+
+
+def _database_stage(run: SfmRun, new: list[str], planned: list[Pair]) -> DatabaseUpdate:
+    """Add the new images and the planned pairs to the database (a new one unless growing)."""
+    update = add_to_database(
+        run.database,
+        DatabaseInputs(run.images, run.feats, run.matches),
+        new,
+        planned,
+        run.options.camera,
+        fresh=run.summary.mode != "grow",
+        run=run.options.colmap,
+    )
+    run.summary.verified_pairs = update.pairs_verified
+    run.summary.database_images = update.state.images
+    return update
+
+
+def _map_stage(run: SfmRun, update: DatabaseUpdate) -> list[tuple[ModelStats, dict[int, str]]]:
+    """Map the database (continuing the model when growing), or read the models when nothing
+    changed since they were made."""
+    summary, sparse, state = run.summary, run.sparse, update.state
+    record = model_record(sparse)
+    grow = summary.mode == "grow" and (record or {}).get("database_id") == state.identity
+    if grow and record == state.record():  # nothing new since the model was made
+        summary.mode = "up to date"
+        return read_models(sparse)
+    return map_database(run.database, run.images, sparse, state, grow, run.options.colmap)
+
+
+def _record_models(
+    summary: SfmSummary, found: list[tuple[ModelStats, dict[int, str]]], usable: list[str]
+) -> None:
+    """The models into the summary: their statistics, the largest's figures, and the photos no
+    model registered."""
     summary.models = [stats for stats, _ in found]
     registered = {name for _, names_by_id in found for name in names_by_id.values()}
     summary.unregistered_images = [name for name in usable if name not in registered]
@@ -427,22 +514,19 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
         best = summary.models[0]
         summary.registered, summary.points3D = best.registered_images, best.points3D
         summary.mean_reprojection_error_px = best.mean_reprojection_error_px
-    if found and options.export:
-        with stage("export"):
-            summary.exports = export_after_run(
-                sparse / "0", images, work / "export", options.export, options.num_threads, options.verbose
-            )
-    implausible = bool(found) and bool(summary.models[0].implausible_cameras)
-    if implausible:
-        summary.warnings.append(implausible_warning(summary.models[0]))
-    failed = not found or implausible or summary.failed_images or matched.failed
-    _finish(summary, started, EXIT_SOME_FAILED if failed else EXIT_OK)
-    summary.write_json(work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
-    if options.report:
-        with stage("report"):
-            summary.report = str(write_report(work, images))
-        summary.wall_time_s = round(time.monotonic() - started, 3)
-    return summary
+
+
+def _export_stage(run: SfmRun) -> list[str]:
+    """The largest model in the ``export`` formats, in ``WORK/export/FORMAT``."""
+    options = run.options
+    return export_after_run(
+        run.sparse / "0",
+        run.images,
+        run.work / "export",
+        options.export,
+        options.colmap.num_threads,
+        options.colmap.verbose,
+    )
 
 
 def _finish(summary: SfmSummary, started: float, exit_code: int) -> SfmSummary:
