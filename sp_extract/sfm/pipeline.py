@@ -328,9 +328,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     with stage("pairs"):
         held = check_database(database) if database.exists() else []
         if held and not options.rebuild and addition_failed(database):
-            warn(
-                f"{database}: a run failed while adding images to it; the database and model are rebuilt"
-            )
+            warn(f"{database}: a run failed while adding images to it; the database and model are rebuilt")
             summary.mode = "rebuild"
         elif held and not options.rebuild:
             strangers = sorted(set(held) - in_store)
