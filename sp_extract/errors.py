@@ -34,7 +34,9 @@ class StoreError(SpExtractError):
 
 
 class SpExtractWarning(UserWarning):
-    """Something the user should change although the run can go on (the CLI prints one line)."""
+    """A warning to a caller of the Python API (``extract``, ``match_pairs``, ``run_sfm`` ...):
+    what ``report.warn`` raises when no command runs. Commands never raise it: ``warn`` shows
+    their warnings as one line and records them in their report (summary, JSON report)."""
 
 
 class DecodeError(Exception):

@@ -1,20 +1,27 @@
-"""Feedback: progress on stderr while a run goes, and its summary (printed and as JSON).
+"""Feedback: progress on stderr while a run goes, its warnings, and its report (printed and as JSON).
 
 On a terminal a rich progress bar (images/s, ETA); otherwise plain periodic lines, for cron
-logs. The summary counts only what is durable in the store.
+logs. ``Report`` is every command's summary (a subclass adds the command's own fields);
+``warn`` is the one channel of warnings: shown live and recorded in the running command's
+report. The summary counts only what is durable in the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, SpExtractWarning
 
 
 def counted(count: int, singular: str, plural: str | None = None) -> str:
@@ -28,11 +35,94 @@ def listed(names: list[str], shown: int = 5) -> str:
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-class JsonReport:
-    """``write_json`` of the ``--json-report`` option, for summaries that have ``to_dict``."""
+def count_statistics(counts: Sequence[int]) -> dict[str, float] | None:
+    """min, mean (0.1), median and max of per-item counts (keypoints, matches); None for none."""
+    if not len(counts):
+        return None
+    return {
+        "min": int(min(counts)),
+        "mean": round(statistics.fmean(counts), 1),
+        "median": float(statistics.median(counts)),
+        "max": int(max(counts)),
+    }
+
+
+# -- the warning channel ------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """The command running now: its warnings, whether they are shown, the bar they go above."""
+
+    warnings: list[str] = field(default_factory=list)
+    live: bool = True  # shown on stderr as they happen (not in a Dask worker: its driver shows them)
+    bar: Progress | None = None
+
+
+_running: ContextVar[_Run | None] = ContextVar("sp_extract_run", default=None)
+
+
+@contextlib.contextmanager
+def recording(live: bool = True) -> Iterator[list[str]]:
+    """Run a command: ``warn`` records its warnings in the list yielded, which every ``Report``
+    made meanwhile holds as its ``warnings``, and (``live``) shows each at once on stderr."""
+    token = _running.set(_Run(live=live))
+    try:
+        yield _running.get().warnings  # type: ignore[union-attr]
+    finally:
+        _running.reset(token)
+
+
+def warn(message: str) -> None:
+    """Something the user should know or change, although the run goes on. While a command runs
+    (``recording``): shown once as ``sp-extract: warning: MESSAGE`` on stderr (above the progress
+    bar if one is up) and recorded in its report, so that the summary and the JSON report list
+    it. Otherwise (the Python API): a ``SpExtractWarning``, attributed to the caller's line."""
+    run = _running.get()
+    if run is None:
+        warnings.warn(message, SpExtractWarning, stacklevel=3)
+    elif message not in run.warnings:
+        run.warnings.append(message)
+        line = f"sp-extract: warning: {message}"
+        if run.live and run.bar is not None:
+            run.bar.message(line)
+        elif run.live:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _run_warnings() -> list[str]:
+    """A new report's warnings: the running command's, else its own."""
+    run = _running.get()
+    return run.warnings if run is not None else []
+
+
+# -- the report ---------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """What one command did: every command's summary is a ``Report``. A subclass adds its own
+    fields, its printed lines (``body``) and, where its JSON differs from its fields,
+    ``to_dict``; the shared fields, warnings, notes and JSON writing are these."""
+
+    _: KW_ONLY
+    command: str = ""
+    exit_code: int = EXIT_OK
+    wall_time_s: float = 0.0
+    warnings: list[str] = field(default_factory=_run_warnings)  # while a command runs: its list (warn)
+    notes: list[str] = field(default_factory=list)  # printed last, e.g. about the output store
+
+    def body(self) -> list[str]:
+        """The command's own lines of the printed summary."""
+        return []
+
+    def lines(self) -> list[str]:
+        """The printed summary: the command's lines, its warnings, its notes."""
+        return [*self.body(), *(f"warning: {warning}" for warning in self.warnings), *self.notes]
+
+    def shared(self) -> dict[str, Any]:
+        """The entries every JSON report has: command, exit code, wall time, warnings, notes."""
+        return {f.name: copy.copy(getattr(self, f.name)) for f in fields(Report)}
 
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The ``--json-report`` content: every field."""
+        return asdict(self)
 
     def write_json(self, path: Path) -> None:
         try:
@@ -42,26 +132,21 @@ class JsonReport:
 
 
 @dataclass
-class Summary(JsonReport):
-    """What one run did; ``to_dict`` is the ``--json-report`` content."""
+class Summary(Report):
+    """What one run over items (images, pairs, store entries) did."""
 
-    command: str
     output: str
     total: int = 0
     done: int = 0
     skipped: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)  # per item: keypoints, or matches
-    wall_time_s: float = 0.0
     interrupted: bool = False
-    exit_code: int = 0
     unit: str = "images"
     count_label: str = "keypoints per image"
-    warnings: list[str] = field(default_factory=list)
     device: str = ""  # what ran the work, e.g. "cuda:0" and "torch 2.13.0 (cuda, fp16)"
     backend: str = ""
     failures_shown: bool = False  # each failure was printed as it happened: not listed again
-    notes: list[str] = field(default_factory=list)  # about the output store, printed last
 
     def finish(self, completed: int, started: float) -> Summary:
         """Close the run: ``completed`` items durable, wall time since ``started`` (monotonic)."""
@@ -72,7 +157,7 @@ class Summary(JsonReport):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = super().to_dict()
         del data["counts"], data["failures_shown"]
         data["failed_count"] = len(self.failed)
         data["throughput_per_s"] = round(self.done / self.wall_time_s, 3) if self.wall_time_s else 0.0
@@ -80,16 +165,10 @@ class Summary(JsonReport):
         return data
 
     def count_stats(self) -> dict[str, float | None]:
-        if not self.counts:  # nothing processed: no statistics (null in JSON)
-            return {"min": None, "mean": None, "median": None, "max": None}
-        return {
-            "min": min(self.counts),
-            "mean": round(statistics.fmean(self.counts), 1),
-            "median": float(statistics.median(self.counts)),
-            "max": max(self.counts),
-        }
+        # nothing processed: no statistics (null in JSON)
+        return count_statistics(self.counts) or dict.fromkeys(("min", "mean", "median", "max"))
 
-    def lines(self) -> list[str]:
+    def body(self) -> list[str]:
         stats = self.count_stats()
         rate = self.done / self.wall_time_s if self.wall_time_s else 0.0
         lines = [
@@ -110,8 +189,7 @@ class Summary(JsonReport):
             lines.append(f"device {self.device}" + (f", backend {self.backend}" if self.backend else ""))
         if not self.failures_shown:
             lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed]
-        lines += [f"warning: {warning}" for warning in self.warnings]
-        return lines + self.notes
+        return lines
 
 
 class Progress:
@@ -147,6 +225,8 @@ class Progress:
                 "extracting" if unit == "images" else "matching", total=total, rate=""
             )
             self._bar.start()
+            if (run := _running.get()) is not None:
+                run.bar = self  # warnings go above it
 
     def advance(self, count: int) -> None:
         """Mark ``count`` more items as durable."""
@@ -181,6 +261,8 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+            if (run := _running.get()) is not None and run.bar is self:
+                run.bar = None
 
 
 @dataclass
@@ -216,8 +298,8 @@ class ExtractSummary(Summary):
         data["masked_share_mean"] = self.masked_share_mean()
         return data
 
-    def lines(self) -> list[str]:
-        lines = super().lines()
+    def body(self) -> list[str]:
+        lines = super().body()
         notes = (
             [f"EXIF orientation applied to {self.orientation_applied}"] if self.orientation_applied else []
         )

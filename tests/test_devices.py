@@ -22,11 +22,11 @@ import torch
 from conftest import write_image
 
 from sp_extract import ExtractConfig, extract
-from sp_extract.cli.errors import show_warning
 from sp_extract.devices import ShapeTuning, copy_to_host, for_other_thread, restored_settings, to_device
 from sp_extract.errors import SpExtractWarning
 from sp_extract.extraction import backends, pipeline
 from sp_extract.extraction.backends import TorchBackend
+from sp_extract.report import recording
 
 CUDA1 = torch.device("cuda", 1)
 
@@ -382,5 +382,8 @@ def test_fp16_on_the_cpu_warns_with_the_faster_choices(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at bf16
         extract(out=tmp_path / "bf16.h5", config=ExtractConfig(precision="bf16"), **options)
-    show_warning(caught[0].message, caught[0].category, "pipeline.py", 1)
-    assert capsys.readouterr().err == f"sp-extract: warning: {caught[0].message}\n"  # the CLI's line
+    capsys.readouterr()
+    with recording():  # as a command runs it: one line on stderr, recorded in its report
+        summary = extract(out=tmp_path / "cli.h5", config=ExtractConfig(precision="fp16"), **options)
+    assert capsys.readouterr().err == f"sp-extract: warning: {caught[0].message}\n"
+    assert summary.warnings == [str(caught[0].message)]

@@ -163,7 +163,9 @@ def evaluate(*args: str) -> dict:
     report = Path(args[0]).parent / "report.json"
     result = invoke_cli("evaluate", "poses", *args, "--json-report", str(report))
     assert result.returncode == 0, result.stderr
-    return {**json.loads(report.read_text()), "stdout": result.stdout, "stderr": result.stderr}
+    data = json.loads(report.read_text())
+    assert data["command"] == "evaluate poses" and data.keys() >= {"exit_code", "wall_time_s", "warnings"}
+    return {**data, "stdout": result.stdout, "stderr": result.stderr}
 
 
 def test_auc_and_errors_match_a_plain_computation(scene: dict) -> None:

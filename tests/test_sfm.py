@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
-from conftest import invoke_cli, run_cli
+from conftest import invoke_cli, run_cli, write_image
 from support.reliability import Run
 
 from sp_extract.errors import ConfigError
@@ -259,3 +259,35 @@ def test_retrieval_pairs_of_new_images_against_all(tmp_path: Path) -> None:
     for new in ("10.jpg", "11.jpg"):  # each new image with its 3 nearest among all, itself excluded
         assert len({other for pair in grown if new in pair for other in pair if other != new}) >= 3
     assert not list(tmp_path.glob(".*images*"))  # the query and database lists are removed
+
+
+def test_warnings_of_every_stage_are_shown_once_and_in_the_json_reports(
+    random_weights: Path, tmp_path: Path
+) -> None:
+    """extract's warning (a name with white space) raised inside sfm is shown once, listed in
+    sfm's summary and JSON report; colmap and reconstruct's reports have the shared entries."""
+    photos = tmp_path / "photos"
+    for seed, name in enumerate(("my photo.png", "b.png", "c.png", "d.png")):
+        write_image(photos / name, seed=seed)
+    work = tmp_path / "work"
+    code, data, stderr = sfm(photos, work, random_weights, process=False)
+    spaced = "1 image name with white space can never be paired"
+    assert code in (0, 1) and stderr.count(f"sp-extract: warning: {spaced}") == 1, stderr
+    assert stderr.count(f"\nwarning: {spaced}") == 1, stderr  # the summary's list
+    assert sum(warning.startswith(spaced) for warning in data["warnings"]) == 1, data["warnings"]
+    assert data["exit_code"] == code and data["wall_time_s"] > 0 and data["command"] == "sfm"
+    report = tmp_path / "colmap.json"
+    result = invoke_cli("colmap", "--images", str(photos), "--features", str(work / "feats.h5"),
+                        "--matches", str(work / "matches.h5"), "--database", str(tmp_path / "db.db"),
+                        "--json-report", str(report))  # fmt: skip
+    colmap = json.loads(report.read_text())
+    assert (
+        colmap.keys() >= {"exit_code", "wall_time_s", "warnings"} and colmap["exit_code"] == result.returncode
+    )
+    report = tmp_path / "reconstruct.json"
+    result = invoke_cli("reconstruct", "--database", str(tmp_path / "db.db"), "--images", str(photos),
+                        "--out", str(tmp_path / "sparse"), "--json-report", str(report))  # fmt: skip
+    mapped = json.loads(report.read_text())
+    assert (
+        mapped.keys() >= {"exit_code", "wall_time_s", "warnings"} and mapped["exit_code"] == result.returncode
+    )

@@ -14,14 +14,12 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-import warnings
 
 import click
 
 from .. import __version__
 from ..errors import EXIT_SIGINT
 from . import extract, inspect, match, pairs, sfm, store
-from .errors import show_warning
 
 
 class DefaultCommandGroup(click.Group):
@@ -94,7 +92,6 @@ def cli(debug: bool) -> None:
 
 def main() -> None:
     """Console-script entry point; usage errors print one line, as every other error does."""
-    warnings.showwarning = show_warning
     try:
         code = cli.main(standalone_mode=False)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as error:  # click >= 8.2

@@ -1,5 +1,6 @@
-"""How a command ends: expected failures as one line and their exit code, unexpected ones as one
-line with the traceback in a log file, sp-extract's warnings as one line, a run's summary and exit."""
+"""How a command runs and ends: its warnings recorded (``report.recording``), expected failures as
+one line and their exit code, unexpected ones as one line with the traceback in a log file, its
+report printed (and written as JSON) with its exit code."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import signal
 import sys
 import tempfile
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import __version__
-from ..errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_UNEXPECTED, SpExtractError, SpExtractWarning
+from ..errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_UNEXPECTED, SpExtractError
 from ..interrupt import ABORTED, signals_raise
+from ..report import recording
 
 if TYPE_CHECKING:
-    from ..report import Summary
+    from ..report import Report
 
 
 def unexpected_error(command: str, error: Exception) -> str:
@@ -50,12 +51,13 @@ def unexpected_error(command: str, error: Exception) -> str:
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures into a one-line message and the documented exit code."""
+    """Run a command with its warnings recorded for its report; turn expected failures into a
+    one-line message and the documented exit code."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with signals_raise():  # SIGTERM unwinds a command as Ctrl-C does (a run takes over)
+            with recording(), signals_raise():  # SIGTERM unwinds a command as Ctrl-C does (a run takes over)
                 return command(*args, **kwargs)
         except SystemExit:  # the command is over: Ctrl-C must not break its clean exit
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -79,21 +81,11 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def finish_run(summary: Summary, json_report: Path | None) -> None:
-    """Print a run's summary on stderr, write it as JSON if asked, and exit with its code."""
-    for line in summary.lines():
-        click.echo(line, err=True)
+def finish_run(report: Report, json_report: Path | None, to_stdout: bool = False) -> None:
+    """Print a command's report (on stderr, or ``to_stdout`` where the lines are the command's
+    output), write it as JSON if asked, and exit with its code."""
+    for line in report.lines():
+        click.echo(line, err=not to_stdout)
     if json_report:
-        summary.write_json(json_report)
-    sys.exit(summary.exit_code)
-
-
-def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """Print sp-extract's own warnings as one line, as its errors; others as Python does."""
-    if issubclass(category, SpExtractWarning):
-        click.echo(f"sp-extract: warning: {message}", err=True)
-    else:
-        _python_show_warning(message, category, *args, **kwargs)
-
-
-_python_show_warning = warnings.showwarning
+        report.write_json(json_report)
+    sys.exit(report.exit_code)

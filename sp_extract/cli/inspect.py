@@ -3,14 +3,13 @@ and the ``evaluate`` group (keypoint accuracy on known homographies, camera pose
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..extraction.config import TORCH_PRECISIONS, ExtractConfig
-from .errors import reports_errors
+from .errors import finish_run, reports_errors
 from .options import (
     DETECTOR,
     FILE,
@@ -49,8 +48,7 @@ def info(store: Path, as_json: bool, names: bool) -> None:
     elif as_json:
         click.echo(json.dumps(described.to_dict(), indent=2))
     else:
-        for line in described.lines():
-            click.echo(line)
+        finish_run(described, None, to_stdout=True)
 
 
 @click.command()
@@ -114,12 +112,7 @@ def _run_evaluation(kind: str, source: Path, options: dict[str, Any], **extra: A
 
     json_report = options.pop("json_report")
     config = config_from(ExtractConfig, options)  # the rest: weights, device, quiet
-    evaluation = run_evaluation(kind, source, config, **options, **extra)
-    for line in evaluation.lines():
-        click.echo(line)
-    if json_report:
-        evaluation.write_json(json_report)
-    sys.exit(evaluation.exit_code)
+    finish_run(run_evaluation(kind, source, config, **options, **extra), json_report, to_stdout=True)
 
 
 @click.group()
@@ -188,7 +181,5 @@ def poses(
     evaluation = evaluate_poses(model, reference, images)
     if evaluation.note:
         click.echo(evaluation.note, err=True)
-    for line in evaluation.lines(per_image):
-        click.echo(line)
-    if json_report:
-        evaluation.write_json(json_report)
+    evaluation.per_image = per_image
+    finish_run(evaluation, json_report, to_stdout=True)

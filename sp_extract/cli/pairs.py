@@ -28,14 +28,13 @@ _source_options = stacked(
 def _pairable(names: list[str]) -> list[str]:
     """``names`` without those a pairs file cannot hold (white space), with a warning naming them."""
     from ..extraction.discover import unpairable
-    from ..report import counted, listed
+    from ..report import counted, listed, warn
 
     spaced = unpairable(names)
     if spaced:
-        click.echo(
-            f"warning: {counted(len(spaced), 'image')} left out, white space in the name (pairs files "
-            f"separate names by white space): {listed(spaced)}; rename them and extract them again",
-            err=True,
+        warn(
+            f"{counted(len(spaced), 'image')} left out, white space in the name (pairs files "
+            f"separate names by white space): {listed(spaced)}; rename them and extract them again"
         )
     left_out = set(spaced)
     return [name for name in names if name not in left_out]

@@ -220,8 +220,7 @@ def export_model(
 
     if fmt is None:  # click's own message for a missing option spans lines
         raise ConfigError(f"--format is required: {', '.join(MODEL_FORMATS)}")
-    summary = run_export(model_dir, out, fmt, images, num_threads=num_threads, verbose=verbose)
-    click.echo(summary.line(), err=True)
+    finish_run(run_export(model_dir, out, fmt, images, num_threads=num_threads, verbose=verbose), None)
 
 
 @click.command()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, SpExtractError, StoreError
-from ..report import ExtractSummary, Progress, Summary
+from ..report import ExtractSummary, Progress, Summary, recording, warn
 from ..shards import SHARD_NAME, Shard, image_shard, pair_shard, shard_folder
 from ..store.catalog import remove_store
 from ..store.index import NameIndex
@@ -109,13 +109,14 @@ def run_shard(kind: str, work: Path, store: Path, arguments: dict[str, Any]) -> 
     """One task: the shard's extract (``work``: its image list) or match-pairs (``work``: its
     pairs file) into its ``store``, resuming what a killed attempt saved."""
     arguments = {**arguments, "device": worker_device(arguments.get("device", "auto")), "quiet": True}
-    if kind == "features":
-        from ..extraction.pipeline import extract
+    with recording(live=False):  # its warnings go back in its summary: the driver shows them
+        if kind == "features":
+            from ..extraction.pipeline import extract
 
-        return extract(out=store, image_list=work, **arguments)
-    from ..matching.run import match_pairs
+            return extract(out=store, image_list=work, **arguments)
+        from ..matching.run import match_pairs
 
-    return match_pairs(pairs_file=work, out=store, **arguments)
+        return match_pairs(pairs_file=work, out=store, **arguments)
 
 
 @dataclass
@@ -288,7 +289,8 @@ def combined(kind: str, merged: Summary, shards: list[Summary], held: int, start
     for shard in shards:
         summary.failed += shard.failed
         summary.counts += shard.counts
-        summary.warnings += [w for w in shard.warnings if w not in summary.warnings]
+        for warning in shard.warnings:  # once each, as a run on one machine shows it
+            warn(warning)
         summary.device = summary.device or f"Dask workers ({shard.device})"
     summary.failed += merged.failed
     summary.notes += merged.notes

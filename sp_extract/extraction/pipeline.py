@@ -12,7 +12,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from ..devices import current_device, device_scope, for_other_thread, release_cached_memory, resolve_device
-from ..errors import ConfigError, SpExtractWarning
+from ..errors import ConfigError
 from ..interrupt import graceful_stop
-from ..report import ExtractSummary, Progress, counted, listed
+from ..report import ExtractSummary, Progress, counted, listed, warn
 from ..shards import Shard
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
@@ -435,7 +434,7 @@ def extract(
     summary.masks_used = bool(config.masks)
     spaced = unpairable(names)
     if spaced:
-        summary.warnings.append(
+        warn(
             f"{counted(len(spaced), 'image name')} with white space can never be paired (pairs files, as "
             f"hloc and COLMAP read them, separate names by white space): {listed(spaced)}; rename them"
         )
@@ -443,11 +442,9 @@ def extract(
     target = resolve_device(device)
     backend = choose_backend(backend, target, config.precision)
     if backend == "torch" and target.type == "cpu" and config.precision == "fp16":
-        warnings.warn(
+        warn(
             f"--precision fp16 on the CPU: PyTorch runs it about {CPU_FP16_SLOWDOWN}x slower than "
-            "fp32 (no fast fp16 convolutions); use bf16 or fp32, unless finishing a store made with fp16",
-            SpExtractWarning,
-            stacklevel=2,
+            "fp32 (no fast fp16 convolutions); use bf16 or fp32, unless finishing a store made with fp16"
         )
     model = SuperPoint(weights, config)
     settings = store_settings(config, model.weights_sha1)
@@ -502,7 +499,7 @@ def extract(
                 progress.close()
         summary.notes += writer.notes
     if summary.counts and not any(summary.counts):
-        summary.warnings.append(
+        warn(
             f"no keypoints in any of the {counted(len(summary.counts), 'image')} saved: check --resize-max "
             f"{config.resize_max} (a side under 8 px has none), --threshold {config.threshold} and --border "
             f"{config.border} (defaults 1024, 0.005, 4)"

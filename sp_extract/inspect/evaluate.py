@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..extraction.decode import load_image
 from ..extraction.discover import discover_images
 from ..extraction.pipeline import SuperPoint
 from ..extraction.postprocess import to_original_frame
-from ..report import JsonReport
+from ..report import Report
 from .metrics import HOMOGRAPHY_EPSILONS, MMA_THRESHOLDS, PairMetrics, evaluate_pair
 
 SUBSETS = ("illumination", "viewpoint")
@@ -190,24 +191,19 @@ def summarize(metrics: list[PairMetrics]) -> dict[str, Any]:
 
 
 @dataclass
-class Evaluation(JsonReport):
+class Evaluation(Report):
     """The figures of one ``evaluate`` run, overall and per subset."""
 
-    command: str
     source: str
     weights: str
     settings: dict[str, Any]
     by_subset: dict[str, list[PairMetrics]] = field(default_factory=dict)
     failed: list[dict[str, str]] = field(default_factory=list)
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else EXIT_OK
-
     def to_dict(self) -> dict[str, Any]:
         every = [m for subset in self.by_subset.values() for m in subset]
         return {
-            "command": self.command,
+            **self.shared(),
             "source": self.source,
             "weights": self.weights,
             "settings": self.settings,
@@ -217,7 +213,7 @@ class Evaluation(JsonReport):
             "pair_results": {name: [asdict(m) for m in values] for name, values in self.by_subset.items()},
         }
 
-    def lines(self) -> list[str]:
+    def body(self) -> list[str]:
         """The table: one row per subset and one for all pairs."""
 
         def cell(value: float | None, digits: int = 3) -> str:
@@ -281,6 +277,7 @@ def run_evaluation(
 ) -> Evaluation:
     """Evaluate the features of ``config`` on ``kind`` "homography" (synthetic pairs of the photos
     in ``source``) or "hpatches" (the HPatches sequences in ``source``)."""
+    started = time.monotonic()
     if kind not in ("homography", "hpatches"):
         raise ConfigError(f"unknown evaluation {kind!r} (homography or hpatches)")
     if pairs_per_image < 1:
@@ -296,7 +293,7 @@ def run_evaluation(
     settings = {**asdict(config), "device": str(extractor.device)}
     if kind == "homography":
         settings.update(pairs_per_image=pairs_per_image, seed=seed)
-    evaluation = Evaluation(f"evaluate {kind}", str(source), extractor.label, settings)
+    evaluation = Evaluation(str(source), extractor.label, settings, command=f"evaluate {kind}")
     evaluation.by_subset = {subset: [] for subset in SUBSETS}
     if kind == "homography":
         pairs = homography_pairs(source, config, pairs_per_image, seed, evaluation.failed)
@@ -315,4 +312,6 @@ def run_evaluation(
                 print(f"{pair.name}: repeatability {rep}, {result.matches} matches", file=sys.stderr)
     if not any(evaluation.by_subset.values()):
         raise ConfigError(f"{source}: no pair could be evaluated (every image failed to load)")
+    evaluation.exit_code = EXIT_SOME_FAILED if evaluation.failed else EXIT_OK
+    evaluation.wall_time_s = time.monotonic() - started
     return evaluation

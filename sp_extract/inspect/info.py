@@ -11,6 +11,7 @@ only by ``sp-extract repair``.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from ..report import JsonReport
+from ..report import Report, count_statistics
 from ..store.catalog import part_files, segment_files
 from ..store.failures import H5_ERRORS
 from ..store.format import KIND_ATTR, REQUIRED, SETTINGS_ATTR, STORE_ID_ATTR, VERSION_ATTR
@@ -31,9 +32,10 @@ HISTOGRAM_BINS = 10
 
 
 @dataclass
-class StoreInfo(JsonReport):
+class StoreInfo(Report):
     """A store's description; ``to_dict`` is the ``--json`` output."""
 
+    command: str = field(default="info", kw_only=True)
     path: str
     kind: str
     version: str
@@ -51,15 +53,8 @@ class StoreInfo(JsonReport):
         return "keypoints" if self.kind == "features" else "matches"
 
     def statistics(self) -> dict[str, float]:
-        values = np.fromiter(self.counts.values(), np.int64, len(self.counts))
-        if not len(values):
-            return {"min": 0, "median": 0.0, "mean": 0.0, "max": 0}
-        return {
-            "min": int(values.min()),
-            "median": float(np.median(values)),
-            "mean": round(float(values.mean()), 1),
-            "max": int(values.max()),
-        }
+        empty = {"min": 0, "median": 0.0, "mean": 0.0, "max": 0}
+        return count_statistics(list(self.counts.values())) or empty
 
     def histogram(self) -> list[tuple[int, int, int]]:
         """(low, high, entries) bins of the counts per entry, at most ``HISTOGRAM_BINS``."""
@@ -75,6 +70,7 @@ class StoreInfo(JsonReport):
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.shared(),
             "path": self.path,
             "kind": self.kind,
             "version": self.version,
@@ -90,7 +86,7 @@ class StoreInfo(JsonReport):
             "size_bytes": self.size_bytes,
         }
 
-    def lines(self, width: int = 40) -> list[str]:
+    def body(self, width: int = 40) -> list[str]:
         """The human-readable description, histogram included."""
         stats = self.statistics()
         lines = [
@@ -193,6 +189,7 @@ def store_info(path: Path) -> StoreInfo:
         raise StoreError(f"{path}: no such store")
     if not h5py.is_hdf5(path):
         raise StoreError(f"{path}: not an HDF5 file")
+    started = time.monotonic()
     size = path.stat().st_size
     recorded = stored_end_of_file(path)
     try:
@@ -240,6 +237,7 @@ def store_info(path: Path) -> StoreInfo:
         except H5_ERRORS as error:
             info.damaged[f"(segment {segment.name})"] = f"unreadable ({_first_line(error)})"
     info.parts_pending = len(part_files(path))
+    info.wall_time_s = time.monotonic() - started
     return info
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..extraction.discover import discover_images
-from ..report import JsonReport, counted, listed
+from ..report import Report, counted, listed
 from ..sfm.handoff import MODEL_FILES, read_model
 
 AUC_THRESHOLDS = (1.0, 2.0, 5.0, 10.0)  # degrees
@@ -54,9 +55,11 @@ class ImageResult:
 
 
 @dataclass
-class PoseEvaluation(JsonReport):
-    """The scores of ``evaluate_poses``; ``lines`` prints them, ``to_dict`` is the JSON report."""
+class PoseEvaluation(Report):
+    """The scores of ``evaluate_poses``; ``lines`` prints them (``per_image``: also a line per
+    reference image), ``to_dict`` is the JSON report."""
 
+    command: str = field(default="evaluate poses", kw_only=True)
     model: str
     reference: str
     reference_images: int
@@ -69,15 +72,18 @@ class PoseEvaluation(JsonReport):
     scene_size: float
     images: list[ImageResult] = field(default_factory=list)
     note: str = ""  # which model of a folder of models was taken
+    per_image: bool = False  # printed with a line per image (not in the JSON report)
 
     @property
     def registered_share(self) -> float:
         return self.registered / self.reference_images
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "registered_share": self.registered_share}
+        data = {**super().to_dict(), "registered_share": self.registered_share}
+        del data["per_image"]
+        return data
 
-    def lines(self, per_image: bool = False) -> list[str]:
+    def body(self) -> list[str]:
         registered_pairs = self.registered * (self.registered - 1) // 2
         lines = [
             f"evaluate poses: {self.model} against {self.reference}",
@@ -98,7 +104,7 @@ class PoseEvaluation(JsonReport):
                 f"centres     median error {100 * self.median_centre_error:.2f}% of the scene size "
                 f"({self.scene_size:.3g} reference units) after a similarity alignment"
             )
-        if per_image:
+        if self.per_image:
             lines.append(f"{'image':<32} registered  centre error  rotation error")
             for image in self.images:
                 centre = "" if image.centre_error is None else f"{100 * image.centre_error:.2f}%"
@@ -244,6 +250,7 @@ def _median(values: np.ndarray) -> float | None:
 def evaluate_poses(model_path: Path, reference_path: Path, images: Path | None = None) -> PoseEvaluation:
     """Score the model in ``model_path`` against the poses in ``reference_path`` (module doc); with
     ``images`` (the photos the model was built from) only the reference images among them count."""
+    started = time.monotonic()
     reference = read_reference(reference_path)
     if images is not None:
         reference = _among_photos(reference, reference_path, images)
@@ -300,4 +307,5 @@ def evaluate_poses(model_path: Path, reference_path: Path, images: Path | None =
         scene_size=scene_size,
         images=images,
         note=note,
+        wall_time_s=time.monotonic() - started,
     )

@@ -17,16 +17,16 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
+from ..errors import EXIT_SOME_FAILED, ConfigError, StoreError
 from ..names import flat_name
-from ..report import JsonReport, counted
+from ..report import Report, counted, warn
 from ..store.atomic import atomic_write
 from ..store.catalog import StoreInfo, read_store, read_store_info
 from ..store.failures import damaged_error, describe_error
@@ -212,9 +212,10 @@ def check_database(path: Path) -> list[str]:
 
 
 @dataclass
-class DatabaseSummary(JsonReport):
+class DatabaseSummary(Report):
     """What ``write_database`` wrote; ``to_dict`` is the ``--json-report`` content."""
 
+    command: str = field(default="colmap", kw_only=True)
     database: str
     images: int = 0
     cameras: int = 0
@@ -225,14 +226,8 @@ class DatabaseSummary(JsonReport):
     inlier_matches: int = 0
     refined_keypoints: int = 0  # keypoints moved by --refine-keypoints
     updated: bool = False
-    warnings: list[str] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    exit_code: int = EXIT_OK
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": "colmap", **asdict(self)}
-
-    def lines(self) -> list[str]:
+    def body(self) -> list[str]:
         verb = "updated" if self.updated else "written"
         return [
             f"colmap: {self.database} {verb}: {counted(self.images, 'image')}, "
@@ -241,7 +236,6 @@ class DatabaseSummary(JsonReport):
             f"{counted(self.matched_pairs, 'matched pair')} ({counted(self.matches, 'match', 'matches')}), "
             f"{counted(self.verified_pairs, 'verified pair')} "
             f"({counted(self.inlier_matches, 'inlier match', 'inlier matches')})",
-            *(f"warning: {warning}" for warning in self.warnings),
             f"wall time {self.wall_time_s:.1f} s",
         ]
 
@@ -389,7 +383,7 @@ def write_database(
             temporary.with_name(temporary.name + suffix).unlink(missing_ok=True)
     if not summary.inlier_matches:
         summary.exit_code = EXIT_SOME_FAILED
-        summary.warnings.append(
+        warn(
             "no pair passed COLMAP's geometric verification "
             f"({counted(summary.matched_pairs, 'matched pair')}, 0 inlier matches), so reconstruct has "
             f"nothing to build on; check that --camera-model {camera_model} fits the photos and that the "

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..report import Report
 from .child import run_in_child
 from .colmap import check_images_present
 from .config import MODEL_FORMATS as FORMATS
@@ -60,16 +62,17 @@ OPENGL_FROM_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])  # camera axes: y down, z f
 
 
 @dataclass
-class ExportSummary:
+class ExportSummary(Report):
     """What ``export_model`` wrote."""
 
+    command: str = field(default="export-model", kw_only=True)
     out: str
     format: str
     images: int
     points3D: int
 
-    def line(self) -> str:
-        return f"export-model: {self.out} ({self.format}): {self.images} images, {self.points3D} 3D points"
+    def body(self) -> list[str]:
+        return [f"export-model: {self.out} ({self.format}): {self.images} images, {self.points3D} 3D points"]
 
 
 def check_format(fmt: str) -> str:
@@ -133,6 +136,7 @@ def export_model(
 ) -> ExportSummary:
     """Write the model of ``model_dir`` as ``fmt`` into the folder ``out`` (module doc);
     ``images``: the photos' folder, needed by the formats of ``NEEDS_IMAGES``."""
+    started = time.monotonic()
     model_dir, out = Path(model_dir), Path(out)
     check_format(fmt)
     if fmt in NEEDS_IMAGES and images is None:
@@ -161,7 +165,9 @@ def export_model(
             swap_in(building, out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    return ExportSummary(str(out), fmt, len(names), model.num_points3D())
+    return ExportSummary(
+        str(out), fmt, len(names), model.num_points3D(), wall_time_s=time.monotonic() - started
+    )
 
 
 def export_after_run(

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
-from ..report import JsonReport, counted, listed
+from ..report import Report, counted, listed, warn
 from .child import run_in_child
 from .colmap import check_database, check_images_present, temporary_beside
 from .config import PLAUSIBLE_FOCAL_RATIO
@@ -63,21 +63,17 @@ def implausible_warning(model: ModelStats) -> str:
 
 
 @dataclass
-class ReconstructSummary(JsonReport):
+class ReconstructSummary(Report):
     """What ``reconstruct`` did; ``to_dict`` is the ``--json-report`` content."""
 
+    command: str = field(default="reconstruct", kw_only=True)
     database: str
     output: str
     images: int = 0
     models: list[ModelStats] = field(default_factory=list)
     unregistered_images: list[str] = field(default_factory=list)  # in no model
-    wall_time_s: float = 0.0
-    exit_code: int = EXIT_OK
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": "reconstruct", **asdict(self)}
-
-    def lines(self) -> list[str]:
+    def body(self) -> list[str]:
         lines = [
             f"reconstruct: {counted(len(self.models), 'model')} from {counted(self.images, 'image')} "
             f"in {self.database}"
@@ -90,9 +86,6 @@ class ReconstructSummary(JsonReport):
             )
         if not self.models:
             lines.append("no model could be reconstructed (too few verified matches between the images?)")
-        lines += [
-            f"warning: {implausible_warning(model)}" for model in self.models if model.implausible_cameras
-        ]
         if self.unregistered_images:
             lines.append(
                 f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
@@ -158,6 +151,9 @@ def reconstruct(
         shutil.rmtree(previous, ignore_errors=True)
     summary.models = models
     summary.unregistered_images = [name for name in names if name not in registered]
+    for model in summary.models:
+        if model.implausible_cameras:
+            warn(implausible_warning(model))
     largest = max(summary.models, key=lambda model: model.registered_images, default=None)
     plausible = largest is not None and not largest.implausible_cameras
     summary.exit_code = EXIT_OK if plausible else EXIT_SOME_FAILED

@@ -23,9 +23,8 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, StoreError
 from ..extraction.config import ExtractConfig
@@ -41,7 +40,7 @@ from ..pairs.core import (
     write_pairs,
 )
 from ..processes import start_child_server
-from ..report import JsonReport, Summary, counted, listed
+from ..report import Report, Summary, counted, listed, warn
 from ..store.catalog import read_store_info
 from .colmap import check_camera_model, check_database
 from .config import CameraOptions, ColmapRun, check_camera_mode
@@ -93,9 +92,10 @@ class SfmOptions:
 
 
 @dataclass
-class SfmSummary(JsonReport):
+class SfmSummary(Report):
     """What one ``sfm`` run did; ``to_dict`` is the ``--json-report`` content."""
 
+    command: str = field(default="sfm", kw_only=True)
     images_dir: str
     work: str
     mode: str = "new"  # new (first run), grow, rebuild, up to date
@@ -119,15 +119,9 @@ class SfmSummary(JsonReport):
     exports: list[str] = field(default_factory=list)  # export folders written or up to date
     report: str = ""  # the report page
     stage_times_s: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
-    wall_time_s: float = 0.0
-    exit_code: int = EXIT_OK
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"command": "sfm", **asdict(self)}
-
-    def lines(self) -> list[str]:
+    def body(self) -> list[str]:
         lines = [
             f"sfm: {self.work} ({self.mode}): {counted(self.images, 'photo')}, {self.new_images} new, "
             f"{self.extracted} extracted, {len(self.failed_images)} failed, "
@@ -155,7 +149,6 @@ class SfmSummary(JsonReport):
         lines += [f"export: {path}" for path in self.exports]
         lines += [f"report: {self.report}"] if self.report else []
         lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed_images[:NAMES_SHOWN]]
-        lines += [f"warning: {warning}" for warning in self.warnings]
         times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.stage_times_s.items())
         lines.append(
             f"wall time {self.wall_time_s:.1f} s ({times})" + (" (interrupted)" if self.interrupted else "")
@@ -326,7 +319,7 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             summary.exports = _export_stage(run)
     implausible = bool(found) and bool(summary.models[0].implausible_cameras)
     if implausible:
-        summary.warnings.append(implausible_warning(summary.models[0]))
+        warn(implausible_warning(summary.models[0]))
     failed = not found or implausible or summary.failed_images or matched.failed
     _finish(summary, run.started, EXIT_SOME_FAILED if failed else EXIT_OK)
     summary.write_json(run.work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
@@ -395,7 +388,6 @@ def _extract_stage(run: SfmRun) -> tuple[Photos, Summary]:
         tile=options.tile,
     )
     summary.extracted, summary.failed_images = extracted.done, extracted.failed
-    summary.warnings += extracted.warnings
     _, stored = read_store_info(feats, "features")
     manifest.keep_only(set(stored))
     manifest.save()
@@ -413,7 +405,7 @@ def _pairs_stage(run: SfmRun, photos: Photos) -> tuple[list[str], list[Pair]]:
     summary.deleted_images = [name for name in photos.deleted if name in set(held)]
     if summary.deleted_images:
         fate = "kept in" if summary.mode == "grow" else "dropped from"
-        summary.warnings.append(
+        warn(
             f"{counted(len(summary.deleted_images), 'photo')} deleted since extracted: "
             f"{listed(summary.deleted_images)}; {fate} the database and model"
             + (" (--rebuild drops them)" if summary.mode == "grow" else "")
@@ -445,9 +437,7 @@ def _mode(run: SfmRun, held: list[str], in_store: set[str]) -> str:
     failed to add images to); a database holding images without features is refused."""
     rebuild, database = run.options.rebuild, run.database
     if held and not rebuild and addition_failed(database):
-        run.summary.warnings.append(
-            f"{database}: a run failed while adding images to it; the database and model are rebuilt"
-        )
+        warn(f"{database}: a run failed while adding images to it; the database and model are rebuilt")
         return "rebuild"
     if held and not rebuild:
         strangers = sorted(set(held) - in_store)
@@ -470,7 +460,7 @@ def _match_stage(run: SfmRun) -> Summary:
     )
     summary.pairs, summary.matched_pairs = matched.total, matched.done
     if matched.failed:
-        summary.warnings.append(f"{counted(len(matched.failed), 'pair')} could not be matched")
+        warn(f"{counted(len(matched.failed), 'pair')} could not be matched")
     return matched
 
 

@@ -14,14 +14,14 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, StoreError
-from ..report import JsonReport, Summary
+from ..report import Report, Summary
 from .catalog import part_files, read_store_info, segment_files
 from .failures import H5_ERRORS, describe_error, open_error
 from .format import (
@@ -276,22 +276,18 @@ def _salvage(
 
 
 @dataclass
-class CheckReport(JsonReport):
+class CheckReport(Report):
     """What ``check_store`` found; ``to_dict`` is the ``--json-report`` content."""
 
+    command: str = field(default="check", kw_only=True)
     store: str
     kind: str = ""
     entries: int = 0
     parts: int = 0
     segments: int = 0
     damaged: list[dict[str, str]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    exit_code: int = EXIT_OK
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def lines(self) -> list[str]:
+    def body(self) -> list[str]:
         files = [
             f"{n} {label}" for n, label in ((self.segments, "segments"), (self.parts, "part files")) if n
         ]
