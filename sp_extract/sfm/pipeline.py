@@ -311,18 +311,13 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             manifest.entries, check.new = {}, names
         manifest.record(images, check.new)
         manifest.save()
+        from ..extraction.config import ExtractRun
         from ..extraction.pipeline import extract
 
-        extracted = extract(
-            images,
-            feats,
-            options.extract,
-            weights=options.weights,
-            device=options.device,
-            quiet=options.quiet,
-            backend=options.backend,
-            tile=options.tile,
+        run = ExtractRun(
+            options.weights, options.device, quiet=options.quiet, backend=options.backend, tile=options.tile
         )
+        extracted = extract(images, feats, options.extract, run)
         summary.extracted, summary.failed_images = extracted.done, extracted.failed
         summary.warnings += extracted.warnings
         _, stored = read_store_info(feats, "features")
@@ -374,10 +369,11 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
             raise ConfigError(f"{images}: fewer than 2 photos with features; nothing to pair")
 
     with stage("match"):
+        from ..matching.config import MatchRun
         from ..matching.run import match_pairs
 
         matched = match_pairs(
-            pairs_file, feats, matches, options.match, device=options.device, quiet=options.quiet
+            pairs_file, feats, matches, options.match, MatchRun(options.device, quiet=options.quiet)
         )
         summary.pairs, summary.matched_pairs = matched.total, matched.done
         if matched.failed:
