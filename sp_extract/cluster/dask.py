@@ -225,14 +225,13 @@ class ShardedRun:
     shards: int | None  # how many (``shard_count``)
     kind: str  # "features" (extract) or "matches" (match-pairs)
     out: Path  # the merged store
+    items: Callable[[NameIndex], tuple[int, Iterable[tuple[str, ...]]]]  # the work (``run_sharded``)
     task: dict[str, Any]  # each shard's arguments to ``run_shard``, ``run``: ExtractRun or MatchRun
     info: dict[str, str]  # the merged store's attributes for people (the input named by the user)
 
 
-def run_sharded(
-    sharded: ShardedRun, items: Callable[[NameIndex], tuple[int, Iterable[tuple[str, ...]]]]
-) -> tuple[Summary, list[Summary], int]:
-    """The driver: ``items(held)`` gives the work (its size and its items, less those whose
+def run_sharded(sharded: ShardedRun) -> tuple[Summary, list[Summary], int]:
+    """The driver: ``sharded.items(held)`` gives the work (its size and its items, less those whose
     entries ``held``, the index of what ``sharded.out`` holds, names); run it as shards on the
     cluster, merge into ``sharded.out``. Returns the merge's summary, the shards' summaries and
     how many entries ``sharded.out`` held already."""
@@ -247,7 +246,7 @@ def run_sharded(
     folder.mkdir(exist_ok=True)
     client, close = connect(sharded.scheduler)
     try:
-        total, work = items(held)
+        total, work = sharded.items(held)
         per_shard = SHARD_IMAGES if kind == "features" else SHARD_PAIRS
         count = shard_count(folder, total, per_shard, len(workers(client)), sharded.shards)
         jobs = write_work(out, work, count, image_shard if kind == "features" else pair_shard)
@@ -333,8 +332,8 @@ def extract_on_cluster(
                 "use the same options, another --out, or --overwrite"
             )
     task = {"images": root, "config": config, "run": run}
-    sharded = ShardedRun(scheduler, shards, "features", out, task, {"images": str(root)})
-    merged, summaries, held = run_sharded(sharded, items)
+    sharded = ShardedRun(scheduler, shards, "features", out, items, task, {"images": str(root)})
+    merged, summaries, held = run_sharded(sharded)
     return combined("features", merged, summaries, held, started)
 
 
@@ -372,6 +371,7 @@ def match_on_cluster(
         return lines, todo()
 
     task = {"features": features, "config": config, "run": run}
-    sharded = ShardedRun(scheduler, shards, "matches", Path(out).absolute(), task, {"pairs": str(pairs_file)})
-    merged, summaries, held = run_sharded(sharded, items)
+    out = Path(out).absolute()
+    sharded = ShardedRun(scheduler, shards, "matches", out, items, task, {"pairs": str(pairs_file)})
+    merged, summaries, held = run_sharded(sharded)
     return combined("matches", merged, summaries, held, started)

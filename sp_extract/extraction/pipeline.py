@@ -500,7 +500,10 @@ def extract(
             todo = [n for n, done in zip(names, writer.done.contains(names)) if not done]
             summary.skipped = len(names) - len(todo)
             background = BackgroundWriter(writer)
-            finish = functools.partial(finish_batch, model, summary=summary, timings=timings)
+
+            def finish(images: list[DecodedImage], dense: Dense | Tiled | None) -> list[Entry]:
+                return finish_batch(model, images, dense, summary, timings)
+
             try:
                 with (  # finished results are saved whatever failed
                     store_run.running(len(todo), salvage=background.salvage),
