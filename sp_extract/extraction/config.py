@@ -111,7 +111,8 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class ExtractRun:
-    """How one extraction runs: none of it changes the features (nor is recorded in the store)."""
+    """How one extraction runs, beside its settings (``ExtractConfig``): the weights (which the store
+    records by checksum), what runs the network and where, which images, resume or start afresh."""
 
     weights: str | None = None  # superpoint-v1 (default), superpoint-v6-mit or a file (``load_weights``)
     device: str = "auto"

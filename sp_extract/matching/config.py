@@ -146,7 +146,8 @@ class MatchConfig:
 
 @dataclass(frozen=True)
 class MatchRun:
-    """How one match-pairs run goes: none of it changes the matches (nor is recorded in the store)."""
+    """How one match-pairs run goes, beside its settings (``MatchConfig``): none of it changes the
+    matches or is recorded in the store."""
 
     device: str = "auto"
     batch_size: int = field(default=32, metadata={"help": "Pairs per matching batch."})
