@@ -30,6 +30,7 @@ from pathlib import Path
 
 import h5py
 
+from sp_extract.extraction.config import ExtractRun
 from sp_extract.extraction.pipeline import extract
 from sp_extract.shards import Shard
 from sp_extract.store.catalog import read_store
@@ -82,11 +83,14 @@ def main() -> None:
     runs = iter(range(10**6))
 
     per_image = timed(
-        lambda: extract(args.photos, work / f"base{next(runs)}.h5", weights=args.weights), args.repeats
+        lambda: extract(args.photos, work / f"base{next(runs)}.h5", run=ExtractRun(args.weights)),
+        args.repeats,
     )
     per_image /= count
     warm = timed(
-        lambda: extract(args.photos, work / f"warm{next(runs)}.h5", weights=args.weights, shard=shard),
+        lambda: extract(
+            args.photos, work / f"warm{next(runs)}.h5", run=ExtractRun(args.weights, shard=shard)
+        ),
         args.repeats,
     )
     command = [sys.executable, "-m", "sp_extract", str(args.photos), "--weights", args.weights, "-q"]

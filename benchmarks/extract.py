@@ -45,7 +45,7 @@ import torch
 from sp_extract.devices import resolve_device
 from sp_extract.errors import SpExtractError
 from sp_extract.extraction.backends import choose_backend, make_backend, network_model
-from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.config import ExtractConfig, ExtractRun
 from sp_extract.extraction.decode import load_image, read_gray, resize, working_size
 from sp_extract.extraction.loader import make_batches
 from sp_extract.extraction.pipeline import (
@@ -167,10 +167,7 @@ def pipeline_run(
         folder,
         out,
         config,
-        weights=weights,
-        backend=backend,
-        batch_size=batch_size,
-        overwrite=True,
+        ExtractRun(weights=weights, backend=backend, batch_size=batch_size, overwrite=True),
         timings=timings,
     )
     wall = time.perf_counter() - started
@@ -405,9 +402,11 @@ def main() -> None:
         warmup = work / "warmup"
         warmup.mkdir()
         repeated_folder(args.images, 2, warmup)
-        extract(warmup, work / "warmup.h5", config, weights=args.weights, backend=args.backend)
+        extract(warmup, work / "warmup.h5", config, ExtractRun(weights=args.weights, backend=args.backend))
         if args.int8:  # also makes the int8 graph (cached), outside the timed runs
-            extract(warmup, work / "warmup8.h5", int8_config, weights=args.weights, overwrite=True)
+            extract(
+                warmup, work / "warmup8.h5", int8_config, ExtractRun(weights=args.weights, overwrite=True)
+            )
         runs: dict[str, list] = {"pipeline": [], "network": [], "baseline": [], "int8": [], "network8": []}
         baseline_times: dict[str, list[float]] = {}
         for index in range(args.repeats):  # interleaved, so that all three meet the same conditions

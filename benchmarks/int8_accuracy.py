@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from sp_extract.extraction.backends import OnnxRuntimeBackend
-from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.config import ExtractConfig, ExtractRun
 from sp_extract.extraction.decode import load_image, working_size
 from sp_extract.extraction.onnx_export import onnx_model
 from sp_extract.extraction.pipeline import extract
@@ -213,7 +213,7 @@ def main() -> None:
                 stores[precision] = work / f"{name}-{precision}.h5"
                 config = ExtractConfig(resize_max=args.resize_max, precision=precision)
                 summary = extract(
-                    args.data / name, stores[precision], config, weights=args.weights, quiet=True
+                    args.data / name, stores[precision], config, ExtractRun(weights=args.weights)
                 )
                 assert summary.exit_code == 0, summary.lines()
             fp32, int8 = (read_features(stores[p], args.resize_max) for p in ("fp32", "int8"))

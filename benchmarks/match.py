@@ -31,9 +31,9 @@ import h5py
 import numpy as np
 import torch
 
-from sp_extract import ExtractConfig, extract
+from sp_extract import ExtractConfig, ExtractRun, extract
 from sp_extract.devices import resolve_device
-from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.config import MatchConfig, MatchRun
 from sp_extract.matching.learned import PaddedFeatures
 from sp_extract.matching.lightglue import LightGlue
 from sp_extract.matching.run import match_pairs
@@ -162,7 +162,7 @@ def main() -> None:
         for budget in sorted(budgets):
             config = ExtractConfig(max_keypoints=budget, threshold=0.0001, resize_max=0)
             source = work / f"source-{budget}.h5"
-            extract(photos, source, config, weights=str(weights), device=str(device))
+            extract(photos, source, config, ExtractRun(weights=str(weights), device=str(device)))
             features = work / f"feats-{budget}.h5"
             names = replicate(source, features, args.copies)
             with h5py.File(features, "r") as h5:
@@ -195,7 +195,7 @@ def main() -> None:
                 ours_out = work / f"ours-{matcher}-{budget}.h5"
                 started = time.perf_counter()
                 summary = match_pairs(
-                    pairs_file, features, ours_out, match_config, device=str(device), overwrite=True
+                    pairs_file, features, ours_out, match_config, MatchRun(device=str(device), overwrite=True)
                 )
                 ours_s = time.perf_counter() - started
                 assert summary.done == len(pairs) and not summary.failed

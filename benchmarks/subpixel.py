@@ -69,7 +69,7 @@ def main() -> None:
                 c = config
                 features = postprocess(
                     *maps(image), c.threshold, c.nms_radius, c.border, c.max_keypoints,
-                    subpixel=method != "none", refine_method=method if method != "none" else "log-quadratic",
+                    subpixel=method != "none" and method,
                 )[0]  # fmt: skip
                 found += [features.keypoints.numpy(), features.descriptors.numpy()]
             results[method][pair.subset].append(evaluate_pair(*found, pair.homography, size, size))

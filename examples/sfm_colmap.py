@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sp_extract import ExtractConfig, extract
+from sp_extract import ExtractConfig, ExtractRun, extract
 from sp_extract.errors import SpExtractError
 from sp_extract.extraction.discover import unpairable
 from sp_extract.matching.run import match_pairs
@@ -37,7 +37,8 @@ def run() -> None:
     feats, pairs, matches = work / "feats.h5", work / "pairs.txt", work / "matches.h5"
     database, sparse = work / "database.db", work / "sparse"
 
-    summary = extract(args.images, feats, ExtractConfig(subpixel=args.subpixel), weights=args.weights)
+    config, run = ExtractConfig(subpixel=args.subpixel), ExtractRun(weights=args.weights)
+    summary = extract(args.images, feats, config, run)
     print(*summary.lines(), sep="\n")
     names = source_names(feats, None)
     left_out = set(unpairable(names))  # white space in the name (the summary above warned)

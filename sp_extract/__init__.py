@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``sp-extract --help`` does not load torch)::
 
-    from sp_extract import SuperPoint, extract, ExtractConfig
+    from sp_extract import SuperPoint, extract, ExtractConfig, ExtractRun
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ _LAZY = {
     "SuperPoint": "sp_extract.extraction.pipeline",
     "extract": "sp_extract.extraction.pipeline",
     "ExtractConfig": "sp_extract.extraction.config",
+    "ExtractRun": "sp_extract.extraction.config",
     "load_weights": "sp_extract.extraction.weights",
 }
 

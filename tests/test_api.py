@@ -49,22 +49,22 @@ def test_public_names_are_the_documented_objects_and_import_is_light(tmp_path: P
         "import sys, inspect\n"
         "import sp_extract\n"
         "light = 'torch' not in sys.modules\n"
-        "from sp_extract import ExtractConfig, SuperPoint, extract\n"
+        "from sp_extract import ExtractConfig, ExtractRun, SuperPoint, extract\n"
         "import sp_extract as package\n"
         "print(light, inspect.isfunction(extract), inspect.isfunction(package.extract),\n"
-        "      inspect.isclass(SuperPoint), inspect.isclass(ExtractConfig))\n"
+        "      inspect.isclass(SuperPoint), inspect.isclass(ExtractConfig), inspect.isclass(ExtractRun))\n"
     )
     result = run_script(code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True"] * 5
+    assert result.stdout.split() == ["True"] * 6
 
 
 def test_api_raises_the_documented_errors(tmp_path: Path, random_weights: Path) -> None:
     code = (
-        "from sp_extract import extract\n"
+        "from sp_extract import ExtractRun, extract\n"
         "from sp_extract.errors import ConfigError\n"
         "try:\n"
-        f"    extract({str(tmp_path)!r}, 'feats.h5', weights={str(random_weights)!r})\n"
+        f"    extract({str(tmp_path)!r}, 'feats.h5', run=ExtractRun(weights={str(random_weights)!r}))\n"
         "except ConfigError as error:\n"
         "    print('ConfigError', error)\n"
     )

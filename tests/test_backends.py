@@ -24,7 +24,7 @@ from support.superpoint_reference import postprocess as reference_postprocess
 from sp_extract.errors import ConfigError, StoreError
 from sp_extract.extraction import onnx_export
 from sp_extract.extraction.backends import choose_backend, make_backend
-from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.config import ExtractConfig, ExtractRun
 from sp_extract.extraction.decode import load_image
 from sp_extract.extraction.pipeline import BackgroundWriter, extract
 from sp_extract.extraction.postprocess import postprocess
@@ -163,9 +163,7 @@ def test_backends_give_the_same_store_and_resume_across_backends(
         summary = extract(
             small_images,
             stores[name],
-            weights=str(random_weights),
-            backend=name,
-            num_workers=0,
+            run=ExtractRun(weights=str(random_weights), backend=name, num_workers=0),
             timings=timings,
         )
         assert summary.exit_code == 0 and summary.done == 3
@@ -182,7 +180,9 @@ def test_backends_give_the_same_store_and_resume_across_backends(
     assert "backend" not in json.loads(ort_attrs["sp_extract_settings"])
     # an fp32 backend gives the same features: resuming with another one is accepted
     (small_images / "d.png").write_bytes((small_images / "a.png").read_bytes())
-    summary = extract(small_images, stores["torch"], weights=str(random_weights), backend="onnxruntime")
+    summary = extract(
+        small_images, stores["torch"], run=ExtractRun(str(random_weights), backend="onnxruntime")
+    )
     assert (summary.done, summary.skipped) == (1, 3)
 
 
@@ -192,15 +192,15 @@ def test_precision_is_a_store_setting(
 ) -> None:
     store = tmp_path / f"{precision}.h5"
     config = ExtractConfig(precision=precision)
-    summary = extract(small_images, store, config, weights=str(random_weights), num_workers=0)
+    summary = extract(small_images, store, config, ExtractRun(weights=str(random_weights), num_workers=0))
     assert summary.exit_code == 0 and summary.done == 3
     with h5py.File(store, "r") as h5:
         assert json.loads(h5.attrs["sp_extract_settings"])["precision"] == precision
         assert h5.attrs["backend"].startswith(backend)  # auto: bf16 runs on torch, int8 on onnxruntime
     with pytest.raises(StoreError, match=f"precision: '{precision}' \\(store\\) vs 'fp32' \\(now\\)"):
-        extract(small_images, store, weights=str(random_weights))
+        extract(small_images, store, run=ExtractRun(weights=str(random_weights)))
     (small_images / "d.png").write_bytes((small_images / "a.png").read_bytes())
-    summary = extract(small_images, store, config, weights=str(random_weights), num_workers=0)
+    summary = extract(small_images, store, config, ExtractRun(weights=str(random_weights), num_workers=0))
     assert (summary.done, summary.skipped) == (1, 3)  # same precision: resumed
     with pytest.raises(ConfigError, match="--precision"):
         ExtractConfig(precision="fp8")

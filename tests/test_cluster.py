@@ -23,9 +23,9 @@ from conftest import write_image
 
 from sp_extract.cli import cli
 from sp_extract.errors import ConfigError, StoreError
-from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.config import ExtractConfig, ExtractRun
 from sp_extract.extraction.pipeline import extract
-from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.config import MatchConfig, MatchRun
 from sp_extract.matching.run import match_pairs
 from sp_extract.names import pair_key
 from sp_extract.pairs.core import exhaustive_pairs, write_pairs
@@ -67,7 +67,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_
     """A single-process run on the photos: features, exhaustive pairs, matches."""
     folder = tmp_path_factory.mktemp("single")
     features, pairs, matches = folder / "feats.h5", folder / "pairs.txt", folder / "matches.h5"
-    extract(sacre_coeur, features, CONFIG, weights=str(real_weights))
+    extract(sacre_coeur, features, CONFIG, ExtractRun(weights=str(real_weights)))
     names = sorted(entries(features))
     write_pairs(exhaustive_pairs(names), pairs)
     match_pairs(pairs, features, matches, MatchConfig())
@@ -132,7 +132,7 @@ def test_shards_then_merge_equal_a_single_run(
             shard = Shard(index, count)
             store = shard.store(out)
             store.parent.mkdir(exist_ok=True)
-            summary = extract(sacre_coeur, store, CONFIG, weights=str(real_weights), shard=shard)
+            summary = extract(sacre_coeur, store, CONFIG, ExtractRun(weights=str(real_weights), shard=shard))
             assert summary.exit_code == 0
         assert sum(len(entries(p)) for p in out.with_name(out.name + ".shards").glob("*.h5")) == 10
         summary = merge_stores(out, [out.with_name(out.name + ".shards")])
@@ -144,7 +144,7 @@ def test_shards_then_merge_equal_a_single_run(
     for index in range(1, 4):
         store = Shard(index, 3).store(matches)
         store.parent.mkdir(exist_ok=True)
-        match_pairs(reference["pairs"], features, store, MatchConfig(), shard=Shard(index, 3))
+        match_pairs(reference["pairs"], features, store, MatchConfig(), MatchRun(shard=Shard(index, 3)))
     summary = merge_stores(matches, [Shard(k, 3).store(matches) for k in range(1, 4)], reference["pairs"])
     assert summary.exit_code == 0 and summary.done == 45
     assert_same_entries(matches, reference["matches"])
@@ -170,7 +170,7 @@ def shard_stores(tmp_path: Path, random_weights: Path) -> tuple[Path, Path, list
     for index in range(1, 4):
         store = Shard(index, 3).store(out)
         store.parent.mkdir(exist_ok=True)
-        extract(images, store, weights=str(random_weights), shard=Shard(index, 3))
+        extract(images, store, run=ExtractRun(weights=str(random_weights), shard=Shard(index, 3)))
         stores.append(store)
     return images, out, stores
 
@@ -180,13 +180,13 @@ def test_merge_refuses_other_settings_and_differing_copies(
 ) -> None:
     images, out, stores = shard_stores
     other = tmp_path / "other.h5"
-    extract(images, other, ExtractConfig(nms_radius=3), weights=str(random_weights), image_list=None)
+    extract(images, other, ExtractConfig(nms_radius=3), ExtractRun(weights=str(random_weights)))
     with pytest.raises(StoreError, match=r"other settings .*nms_radius: 4 \(1-of-3.h5\) vs 3 \(other.h5\)"):
         merge_stores(out, [*stores, other])
     # the same image, other values, same settings: refused, naming the entry
     name = sorted(entries(stores[0]))[0]
     changed = tmp_path / "changed.h5"
-    extract(images, changed, weights=str(random_weights))
+    extract(images, changed, run=ExtractRun(weights=str(random_weights)))
     with h5py.File(changed, "r+") as h5:
         h5[name]["scores"][0] += 1
     with pytest.raises(StoreError, match=f"entry '{name}' differs .*scores: different values"):
@@ -435,7 +435,7 @@ def test_dask_worker_killed_mid_run(
         def drive() -> None:
             try:
                 outcome["summary"] = extract_on_cluster(
-                    dask_cluster, sacre_coeur, out, CONFIG, shards=4, weights=str(real_weights)
+                    dask_cluster, 4, sacre_coeur, out, CONFIG, ExtractRun(weights=str(real_weights))
                 )
             except BaseException as error:  # handed to the test's thread
                 outcome["error"] = error
@@ -472,7 +472,7 @@ def test_cli_local_scheduler_in_a_real_process(
     from conftest import run_cli
 
     single, sharded = tmp_path / "single.h5", tmp_path / "dask.h5"
-    extract(small_images, single, weights=str(random_weights))
+    extract(small_images, single, run=ExtractRun(weights=str(random_weights)))
     options = ["--weights", str(random_weights), "--scheduler", "local:1", "--shards", "2"]
     result = run_cli(str(small_images), "--out", str(sharded), *options)
     assert result.returncode == 0, result.stderr

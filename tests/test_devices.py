@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import write_image
 
-from sp_extract import ExtractConfig, extract
+from sp_extract import ExtractConfig, ExtractRun, extract
 from sp_extract.devices import ShapeTuning, copy_to_host, for_other_thread, restored_settings, to_device
 from sp_extract.errors import SpExtractWarning
 from sp_extract.extraction import backends, pipeline
@@ -171,7 +171,9 @@ def test_pipeline_touches_the_device_on_the_main_thread_only(
     monkeypatch.setattr(pipeline, "dense_outputs", network)
     monkeypatch.setattr(pipeline, "for_other_thread", handover)
     monkeypatch.setattr(pipeline, "finish_batch", postprocess)
-    summary = extract(small_images, tmp_path / "f.h5", weights=str(random_weights), device="cpu")
+    summary = extract(
+        small_images, tmp_path / "f.h5", run=ExtractRun(weights=str(random_weights), device="cpu")
+    )
 
     assert summary.done == 3
     main = threading.main_thread()
@@ -288,7 +290,9 @@ def test_extract_restores_process_wide_settings(
                 before = state()
                 with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
                     extract(
-                        small_images, tmp_path / f"{fail}.h5", weights=str(random_weights), backend="torch"
+                        small_images,
+                        tmp_path / f"{fail}.h5",
+                        run=ExtractRun(str(random_weights), backend="torch"),
                     )
                 assert state() == before
         finally:
@@ -306,7 +310,7 @@ def test_out_of_memory_halves_the_batch_and_fails_only_an_image_too_large_alone(
     write_image(root / "z.png", 192, 128, seed=9)  # four times the pixels: never fits
     config = ExtractConfig(threshold=0.0)
     options = {"weights": str(random_weights), "device": "cpu", "backend": "torch"}
-    extract(root, tmp_path / "reference.h5", config, batch_size=1, **options)  # no memory limit
+    extract(root, tmp_path / "reference.h5", config, ExtractRun(batch_size=1, **options))  # no memory limit
 
     def out_of_memory(images: torch.Tensor, call: int) -> None:
         """Stands in for a GPU with room for 2 images of 64 x 96: above that PyTorch's CUDA
@@ -316,7 +320,7 @@ def test_out_of_memory_halves_the_batch_and_fails_only_an_image_too_large_alone(
 
     fakes = install_fault(monkeypatch, out_of_memory)
 
-    summary = extract(root, tmp_path / "gpu.h5", config, batch_size=4, **options)
+    summary = extract(root, tmp_path / "gpu.h5", config, ExtractRun(batch_size=4, **options))
 
     # 4 fail, halves fit; the next batch of 4 goes by halves at once; the large image fails alone
     assert fakes[0].shapes == [(4, 1, 64, 96), (2, 1, 64, 96), (2, 1, 64, 96)] + [(2, 1, 64, 96)] * 2 + [
@@ -361,11 +365,11 @@ def test_failed_extract_leaves_no_decoding_worker_and_keeps_finished_images(
     options = {"weights": str(random_weights), "device": "cpu", "backend": "torch", "batch_size": 1}
     assert multiprocessing.active_children() == []
     with pytest.raises(RuntimeError, match="device lost") as raised:
-        extract(root, tmp_path / "f.h5", num_workers=2, **options)
+        extract(root, tmp_path / "f.h5", run=ExtractRun(num_workers=2, **options))
     assert raised.value.__traceback__ is not None
     assert multiprocessing.active_children() == []
     monkeypatch.undo()
-    assert extract(root, tmp_path / "f.h5", **options).skipped == 1
+    assert extract(root, tmp_path / "f.h5", run=ExtractRun(**options)).skipped == 1
 
 
 def test_fp16_on_the_cpu_warns_with_the_faster_choices(
@@ -375,7 +379,7 @@ def test_fp16_on_the_cpu_warns_with_the_faster_choices(
     goes on (a store made with fp16 may need finishing there) but says what is faster."""
     root = tmp_path / "images"
     write_image(root / "tiny.png", 16, 16)
-    options = {"images": root, "weights": str(random_weights), "device": "cpu"}
+    options = {"images": root, "run": ExtractRun(weights=str(random_weights), device="cpu")}
     with pytest.warns(SpExtractWarning, match=r"fp16 on the CPU.*5x slower.*bf16 or fp32") as caught:
         summary = extract(out=tmp_path / "fp16.h5", config=ExtractConfig(precision="fp16"), **options)
     assert summary.done == 1 and len(caught) == 1

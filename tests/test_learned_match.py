@@ -31,7 +31,7 @@ from transformers import (
 
 from sp_extract.errors import ConfigError, WeightsError
 from sp_extract.matching import weights as matcher_weights
-from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.config import MatchConfig, MatchRun
 from sp_extract.matching.learned import match_batch
 from sp_extract.matching.run import match_pairs
 from sp_extract.matching.weights import build_matcher, load_matcher_weights
@@ -181,7 +181,7 @@ def run_match_pairs(
     pairs_file = tmp_path / "pairs.txt"
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
     out = tmp_path / "matches.h5"
-    summary = match_pairs(pairs_file, features, out, config, device="cpu")
+    summary = match_pairs(pairs_file, features, out, config, MatchRun(device="cpu"))
     assert summary.done == len(pairs) and not summary.failed
     with h5py.File(out, "r") as h5:
         stored = [(h5[pair_key(*p)]["matches0"][()], h5[pair_key(*p)]["matching_scores0"][()]) for p in pairs]

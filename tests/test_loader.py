@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import write_image
 
-from sp_extract import ExtractConfig, extract
+from sp_extract import ExtractConfig, ExtractRun, extract
 from sp_extract.extraction import pipeline
 from sp_extract.extraction.decode import DecodedImage
 from sp_extract.extraction.loader import make_batches
@@ -70,7 +70,9 @@ def test_batched_extraction_equals_one_image_at_a_time(tmp_path: Path, random_we
     stores = {}
     for batch_size in (1, 2):
         stores[batch_size] = tmp_path / f"batch{batch_size}.h5"
-        summary = extract(root, stores[batch_size], config, str(random_weights), batch_size=batch_size)
+        summary = extract(
+            root, stores[batch_size], config, ExtractRun(str(random_weights), batch_size=batch_size)
+        )
         assert summary.done == 5
     with h5py.File(stores[1], "r") as one, h5py.File(stores[2], "r") as batched:
         for index in range(5):

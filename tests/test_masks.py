@@ -24,7 +24,7 @@ def entry(path: Path, name: str) -> dict[str, np.ndarray]:
 def test_masked_keypoints_are_removed_before_the_top_k(
     tmp_path: Path, sacre_coeur: Path, real_weights: Path
 ) -> None:
-    from sp_extract import extract
+    from sp_extract import ExtractRun, extract
 
     photo = cv2.imread(str(sorted(sacre_coeur.glob("*.jpg"))[1]), cv2.IMREAD_GRAYSCALE)
     stored = np.ascontiguousarray(cv2.resize(photo, (300, 200), interpolation=cv2.INTER_AREA))
@@ -38,11 +38,11 @@ def test_masked_keypoints_are_removed_before_the_top_k(
     mask = np.kron(rng.integers(0, 2, (10, 15)), np.ones((20, 20))).astype(np.uint8) * 255
     assert cv2.imwrite(str(masks / "sub" / "side.jpg.png"), mask)
     assert cv2.imwrite(str(masks / "plain.png.png"), mask)
-    options = {"weights": str(real_weights), "device": "cpu", "backend": "torch"}
-    all_points = extract(images, tmp_path / "all.h5", ExtractConfig(resize_max=240), **options)
+    run = ExtractRun(weights=str(real_weights), device="cpu", backend="torch")
+    all_points = extract(images, tmp_path / "all.h5", ExtractConfig(resize_max=240), run)
     assert all_points.masks_missing == 0 and not all_points.masks_used
     config = ExtractConfig(resize_max=240, max_keypoints=60, masks=str(masks))
-    summary = extract(images, tmp_path / "masked.h5", config, **options)
+    summary = extract(images, tmp_path / "masked.h5", config, run)
 
     assert summary.exit_code == 0 and summary.masks_missing == 1 and len(summary.masked_shares) == 2
     share = float(np.mean(mask == 0))
@@ -74,14 +74,14 @@ def test_masked_keypoints_are_removed_before_the_top_k(
             images,
             tmp_path / "masked.h5",
             ExtractConfig(resize_max=240, max_keypoints=60, masks=str(other)),
-            **options,
+            run,
         )
 
 
 def test_wrong_size_and_unreadable_masks_fail_their_image(tmp_path: Path, random_weights: Path) -> None:
     from conftest import write_image
 
-    from sp_extract import extract
+    from sp_extract import ExtractRun, extract
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     for name in ("good.png", "small.png", "garbage.png", "notpng.png"):
@@ -95,7 +95,7 @@ def test_wrong_size_and_unreadable_masks_fail_their_image(tmp_path: Path, random
     assert cv2.imwrite(str(masks / "notpng.png.png.jpg"), np.zeros((64, 96), np.uint8))
     (masks / "notpng.png.png.jpg").rename(masks / "notpng.png.png")
     summary = extract(
-        images, tmp_path / "f.h5", ExtractConfig(masks=str(masks)), weights=str(random_weights), device="cpu"
+        images, tmp_path / "f.h5", ExtractConfig(masks=str(masks)), ExtractRun(str(random_weights), "cpu")
     )
     reasons = {f["name"]: f["reason"] for f in summary.failed}
     assert summary.done == 1 and summary.exit_code == 1

@@ -18,7 +18,7 @@ import torch
 from conftest import invoke_cli, run_cli
 
 from sp_extract.errors import ConfigError
-from sp_extract.matching.config import MatchConfig
+from sp_extract.matching.config import MatchConfig, MatchRun
 from sp_extract.matching.nn import nearest_neighbours
 from sp_extract.matching.run import FeatureCache, match_pairs, tile_order
 from sp_extract.matching.verify import verify_matches
@@ -338,7 +338,8 @@ def test_resume_starts_where_every_pair_is_stored(
     grown = match_pairs(pairs, feats, out)
     assert (grown.total, grown.done, grown.skipped) == (11, 0, 11) and len(read) == 4
     read.clear()
-    replaced = match_pairs(pairs, feats, out, overwrite=True)  # another store: the point is not its
+    # another store: the point is not its
+    replaced = match_pairs(pairs, feats, out, run=MatchRun(overwrite=True))
     assert (replaced.total, replaced.done, replaced.skipped) == (11, 10, 1) and len(read) == 4
 
     # a pair that fails (64-d descriptors) keeps the point before its chunk

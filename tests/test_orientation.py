@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -182,7 +183,7 @@ def test_keypoints_map_back_to_the_stored_frame(
 ) -> None:
     """Each orientation against the reference: the viewer's image written upright (no tag) and
     extracted, its keypoints mapped into the stored frame by hand."""
-    from sp_extract import extract
+    from sp_extract import ExtractRun, extract
 
     photo = cv2.imread(str(sorted(sacre_coeur.glob("*.jpg"))[0]), cv2.IMREAD_GRAYSCALE)
     stored = np.ascontiguousarray(photo[200:344, 300:504])  # 204 x 144, not a multiple of 8
@@ -193,11 +194,11 @@ def test_keypoints_map_back_to_the_stored_frame(
         (images / f"{orientation}.png").write_bytes(png_bytes(stored, orientation))
         assert cv2.imwrite(str(images / "upright" / f"{orientation}.png"), VIEW[orientation](stored))
     (tmp_path / "list.txt").write_text("".join(f"{o}.png\n" for o in VIEW))
-    options = {"weights": str(real_weights), "device": "cpu", "backend": "torch"}
-    summary = extract(images, tmp_path / "exif.h5", ExtractConfig(resize_max=0), **options)
+    run = ExtractRun(weights=str(real_weights), device="cpu", backend="torch")
+    summary = extract(images, tmp_path / "exif.h5", ExtractConfig(resize_max=0), run)
     assert summary.orientation_applied == 7 and summary.to_dict()["orientation_applied"] == 7
     config = ExtractConfig(resize_max=0, orientation="ignore")
-    extract(images, tmp_path / "ignored.h5", config, image_list=tmp_path / "list.txt", **options)
+    extract(images, tmp_path / "ignored.h5", config, replace(run, image_list=tmp_path / "list.txt"))
     got, ignored = read_store(tmp_path / "exif.h5"), read_store(tmp_path / "ignored.h5")
 
     for orientation in VIEW:

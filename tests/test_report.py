@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import invoke_cli, write_image
 
-from sp_extract import extract
+from sp_extract import ExtractRun, extract
 from sp_extract.cluster.dask import combined, run_shard
 from sp_extract.errors import SpExtractWarning
 from sp_extract.matching import run as matching_run
@@ -43,7 +43,7 @@ def report_of(result_stderr: str, path: Path, returncode: int, expected_code: in
 def feats(photos: Path, random_weights: Path, tmp_path: Path) -> Path:
     """The photos' feature store, made by the Python API."""
     with pytest.warns(SpExtractWarning, match=SPACED):
-        extract(photos, tmp_path / "f.h5", weights=str(random_weights), quiet=True)
+        extract(photos, tmp_path / "f.h5", run=ExtractRun(weights=str(random_weights), quiet=True))
     return tmp_path / "f.h5"
 
 
@@ -74,7 +74,7 @@ def test_python_api_gets_warnings_as_python_warnings(
     photos: Path, random_weights: Path, tmp_path: Path
 ) -> None:
     with pytest.warns(SpExtractWarning, match=SPACED) as caught:
-        summary = extract(photos, tmp_path / "f.h5", weights=str(random_weights))
+        summary = extract(photos, tmp_path / "f.h5", run=ExtractRun(weights=str(random_weights)))
     assert len(caught) == 1 and summary.warnings == [] and summary.done == 3
 
 
@@ -123,8 +123,8 @@ def test_dask_worker_records_its_warnings_and_the_driver_shows_them_once(
     shows each once, however many shards raised it, and its summary lists it."""
     work = tmp_path / "1-of-1.txt"
     work.write_text("my photo.png\nb.png\n")
-    arguments = {"images": photos, "weights": str(random_weights), "device": "cpu"}
-    shard = run_shard("features", work, tmp_path / "1-of-1.h5", arguments)
+    task = {"images": photos, "run": ExtractRun(weights=str(random_weights), device="cpu")}
+    shard = run_shard("features", work, tmp_path / "1-of-1.h5", task)
     assert len(shard.warnings) == 1 and shard.warnings[0].startswith(SPACED)
     assert capsys.readouterr().err == ""
     merged = Summary(command="merge", output=str(tmp_path / "f.h5"), total=2)

@@ -11,14 +11,14 @@ import torch
 from conftest import run_cli, write_image
 from support.hloc_reader import snapshot
 
-from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.config import ExtractConfig, ExtractRun
 from sp_extract.extraction.model import SuperPoint
 from sp_extract.extraction.pipeline import extract
 
 
 def first_run(images: Path, out: Path, weights: Path) -> None:
     """The run to resume from, in-process (the CLI's defaults, fewer subprocesses)."""
-    summary = extract(images, out, ExtractConfig(), weights=str(weights), device="cpu", num_workers=0)
+    summary = extract(images, out, ExtractConfig(), ExtractRun(str(weights), "cpu", num_workers=0))
     assert summary.exit_code == 0 and summary.done > 0
 
 

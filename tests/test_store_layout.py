@@ -15,7 +15,7 @@ import torch
 from support.hloc_reader import get_keypoints, list_h5_names, load_for_matching
 
 import sp_extract
-from sp_extract.extraction.config import ExtractConfig
+from sp_extract.extraction.config import ExtractConfig, ExtractRun
 from sp_extract.extraction.decode import load_image
 from sp_extract.extraction.pipeline import SuperPoint, extract
 
@@ -31,7 +31,7 @@ def git_blob_sha1(path: Path) -> str:
 @pytest.fixture
 def store(small_images: Path, random_weights: Path, tmp_path: Path) -> Path:
     out = tmp_path / "feats.h5"
-    summary = extract(small_images, out, CONFIG, weights=str(random_weights), device="cpu", num_workers=0)
+    summary = extract(small_images, out, CONFIG, ExtractRun(str(random_weights), "cpu", num_workers=0))
     assert summary.exit_code == 0 and summary.done == 3
     return out
 
@@ -130,7 +130,7 @@ def test_fp32_descriptors_and_nothing_outside_image_groups(
 ) -> None:
     out = tmp_path / "fp32.h5"
     config = ExtractConfig(resize_max=64, fp32_descriptors=True)
-    extract(small_images, out, config, weights=str(random_weights), device="cpu", num_workers=0)
+    extract(small_images, out, config, ExtractRun(str(random_weights), "cpu", num_workers=0))
     datasets = []
     with h5py.File(out, "r") as h5:
         h5.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)

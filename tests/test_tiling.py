@@ -127,12 +127,12 @@ def test_features_tile_by_tile_equal_the_whole_maps_postprocessed(
 def test_pipeline_features_with_tiles_equal_those_without(
     tmp_path: Path, small_images: Path, random_weights: Path
 ) -> None:
-    from sp_extract import extract
+    from sp_extract import ExtractRun, extract
 
     options = {"weights": str(random_weights), "device": "cpu", "backend": "torch"}
     config = ExtractConfig(resize_max=0, max_keypoints=200)
-    whole = extract(small_images, tmp_path / "whole.h5", config, tile=0, **options)
-    tiled = extract(small_images, tmp_path / "tiled.h5", config, tile="16", **options)
+    whole = extract(small_images, tmp_path / "whole.h5", config, ExtractRun(tile=0, **options))
+    tiled = extract(small_images, tmp_path / "tiled.h5", config, ExtractRun(tile="16", **options))
     assert whole.tiled == 0 and tiled.tiled == 3 and tiled.to_dict()["tiled"] == 3
     assert "tiled network on 3" in "\n".join(tiled.lines())
     with h5py.File(tmp_path / "whole.h5") as a, h5py.File(tmp_path / "tiled.h5") as b:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..extraction.config import EXPORT_FORMATS, EXPORT_PRECISIONS, ExtractConfig
+from ..extraction.config import EXPORT_FORMATS, EXPORT_PRECISIONS, ExtractConfig, ExtractRun
 from .errors import finish_run, reports_errors
 from .options import (
     DETECTOR,
@@ -16,17 +16,18 @@ from .options import (
     FOLDER,
     backend_option,
     cluster_options,
-    cluster_target,
     config_from,
     device_option,
     extract_options,
     masks_option,
+    option_from,
     out_option,
     precision_option,
     run_options,
     tile_option,
     weights_option,
 )
+from .runs import CLUSTER_OPTIONS, run_here_or_on_cluster
 
 
 @click.command()
@@ -35,62 +36,31 @@ from .options import (
 @extract_options(*DETECTOR, "resize_force", "fp32_descriptors", "subpixel", "reduced_decode", "orientation")
 @masks_option
 @tile_option
-@click.option(
-    "--batch-size",
-    type=int,
-    default=None,
-    help="Images of one size per network batch, halved when the GPU runs out of memory [default: "
-    "1 on the CPU, where batching is no faster; 8 on a GPU].",
-)
-@click.option(
-    "--num-workers",
-    type=int,
-    default=None,
-    help="Decoding processes, 0 to decode in the main process [default: 0 when the network runs on a "
-    "CPU of at most 2 cores, else cores - 1, at most 4].",
-)
+@option_from(ExtractRun, "batch_size")
+@option_from(ExtractRun, "num_workers")
 @device_option()
 @backend_option
 @precision_option()
 @weights_option
-@click.option(
-    "--image-list", type=FILE, help="Extract only these images: one path relative to IMAGES_DIR a line."
-)
+@option_from(ExtractRun, "image_list", type=FILE)
 @cluster_options
 @run_options
 @reports_errors
-def extract(
-    images_dir: Path,
-    out: Path,
-    image_list: Path | None,
-    shard: str | None,
-    shards: int | None,
-    scheduler: str | None,
-    overwrite: bool,
-    quiet: bool,
-    json_report: Path | None,
-    **options: Any,
-) -> None:
+def extract(images_dir: Path, out: Path, json_report: Path | None, **options: Any) -> None:
     """Extract SuperPoint features of every image below IMAGES_DIR into --out.
 
     Image names are paths relative to IMAGES_DIR, as COLMAP records them. Re-running extracts
     only the images not yet in the store; a store made with other settings is refused.
     """
+    from ..cluster.dask import extract_on_cluster
     from ..extraction.pipeline import extract as run_extract
 
-    config = config_from(ExtractConfig, options)  # the rest: weights, device, batch size, ...
-    target, chosen = cluster_target(out, shard, shards, scheduler)
-    if scheduler is not None:
-        from ..cluster.dask import extract_on_cluster
-
-        summary = extract_on_cluster(
-            scheduler, images_dir, out, config, shards, image_list, overwrite, quiet, **options
-        )
-    else:
-        summary = run_extract(
-            images_dir, target, config, image_list=image_list, overwrite=overwrite, quiet=quiet, shard=chosen,
-            **options,
-        )  # fmt: skip
+    config = config_from(ExtractConfig, options)
+    cluster = {name: options.pop(name) for name in CLUSTER_OPTIONS}
+    run = ExtractRun(**options)  # the rest: weights, device, batch size, ...
+    summary = run_here_or_on_cluster(
+        run_extract, extract_on_cluster, (images_dir,), out, config, run, cluster
+    )
     finish_run(summary, json_report)
 
 

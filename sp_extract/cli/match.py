@@ -7,19 +7,20 @@ from typing import Any
 
 import click
 
-from ..matching.config import MatchConfig
+from ..matching.config import MatchConfig, MatchRun
 from .errors import finish_run, reports_errors
 from .options import (
     FILE,
     cluster_options,
-    cluster_target,
     config_from,
     device_option,
     file_option,
     match_options,
+    option_from,
     out_option,
     run_options,
 )
+from .runs import CLUSTER_OPTIONS, run_here_or_on_cluster
 
 
 @click.command("match-pairs")
@@ -40,25 +41,14 @@ from .options import (
     "width_confidence",
     "filter_threshold",
 )
-@click.option("--batch-size", default=32, show_default=True, help="Pairs per matching batch.")
-@click.option(
-    "--cache-mb", default=1024, show_default=True, help="Memory for descriptors kept between pairs (MiB)."
-)
+@option_from(MatchRun, "batch_size")
+@option_from(MatchRun, "cache_mb")
 @device_option()
 @cluster_options
 @run_options
 @reports_errors
 def match_pairs(
-    pairs_file: Path,
-    features: Path,
-    out: Path,
-    shard: str | None,
-    shards: int | None,
-    scheduler: str | None,
-    overwrite: bool,
-    quiet: bool,
-    json_report: Path | None,
-    **options: Any,
+    pairs_file: Path, features: Path, out: Path, json_report: Path | None, **options: Any
 ) -> None:
     """Match the features of every pair in PAIRS ('name0 name1' a line) into --out.
 
@@ -68,18 +58,12 @@ def match_pairs(
     Re-running matches only the pairs not yet in the store; a store made with other settings,
     weights or features is refused.
     """
+    from ..cluster.dask import match_on_cluster
     from ..matching.run import match_pairs as run_match_pairs
 
-    config = config_from(MatchConfig, options)  # the rest: device, batch size, cache
-    target, chosen = cluster_target(out, shard, shards, scheduler)
-    if scheduler is not None:
-        from ..cluster.dask import match_on_cluster
-
-        summary = match_on_cluster(
-            scheduler, pairs_file, features, out, config, shards, overwrite, quiet, **options
-        )
-    else:
-        summary = run_match_pairs(
-            pairs_file, features, target, config, overwrite=overwrite, quiet=quiet, shard=chosen, **options
-        )
+    config = config_from(MatchConfig, options)
+    cluster = {name: options.pop(name) for name in CLUSTER_OPTIONS}
+    run = MatchRun(**options)  # the rest: device, batch size, cache, ...
+    inputs = (pairs_file, features)
+    summary = run_here_or_on_cluster(run_match_pairs, match_on_cluster, inputs, out, config, run, cluster)
     finish_run(summary, json_report)

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +105,19 @@ def worker_device(device: str) -> str:
     return f"cuda:{name % gpus}" if isinstance(name, int) else device
 
 
-def run_shard(kind: str, work: Path, store: Path, arguments: dict[str, Any]) -> Summary:
+def run_shard(kind: str, work: Path, store: Path, task: dict[str, Any]) -> Summary:
     """One task: the shard's extract (``work``: its image list) or match-pairs (``work``: its
-    pairs file) into its ``store``, resuming what a killed attempt saved."""
-    arguments = {**arguments, "device": worker_device(arguments.get("device", "auto")), "quiet": True}
+    pairs file) into its ``store``, resuming what a killed attempt saved. ``task``: the other
+    arguments of ``extract`` or ``match_pairs``, its ``run`` options those of the whole run."""
+    run = replace(task["run"], device=worker_device(task["run"].device), quiet=True)
     with recording(live=False):  # its warnings go back in its summary: the driver shows them
         if kind == "features":
             from ..extraction.pipeline import extract
 
-            return extract(out=store, image_list=work, **arguments)
+            return extract(out=store, **{**task, "run": replace(run, image_list=work)})
         from ..matching.run import match_pairs
 
-        return match_pairs(pairs_file=work, out=store, **arguments)
+        return match_pairs(pairs_file=work, out=store, **{**task, "run": run})
 
 
 @dataclass
@@ -171,7 +172,7 @@ def write_work(
 
 
 def run_tasks(
-    client: Any, kind: str, jobs: list[ShardWork], arguments: dict[str, Any], quiet: bool
+    client: Any, kind: str, jobs: list[ShardWork], task: dict[str, Any]
 ) -> tuple[list[ShardWork], list[Summary], list[tuple[ShardWork, BaseException]]]:
     """Submit one task a shard (with the ``GPU`` resource when workers declare it) and collect
     them as they finish: the shards done with their summaries, and those that failed."""
@@ -184,7 +185,7 @@ def run_tasks(
             kind,
             job.work,
             job.store,
-            arguments,
+            task,
             key=f"sp-extract-{kind}-{job.shard.index}-of-{job.shard.count}-{time.time_ns()}",
             retries=RETRIES,
             resources=resources,
@@ -193,7 +194,7 @@ def run_tasks(
         for job in jobs
     }
     progress = Progress(
-        sum(job.items for job in jobs), "images" if kind == "features" else "pairs", quiet=quiet
+        sum(job.items for job in jobs), "images" if kind == "features" else "pairs", quiet=task["run"].quiet
     )
     done: list[ShardWork] = []
     summaries: list[Summary] = []
@@ -217,41 +218,41 @@ def run_tasks(
     return done, summaries, failed
 
 
-def run_sharded(
-    scheduler: str,
-    kind: str,
-    out: Path,
-    items: Callable[[NameIndex], tuple[int, Iterable[tuple[str, ...]]]],
-    arguments: dict[str, Any],
-    shards: int | None,
-    overwrite: bool,
-    quiet: bool,
-    info: dict[str, str],
-) -> tuple[Summary, list[Summary], int]:
-    """The driver: ``items(held)`` gives the work (its size and its items, less those whose
-    entries ``held``, the index of what ``out`` holds, names); run it as shards on
-    ``scheduler``, merge into ``out``. Returns the merge's summary, the shards' summaries and
-    how many entries ``out`` held already.
-    ``info``: the merged store's attributes for people (the input named by the user)."""
+@dataclass(frozen=True)
+class ShardedRun:
+    """A run as shards on a Dask cluster (``run_sharded``)."""
+
+    scheduler: str  # local[:WORKERS], a scheduler file (.json) or a scheduler ADDRESS (``connect``)
+    shards: int | None  # how many (``shard_count``)
+    kind: str  # "features" (extract) or "matches" (match-pairs)
+    out: Path  # the merged store
+    items: Callable[[NameIndex], tuple[int, Iterable[tuple[str, ...]]]]  # the work (``run_sharded``)
+    task: dict[str, Any]  # each shard's arguments to ``run_shard``, ``run``: ExtractRun or MatchRun
+    info: dict[str, str]  # the merged store's attributes for people (the input named by the user)
+
+
+def run_sharded(sharded: ShardedRun) -> tuple[Summary, list[Summary], int]:
+    """The driver: ``sharded.items(held)`` gives the work (its size and its items, less those whose
+    entries ``held``, the index of what ``sharded.out`` holds, names); run it as shards on the
+    cluster, merge into ``sharded.out``. Returns the merge's summary, the shards' summaries and
+    how many entries ``sharded.out`` held already."""
     from ..store.catalog import stored_names
     from ..store.merge import merge_stores, merge_summary
 
-    out = Path(out)
+    kind, out, overwrite = sharded.kind, Path(sharded.out), sharded.task["run"].overwrite
     if not out.parent.is_dir():
         raise StoreError(f"{out}: the output folder {out.parent} does not exist")
     held, held_count = (NameIndex(), 0) if overwrite or not out.exists() else stored_names(out, kind)
     folder = shard_folder(out)
     folder.mkdir(exist_ok=True)
-    client, close = connect(scheduler)
+    client, close = connect(sharded.scheduler)
     try:
-        total, work = items(held)
+        total, work = sharded.items(held)
         per_shard = SHARD_IMAGES if kind == "features" else SHARD_PAIRS
-        count = shard_count(folder, total, per_shard, len(workers(client)), shards)
+        count = shard_count(folder, total, per_shard, len(workers(client)), sharded.shards)
         jobs = write_work(out, work, count, image_shard if kind == "features" else pair_shard)
         if jobs:
-            done, summaries, failed = run_tasks(
-                client, kind, jobs, {**arguments, "overwrite": overwrite}, quiet
-            )
+            done, summaries, failed = run_tasks(client, kind, jobs, sharded.task)
     finally:
         close()
     if not jobs:  # OUT holds everything already
@@ -264,7 +265,11 @@ def run_sharded(
             error if isinstance(error, SpExtractError) else StoreError(f"shard {failed[0][0].shard}: {error}")
         )
     merged = merge_stores(
-        out, [job.store for job in done], overwrite=overwrite and not held_count, all_shards=False, info=info
+        out,
+        [job.store for job in done],
+        overwrite=overwrite and not held_count,
+        all_shards=False,
+        info=sharded.info,
     )  # shards without work have no store
     merged.failed += [{"name": f"shard {job.shard}", "reason": str(error)} for job, error in failed]
     if not failed and not merged.interrupted:  # everything is in OUT: the shards have served
@@ -299,23 +304,15 @@ def combined(kind: str, merged: Summary, shards: list[Summary], held: int, start
 
 
 def extract_on_cluster(
-    scheduler: str,
-    images: Path | str,
-    out: Path | str,
-    config: Any,
-    shards: int | None = None,
-    image_list: Path | str | None = None,
-    overwrite: bool = False,
-    quiet: bool = True,
-    **options: Any,
+    scheduler: str, shards: int | None, images: Path | str, out: Path | str, config: Any, run: Any
 ) -> Summary:
-    """``extraction.pipeline.extract`` run as shards on a Dask cluster, merged into ``out``;
-    ``options`` are extract's (weights, device, batch_size, num_workers, backend, tile)."""
+    """``extraction.pipeline.extract`` (its ``config``, ExtractConfig, and ``run``, ExtractRun) run
+    as ``shards`` on the Dask cluster of ``scheduler``, merged into ``out``."""
     from ..extraction.discover import find_images
 
     started = time.monotonic()
     root = Path(images).absolute()
-    names = find_images(root, Path(image_list) if image_list else None).names
+    names = find_images(root, Path(run.image_list) if run.image_list else None).names
     if not names:
         raise ConfigError(f"{root}: no images found")
 
@@ -324,47 +321,36 @@ def extract_on_cluster(
         return len(todo), todo
 
     out = Path(out).absolute()
-    if out.is_file() and not overwrite:  # refused now, not after the cluster's work
+    if out.is_file() and not run.overwrite:  # refused now, not after the cluster's work
         from ..extraction.pipeline import store_settings
         from ..extraction.weights import load_weights
         from ..store.catalog import read_store, settings_difference
 
         stored = read_store(out, "features").settings
-        wanted = store_settings(config, load_weights(options.get("weights")).sha1)
+        wanted = store_settings(config, load_weights(run.weights).sha1)
         if stored != wanted:
             raise StoreError(
                 f"{out}: made with other settings ({settings_difference(stored, wanted)}); "
                 "use the same options, another --out, or --overwrite"
             )
-    arguments = {"images": root, "config": config, **options}
-    merged, summaries, held = run_sharded(
-        scheduler,
-        "features",
-        out,
-        items,
-        arguments,
-        shards,
-        overwrite,
-        quiet,
-        {"images": str(root)},
-    )
+    task = {"images": root, "config": config, "run": run}
+    sharded = ShardedRun(scheduler, shards, "features", out, items, task, {"images": str(root)})
+    merged, summaries, held = run_sharded(sharded)
     return combined("features", merged, summaries, held, started)
 
 
 def match_on_cluster(
     scheduler: str,
+    shards: int | None,
     pairs_file: Path | str,
     features: Path | str,
     out: Path | str,
     config: Any,
-    shards: int | None = None,
-    overwrite: bool = False,
-    quiet: bool = True,
-    **options: Any,
+    run: Any,
 ) -> Summary:
-    """``matching.run.match_pairs`` run as shards on a Dask cluster, merged into ``out``;
-    ``options`` are match-pairs' (device, batch_size, cache_mb). The pairs file is checked
-    and split as it is read; pairs ``out`` holds (in either order) are left out."""
+    """``matching.run.match_pairs`` (its ``config``, MatchConfig, and ``run``, MatchRun) run as
+    ``shards`` on the Dask cluster of ``scheduler``, merged into ``out``. The pairs file is
+    checked and split as it is read; pairs ``out`` holds (in either order) are left out."""
     from ..pairs.core import read_pair_chunks, stored_pairs
     from ..store.catalog import read_store
 
@@ -386,16 +372,8 @@ def match_on_cluster(
 
         return lines, todo()
 
-    arguments = {"features": features, "config": config, **options}
-    merged, summaries, held = run_sharded(
-        scheduler,
-        "matches",
-        Path(out).absolute(),
-        items,
-        arguments,
-        shards,
-        overwrite,
-        quiet,
-        {"pairs": str(pairs_file)},
-    )
+    task = {"features": features, "config": config, "run": run}
+    out = Path(out).absolute()
+    sharded = ShardedRun(scheduler, shards, "matches", out, items, task, {"pairs": str(pairs_file)})
+    merged, summaries, held = run_sharded(sharded)
     return combined("matches", merged, summaries, held, started)

@@ -1,7 +1,8 @@
-"""Extraction settings: the options that change what lands in a feature store.
+"""Extraction settings: the options that change what lands in a feature store (``ExtractConfig``),
+and those of how one run goes (``ExtractRun``).
 
-Every field here is recorded in the store's attributes; a store made with other values is
-refused on resume (unless ``--overwrite``). Defaults are those of the reference SuperPoint.
+Every ``ExtractConfig`` field is recorded in the store's attributes; a store made with other values
+is refused on resume (unless ``--overwrite``). Defaults are those of the reference SuperPoint.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..shards import Shard
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # network arithmetic; all but fp32 change the features slightly
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
@@ -105,3 +107,43 @@ class ExtractConfig:
             if not Path(self.masks).is_dir():
                 raise ConfigError(f"--masks {self.masks}: not a directory")
             object.__setattr__(self, "masks", str(Path(self.masks).resolve()))
+
+
+@dataclass(frozen=True)
+class ExtractRun:
+    """How one extraction runs, beside its settings (``ExtractConfig``): the weights (which the store
+    records by checksum), what runs the network and where, which images, resume or start afresh."""
+
+    weights: str | None = None  # superpoint-v1 (default), superpoint-v6-mit or a file (``load_weights``)
+    device: str = "auto"
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images of one size per network batch, halved when the GPU runs out of memory [default: "
+            "1 on the CPU, where batching is no faster; 8 on a GPU]."
+        },
+    )
+    num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoding processes, 0 to decode in the main process [default: 0 when the network runs "
+            "on a CPU of at most 2 cores, else cores - 1, at most 4]."
+        },
+    )
+    image_list: Path | str | None = field(
+        default=None,
+        metadata={"help": "Extract only these images: one path relative to IMAGES_DIR a line."},
+    )
+    overwrite: bool = False  # start the store afresh instead of resuming
+    quiet: bool = True  # no progress output
+    backend: str = BACKENDS[0]  # what runs the network (``backends``)
+    tile: str | int = "auto"  # auto, 0 (never) or a tile size in pixels (``tiling.parse_tile``)
+    shard: Shard | None = None  # extract only the images of this shard (``sp_extract.shards``)
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(
+                f"--num-workers must be >= 0 (0 decodes in the main process), got {self.num_workers}"
+            )

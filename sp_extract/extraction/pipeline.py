@@ -22,12 +22,11 @@ import torch
 
 from ..devices import current_device, device_scope, for_other_thread, release_cached_memory, resolve_device
 from ..errors import ConfigError
-from ..interrupt import graceful_stop
-from ..report import ExtractSummary, Progress, counted, listed, warn
-from ..shards import Shard
+from ..report import ExtractSummary, counted, listed, warn
+from ..runs import StoreRun
 from ..store.writer import StoreWriter
 from .backends import choose_backend, make_backend, run_torch
-from .config import ExtractConfig
+from .config import ExtractConfig, ExtractRun
 from .decode import DecodedImage
 from .discover import find_images, unpairable
 from .loader import Batch, decode_all, make_batches
@@ -382,42 +381,13 @@ def timed_items(items: Iterable, timings: dict[str, float], stage: str) -> Itera
         yield item
 
 
-def extract(
-    images: Path | str,
-    out: Path | str,
-    config: ExtractConfig | None = None,
-    weights: str | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    image_list: Path | str | None = None,
-    overwrite: bool = False,
-    quiet: bool = True,
-    backend: str = "auto",
-    timings: dict[str, float] | None = None,
-    tile: str | int = "auto",
-    shard: Shard | None = None,
-) -> ExtractSummary:
-    """Extract SuperPoint features of every image below ``images`` into the store ``out``.
-
-    Images already in the store are skipped (resume). Returns the run's ``Summary``; a failed
-    image is recorded there and the run goes on. Raises ``SpExtractError`` for configuration
-    problems (no images, bad weights, unusable store). ``batch_size`` None is the device's
-    ``default_batch_size``. ``backend`` runs the network (see ``backends``). ``timings``, if
-    given, receives the seconds spent per stage: on the main thread (wall time) ``decode``
-    (waiting for the decoding workers) and ``network``; on the background thread (its CPU
-    time) ``postprocess`` and ``write``. ``tile``: ``auto`` runs the network tile by tile on
-    images too large for a memory budget, 0 never, N in tiles of N pixels (see ``tiling``).
-    ``shard``: extract only the images of this shard (see ``sp_extract.shards``).
-    """
-    config = config or ExtractConfig()
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if num_workers is not None and num_workers < 0:
-        raise ConfigError(f"--num-workers must be >= 0 (0 decodes in the main process), got {num_workers}")
-    tile_size = parse_tile(tile)
-    root, out = Path(images), Path(out)
-    scan = find_images(root, Path(image_list) if image_list else None)
+def images_to_extract(
+    root: Path, out: Path, config: ExtractConfig, run: ExtractRun
+) -> tuple[ExtractSummary, list[str]]:
+    """The run's summary, begun (the images' count, what the scan of ``root`` found to report),
+    and the names of the images to extract below ``root`` (those of ``run.image_list``, of
+    ``run.shard``). Raises ``ConfigError`` if there is no image."""
+    scan = find_images(root, Path(run.image_list) if run.image_list else None)
     names = scan.names
     if not names:
         found = (
@@ -427,9 +397,9 @@ def extract(
             f"{root}: no images found (extensions: jpg, jpeg, png, ppm, pgm, bmp, tif, tiff, webp, "
             f"heic, heif){found}"
         )
-    if shard is not None:
-        names = [name for name in names if shard.holds_image(name)]
-    summary = ExtractSummary(command="extract", output=str(out), total=len(names), failures_shown=not quiet)
+    if run.shard is not None:
+        names = [name for name in names if run.shard.holds_image(name)]
+    summary = ExtractSummary(command="extract", output=str(out), total=len(names))
     summary.unsupported, summary.other_files = scan.unsupported, scan.other_files
     summary.masks_used = bool(config.masks)
     spaced = unpairable(names)
@@ -438,18 +408,81 @@ def extract(
             f"{counted(len(spaced), 'image name')} with white space can never be paired (pairs files, as "
             f"hloc and COLMAP read them, separate names by white space): {listed(spaced)}; rename them"
         )
-    started = time.monotonic()
-    target = resolve_device(device)
-    backend = choose_backend(backend, target, config.precision)
+    return summary, names
+
+
+def extract_batches(
+    batches: Iterable[Batch],
+    network: Callable[[torch.Tensor], Dense | Tiled],
+    pin: bool,
+    finish: Callable[[list[DecodedImage], Dense | Tiled | None], list[Entry]],
+    background: BackgroundWriter,
+    run: StoreRun,
+    timings: dict[str, float],
+) -> None:
+    """Run ``network`` over ``batches`` in chunks that fit the device's memory (``network_chunks``;
+    ``pin``: page-locked host memory) and queue each chunk's ``finish`` on ``background``. Images
+    that fail are recorded in ``run``; it stops after a batch when ``run`` is asked to stop."""
+    budget = MemoryBudget()
+    for batch in timed_items(batches, timings, "decode"):
+        failed = [([failure], failure.error) for failure in batch.failures]
+        chunks = network_chunks(network, batch.images, pin, budget)
+        for chunk, dense in timed_items(chunks, timings, "network"):
+            if isinstance(dense, str):
+                failed.append((chunk, dense))
+            else:
+                background.add(functools.partial(finish, chunk, dense))
+        for (image,), reason in failed:
+            run.fail(image.name, reason)
+        run.progress.advance(background.saved())
+        if run.stopped():
+            return
+
+
+def no_keypoints_warning(summary: ExtractSummary, config: ExtractConfig) -> None:
+    """Warn when the run saved images and none has a keypoint: the settings are likely wrong."""
+    if summary.counts and not any(summary.counts):
+        warn(
+            f"no keypoints in any of the {counted(len(summary.counts), 'image')} saved: check --resize-max "
+            f"{config.resize_max} (a side under 8 px has none), --threshold {config.threshold} and --border "
+            f"{config.border} (defaults 1024, 0.005, 4)"
+        )
+
+
+def extract(
+    images: Path | str,
+    out: Path | str,
+    config: ExtractConfig | None = None,
+    run: ExtractRun | None = None,
+    timings: dict[str, float] | None = None,
+) -> ExtractSummary:
+    """Extract SuperPoint features of every image below ``images`` into the store ``out``.
+
+    ``config``: what lands in the store (``ExtractConfig``); ``run``: how the run goes
+    (``ExtractRun``: weights, device, batch size, decoding workers, image list, overwrite, quiet,
+    backend, tiling, shard); both default to their defaults. Images already in the store are
+    skipped (resume). Returns the run's ``Summary``; a failed image is recorded there and the run
+    goes on. Raises ``SpExtractError`` for configuration problems (no images, bad weights,
+    unusable store). ``timings``, if given, receives the seconds spent per stage: on the main
+    thread (wall time) ``decode`` (waiting for the decoding workers) and ``network``; on the
+    background thread (its CPU time) ``postprocess`` and ``write``.
+    """
+    config, run = config or ExtractConfig(), run or ExtractRun()
+    tile_size = parse_tile(run.tile)
+    root, out = Path(images), Path(out)
+    summary, names = images_to_extract(root, out, config, run)
+    store_run = StoreRun(summary, run.quiet)
+    target = resolve_device(run.device)
+    backend = choose_backend(run.backend, target, config.precision)
     if backend == "torch" and target.type == "cpu" and config.precision == "fp16":
         warn(
             f"--precision fp16 on the CPU: PyTorch runs it about {CPU_FP16_SLOWDOWN}x slower than "
             "fp32 (no fast fp16 convolutions); use bf16 or fp32, unless finishing a store made with fp16"
         )
-    model = SuperPoint(weights, config)
+    model = SuperPoint(run.weights, config)
     settings = store_settings(config, model.weights_sha1)
-    num_workers = default_workers(target) if num_workers is None else num_workers
-    batch_size = batch_size or default_batch_size(target)
+    num_workers = default_workers(target) if run.num_workers is None else run.num_workers
+    batch_size = run.batch_size or default_batch_size(target)
     timings = {} if timings is None else timings
     # Thread budget: the network gets every core; decoding (single-threaded workers) and
     # post-processing with writing (one thread, PyTorch and OpenCV single-threaded unless
@@ -460,48 +493,28 @@ def extract(
         summary.device, summary.backend = str(target), runner.name
         network = TiledNetwork(runner, config, tile_size)
         info = {"weights": model.weights_label, "images": str(root), "backend": runner.name}
-        with StoreWriter(out, "features", settings, overwrite=overwrite, info=info) as writer:
+        with store_run.writing(out, "features", settings, run.overwrite, info) as writer:
             todo = [n for n, done in zip(names, writer.done.contains(names)) if not done]
             summary.skipped = len(names) - len(todo)
-            progress = Progress(len(todo), "images", quiet=quiet)
             background = BackgroundWriter(writer)
-            budget = MemoryBudget()
+
+            def finish(images: list[DecodedImage], dense: Dense | Tiled | None) -> list[Entry]:
+                return finish_batch(model, images, dense, summary, timings)
+
             try:
-                with (
-                    graceful_stop() as stop,
+                with (  # finished results are saved whatever failed
+                    store_run.running(len(todo), salvage=background.salvage),
                     torch.inference_mode(),
                     contextlib.closing(decode_all(root, todo, config, num_workers)) as decoded,
                 ):
-                    for batch in timed_items(make_batches(decoded, batch_size), timings, "decode"):
-                        failed = [([failure], failure.error) for failure in batch.failures]
-                        chunks = network_chunks(network, batch.images, target.type == "cuda", budget)
-                        for chunk, dense in timed_items(chunks, timings, "network"):
-                            if isinstance(dense, str):
-                                failed.append((chunk, dense))
-                                continue
-                            job = functools.partial(finish_batch, model, chunk, dense, summary, timings)
-                            background.add(job)
-                        for (image,), reason in failed:
-                            summary.failed.append({"name": image.name, "reason": reason})
-                            progress.message(f"failed: {image.name}: {reason}")
-                        progress.advance(background.saved())
-                        if stop:
-                            summary.interrupted, summary.exit_code = True, stop.exit_code
-                            break
-                    progress.advance(background.close())
-            except Exception:
-                background.salvage()  # finished results are saved whatever failed
-                raise
+                    batches = make_batches(decoded, batch_size)
+                    pin = target.type == "cuda"
+                    extract_batches(batches, network, pin, finish, background, store_run, timings)
+                    store_run.progress.advance(background.close())
             finally:
                 background.abandon()
                 timings["write"] = background.busy_s
                 summary.tiled = network.tiled_images
-                progress.close()
-        summary.notes += writer.notes
-    if summary.counts and not any(summary.counts):
-        warn(
-            f"no keypoints in any of the {counted(len(summary.counts), 'image')} saved: check --resize-max "
-            f"{config.resize_max} (a side under 8 px has none), --threshold {config.threshold} and --border "
-            f"{config.border} (defaults 1024, 0.005, 4)"
-        )
-    return summary.finish(progress.completed, started)
+    no_keypoints_warning(summary, config)
+    store_run.finish()
+    return summary

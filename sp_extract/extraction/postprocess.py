@@ -183,14 +183,14 @@ def postprocess(
     nms_radius: int,
     border: int,
     max_keypoints: int,
-    subpixel: bool = False,
+    subpixel: bool | str = False,
     allowed: torch.Tensor | None = None,
-    refine_method: str = DEFAULT_METHOD,
 ) -> list[Features]:
     """Dense maps of one batch -> per-image ``Features`` in network-input pixels.
 
-    ``subpixel`` moves each kept keypoint to its sub-pixel peak (``refine.refine_keypoints`` with
-    ``refine_method``) before the descriptors are sampled; scores stay those of the detected pixels.
+    ``subpixel`` (True, or the name of a ``refine`` method; True is ``DEFAULT_METHOD``) moves each
+    kept keypoint to its sub-pixel peak (``refine.refine_keypoints``) before the descriptors are
+    sampled; scores stay those of the detected pixels.
     ``allowed`` (B, H, W) bool, at least the score maps' size: keypoints detected where it is False
     (masked pixels) are removed before the top-k, so ``max_keypoints`` keeps the best allowed ones.
     """
@@ -202,7 +202,7 @@ def postprocess(
     selected = select_keypoints(scores, threshold, max_keypoints)
     keypoints = [xy for xy, _ in selected]
     if subpixel:
-        keypoints = refine_keypoints(dense, keypoints, refine_method)
+        keypoints = refine_keypoints(dense, keypoints, DEFAULT_METHOD if subpixel is True else subpixel)
     sampled = sample_descriptors(keypoints, descriptors)
     return [Features(xy, s, d) for xy, (_, s), d in zip(keypoints, selected, sampled)]
 

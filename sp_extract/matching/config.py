@@ -1,4 +1,5 @@
-"""Matcher settings: validated options, recorded in the match store and checked on resume."""
+"""Matcher settings: validated options, recorded in the match store and checked on resume
+(``MatchConfig``), and those of how one match-pairs run goes (``MatchRun``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..shards import Shard
 
 MATCHERS = ("nn", "superglue", "lightglue")
 # each learned matcher's options and their defaults (those of Magic Leap's and cvg's code), defined
@@ -140,3 +142,22 @@ class MatchConfig:
                 del settings[name]
             settings.update(matcher=self.matcher, **self.learned_options())
         return settings
+
+
+@dataclass(frozen=True)
+class MatchRun:
+    """How one match-pairs run goes, beside its settings (``MatchConfig``): none of it changes the
+    matches or is recorded in the store."""
+
+    device: str = "auto"
+    batch_size: int = field(default=32, metadata={"help": "Pairs per matching batch."})
+    cache_mb: int = field(default=1024, metadata={"help": "Memory for descriptors kept between pairs (MiB)."})
+    overwrite: bool = False  # start the store afresh instead of resuming
+    quiet: bool = True  # no progress output
+    shard: Shard | None = None  # match only the pairs of this shard (``sp_extract.shards``)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.cache_mb < 1:
+            raise ConfigError(f"--cache-mb must be >= 1, got {self.cache_mb}")

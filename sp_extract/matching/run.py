@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,15 @@ import torch
 
 from ..devices import HostCopy, copy_to_host, device_scope, resolve_device
 from ..errors import ConfigError, StoreError
-from ..interrupt import graceful_stop
 from ..names import pair_key
 from ..pairs import core as pairs_core
 from ..pairs.core import FilePosition, Pair, PairChunk, read_pair_chunks, stored_pairs
-from ..report import Progress, Summary
-from ..shards import Shard
+from ..report import Summary
+from ..runs import StoreRun
 from ..store.catalog import current_store_id, read_settings, read_store
 from ..store.reader import open_store
 from ..store.writer import StoreWriter
-from .config import MatchConfig
+from .config import MatchConfig, MatchRun
 from .learned import match_batch
 from .nn import CPU_WORK_ELEMENTS, MAX_BATCH_ELEMENTS, nearest_neighbours
 from .resume import load_resume_point, save_resume_point
@@ -235,130 +233,165 @@ def _estimated_pairs(pairs_file: Path, first_chunk: list[Pair], start: FilePosit
     return max(len(first_chunk), round((pairs_file.stat().st_size - start.offset) / line))
 
 
+def _resume_point(out: Path, pairs_file: Path, run: MatchRun) -> tuple[FilePosition, int]:
+    """Where earlier runs left every pair of the file stored (and how many pairs lie before it):
+    the file's start with ``run.overwrite``."""
+    if run.overwrite:
+        return FilePosition(), 0
+    return load_resume_point(out, pairs_file, _shard_label(run), current_store_id(out, "matches"))
+
+
+def _shard_label(run: MatchRun) -> str | None:
+    return str(run.shard) if run.shard else None
+
+
+def _learned_model(
+    config: MatchConfig, settings: dict[str, Any], target: torch.device
+) -> torch.nn.Module | None:
+    """The learned matcher on ``target`` (None for nearest neighbours); its weights' identity is
+    added to ``settings``."""
+    if config.matcher == "nn":
+        return None
+    from .weights import build_matcher, load_matcher_weights
+
+    weights = load_matcher_weights(config.matcher, config.matcher_weights)
+    settings.update(matcher_weights=weights.label, matcher_weights_sha1=weights.sha1)
+    return build_matcher(weights, config.learned_options()).to(target)
+
+
 def match_pairs(
     pairs_file: Path | str,
     features: Path | str,
     out: Path | str,
     config: MatchConfig | None = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    cache_mb: int = 1024,
-    overwrite: bool = False,
-    quiet: bool = True,
-    shard: Shard | None = None,
+    run: MatchRun | None = None,
 ) -> Summary:
     """Match every pair of ``pairs_file`` with the features of ``features`` into the store ``out``.
 
-    The pairs file is streamed in chunks (``read_pair_chunks``), each checked before it is
-    matched: memory and start-up time do not grow with the file; a bad line raises
-    ``ConfigError`` naming it, the pairs matched before it stay saved. Pairs already in ``out``,
-    in either order (or met earlier in the file), are skipped (resume); a store made with other
-    settings or from another feature store is refused unless ``overwrite``. Pairs whose
-    features cannot be read are recorded as failed in the returned ``Summary`` and the run goes on.
-    ``shard``: match only the pairs of this shard (see ``sp_extract.shards``).
+    ``config``: the matcher's settings (``MatchConfig``), recorded in the store; ``run``: how the
+    run goes (``MatchRun``: device, batch size, cache, overwrite, quiet, shard). The pairs file
+    is streamed in chunks (``read_pair_chunks``), each checked before it is matched: memory and
+    start-up time do not grow with the file; a bad line raises ``ConfigError`` naming it, the
+    pairs matched before it stay saved. Pairs already in ``out``, in either order (or met earlier
+    in the file), are skipped (resume); a store made with other settings or from another feature
+    store is refused unless ``run.overwrite``. Pairs whose features cannot be read are recorded
+    as failed in the returned ``Summary`` and the run goes on. ``run.shard``: match only the
+    pairs of this shard (see ``sp_extract.shards``).
     """
-    config = config or MatchConfig()
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if cache_mb < 1:
-        raise ConfigError(f"--cache-mb must be >= 1, got {cache_mb}")
+    config, run = config or MatchConfig(), run or MatchRun()
     pairs_file, features, out = Path(pairs_file), Path(features), Path(out)
     identity, names = _features_identity(features)
-    if not overwrite and out.is_file():
+    if not run.overwrite and out.is_file():
         identity = _legacy_identity(out, features, identity)
-    shard_label = str(shard) if shard else None
-    start, before = FilePosition(), 0  # where earlier runs left every pair of the file stored
-    if not overwrite:
-        start, before = load_resume_point(out, pairs_file, shard_label, current_store_id(out, "matches"))
+    start, before = _resume_point(out, pairs_file, run)
     chunks = read_pair_chunks(pairs_file, set(names), start=start)
     # a bad first chunk is refused before the store is touched; none: resumed at the file's end
     first_chunk = next(chunks, PairChunk(end=start))
     summary = Summary(
         command="match-pairs", output=str(out), total=0, unit="pairs", count_label="matches per pair"
     )
-    started = time.monotonic()
-    target = resolve_device(device)
-    summary.device, summary.failures_shown = str(target), not quiet
+    store_run = StoreRun(summary, run.quiet)
+    target = resolve_device(run.device)
+    summary.device = str(target)
     settings = {**config.settings(), **identity}
-    model = None
-    if config.matcher != "nn":
-        from .weights import build_matcher, load_matcher_weights
-
-        weights = load_matcher_weights(config.matcher, config.matcher_weights)
-        settings.update(matcher_weights=weights.label, matcher_weights_sha1=weights.sha1)
-        model = build_matcher(weights, config.learned_options()).to(target)
+    model = _learned_model(config, settings, target)
     info = {"pairs": str(pairs_file), "features_path": str(features.resolve())}  # for people only
-    with StoreWriter(out, "matches", settings, overwrite=overwrite, info=info) as writer:
-        estimated = _estimated_pairs(pairs_file, first_chunk, start) // (shard.count if shard else 1)
-        progress = Progress(estimated, "pairs", quiet=quiet)
-        try:
-            with (
-                open_store(features) as h5,
-                ThreadPoolExecutor(os.cpu_count()) as pool,  # OpenCV releases the GIL
-                graceful_stop() as stop,
-                device_scope(target),
-            ):
-                budget = cache_mb << 20
-                cache = FeatureCache(
-                    h5, target, budget, keypoints=config.verify is not None, learned=model is not None
-                )
-                counts: dict[str, int] = {}
-                row_bytes = 1
-                pending: _Batch | None = None
-                # CPU: small batches, matrices in cache-sized blocks; GPU: large batches, one block
-                work = CPU_WORK_ELEMENTS if target.type == "cpu" else MAX_BATCH_ELEMENTS
-                matcher = _matcher(config, work, model)
-                if model is not None:  # CPU: a pair at a time (padding only costs); GPU: padded batches
-                    work = 1 if target.type == "cpu" else LEARNED_BATCH_ELEMENTS
-                summary.total = summary.skipped = before
-                for read in itertools.chain([first_chunk], chunks):
-                    chunk: list[Pair] = read
-                    # resume: pairs in the store in either order, also those repeated from an
-                    # earlier chunk (flushed below), are skipped
-                    if shard is not None:
-                        chunk = [p for p in chunk if shard.holds_pair(*p)]
-                    todo = [p for p, skip in zip(chunk, stored_pairs(writer.done, chunk)) if not skip]
-                    summary.total += len(chunk)
-                    summary.skipped += len(chunk) - len(todo)
-                    unseen = [n for n in dict.fromkeys(n for p in todo for n in p) if n not in counts]
-                    new_counts, new_row_bytes = descriptor_counts(h5, unseen)
-                    counts.update(new_counts)
-                    row_bytes = max(row_bytes, new_row_bytes)
-                    todo = tile_order(todo, counts, max(1, budget // (2 * row_bytes)))
-                    for pairs_in_batch in plan_batches(todo, counts, batch_size, work):
-                        batch = _Batch.start(pairs_in_batch, cache, matcher, summary, progress)
-                        if pending is not None:  # on CUDA, saved while the device matches ``batch``
-                            pending.save(config, writer, summary, progress, pool)
-                        pending = batch
-                        if stop:
-                            summary.interrupted, summary.exit_code = True, stop.exit_code
-                            break
-                    if stop:
+    with store_run.writing(out, "matches", settings, run.overwrite, info) as writer:
+        estimated = _estimated_pairs(pairs_file, first_chunk, start) // (run.shard.count if run.shard else 1)
+        with (
+            open_store(features) as h5,
+            ThreadPoolExecutor(os.cpu_count()) as pool,  # OpenCV releases the GIL
+            store_run.running(estimated),
+            device_scope(target),
+        ):
+            cache = FeatureCache(
+                h5, target, run.cache_mb << 20, keypoints=config.verify is not None, learned=model is not None
+            )
+            matching = _Matching(
+                h5, cache, *_matcher(config, target, model), config, run, writer, pool, store_run
+            )
+            summary.total = summary.skipped = before
+            for read in itertools.chain([first_chunk], chunks):
+                for pairs_in_batch in matching.batches(read):
+                    matching.start(pairs_in_batch)
+                    if store_run.stopped():
                         break
-                    if pending is not None:
-                        pending.save(config, writer, summary, progress, pool)
-                        pending = None
-                    progress.advance(len(writer.flush()))
-                    if not summary.failed:  # every pair up to here is in the store
-                        save_resume_point(
-                            out, pairs_file, shard_label, writer.store_id, read.end, summary.total
-                        )
-                if pending is not None:
-                    pending.save(config, writer, summary, progress, pool)
-                progress.advance(len(writer.flush()))
-        finally:
-            progress.close()
-    summary.notes += writer.notes
-    return summary.finish(progress.completed, started)
+                if store_run.stopped():
+                    break
+                matching.save()
+                store_run.progress.advance(len(writer.flush()))
+                if not summary.failed:  # every pair up to here is in the store
+                    save_resume_point(
+                        out, pairs_file, _shard_label(run), writer.store_id, read.end, summary.total
+                    )
+            matching.save()
+            store_run.progress.advance(len(writer.flush()))
+    return store_run.finish()
 
 
-def _matcher(config: MatchConfig, work_elements: int, model: torch.nn.Module | None) -> Matcher:
-    """The function matching a batch of loaded pairs: nearest neighbours, or ``model``."""
+def _matcher(config: MatchConfig, target: torch.device, model: torch.nn.Module | None) -> tuple[Matcher, int]:
+    """The function matching a batch of loaded pairs (nearest neighbours, or ``model``) and the
+    largest work of a batch, in padded N0 x N1 entries of all its pairs together."""
+    # CPU: small batches, matrices in cache-sized blocks; GPU: large batches, one block
+    work = CPU_WORK_ELEMENTS if target.type == "cpu" else MAX_BATCH_ELEMENTS
     if model is None:
         return lambda loaded: nearest_neighbours(
-            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config, work_elements
-        )
-    return lambda loaded: match_batch(model, [f.learned for f, _ in loaded], [s.learned for _, s in loaded])
+            [f.descriptors for f, _ in loaded], [s.descriptors for _, s in loaded], config, work
+        ), work
+    # CPU: a pair at a time (padding only costs); GPU: padded batches
+    learned_work = 1 if target.type == "cpu" else LEARNED_BATCH_ELEMENTS
+    return lambda loaded: match_batch(
+        model, [f.learned for f, _ in loaded], [s.learned for _, s in loaded]
+    ), learned_work
+
+
+@dataclass
+class _Matching:
+    """A run's matching, chunk by chunk of the pairs file: the pairs still to match in batches
+    that fit the device, through the feature cache; each batch is saved while the device
+    matches the next (on CUDA)."""
+
+    h5: h5py.File
+    cache: FeatureCache
+    matcher: Matcher
+    work: int  # a batch's largest work, padded N0 x N1 entries of its pairs together
+    config: MatchConfig
+    run: MatchRun
+    writer: StoreWriter
+    pool: Executor
+    store_run: StoreRun
+    counts: dict[str, int] = field(default_factory=dict)  # descriptors of each image met
+    row_bytes: int = 1  # the largest bytes per descriptor met
+    pending: _Batch | None = None  # matched, not saved yet
+
+    def batches(self, chunk: list[Pair]) -> Iterator[list[Pair]]:
+        """The pairs of ``chunk`` still to match (of the run's shard, not in the store, in either
+        order, also those repeated from an earlier chunk, which is flushed before), in batches;
+        the summary counts them."""
+        summary = self.store_run.summary
+        if self.run.shard is not None:
+            chunk = [p for p in chunk if self.run.shard.holds_pair(*p)]
+        todo = [p for p, skip in zip(chunk, stored_pairs(self.writer.done, chunk)) if not skip]
+        summary.total += len(chunk)
+        summary.skipped += len(chunk) - len(todo)
+        unseen = [n for n in dict.fromkeys(n for p in todo for n in p) if n not in self.counts]
+        new_counts, new_row_bytes = descriptor_counts(self.h5, unseen)
+        self.counts.update(new_counts)
+        self.row_bytes = max(self.row_bytes, new_row_bytes)
+        todo = tile_order(todo, self.counts, max(1, self.cache.budget_bytes // (2 * self.row_bytes)))
+        return plan_batches(todo, self.counts, self.run.batch_size, self.work)
+
+    def start(self, pairs: list[Pair]) -> None:
+        """Start matching ``pairs`` on the device, then save the batch before it."""
+        batch = _Batch.start(pairs, self.cache, self.matcher, self.store_run)
+        self.save()  # on CUDA, saved while the device matches ``batch``
+        self.pending = batch
+
+    def save(self) -> None:
+        """Hand the pending batch's results to the writer."""
+        if self.pending is not None:
+            self.pending.save(self.config, self.writer, self.store_run, self.pool)
+            self.pending = None
 
 
 @dataclass
@@ -375,8 +408,7 @@ class _Batch:
         pairs: list[Pair],
         cache: FeatureCache,
         matcher: Matcher,
-        summary: Summary,
-        progress: Progress,
+        run: StoreRun,
     ) -> _Batch | None:
         """Fetch the features, queue the matching and the copy of its results to the host
         (asynchronous on CUDA). Pairs whose features cannot be read are recorded as failed."""
@@ -385,9 +417,7 @@ class _Batch:
             first, second = cache.get(a), cache.get(b)
             if first is None or second is None:
                 bad = a if first is None else b
-                reason = f"{bad}: {cache.failed[bad]}"
-                summary.failed.append({"name": f"{a} {b}", "reason": reason})
-                progress.message(f"failed: {a} {b}: {reason}")
+                run.fail(f"{a} {b}", f"{bad}: {cache.failed[bad]}")
                 continue
             ready.append((a, b))
             loaded.append((first, second))
@@ -396,9 +426,7 @@ class _Batch:
         matches, scores = matcher(loaded)
         return cls(ready, loaded, copy_to_host([matches.to(torch.int32), scores]))
 
-    def save(
-        self, config: MatchConfig, writer: StoreWriter, summary: Summary, progress: Progress, pool: Executor
-    ) -> None:
+    def save(self, config: MatchConfig, writer: StoreWriter, run: StoreRun, pool: Executor) -> None:
         """Wait for the results, verify them if asked (pairs in parallel on ``pool``), and hand
         them to the writer."""
         matches, scores = (tensor.numpy() for tensor in self.results.wait())
@@ -418,7 +446,7 @@ class _Batch:
             matches0 = rows[row]
             scores0 = np.where(matches0 >= 0, scores[row, : len(matches0)], 0.0).astype(np.float16)
             attrs = {} if inliers[row] is None else {"matches0": {"num_inliers": inliers[row]}}
-            summary.counts.append(int((matches0 >= 0).sum()))
-            progress.advance(
+            run.summary.counts.append(int((matches0 >= 0).sum()))
+            run.progress.advance(
                 len(writer.add(pair_key(a, b), {"matches0": matches0, "matching_scores0": scores0}, attrs))
             )

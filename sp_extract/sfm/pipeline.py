@@ -356,6 +356,7 @@ def _start(images: Path, work: Path, options: SfmOptions, started: float) -> Sfm
 def _extract_stage(run: SfmRun) -> tuple[Photos, Summary]:
     """Fingerprint the photos (a changed one stops the run, or with ``rebuild`` starts the stores
     over) and extract the features of those the store lacks."""
+    from ..extraction.config import ExtractRun
     from ..extraction.pipeline import extract
 
     options, summary, feats = run.options, run.summary, run.feats
@@ -377,16 +378,10 @@ def _extract_stage(run: SfmRun) -> tuple[Photos, Summary]:
         manifest.entries, check.new = {}, names
     manifest.record(run.images, check.new)
     manifest.save()
-    extracted = extract(
-        run.images,
-        feats,
-        options.extract,
-        weights=options.weights,
-        device=options.device,
-        quiet=options.quiet,
-        backend=options.backend,
-        tile=options.tile,
+    extract_run = ExtractRun(
+        options.weights, options.device, quiet=options.quiet, backend=options.backend, tile=options.tile
     )
+    extracted = extract(run.images, feats, options.extract, extract_run)
     summary.extracted, summary.failed_images = extracted.done, extracted.failed
     _, stored = read_store_info(feats, "features")
     manifest.keep_only(set(stored))
@@ -452,11 +447,12 @@ def _mode(run: SfmRun, held: list[str], in_store: set[str]) -> str:
 
 def _match_stage(run: SfmRun) -> Summary:
     """Match the pairs of ``pairs.txt`` that the match store lacks."""
+    from ..matching.config import MatchRun
     from ..matching.run import match_pairs
 
     options, summary = run.options, run.summary
     matched = match_pairs(
-        run.pairs_file, run.feats, run.matches, options.match, device=options.device, quiet=options.quiet
+        run.pairs_file, run.feats, run.matches, options.match, MatchRun(options.device, quiet=options.quiet)
     )
     summary.pairs, summary.matched_pairs = matched.total, matched.done
     if matched.failed:
