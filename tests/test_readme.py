@@ -35,8 +35,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import h5py
@@ -304,6 +306,54 @@ def registered_names(model: Path) -> set[str]:
     return {reconstruction.images[i].name for i in reconstruction.reg_image_ids()}
 
 
+def check_database(database: Path, features: Path) -> None:
+    """A COLMAP database of the store's images, with verified pairs."""
+    with sqlite3.connect(database) as db:
+        images = {row[0] for row in db.execute("SELECT name FROM images")}
+        verified = db.execute("SELECT count(*) FROM two_view_geometries WHERE rows > 0").fetchone()[0]
+    assert images == set(feature_names(features)) and verified > 0
+
+
+def check_model(model: Path, photos: Path) -> None:
+    """A model that registers every photo (README says all of them)."""
+    assert registered_names(model) == {p.name for p in photos.glob("*.jpg")}
+
+
+def check_extract(at: Callable[[str], Path], params: dict[str, Any]) -> None:
+    out = at("out")
+    if params["shard"]:
+        out = next((out.parent / f"{out.name}.shards").glob("*.h5"))
+    check_features(out, at("images_dir"), params["max_keypoints"], params["shard"])
+
+
+def check_store(at: Callable[[str], Path], params: dict[str, Any]) -> None:
+    with h5py.File(at("store"), "r") as h5:
+        assert len(h5) > 0
+
+
+def check_show(at: Callable[[str], Path], params: dict[str, Any]) -> None:
+    out = at("out")
+    pictures = [out] if out.suffix == ".png" else [out / "index.html", *out.glob("*.png")]
+    assert len(pictures) >= (1 if out.suffix == ".png" else 1 + len(params["names"]))
+    assert all(cv2.imread(str(p)) is not None for p in pictures if p.suffix == ".png")
+
+
+CHECKS: dict[str, Callable[[Callable[[str], Path], dict[str, Any]], None]] = {  # by command
+    "extract": check_extract,
+    "match-pairs": lambda at, params: check_matches(at("out"), at("pairs_file"), at("features")),
+    "colmap": lambda at, params: check_database(at("database"), at("features")),
+    "reconstruct": lambda at, params: check_model(at("out") / "0", at("images")),
+    "sfm": lambda at, params: check_model(at("work_dir") / "sparse" / "0", at("images_dir")),
+    "export": lambda at, params: check_network(at("out")),
+    "export-model": lambda at, params: check_export(
+        at("out"), params["fmt"], registered_names(at("model_dir"))
+    ),
+    "compact": check_store,
+    "info": check_store,
+    "show": check_show,
+}
+
+
 def check_outputs(work: Path, segment: str) -> None:
     """What a README command wrote, read back (module doc)."""
     words = shlex.split(segment)
@@ -312,36 +362,10 @@ def check_outputs(work: Path, segment: str) -> None:
         return
     name, params = parsed(words[1:])
     at = lambda key: work / params[key]  # noqa: E731
-    if name == "extract":
-        out = at("out")
-        if params["shard"]:
-            out = next((out.parent / f"{out.name}.shards").glob("*.h5"))
-        check_features(out, at("images_dir"), params["max_keypoints"], params["shard"])
-    elif name.startswith("pairs "):
+    if name.startswith("pairs "):
         check_pairs(work, at("out"), at("features"), name, params)
-    elif name == "match-pairs":
-        check_matches(at("out"), at("pairs_file"), at("features"))
-    elif name == "colmap":
-        with sqlite3.connect(at("database")) as db:
-            images = {row[0] for row in db.execute("SELECT name FROM images")}
-            verified = db.execute("SELECT count(*) FROM two_view_geometries WHERE rows > 0").fetchone()[0]
-        assert images == set(feature_names(at("features"))) and verified > 0
-    elif name in ("reconstruct", "sfm"):
-        model = at("out") / "0" if name == "reconstruct" else at("work_dir") / "sparse" / "0"
-        photos = at("images") if name == "reconstruct" else at("images_dir")
-        assert registered_names(model) == {p.name for p in photos.glob("*.jpg")}  # README: all of them
-    elif name == "export":
-        check_network(at("out"))
-    elif name == "export-model":
-        check_export(at("out"), params["fmt"], registered_names(at("model_dir")))
-    elif name in ("compact", "info"):
-        with h5py.File(at("store"), "r") as h5:
-            assert len(h5) > 0
-    elif name == "show":
-        out = at("out")
-        pictures = [out] if out.suffix == ".png" else [out / "index.html", *out.glob("*.png")]
-        assert len(pictures) >= (1 if out.suffix == ".png" else 1 + len(params["names"]))
-        assert all(cv2.imread(str(p)) is not None for p in pictures if p.suffix == ".png")
+    elif name in CHECKS:
+        CHECKS[name](at, params)
     if params.get("json_report"):
         assert json.loads(at("json_report").read_text())
 
