@@ -192,11 +192,11 @@ def test_stage_options_pass_through(
     given: dict = {}
     real_extract = extraction.extract
 
-    def extract(*args, **kwargs):
-        given["extract"] = (args[2], kwargs)
-        return real_extract(*args, **kwargs)
+    def extract(images, out, config, run):
+        given["extract"] = (config, run)
+        return real_extract(images, out, config, run)
 
-    def match_pairs(pairs, features, out, config, **kwargs):
+    def match_pairs(pairs, features, out, config, run):
         given["match"] = config
         raise ConfigError("stopped by the test")
 
@@ -207,8 +207,8 @@ def test_stage_options_pass_through(
                "torch", "--ratio", "0.9", "--max-distance", "0.8", "--device", "cpu", "-q"]  # fmt: skip
     result = CliRunner().invoke(cli, ["sfm", str(small_images), str(work), *options])
     assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
-    config, kwargs = given["extract"]
-    assert config.orientation == "ignore" and (kwargs["tile"], kwargs["backend"]) == ("64", "torch")
+    config, run = given["extract"]
+    assert config.orientation == "ignore" and (run.tile, run.backend) == ("64", "torch")
     assert (given["match"].ratio, given["match"].max_distance) == (0.9, 0.8)
     result = CliRunner().invoke(cli, ["sfm", str(small_images), str(tmp_path / "w2"), "--tile", "7"])
     assert result.exit_code == 2 and "--tile must be auto, 0" in result.output
