@@ -37,6 +37,7 @@ def child_context(*preload: str) -> BaseContext:
     _stop_at_exit()
     if preload:
         context.set_forkserver_preload(list(preload))
+    _ensure_server()
     return context
 
 
@@ -44,7 +45,25 @@ def start_child_server(*preload: str) -> None:
     """Start the fork server now, importing ``preload``: its imports then overlap this process's
     own work instead of delaying the first child."""
     child_context(*preload)
-    forkserver.ensure_running()
+
+
+def _ensure_server() -> None:
+    """Start the fork server if it is not running, ignoring SIGINT from its first instruction.
+
+    Ctrl-C reaches the whole process group, and CPython's server ignores SIGINT only once its
+    preload imports are done: a Ctrl-C during them (seconds on a loaded machine) printed the
+    server's KeyboardInterrupt traceback into an interrupted run's output. An ignored signal
+    stays ignored through fork and exec, so this process ignores SIGINT for the moment it takes
+    to start the server (from the main thread; elsewhere Python cannot change handlers).
+    Children of the server ignore SIGINT anyway: this process decides when they stop."""
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def stop_child_server() -> None:

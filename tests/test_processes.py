@@ -126,3 +126,25 @@ def test_sfm_with_default_threads_under_load_never_forks(
     summary = json.loads(report.read_text())
     best = max(summary["models"], key=lambda model: model["registered_images"])
     assert best["registered_images"] == 10, (summary, took)
+
+
+SERVER_SIGINT = """
+import signal, sys, time
+from multiprocessing import forkserver
+from sp_extract.processes import start_child_server
+start_child_server("torch")  # seconds of imports: the moment a Ctrl-C used to break the server
+pid = forkserver._forkserver._forkserver_pid
+ignored = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:"))
+mine = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+print(int(ignored.split()[1], 16) >> (signal.SIGINT - 1) & 1, mine)
+"""
+
+
+def test_fork_server_ignores_ctrl_c_while_it_imports() -> None:
+    """Ctrl-C reaches the whole process group: the fork server ignores it from its first
+    instruction (not only after its preload imports, as CPython's does), and this process gets
+    its own SIGINT handler back."""
+    command = [sys.executable, "-c", SERVER_SIGINT]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "True"], result.stdout
