@@ -85,17 +85,21 @@ class ReconstructSummary(Report):
                 f"mean reprojection error {model.mean_reprojection_error_px:.3f} px"
             )
         if not self.models:
-            lines.append("no model could be reconstructed (too few verified matches between the images?)")
-        if self.unregistered_images:
-            lines.append(
-                f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
-                f"{listed(self.unregistered_images, UNREGISTERED_SHOWN)}"
-            )
+            lines.append(NO_MODEL)
+        lines += unregistered_lines(self.unregistered_images, UNREGISTERED_SHOWN)
         lines.append(f"wall time {self.wall_time_s:.1f} s")
         return lines
 
 
 UNREGISTERED_SHOWN = 20  # names listed in the printed summary; the JSON report has them all
+NO_MODEL = "no model could be reconstructed (too few verified matches between the images?)"
+
+
+def unregistered_lines(names: list[str], shown: int) -> list[str]:
+    """The summary line naming the images no model registered (the first ``shown``), if any."""
+    if not names:
+        return []
+    return [f"not registered in any model: {counted(len(names), 'image')}: {listed(names, shown)}"]
 
 
 def reconstruct(

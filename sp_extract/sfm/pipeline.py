@@ -56,7 +56,7 @@ from .grow import (
     recover_folder,
 )
 from .handoff import check_format, export_after_run
-from .mapping import ModelStats, implausible_warning
+from .mapping import NO_MODEL, ModelStats, implausible_warning, unregistered_lines
 from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 
@@ -140,12 +140,8 @@ class SfmSummary(Report):
                 )
             )
         elif not self.interrupted:
-            lines.append("no model could be reconstructed (too few verified matches between the images?)")
-        if self.unregistered_images:
-            lines.append(
-                f"not registered in any model: {counted(len(self.unregistered_images), 'image')}: "
-                f"{listed(self.unregistered_images, NAMES_SHOWN)}"
-            )
+            lines.append(NO_MODEL)
+        lines += unregistered_lines(self.unregistered_images, NAMES_SHOWN)
         lines += [f"export: {path}" for path in self.exports]
         lines += [f"report: {self.report}"] if self.report else []
         lines += [f"failed: {f['name']}: {f['reason']}" for f in self.failed_images[:NAMES_SHOWN]]
