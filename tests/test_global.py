@@ -73,22 +73,22 @@ def test_reconstruct_global_registers_what_incremental_registers(
 
 
 def test_global_settings_reach_colmap(tmp_path: Path, sacre_database: tuple[Path, Path]) -> None:
-    """--ba-rounds 0 skips the final bundle adjustment: the model is left with a larger
-    reprojection error than the default's (the 3 rounds refine it); --view-graph-calibration
-    works on a copy: the database's two-view geometries are unchanged."""
+    """--ba-rounds 0 skips the final bundle adjustment, whose rounds let many more points pass the
+    reprojection filter (87 against 804 points measured); --view-graph-calibration works on a
+    copy: the database's two-view geometries are unchanged, no copy is left."""
     database, photos = sacre_database
     before = database.read_bytes()
-    errors = []
-    for extra in ((), ("--ba-rounds", "0", "--view-graph-calibration")):
+    points = []
+    for extra in ((), ("--ba-rounds", "0"), ("--view-graph-calibration",)):
         report = tmp_path / "report.json"
         result = run_cli("reconstruct", "--database", str(database), "--images", str(photos), "--out",
                          str(tmp_path / "out"), "--overwrite", "--mapper", "global", "--json-report",
                          str(report), *extra, timeout=600)  # fmt: skip
         assert result.returncode in (0, 1), result.stderr
         models = json.loads(report.read_text())["models"]
-        errors.append(max(models, key=lambda m: m["registered_images"])["mean_reprojection_error_px"])
+        points.append(sum(model["points3D"] for model in models))
         assert not list((tmp_path / "out").rglob("*.db"))  # the calibrated copy is gone
-    assert errors[1] > errors[0]
+    assert points[1] < points[0] / 2
     assert database.read_bytes() == before
 
 
