@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pycolmap
 import pytest
-from conftest import ROOT, CliExtraction, run_cli
+from conftest import ROOT, CliExtraction, run_cli, shared_file
 from support.reliability import Run, one_line_error
 
 from sp_extract.sfm.config import GLOBAL_RESOLVE_SHARE
@@ -129,19 +129,20 @@ def model_images(model: Path) -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def grown_globally(tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weights: Path) -> dict:
-    """6 photos mapped by sfm --mapper global; then photos added within GLOBAL_RESOLVE_SHARE
-    of them (registered into the model), then the rest (past it: mapped again globally)."""
-    root = tmp_path_factory.mktemp("sfm-global")
-    names = sorted(path.name for path in sacre_coeur.glob("*.jpg"))
-    first, within = 6, math.floor(GLOBAL_RESOLVE_SHARE * 6)
-    assert 1 <= within < len(names) - first  # both growth paths are reached
+def grown_globally(tmp_path_factory: pytest.TempPathFactory, real_weights: Path) -> dict:
+    """10 fox frames (every 3rd of the video) mapped by sfm --mapper global; then the next frames
+    within GLOBAL_RESOLVE_SHARE of them (registered into the model), then 3 more (past it: mapped
+    again globally). (6 of the Sacre Coeur photos gave the global mapper a likely wrong model.)"""
+    root, fox = tmp_path_factory.mktemp("sfm-global"), shared_file("data/fox")
+    first, within = 10, math.floor(GLOBAL_RESOLVE_SHARE * 10)
+    names = [path.name for path in sorted(fox.glob("*.jpg"))[::3]][: first + within + 3]
+    assert within >= 1 and within + 3 > GLOBAL_RESOLVE_SHARE * first  # both growth paths are reached
     images, work, runs, models = root / "images", root / "work", [], []
     images.mkdir()
     for count in (first, first + within, len(names)):
         for name in names[:count]:
             if not (images / name).exists():
-                shutil.copy2(sacre_coeur / name, images / name)
+                shutil.copy2(fox / name, images / name)
         runs.append(sfm(images, work, real_weights, "--mapper", "global"))
         models.append(model_images(work / "sparse" / "0"))
         runs[-1]["record"] = json.loads((work / "sparse" / "sfm.json").read_text())
@@ -152,13 +153,13 @@ def test_sfm_global_end_to_end_and_growth(grown_globally: dict) -> None:
     runs, models, names = grown_globally["runs"], grown_globally["models"], grown_globally["names"]
     # 1: mapped globally from scratch
     assert (runs[0]["mode"], runs[0]["mapper"]) == ("new", "global")
-    assert set(models[0].values()) == set(names[:6])
-    assert runs[0]["record"]["mapper"] == "global" and runs[0]["record"]["solved_images"] == 6
+    assert set(models[0].values()) == set(names[:10])
+    assert runs[0]["record"]["mapper"] == "global" and runs[0]["record"]["solved_images"] == 10
     # 2: the new photos registered into the global model (ids kept), which stays the global one
     assert (runs[1]["mode"], runs[1]["mapper"]) == ("grow", "continued")
-    assert set(models[1].values()) == set(names[: 6 + grown_globally["within"]])
+    assert set(models[1].values()) == set(names[: 10 + grown_globally["within"]])
     assert {i: models[1][i] for i in models[0]} == models[0]
-    assert runs[1]["record"]["mapper"] == "global" and runs[1]["record"]["solved_images"] == 6
+    assert runs[1]["record"]["mapper"] == "global" and runs[1]["record"]["solved_images"] == 10
     assert runs[1]["mapped_again"] == ""
     # 3: past the share: mapped again globally, every photo registered
     assert (runs[2]["mode"], runs[2]["mapper"]) == ("grow", "global")
