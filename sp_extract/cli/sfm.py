@@ -162,6 +162,9 @@ def sfm(
     only they are extracted, paired (with all images), matched, added to the database and
     registered into the existing model (image ids kept), then bundle adjusted; the model is
     replaced atomically. A changed photo stops the run (use --rebuild); deleted ones are reported.
+    --mapper chooses the incremental or the global mapper (auto: by the number of photos); a
+    globally mapped model grows the same way until the new photos pass a share of it, then is
+    solved again globally (see --mapper).
     Exit 0: a model, 1: no model, a likely wrong one (implausible focal length) or some images
     (pairs) failed, 2: usage, 130/143: interrupted.
     """

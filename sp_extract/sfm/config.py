@@ -67,7 +67,7 @@ GLOBAL_FROM_IMAGES = 300
 # adjustment) while they are at most this share of the images it was solved with; more: re-solved.
 # Fox frames, 25 mapped globally + K (benchmarks/mapper.py): registering matched the re-solve's
 # pose AUC at every K (within 0.5 points; 2 points better at K = 25) and was faster up to K = 10
-# (7.0 against 11.0 s at K = 5, equal at 10), slower past it (50 against 17 s at K = 25; under load)
+# (2.2 against 5.1 s at K = 5, equal at 10), slower past it (11.5 against 5.8 s at K = 25; under load)
 GLOBAL_RESOLVE_SHARE = 0.4
 
 
@@ -82,8 +82,10 @@ class MapperOptions:
         metadata={
             "choices": MAPPER_CHOICES,
             "help": "incremental: COLMAP's incremental mapper; global: GLOMAP (COLMAP 4), rotation "
-            "averaging then global positioning; auto: incremental below "
-            f"{GLOBAL_FROM_IMAGES} images, global from {GLOBAL_FROM_IMAGES} (docs/sfm.md 'Which mapper').",
+            f"averaging then global positioning; auto: incremental below {GLOBAL_FROM_IMAGES} images, "
+            f"global from {GLOBAL_FROM_IMAGES}. A global model grows by registering the new photos "
+            f"until they pass {GLOBAL_RESOLVE_SHARE:.0%} of those it was solved with, then is solved "
+            "again (docs/sfm.md 'Which mapper').",
         },
     )
     view_graph_calibration: bool = field(

@@ -7,8 +7,9 @@ photos arrived does only their work: the images without features are extracted; 
 only for the images the database lacks (exhaustive: with every image; sequential: the window
 at the end of the name order; retrieval: their nearest images among all); the match store
 matches only unmatched pairs; the database gains the new images and pairs (``grow``), and the
-mapper continues the previous model, followed by global bundle adjustment; ``export`` formats
-are then written from the largest model into ``export/FORMAT`` (``handoff``), again when it
+incremental mapper continues the previous model, followed by global bundle adjustment (a
+globally mapped model is solved again once enough photos were added: ``grow.plan_mapping``);
+``export`` formats are then written from the largest model into ``export/FORMAT`` (``handoff``), again when it
 changed; the run's summary goes to ``sfm-run.json`` and the page of the run to ``report.html``
 (``page``). ``rebuild`` maps from scratch (and starts the stores over when photos changed). Photos
 are fingerprinted (``photos``): a changed photo stops the run (its features would silently be
