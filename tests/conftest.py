@@ -32,6 +32,7 @@ MODULE_MARKERS = {
     "test_cluster": ("dask",),
     "test_colmap": ("colmap", "slow"),
     "test_diskfull": ("slow",),
+    "test_global": ("colmap", "slow"),
     "test_examples": ("colmap", "dask"),
     "test_handoff": ("colmap", "browser", "slow"),
     "test_interrupt": ("slow",),

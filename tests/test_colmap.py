@@ -676,7 +676,7 @@ def test_reconstruct_stops_at_once_on_ctrl_c(tmp_path: Path, monkeypatch: pytest
     (stand_in / "sitecustomize.py").write_text(
         "import pathlib, time\n"
         "import pycolmap\n"
-        "def mapping(database, images, output, options):\n"
+        "def mapping(database, images, output, options, input_path=''):\n"
         "    (pathlib.Path(output) / '0').mkdir()\n"
         "    (pathlib.Path(output) / '0' / 'partial.bin').write_bytes(b'half a model')\n"
         "    time.sleep(120)\n"

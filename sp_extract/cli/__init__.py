@@ -75,7 +75,7 @@ def cli(debug: bool) -> None:
     sp-extract pairs exhaustive               pairs of the images in feats.h5 -> pairs.txt
     sp-extract match-pairs pairs.txt          match them -> matches.h5 (hloc layout)
     sp-extract colmap --images DIR            COLMAP database of them -> database.db
-    sp-extract reconstruct --images DIR       COLMAP's incremental mapper -> sparse/N
+    sp-extract reconstruct --images DIR       COLMAP's mapper (incremental, global) -> sparse/N
     sp-extract merge feats.h5 feats.h5.shards/  shard stores (--shard K/N) -> one store
     sp-extract sfm IMAGES_DIR WORK_DIR        all five in one, growing the model on re-runs
     sp-extract export-model MODEL OUT --format F  for 3DGS, nerfstudio, instant-ngp, OpenMVS, PLY

@@ -24,6 +24,8 @@ from ..sfm.config import (
     CAMERA_MODES,
     DEFAULT_CAMERA_MODE,
     DEFAULT_CAMERA_MODEL,
+    MAPPERS,
+    MapperOptions,
 )
 
 if TYPE_CHECKING:
@@ -270,3 +272,23 @@ def cluster_target(
 
     chosen = parse_shard(shard, shards)
     return shard_output(out, chosen), chosen
+
+
+GLOBAL_SETTINGS = ("view_graph_calibration", "rotation_iterations", "ba_rounds", "ba_iterations")
+
+
+def mapper_options(auto: bool) -> Decorator:
+    """``--mapper`` and the global mapper's settings (``MapperOptions``); without ``auto``
+    (reconstruct) the mapper is incremental or global, incremental by default."""
+    if auto:
+        choice = option_from(MapperOptions, "mapper")
+    else:
+        choice = option_from(
+            MapperOptions,
+            "mapper",
+            type=click.Choice(MAPPERS),
+            default=MAPPERS[0],
+            help="incremental: COLMAP's incremental mapper; global: GLOMAP (COLMAP 4), rotation "
+            "averaging then global positioning (docs/sfm.md 'Which mapper').",
+        )
+    return stacked(choice, *(option_from(MapperOptions, name) for name in GLOBAL_SETTINGS))

@@ -11,7 +11,7 @@ import click
 from ..errors import ConfigError
 from ..extraction.config import ExtractConfig
 from ..matching.config import MatchConfig
-from ..sfm.config import MODEL_FORMATS, MODEL_FORMATS_HELP, CameraOptions, ColmapRun
+from ..sfm.config import MODEL_FORMATS, MODEL_FORMATS_HELP, CameraOptions, ColmapRun, MapperOptions
 from .errors import finish_run, reports_errors
 from .options import (
     FOLDER,
@@ -26,6 +26,7 @@ from .options import (
     file_option,
     images_option,
     json_report_option,
+    mapper_options,
     masks_option,
     match_options,
     out_option,
@@ -78,20 +79,14 @@ def colmap(
 @images_option("The image folder (COLMAP reads the colours of the 3D points from it).")
 @out_option("sparse", "Folder for the models: OUT/0, OUT/1, ... in COLMAP's binary format.", FOLDER)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@mapper_options(auto=False)
 @colmap_options
 @json_report_option
 @reports_errors
 def reconstruct(
-    database: Path,
-    images: Path,
-    out: Path,
-    overwrite: bool,
-    seed: int,
-    num_threads: int,
-    verbose: bool,
-    json_report: Path | None,
+    database: Path, images: Path, out: Path, overwrite: bool, json_report: Path | None, **options: Any
 ) -> None:
-    """Run COLMAP's incremental mapper (pycolmap) on a database; write the models to --out.
+    """Run COLMAP's incremental or global mapper (pycolmap) on a database; write the models to --out.
 
     Every image the database names must be in --images. Prints, per model, the registered
     images, 3D points, mean track length and mean reprojection error, and the images no model
@@ -101,9 +96,8 @@ def reconstruct(
     """
     from ..sfm.mapping import reconstruct as run_reconstruct
 
-    summary = run_reconstruct(
-        database, images, out, overwrite=overwrite, seed=seed, num_threads=num_threads, verbose=verbose
-    )
+    run, mapper = config_from(ColmapRun, options), config_from(MapperOptions, options)
+    summary = run_reconstruct(database, images, out, overwrite=overwrite, run=run, mapper=mapper)
     finish_run(summary, json_report)
 
 
@@ -131,6 +125,7 @@ def reconstruct(
 @weights_option
 @match_options("matcher", "matcher_weights", "ratio", "max_distance")
 @camera_options
+@mapper_options(auto=True)
 @click.option(
     "--export",
     "export_formats",
@@ -167,6 +162,9 @@ def sfm(
     only they are extracted, paired (with all images), matched, added to the database and
     registered into the existing model (image ids kept), then bundle adjusted; the model is
     replaced atomically. A changed photo stops the run (use --rebuild); deleted ones are reported.
+    --mapper chooses the incremental or the global mapper (auto: by the number of photos); a
+    globally mapped model grows the same way until the new photos pass a share of it, then is
+    solved again globally (see --mapper).
     Exit 0: a model, 1: no model, a likely wrong one (implausible focal length) or some images
     (pairs) failed, 2: usage, 130/143: interrupted.
     """
@@ -180,6 +178,7 @@ def sfm(
         match=config_from(MatchConfig, options),
         camera=camera_from(options),
         colmap=config_from(ColmapRun, options),
+        mapper=config_from(MapperOptions, options),
         export=export_formats,
         report=not no_report,
         **options,  # the rest by name: weights, tile, backend, rebuild, device, quiet

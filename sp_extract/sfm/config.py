@@ -3,7 +3,7 @@ from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
@@ -52,3 +52,74 @@ class ColmapRun:
     seed: int = 0
     num_threads: int = -1
     verbose: bool = False
+
+
+# -- the mapper (issue 24) ---------------------------------------------------------------------
+MAPPERS = ("incremental", "global")  # COLMAP's incremental mapper; GLOMAP, COLMAP 4's global mapper
+MAPPER_CHOICES = ("auto", *MAPPERS)  # sfm's: auto chooses by the number of images
+# sfm --mapper auto: global from this many images of the database (docs/sfm.md "Which mapper"):
+# below, global saved seconds of a minutes-long run for 35-45 % fewer points (fox frames: 7.5
+# against 19.5 s at 50 frames, under load), and at 9 frames lost 7 points of pose AUC@5. From 300,
+# where sfm pairs by retrieval, the other stages grow linearly with the photos and the incremental
+# mapper faster (not measured here: the shared photos are 90)
+GLOBAL_FROM_IMAGES = 300
+# sfm growing a globally mapped model: the new images are registered into it (then bundle
+# adjustment) while they are at most this share of the images it was solved with; more: re-solved.
+# Fox frames, 25 mapped globally + K (benchmarks/mapper.py): registering matched the re-solve's
+# pose AUC at every K (within 0.5 points; 2 points better at K = 25) and was faster up to K = 10
+# (2.2 against 5.1 s at K = 5, equal at 10), slower past it (11.5 against 5.8 s at K = 25; under load)
+GLOBAL_RESOLVE_SHARE = 0.4
+
+
+@dataclass(frozen=True)
+class MapperOptions:
+    """Which mapper ``reconstruct`` and ``sfm`` run, and the settings of the global mapper (GLOMAP)
+    that users tune, COLMAP's defaults (pycolmap 4.2 exposes no iteration limit of the global
+    positioning, whose options are all on/off switches)."""
+
+    mapper: str = field(
+        default="auto",
+        metadata={
+            "choices": MAPPER_CHOICES,
+            "help": "incremental: COLMAP's incremental mapper; global: GLOMAP (COLMAP 4), rotation "
+            f"averaging then global positioning; auto: incremental below {GLOBAL_FROM_IMAGES} images, "
+            f"global from {GLOBAL_FROM_IMAGES}. A global model grows by registering the new photos "
+            f"until they pass {GLOBAL_RESOLVE_SHARE:.0%} of those it was solved with, then is solved "
+            "again (docs/sfm.md 'Which mapper').",
+        },
+    )
+    view_graph_calibration: bool = field(
+        default=False,
+        metadata={
+            "help": "Global mapper: first estimate the cameras' focal lengths from the verified pairs "
+            "(COLMAP's calibrate_view_graph; for photos without EXIF focal length of unknown cameras)."
+        },
+    )
+    rotation_iterations: int = field(
+        default=100,
+        metadata={"help": "Global mapper: iterations of the rotation averaging's reweighted least squares."},
+    )
+    ba_rounds: int = field(
+        default=3,
+        metadata={
+            "help": "Global mapper: rounds of the final bundle adjustment (each followed by outlier "
+            "filtering); 0 skips it."
+        },
+    )
+    ba_iterations: int = field(
+        default=200, metadata={"help": "Global mapper: solver iterations of each bundle adjustment."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.mapper not in MAPPER_CHOICES:
+            raise ConfigError(f"--mapper {self.mapper}: expected one of {', '.join(MAPPER_CHOICES)}")
+        for name, least in (("rotation_iterations", 1), ("ba_rounds", 0), ("ba_iterations", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: expected an integer >= {least}")
+
+    def chosen(self, images: int) -> str:
+        """The mapper for a database of ``images`` images (``auto``: by ``GLOBAL_FROM_IMAGES``)."""
+        if self.mapper != "auto":
+            return self.mapper
+        return "global" if images >= GLOBAL_FROM_IMAGES else "incremental"

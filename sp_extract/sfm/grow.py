@@ -7,9 +7,12 @@ a new database, the new pairs of a grown one, and whatever a run killed during v
 left. A new database is written to a temporary file renamed into place; it carries a random
 identity (SQLite's ``application_id``, which COLMAP leaves alone) that its models record.
 
-``map_database`` runs pycolmap's incremental mapper from scratch, or continues the largest
-previous model (``input_path``: registered images keep their ids and start from their poses,
-the new ones are registered, then COLMAP's final global bundle adjustment runs). The models
+``map_database`` runs pycolmap's incremental or global mapper from scratch, or continues the
+largest previous model with the incremental mapper (``input_path``: registered images keep
+their ids and start from their poses, the new ones are registered, then COLMAP's final global
+bundle adjustment runs), as ``plan_mapping`` decides: a globally mapped model is solved again
+once the images added since exceed a share of it. The model's record (``sfm.json``) says which
+mapper solved it. The models
 are written, largest first, to ``sparse.new`` beside ``sparse`` and swapped in by two renames
 (``sparse`` -> ``sparse.old``, ``sparse.new`` -> ``sparse``: ``swap_in``); ``recover_folder`` undoes
 what a run killed between them left, so there is always a complete model. Both run pycolmap's long
@@ -35,13 +38,15 @@ from ..errors import ConfigError, StoreError
 from ..interrupt import graceful_stop
 from ..names import pair_key
 from ..pairs.core import Pair
+from ..report import counted
 from ..store.atomic import atomic_write, fsync_path
 from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
 from .child import run_in_child
 from .colmap import Cameras, DatabaseSummary, _write_images, camera_for_image, camera_group, read_matches
-from .config import CameraOptions, ColmapRun
+from .config import GLOBAL_RESOLVE_SHARE, CameraOptions, ColmapRun, MapperOptions
 from .environment import colmap_logging, failures_reported, import_pycolmap, verification_options
+from .mappers import run_mapper
 from .mapping import ModelStats, model_stats
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
@@ -69,6 +74,10 @@ class DatabaseState:
     def record(self) -> dict[str, int]:
         """What a model records of the database it was mapped from (``sparse/sfm.json``)."""
         return {"database_id": self.identity, "images": self.images, "verified_pairs": self.verified_pairs}
+
+    def mapped_in(self, record: dict[str, Any] | None) -> bool:
+        """Whether the model ``record`` (``model_record``) was mapped from the database as it is."""
+        return record is not None and all(record.get(key) == value for key, value in self.record().items())
 
 
 @dataclass
@@ -300,20 +309,14 @@ def model_record(sparse: Path) -> dict[str, Any] | None:
 
 
 def _map(
-    database: Path, images: Path, building: Path, previous: str, run: ColmapRun
+    database: Path, images: Path, building: Path, plan: MapPlan, options: MapperOptions, run: ColmapRun
 ) -> list[tuple[ModelStats, dict[int, str]]]:
-    """pycolmap's incremental mapper (in a child process): continue ``previous`` (a model
-    folder, "" for none); the models written to ``building/0`` (largest), ``building/1``, ...;
-    each with its statistics and registered images (id: name)."""
-    pycolmap = import_pycolmap()
-    options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = run.seed
-    options.num_threads = run.num_threads
-    pycolmap.set_random_seed(run.seed)
+    """pycolmap's mapper as ``plan`` says (in a child process); the models written to
+    ``building/0`` (largest), ``building/1``, ...; each with its statistics and registered images
+    (id: name)."""
     raw = building / "mapper"
     raw.mkdir()
-    with colmap_logging(run.verbose):
-        models = pycolmap.incremental_mapping(database, images, raw, options, input_path=previous)
+    models = run_mapper(database, images, raw, plan.mapper, options, run, plan.previous)
     found = []
     ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
     for rank, model in enumerate(ranked):
@@ -338,29 +341,69 @@ def read_models(sparse: Path) -> list[tuple[ModelStats, dict[int, str]]]:
     return [describe_model(pycolmap.Reconstruction(folder), folder) for folder in folders]
 
 
+@dataclass(frozen=True)
+class MapPlan:
+    """How a model is mapped: by ``mapper`` from scratch, or (``previous``, a model folder) the new
+    images registered into the previous model by the incremental mapper, then bundle adjusted;
+    ``made_by`` and ``solved_images``: what the model records of the mapper that solved it."""
+
+    mapper: str
+    previous: str = ""
+    made_by: str = ""
+    solved_images: int = 0
+    reason: str = ""  # why a grown model was solved again
+
+    def record(self, state: DatabaseState) -> dict[str, Any]:
+        """The model's record (``sparse/sfm.json``): the database's state and who solved it."""
+        return {**state.record(), "mapper": self.made_by, "solved_images": self.solved_images}
+
+
+def plan_mapping(sparse: Path, state: DatabaseState, grow: bool, options: MapperOptions) -> MapPlan:
+    """The mapping of ``state``'s database into ``sparse`` (``grow``: continuing ``sparse/0``):
+    the mapper ``options`` choose for its size from scratch, but a grown model is continued
+    unless that mapper is global and the images added since the model was solved exceed
+    ``GLOBAL_RESOLVE_SHARE`` of those it was solved with (a model from before issue 24 counts as
+    solved incrementally with the images it records)."""
+    chosen = options.chosen(state.images)
+    record = model_record(sparse) or {}
+    if not grow:
+        return MapPlan(chosen, made_by=chosen, solved_images=state.images)
+    made_by = record.get("mapper", "incremental")
+    solved = int(record.get("solved_images", record.get("images", 0)))
+    added = state.images - solved
+    if chosen == "global" and added > GLOBAL_RESOLVE_SHARE * solved:
+        reason = (
+            f"{counted(added, 'image')} added since the model was solved with {solved}: over "
+            f"{GLOBAL_RESOLVE_SHARE:.0%}, mapped again globally"
+        )
+        return MapPlan("global", made_by="global", solved_images=state.images, reason=reason)
+    return MapPlan("incremental", str(sparse / "0"), made_by, solved)
+
+
 def map_database(
     database: Path,
     images: Path,
     sparse: Path,
     state: DatabaseState,
-    grow: bool,
+    plan: MapPlan,
+    options: MapperOptions | None = None,
     run: ColmapRun | None = None,
 ) -> list[tuple[ModelStats, dict[int, str]]]:
-    """Map ``database`` into ``sparse`` (module doc), continuing ``sparse/0`` when ``grow``."""
-    run = run or ColmapRun()
+    """Map ``database`` into ``sparse`` as ``plan`` says (module doc), with the global mapper's
+    settings of ``options``."""
+    options, run = options or MapperOptions(), run or ColmapRun()
     building = sparse.with_name(sparse.name + ".new")
-    previous = str(sparse / "0") if grow else ""
     try:
         with failures_reported(sparse, "write the models"):
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir()
-            found = run_in_child(_map, database, images, building, previous, run)
-            if grow and not found:  # the previous model is worth more than none
+            found = run_in_child(_map, database, images, building, plan, options, run)
+            if plan.previous and not found:  # the previous model is worth more than none
                 raise StoreError(
-                    f"{sparse}: COLMAP returned no model when continuing {previous}; the models are "
+                    f"{sparse}: COLMAP returned no model when continuing {plan.previous}; the models are "
                     "unchanged; run with --rebuild to map from scratch"
                 )
-            (building / MODEL_RECORD).write_text(json.dumps(state.record()) + "\n", encoding="utf-8")
+            (building / MODEL_RECORD).write_text(json.dumps(plan.record(state)) + "\n", encoding="utf-8")
             swap_in(building, sparse)
     finally:
         shutil.rmtree(building, ignore_errors=True)

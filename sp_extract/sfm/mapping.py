@@ -1,5 +1,5 @@
-"""COLMAP's incremental mapper on a database (``sp-extract reconstruct``), run in a child process
-(``child``) so that SIGINT and SIGTERM stop it; the models are built in a temporary folder beside
+"""COLMAP's incremental or global mapper on a database (``sp-extract reconstruct``), run in a child
+process (``child``) so that SIGINT and SIGTERM stop it; the models are built in a temporary folder beside
 the target and renamed into place, and each is reported with its statistics (``ModelStats``),
 flagged as likely wrong when its refined cameras are implausible.
 """
@@ -17,8 +17,9 @@ from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from ..report import Report, counted, listed, warn
 from .child import run_in_child
 from .colmap import check_database, check_images_present, temporary_beside
-from .config import PLAUSIBLE_FOCAL_RATIO
-from .environment import colmap_logging, failures_reported, import_pycolmap
+from .config import PLAUSIBLE_FOCAL_RATIO, ColmapRun, MapperOptions
+from .environment import failures_reported, import_pycolmap
+from .mappers import run_mapper
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ReconstructSummary(Report):
     command: str = field(default="reconstruct", kw_only=True)
     database: str
     output: str
+    mapper: str = "incremental"
     images: int = 0
     models: list[ModelStats] = field(default_factory=list)
     unregistered_images: list[str] = field(default_factory=list)  # in no model
@@ -76,7 +78,7 @@ class ReconstructSummary(Report):
     def body(self) -> list[str]:
         lines = [
             f"reconstruct: {counted(len(self.models), 'model')} from {counted(self.images, 'image')} "
-            f"in {self.database}"
+            f"in {self.database} ({self.mapper} mapper)"
         ]
         for model in self.models:
             lines.append(
@@ -107,18 +109,19 @@ def reconstruct(
     images: Path | str,
     out: Path | str,
     overwrite: bool = False,
-    seed: int = 0,
-    num_threads: int = -1,
-    verbose: bool = False,
+    run: ColmapRun | None = None,
+    mapper: MapperOptions | None = None,
 ) -> ReconstructSummary:
-    """Run pycolmap's incremental mapper on ``database``; models go to ``out/0``, ``out/1``, ...
+    """Run pycolmap's incremental or global mapper (``mapper``, incremental by default; ``auto``
+    chooses by the number of images) on ``database``; models go to ``out/0``, ``out/1``, ...
 
     Every image the database names must be in ``images`` (``ConfigError`` otherwise). Models are
     built in a temporary folder beside ``out`` and moved into place at the end. A non-empty
-    ``out`` is refused unless ``overwrite`` (which replaces it). ``seed`` fixes COLMAP's random
-    choices (with ``num_threads=1`` the run is repeatable). The summary lists the images that
+    ``out`` is refused unless ``overwrite`` (which replaces it). ``run``'s seed fixes COLMAP's
+    random choices (with one thread the run is repeatable). The summary lists the images that
     no model registered.
     """
+    run, mapper = run or ColmapRun(), mapper or MapperOptions(mapper="incremental")
     import_pycolmap()
     started = time.monotonic()
     database, images, out = Path(database), Path(images), Path(out)
@@ -138,14 +141,14 @@ def reconstruct(
         "names it",
         "rebuild the database from the folder as it is now (extract, match, colmap)",
     )
-    summary = ReconstructSummary(str(database), str(out), images=len(names))
+    summary = ReconstructSummary(str(database), str(out), mapper.chosen(len(names)), images=len(names))
     temporary, previous = temporary_beside(out, "building"), temporary_beside(out, "previous")
     try:
         with failures_reported(out, "write the models"):
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
             models, registered = run_in_child(
-                map_images, database, images, temporary, out, seed, num_threads, verbose
+                map_images, database, images, temporary, out, summary.mapper, mapper, run
             )
             if out.exists():  # moved aside, not deleted, until the new models are in place
                 os.replace(out, previous)
@@ -166,18 +169,19 @@ def reconstruct(
 
 
 def map_images(
-    database: Path, images: Path, building: Path, out: Path, seed: int, num_threads: int, verbose: bool
+    database: Path,
+    images: Path,
+    building: Path,
+    out: Path,
+    chosen: str,
+    mapper: MapperOptions,
+    run: ColmapRun,
 ) -> tuple[list[ModelStats], set[str]]:
-    """pycolmap's incremental mapper, writing the models into ``building`` (run in a child
-    process by ``reconstruct``): each model's statistics, with its path once moved to ``out``,
-    and the names of the images some model registered."""
-    pycolmap = import_pycolmap()
-    options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = seed
-    options.num_threads = num_threads
-    pycolmap.set_random_seed(seed)
-    with colmap_logging(verbose):
-        models = pycolmap.incremental_mapping(database, images, building, options)
+    """pycolmap's ``chosen`` mapper ("incremental" or "global", with ``mapper``'s settings),
+    writing the models into ``building`` (run in a child process by ``reconstruct``): each
+    model's statistics, with its path once moved to ``out``, and the names of the images some
+    model registered."""
+    models = run_mapper(database, images, building, chosen, mapper, run)
     stats, registered = [], set()
     for index in sorted(models):
         model = models[index]

@@ -7,8 +7,9 @@ photos arrived does only their work: the images without features are extracted; 
 only for the images the database lacks (exhaustive: with every image; sequential: the window
 at the end of the name order; retrieval: their nearest images among all); the match store
 matches only unmatched pairs; the database gains the new images and pairs (``grow``), and the
-mapper continues the previous model, followed by global bundle adjustment; ``export`` formats
-are then written from the largest model into ``export/FORMAT`` (``handoff``), again when it
+incremental mapper continues the previous model, followed by global bundle adjustment (a
+globally mapped model is solved again once enough photos were added: ``grow.plan_mapping``);
+``export`` formats are then written from the largest model into ``export/FORMAT`` (``handoff``), again when it
 changed; the run's summary goes to ``sfm-run.json`` and the page of the run to ``report.html``
 (``page``). ``rebuild`` maps from scratch (and starts the stores over when photos changed). Photos
 are fingerprinted (``photos``): a changed photo stops the run (its features would silently be
@@ -43,7 +44,7 @@ from ..processes import start_child_server
 from ..report import Report, Summary, counted, listed, warn
 from ..store.catalog import read_store_info
 from .colmap import check_camera_model, check_database
-from .config import CameraOptions, ColmapRun, check_camera_mode
+from .config import CameraOptions, ColmapRun, MapperOptions, check_camera_mode
 from .environment import import_pycolmap
 from .grow import (
     DatabaseInputs,
@@ -52,6 +53,7 @@ from .grow import (
     addition_failed,
     map_database,
     model_record,
+    plan_mapping,
     read_models,
     recover_folder,
 )
@@ -83,6 +85,7 @@ class SfmOptions:
     report: bool = True  # WORK/report.html (``page``)
     device: str = "auto"
     colmap: ColmapRun = field(default_factory=ColmapRun)  # seed, threads and log of COLMAP's steps
+    mapper: MapperOptions = field(default_factory=MapperOptions)  # incremental, global or auto
     quiet: bool = True
 
     def __post_init__(self) -> None:
@@ -111,6 +114,10 @@ class SfmSummary(Report):
     matched_pairs: int = 0  # matched in this run
     verified_pairs: int = 0  # verified in this run
     database_images: int = 0
+    # what mapped: incremental or global (from scratch), continued (the new images registered into
+    # the model, then bundle adjustment), the record's when up to date
+    mapper: str = ""
+    mapped_again: str = ""  # why a grown global model was mapped again from scratch
     registered: int = 0  # in the largest model
     points3D: int = 0
     mean_reprojection_error_px: float = 0.0
@@ -132,7 +139,8 @@ class SfmSummary(Report):
         if self.models:
             lines.append(
                 f"model {self.models[0].path}: {self.registered}/{self.database_images} images registered, "
-                f"{self.points3D} 3D points, mean reprojection error {self.mean_reprojection_error_px:.3f} px"
+                f"{self.points3D} 3D points, mean reprojection error "
+                f"{self.mean_reprojection_error_px:.3f} px, mapper: {self.mapper}"
                 + (
                     f" ({counted(len(self.models) - 1, 'smaller model')} beside it)"
                     if len(self.models) > 1
@@ -141,6 +149,7 @@ class SfmSummary(Report):
             )
         elif not self.interrupted:
             lines.append(NO_MODEL)
+        lines += [f"map: {self.mapped_again}"] if self.mapped_again else []
         lines += unregistered_lines(self.unregistered_images, NAMES_SHOWN)
         lines += [f"export: {path}" for path in self.exports]
         lines += [f"report: {self.report}"] if self.report else []
@@ -478,10 +487,14 @@ def _map_stage(run: SfmRun, update: DatabaseUpdate) -> list[tuple[ModelStats, di
     summary, sparse, state = run.summary, run.sparse, update.state
     record = model_record(sparse)
     grow = summary.mode == "grow" and (record or {}).get("database_id") == state.identity
-    if grow and record == state.record():  # nothing new since the model was made
-        summary.mode = "up to date"
+    if grow and state.mapped_in(record):  # nothing new since the model was made
+        summary.mode, summary.mapper = "up to date", (record or {}).get("mapper", "incremental")
         return read_models(sparse)
-    return map_database(run.database, run.images, sparse, state, grow, run.options.colmap)
+    plan = plan_mapping(sparse, state, grow, run.options.mapper)
+    summary.mapper = "continued" if plan.previous else plan.mapper
+    if plan.reason:
+        summary.mapped_again = plan.reason
+    return map_database(run.database, run.images, sparse, state, plan, run.options.mapper, run.options.colmap)
 
 
 def _record_models(

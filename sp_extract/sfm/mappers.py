@@ -1,0 +1,61 @@
+"""COLMAP's two mappers behind one call, run in a child process by ``mapping`` and ``grow``: the
+incremental mapper (from scratch, or continuing a model: its images keep their ids and poses,
+the new ones are registered, then COLMAP's final global bundle adjustment runs) and the global
+mapper (GLOMAP: rotation averaging, then global positioning of cameras and points, then bundle
+adjustment), optionally after estimating the cameras' focal lengths from the verified pairs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import ColmapRun, MapperOptions
+from .environment import colmap_logging, import_pycolmap
+
+CALIBRATED_DATABASE = "calibrated.db"  # the copy of the database the view graph calibration changes
+
+
+def run_mapper(
+    database: Path,
+    images: Path,
+    output: Path,
+    mapper: str,
+    options: MapperOptions,
+    run: ColmapRun,
+    previous: str = "",
+) -> dict[int, Any]:
+    """The models (pycolmap ``Reconstruction`` by index) of the ``mapper`` ("incremental" or
+    "global") on ``database``, written by COLMAP into ``output/N``; the incremental mapper
+    continues the model in the folder ``previous`` ("" for none)."""
+    pycolmap = import_pycolmap()
+    pycolmap.set_random_seed(run.seed)
+    with colmap_logging(run.verbose):
+        if mapper == "incremental":
+            incremental = pycolmap.IncrementalPipelineOptions()
+            incremental.random_seed, incremental.num_threads = run.seed, run.num_threads
+            return pycolmap.incremental_mapping(database, images, output, incremental, input_path=previous)
+        if options.view_graph_calibration:  # on a copy: the database keeps its two-view geometries
+            calibrated = output / CALIBRATED_DATABASE
+            shutil.copyfile(database, calibrated)
+            calibration = pycolmap.ViewGraphCalibrationOptions()
+            calibration.random_seed = run.seed
+            pycolmap.calibrate_view_graph(calibrated, calibration)
+            database = calibrated
+        models = pycolmap.global_mapping(database, images, output, global_options(options, run))
+        (output / CALIBRATED_DATABASE).unlink(missing_ok=True)
+        return models
+
+
+def global_options(options: MapperOptions, run: ColmapRun) -> Any:
+    """pycolmap's ``GlobalPipelineOptions`` with ``options``' settings and ``run``'s seed and threads."""
+    pycolmap = import_pycolmap()
+    pipeline = pycolmap.GlobalPipelineOptions()
+    pipeline.random_seed, pipeline.num_threads = run.seed, run.num_threads
+    mapper = pipeline.mapper
+    mapper.rotation_averaging.max_num_irls_iterations = options.rotation_iterations
+    mapper.ba_num_iterations = max(options.ba_rounds, 1)
+    mapper.skip_bundle_adjustment = options.ba_rounds == 0
+    mapper.bundle_adjustment.ceres.solver_options.max_num_iterations = options.ba_iterations
+    return pipeline
