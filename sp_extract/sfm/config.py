@@ -58,17 +58,17 @@ class ColmapRun:
 MAPPERS = ("incremental", "global")  # COLMAP's incremental mapper; GLOMAP, COLMAP 4's global mapper
 MAPPER_CHOICES = ("auto", *MAPPERS)  # sfm's: auto chooses by the number of images
 # sfm --mapper auto: global from this many images of the database (docs/sfm.md "Which mapper"):
-# below, global saved seconds of a minutes-long run for 35-45 % fewer points (fox frames: 7.5
-# against 19.5 s at 50 frames, under load), and at 9 frames lost 7 points of pose AUC@5. From 300,
+# below, global saved seconds of a minutes-long run for 35-45 % fewer points (fox frames: 5.4
+# against 17.4 s at 50 frames, quiet 2 cores), and at 9 frames lost 7 points of pose AUC@5. From 300,
 # where sfm pairs by retrieval, the other stages grow linearly with the photos and the incremental
 # mapper faster (not measured here: the shared photos are 90)
 GLOBAL_FROM_IMAGES = 300
 # sfm growing a globally mapped model: the new images are registered into it (then bundle
 # adjustment) while they are at most this share of the images it was solved with; more: re-solved.
-# Fox frames, 25 mapped globally + K (benchmarks/mapper.py): registering matched the re-solve's
-# pose AUC at every K (within 0.5 points; 2 points better at K = 25) and was faster up to K = 10
-# (2.2 against 5.1 s at K = 5, equal at 10), slower past it (11.5 against 5.8 s at K = 25; under load)
-GLOBAL_RESOLVE_SHARE = 0.4
+# Fox frames, 25 mapped globally + K (benchmarks/mapper.py, quiet 2 cores): registering matched the
+# re-solve's pose AUC at every K (within 0.5 points; 2 points better at K = 25) and was faster up
+# to K = 5 (3.1 against 4.9 s), slower from K = 10 (4.9 against 4.5 s; 8.6 against 4.4 s at 25)
+GLOBAL_RESOLVE_SHARE = 0.3
 
 
 @dataclass(frozen=True)
