@@ -39,7 +39,7 @@ from ..interrupt import graceful_stop
 from ..names import pair_key
 from ..pairs.core import Pair
 from ..report import counted
-from ..store.atomic import atomic_write, fsync_path
+from ..store.atomic import atomic_write, building_folder, swap_in
 from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
 from .child import run_in_child
@@ -277,30 +277,6 @@ def add_to_database(
 
 
 # -- the model -----------------------------------------------------------------------------------
-def recover_folder(target: Path) -> None:
-    """Put back the folder a run killed between ``swap_in``'s two renames left aside; drop a
-    half-built one (``sparse``: the models; an export folder)."""
-    aside, building = target.with_name(target.name + ".old"), target.with_name(target.name + ".new")
-    if aside.is_dir():
-        if target.is_dir():
-            shutil.rmtree(aside)
-        else:
-            os.replace(aside, target)
-    shutil.rmtree(building, ignore_errors=True)
-
-
-def swap_in(building: Path, target: Path) -> None:
-    """Replace the folder ``target`` by ``building`` (``target.new``) with two renames:
-    ``target`` -> ``target.old``, ``building`` -> ``target``; ``recover_folder`` undoes a kill
-    between them, so there is always a complete folder."""
-    aside = target.with_name(target.name + ".old")
-    fsync_path(building, directory=True)
-    if target.exists():
-        os.replace(target, aside)
-    os.replace(building, target)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def model_record(sparse: Path) -> dict[str, Any] | None:
     """What ``sparse/sfm.json`` says of the database its models come from, None if nothing."""
     with contextlib.suppress(OSError, ValueError):
@@ -392,7 +368,7 @@ def map_database(
     """Map ``database`` into ``sparse`` as ``plan`` says (module doc), with the global mapper's
     settings of ``options``."""
     options, run = options or MapperOptions(), run or ColmapRun()
-    building = sparse.with_name(sparse.name + ".new")
+    building = building_folder(sparse)
     try:
         with failures_reported(sparse, "write the models"):
             shutil.rmtree(building, ignore_errors=True)

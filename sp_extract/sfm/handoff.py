@@ -13,7 +13,7 @@ Three formats, each a folder:
   ``applied_scale`` say how, as nerfstudio's own files do.
 - ``ply``: ``points.ply`` (coloured points) and ``cameras.ply`` (camera centres).
 
-The folder is built beside OUT and swapped in by two renames (``grow.swap_in``), so a grown
+The folder is built beside OUT and swapped in by two renames (``store.atomic.swap_in``), so a grown
 model's export replaces the previous one atomically; ``export.json`` in it records what it came
 from, and a folder without it is never replaced.
 """
@@ -32,11 +32,12 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..report import Report
+from ..store.atomic import building_folder, recover_folder, swap_in
 from .child import run_in_child
 from .colmap import check_images_present
 from .config import MODEL_FORMATS as FORMATS
 from .environment import colmap_logging, failures_reported, import_pycolmap
-from .grow import model_record, recover_folder, swap_in
+from .grow import model_record
 
 NEEDS_IMAGES = ("gaussian-splatting", "nerfstudio")
 EXPORT_RECORD = "export.json"
@@ -150,7 +151,7 @@ def export_model(
         check_images_present(images, names, model_dir, "registers it", "map the model again without it")
     recover_folder(out)
     _check_out(out)
-    building = out.with_name(out.name + ".new")
+    building = building_folder(out)
     try:
         with failures_reported(out, f"write the {fmt} export"):
             building.mkdir(parents=True)

@@ -6,7 +6,6 @@ flagged as likely wrong when its refined cameras are implausible.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,8 +14,9 @@ from typing import Any
 
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from ..report import Report, counted, listed, warn
+from ..store.atomic import building_folder, recover_folder, swap_in
 from .child import run_in_child
-from .colmap import check_database, check_images_present, temporary_beside
+from .colmap import check_database, check_images_present
 from .config import PLAUSIBLE_FOCAL_RATIO, ColmapRun, MapperOptions
 from .environment import failures_reported, import_pycolmap
 from .mappers import run_mapper
@@ -142,20 +142,17 @@ def reconstruct(
         "rebuild the database from the folder as it is now (extract, match, colmap)",
     )
     summary = ReconstructSummary(str(database), str(out), mapper.chosen(len(names)), images=len(names))
-    temporary, previous = temporary_beside(out, "building"), temporary_beside(out, "previous")
+    building = building_folder(out)
     try:
         with failures_reported(out, "write the models"):
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
+            recover_folder(out)  # what a run killed while swapping its models in left
+            building.mkdir(parents=True)
             models, registered = run_in_child(
-                map_images, database, images, temporary, out, summary.mapper, mapper, run
+                map_images, database, images, building, out, summary.mapper, mapper, run
             )
-            if out.exists():  # moved aside, not deleted, until the new models are in place
-                os.replace(out, previous)
-            os.replace(temporary, out)
+            swap_in(building, out)  # the old models moved aside, not deleted, until the new are in place
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
     summary.models = models
     summary.unregistered_images = [name for name in names if name not in registered]
     for model in summary.models:

@@ -42,6 +42,7 @@ from ..pairs.core import (
 )
 from ..processes import start_child_server
 from ..report import Report, Summary, counted, listed, warn
+from ..store.atomic import recover_folder
 from ..store.catalog import read_store_info
 from .colmap import check_camera_model, check_database
 from .config import CameraOptions, ColmapRun, MapperOptions, check_camera_mode
@@ -55,7 +56,6 @@ from .grow import (
     model_record,
     plan_mapping,
     read_models,
-    recover_folder,
 )
 from .handoff import check_format, export_after_run
 from .mapping import NO_MODEL, ModelStats, implausible_warning, unregistered_lines

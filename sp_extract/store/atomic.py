@@ -1,13 +1,16 @@
 """Crash-safe file replacement: a file is written as a temporary beside its target, fsynced,
 renamed over the target and the folder fsynced, so a reader (or the next run after a kill)
 finds either the old file or the new one whole, never a half-written one. Every
-temporary-then-rename write of the package goes through ``atomic_write``.
+temporary-then-rename write of the package goes through ``atomic_write``; a folder (COLMAP
+models, an export) is built as ``NAME.new`` and swapped in by ``swap_in``, and ``recover_folder``
+repairs what a kill between its two renames left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,3 +49,32 @@ def atomic_write(target: Path, temporary: Path | None = None, durable: bool = Tr
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def recover_folder(target: Path) -> None:
+    """Put back the folder a run killed between ``swap_in``'s two renames left aside; drop a
+    half-built one (``sparse``: the models; an export folder)."""
+    aside, building = target.with_name(target.name + ".old"), building_folder(target)
+    if aside.is_dir():
+        if target.is_dir():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, target)
+    shutil.rmtree(building, ignore_errors=True)
+
+
+def swap_in(building: Path, target: Path) -> None:
+    """Replace the folder ``target`` by ``building`` (``building_folder``) with two renames:
+    ``target`` -> ``target.old``, ``building`` -> ``target``; ``recover_folder`` undoes a kill
+    between them, so there is always a complete folder."""
+    aside = target.with_name(target.name + ".old")
+    fsync_path(building, directory=True)
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(building, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def building_folder(target: Path) -> Path:
+    """Where a new ``target`` folder is built before ``swap_in`` (``recover_folder`` drops it)."""
+    return target.with_name(target.name + ".new")
