@@ -125,16 +125,22 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chosen_subset(parser: argparse.ArgumentParser, subset: str, known: dict) -> list[str]:
+    """The comma-separated collection names of ``--subset``; an unknown one is a usage error."""
+    names = subset.split(",")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"--subset: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", default=",".join(COLLECTIONS), help="Collections, comma-separated.")
     parser.add_argument("--sfm-args", default="", help="Extra arguments of 'sp-extract sfm', one string.")
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON to this file.")
     args = parser.parse_args()
-    names = args.subset.split(",")
-    unknown = [name for name in names if name not in COLLECTIONS]
-    if unknown:
-        parser.error(f"--subset: unknown {', '.join(unknown)} (known: {', '.join(COLLECTIONS)})")
+    names = chosen_subset(parser, args.subset, COLLECTIONS)
     extra = shlex.split(args.sfm_args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import pycolmap
+from accuracy import chosen_subset  # benchmarks/: run as scripts, this folder first on the path
 
 from sp_extract.inspect.poses import evaluate_poses
 from sp_extract.sfm.config import MAPPERS, ColmapRun, MapperOptions
@@ -211,10 +212,7 @@ def main() -> None:
     parser.add_argument("--no-growth", action="store_true", help="Skip the growth measurement.")
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON to this file.")
     args = parser.parse_args()
-    names = args.subset.split(",")
-    unknown = [name for name in names if name not in COLLECTIONS]
-    if unknown:
-        parser.error(f"--subset: unknown {', '.join(unknown)} (known: {', '.join(COLLECTIONS)})")
+    names = chosen_subset(parser, args.subset, COLLECTIONS)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         rows = []
