@@ -320,6 +320,29 @@ def test_implausible_cameras_are_named() -> None:
     assert implausible_cameras(model) == by_camera[cameras[1]]
 
 
+def test_models_are_written_largest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """COLMAP numbers its models in the order it started them; a failed start of two images can
+    come first (seen on the Sacre Coeur photos with some seeds): ``OUT/0`` is the largest all
+    the same, for ``reconstruct`` and ``sfm`` alike (one ``map_ranked``)."""
+    from sp_extract.sfm import mappers
+    from sp_extract.sfm.config import ColmapRun, MapperOptions
+
+    def synthetic(frames: int) -> pycolmap.Reconstruction:
+        options = pycolmap.SyntheticDatasetOptions()
+        options.num_rigs, options.num_cameras_per_rig, options.num_frames_per_rig = 1, 1, frames
+        return pycolmap.synthesize_dataset(options)
+
+    started = {0: synthetic(2), 1: synthetic(7), 2: synthetic(3)}
+    monkeypatch.setattr(mappers, "run_mapper", lambda *args: started)
+    ranked = mappers.map_ranked(
+        tmp_path / "db.db", tmp_path, tmp_path, "incremental", MapperOptions(), ColmapRun()
+    )
+    assert [model.num_reg_images() for model in ranked] == [7, 3, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]  # the mapper's own folder gone
+    for rank, model in enumerate(ranked):
+        assert pycolmap.Reconstruction(tmp_path / str(rank)).num_reg_images() == model.num_reg_images()
+
+
 def write_features(path: Path, settings: dict, sizes: dict[str, tuple[int, int]], count: int) -> Path:
     rng = np.random.default_rng(3)
     with StoreWriter(path, "features", settings) as writer:

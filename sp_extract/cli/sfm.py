@@ -77,7 +77,7 @@ def colmap(
 @click.command()
 @file_option("--database", "database.db", "COLMAP database written by 'sp-extract colmap'.")
 @images_option("The image folder (COLMAP reads the colours of the 3D points from it).")
-@out_option("sparse", "Folder for the models: OUT/0, OUT/1, ... in COLMAP's binary format.", FOLDER)
+@out_option("sparse", "Folder for the models: OUT/0 (largest), OUT/1, ... in COLMAP's binary format.", FOLDER)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @mapper_options(auto=False)
 @colmap_options

@@ -46,7 +46,7 @@ from .child import run_in_child
 from .colmap import Cameras, DatabaseSummary, _write_images, camera_for_image, camera_group, read_matches
 from .config import GLOBAL_RESOLVE_SHARE, CameraOptions, ColmapRun, MapperOptions
 from .environment import colmap_logging, failures_reported, import_pycolmap, verification_options
-from .mappers import run_mapper
+from .mappers import map_ranked
 from .mapping import ModelStats, model_stats
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
@@ -290,18 +290,8 @@ def _map(
     """pycolmap's mapper as ``plan`` says (in a child process); the models written to
     ``building/0`` (largest), ``building/1``, ...; each with its statistics and registered images
     (id: name)."""
-    raw = building / "mapper"
-    raw.mkdir()
-    models = run_mapper(database, images, raw, plan.mapper, options, run, plan.previous)
-    found = []
-    ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
-    for rank, model in enumerate(ranked):
-        folder = building / str(rank)
-        folder.mkdir()
-        model.write(folder)
-        found.append(describe_model(model, folder))
-    shutil.rmtree(raw)
-    return found
+    ranked = map_ranked(database, images, building, plan.mapper, options, run, plan.previous)
+    return [describe_model(model, building / str(rank)) for rank, model in enumerate(ranked)]
 
 
 def describe_model(model: Any, folder: Path) -> tuple[ModelStats, dict[int, str]]:

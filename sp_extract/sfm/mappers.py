@@ -48,6 +48,30 @@ def run_mapper(
         return models
 
 
+def map_ranked(
+    database: Path,
+    images: Path,
+    building: Path,
+    mapper: str,
+    options: MapperOptions,
+    run: ColmapRun,
+    previous: str = "",
+) -> list[Any]:
+    """``run_mapper``'s models, largest (most registered images) first, each written to
+    ``building/0``, ``building/1``, ...: COLMAP numbers them in the order it started them, and a
+    failed start (two images, a few dozen points) can come before the model of every photo."""
+    raw = building / "mapper"
+    raw.mkdir()
+    models = run_mapper(database, images, raw, mapper, options, run, previous)
+    ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
+    for rank, model in enumerate(ranked):
+        folder = building / str(rank)
+        folder.mkdir()
+        model.write(folder)
+    shutil.rmtree(raw)
+    return ranked
+
+
 def global_options(options: MapperOptions, run: ColmapRun) -> Any:
     """pycolmap's ``GlobalPipelineOptions`` with ``options``' settings and ``run``'s seed and threads."""
     pycolmap = import_pycolmap()

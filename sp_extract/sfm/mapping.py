@@ -19,7 +19,7 @@ from .child import run_in_child
 from .colmap import check_database, check_images_present
 from .config import PLAUSIBLE_FOCAL_RATIO, ColmapRun, MapperOptions
 from .environment import failures_reported, import_pycolmap
-from .mappers import run_mapper
+from .mappers import map_ranked
 
 
 @dataclass
@@ -175,15 +175,13 @@ def map_images(
     run: ColmapRun,
 ) -> tuple[list[ModelStats], set[str]]:
     """pycolmap's ``chosen`` mapper ("incremental" or "global", with ``mapper``'s settings),
-    writing the models into ``building`` (run in a child process by ``reconstruct``): each
-    model's statistics, with its path once moved to ``out``, and the names of the images some
+    writing the models into ``building``, largest first (run in a child process by ``reconstruct``):
+    each model's statistics, with its path once moved to ``out``, and the names of the images some
     model registered."""
-    models = run_mapper(database, images, building, chosen, mapper, run)
     stats, registered = [], set()
-    for index in sorted(models):
-        model = models[index]
+    for rank, model in enumerate(map_ranked(database, images, building, chosen, mapper, run)):
         registered |= {model.images[image_id].name for image_id in model.reg_image_ids()}
-        stats.append(model_stats(model, out / str(index)))
+        stats.append(model_stats(model, out / str(rank)))
     return stats, registered
 
 
