@@ -123,8 +123,8 @@ def sacre_coeur_features(
     tmp_path_factory: pytest.TempPathFactory, sacre_coeur: Path, real_weights: Path
 ) -> CliExtraction:
     """The 10 real photos extracted once per session by the CLI with its default options (the
-    real weights, ``--json-report``), for every test that reads that store (test_e2e,
-    test_colmap). Read only: a test that writes beside or into it copies it first."""
+    real weights, ``--json-report``), for every test that reads that store (test_e2e, test_colmap,
+    ``sacre_coeur_database``). Read only: a test that writes beside or into it copies it first."""
     out_dir = tmp_path_factory.mktemp("sacre-coeur-features")
     store, report = out_dir / "feats.h5", out_dir / "report.json"
     result = run_cli(
@@ -132,6 +132,20 @@ def sacre_coeur_features(
     )
     report_data = json.loads(report.read_text()) if report.exists() else {}
     return CliExtraction(sacre_coeur, store, report_data, result)
+
+
+@pytest.fixture(scope="session")
+def sacre_coeur_database(
+    tmp_path_factory: pytest.TempPathFactory, sacre_coeur_features: CliExtraction
+) -> Path:
+    """The COLMAP database of the session's Sacre Coeur store (README's pairs exhaustive,
+    match-pairs, colmap; one thread), for test_colmap and test_global. Read only."""
+    assert sacre_coeur_features.result.returncode == 0, sacre_coeur_features.result.stderr
+    root, features = tmp_path_factory.mktemp("sacre-coeur-database"), sacre_coeur_features.store
+    pairs = root / "pairs.txt"
+    result = run_cli("pairs", "exhaustive", "--features", str(features), "--out", str(pairs), timeout=600)
+    assert result.returncode == 0, ("pairs", result.stderr)
+    return match_into_database(root, sacre_coeur_features.images, features, pairs)
 
 
 def write_image(path: Path, width: int = 96, height: int = 64, seed: int = 0) -> Path:
@@ -191,19 +205,29 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["sp-extract", *args], result.exit_code, result.stdout, stderr)
 
 
-def match_and_map(root: Path, images: Path, features: Path, pairs: Path) -> dict:
-    """The last three of README's five commands (match-pairs, colmap, reconstruct; one thread)
-    into ``root``: ``matches.h5``, ``db.db``, ``sparse/``; returns the reconstruct report."""
+def match_into_database(root: Path, images: Path, features: Path, pairs: Path) -> Path:
+    """README's match-pairs and colmap (one thread) into ``root``: ``matches.h5``, ``db.db``."""
     matches, database = root / "matches.h5", root / "db.db"
-    sparse, report = root / "sparse", root / "report.json"
-    steps = [
+    for step in (
         ("match-pairs", str(pairs), "--features", str(features), "--out", str(matches), "-q"),
         ("colmap", "--images", str(images), "--features", str(features), "--matches", str(matches),
          "--database", str(database), "--num-threads", "1"),
-        ("reconstruct", "--database", str(database), "--images", str(images), "--out", str(sparse),
-         "--num-threads", "1", "--json-report", str(report)),
-    ]  # fmt: skip
-    for step in steps:
+    ):  # fmt: skip
         result = run_cli(*step, timeout=600)
         assert result.returncode == 0, (step[0], result.stderr)
+    return database
+
+
+def reconstruct_report(root: Path, images: Path, database: Path) -> dict:
+    """README's reconstruct (one thread) of ``database`` into ``root/sparse``; its JSON report."""
+    report = root / "report.json"
+    args = ("--database", str(database), "--images", str(images), "--out", str(root / "sparse"))
+    result = run_cli("reconstruct", *args, "--num-threads", "1", "--json-report", str(report), timeout=600)
+    assert result.returncode == 0, ("reconstruct", result.stderr)
     return json.loads(report.read_text())
+
+
+def match_and_map(root: Path, images: Path, features: Path, pairs: Path) -> dict:
+    """The last three of README's five commands (match-pairs, colmap, reconstruct; one thread)
+    into ``root``: ``matches.h5``, ``db.db``, ``sparse/``; returns the reconstruct report."""
+    return reconstruct_report(root, images, match_into_database(root, images, features, pairs))

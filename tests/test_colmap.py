@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
-from conftest import ROOT, CliExtraction, match_and_map, run_cli
+from conftest import ROOT, match_and_map, reconstruct_report, run_cli
 from support.reliability import Run
 
 from sp_extract.names import pair_key
@@ -453,8 +453,12 @@ def map_photos(root: Path, photos: Path, feats: Path) -> dict:
     root.mkdir(exist_ok=True)
     result = run_cli("pairs", "exhaustive", "--features", str(feats), "--out", str(pairs), timeout=600)
     assert result.returncode == 0, ("pairs", result.stderr)
-    data = match_and_map(root, photos, feats, pairs)
-    for model in data["models"]:  # the binary models are there and agree with the report
+    return models_checked(match_and_map(root, photos, feats, pairs))
+
+
+def models_checked(data: dict) -> dict:
+    """A reconstruct report whose binary models are there and agree with it."""
+    for model in data["models"]:
         written = pycolmap.Reconstruction(model["path"])
         assert written.num_reg_images() == model["registered_images"]
         assert written.num_points3D() == model["points3D"]
@@ -462,11 +466,10 @@ def map_photos(root: Path, photos: Path, feats: Path) -> dict:
 
 
 def test_sacre_coeur_reconstruction(
-    tmp_path: Path, sacre_coeur: Path, real_weights: Path, sacre_coeur_features: CliExtraction
+    tmp_path: Path, sacre_coeur: Path, real_weights: Path, sacre_coeur_database: Path
 ) -> None:
-    # plain: the session's default extraction (conftest, read only; test_e2e checks the store)
-    assert sacre_coeur_features.result.returncode == 0, sacre_coeur_features.result.stderr
-    plain = map_photos(tmp_path / "plain", sacre_coeur, sacre_coeur_features.store)
+    # plain: the session's default extraction and its database (conftest, read only)
+    plain = models_checked(reconstruct_report(tmp_path, sacre_coeur, sacre_coeur_database))
     refined = reconstruct_photos(tmp_path / "subpixel", sacre_coeur, real_weights, "--subpixel")
     errors = []
     for data in (plain, refined):
@@ -707,7 +710,7 @@ def test_reconstruct_stops_at_once_on_ctrl_c(tmp_path: Path, monkeypatch: pytest
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stand_in), str(ROOT)]))
     run = Run("reconstruct", "--database", str(database), "--images", str(images), "--out", str(sparse))
-    partial = tmp_path / "sparse.new" / "0" / "partial.bin"  # the models are built beside --out
+    partial = tmp_path / "sparse.new" / "mapper" / "0" / "partial.bin"  # built beside --out
     assert run.wait_until(partial.exists, timeout=120), run.text
     run.signal_group(signal.SIGINT)
     sent = time.monotonic()
