@@ -144,11 +144,50 @@ def bow_similarity(store: Path, names: list[str], words: int) -> np.ndarray:
     return histograms @ histograms.T
 
 
-def methods(words: list[int]) -> dict[str, Callable[[Path, list[str]], np.ndarray]]:
+def asmk_package_similarity(store: Path, names: list[str], words: int, assignments: int) -> np.ndarray:
+    """ASMK* by the ``asmk`` package (0.1.1; faiss k-means, 10 iterations, on the raw descriptors):
+    the database with one word per descriptor, each image queried with ``assignments`` words."""
+    from asmk import asmk_method
+
+    with open_store(store) as h5:
+        descriptors = [read_descriptors(h5, n) for n in names]
+    vectors = np.concatenate(descriptors)
+    ids = np.repeat(np.arange(len(names)), [len(d) for d in descriptors])
+    params = {
+        "index": {"gpu_id": None},
+        "train_codebook": {"codebook": {"size": words}},
+        "build_ivf": {
+            "kernel": {"binary": True},
+            "ivf": {"use_idf": True},
+            "quantize": {"multiple_assignment": 1},
+            "aggregate": {},
+        },
+        "query_ivf": {
+            "quantize": {"multiple_assignment": assignments},
+            "aggregate": {},
+            "search": {"topk": None},
+            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0},
+        },
+    }
+    method = asmk_method.ASMKMethod.initialize_untrained(params)
+    method = method.train_codebook(vectors[np.random.default_rng(0).permutation(len(vectors))[:SAMPLE]])
+    method = method.build_ivf(vectors, ids.copy())
+    _, images, ranks, scores = method.query_ivf(vectors, ids.copy())
+    similarity = np.zeros((len(names), len(names)))
+    similarity[images[:, None], ranks] = scores
+    return similarity
+
+
+def methods(words: list[int], package: bool) -> dict[str, Callable[[Path, list[str]], np.ndarray]]:
     chosen: dict[str, Callable[[Path, list[str]], np.ndarray]] = {"vlad": vlad_similarity}
     for w in words:
         chosen[f"asmk-{w}"] = lambda store, names, w=w: asmk_similarity(store, names, w)
         chosen[f"bow-{w}"] = lambda store, names, w=w: bow_similarity(store, names, w)
+        if package:
+            for ma in (1, 5):
+                chosen[f"asmk-pkg-{w}-ma{ma}"] = lambda store, names, w=w, ma=ma: asmk_package_similarity(
+                    store, names, w, ma
+                )
     return chosen
 
 
@@ -189,9 +228,8 @@ def retrieval_rule(similarity: np.ndarray, k: int) -> set[tuple[int, int]]:
 
     for i, j in pairs:
         parent[root(i)] = root(j)
-    candidates = sorted(
-        ((-similarity[i, j], i, j) for i in range(len(order)) for j in range(i + 1, len(order))),
-    )
+    symmetric = similarity + similarity.T  # ASMK with multiple assignment is not symmetric
+    candidates = sorted((-symmetric[i, j], i, j) for i in range(len(order)) for j in range(i + 1, len(order)))
     for _, i, j in candidates:
         if root(i) != root(j):
             parent[root(i)] = root(j)
@@ -288,11 +326,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sp_retrieval_quality")
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10])
     parser.add_argument("--words", type=int, nargs="+", default=[1024, 4096], help="Codebook sizes.")
+    parser.add_argument("--asmk-package", action="store_true", help="Also the asmk package's ASMK*.")
     parser.add_argument("--no-sfm", action="store_true", help="Only the retrieval measures.")
     parser.add_argument("--json", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    chosen = methods(args.words)
+    chosen = methods(args.words, args.asmk_package)
     images, store = store_of(args.work, "mixed", MIXED)
     _, names = read_store_info(store, "features")
     quality_rows = {
