@@ -34,6 +34,7 @@ thread); the images registered in the largest model.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import subprocess
@@ -91,18 +92,22 @@ def scene_of(name: str) -> str:
 
 
 # -- methods: each (store, names) -> (n, n) similarity ---------------------------------------------
-def vlad_similarity(store: Path, names: list[str]) -> np.ndarray:
-    index = GlobalIndex(store, Vlad(RetrievalConfig()))
+def vlad_similarity(store: Path, names: list[str], seed: int) -> np.ndarray:
+    index = GlobalIndex(store, Vlad(RetrievalConfig(seed=seed)))
     index.update()
     vectors = index.vectors(names)
     return vectors @ vectors.T
 
 
-def word_assignments(store: Path, names: list[str], words: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each image's descriptors in the codebook's rotated space (N, D) and their words (N,)."""
-    config = RetrievalConfig(clusters=words, dims=256, sample=SAMPLE)
+@functools.cache
+def word_assignments(
+    store: Path, names: tuple[str, ...], words: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each image's residuals to its word's centroid (N, D) in the codebook's rotated space and
+    their words (N,); one codebook per store and size, shared by ASMK and the bag of words."""
+    config = RetrievalConfig(clusters=words, dims=256, sample=SAMPLE, seed=seed)
     with open_store(store) as h5:
-        model = train_model(sample_descriptors(h5, names, SAMPLE, 0), config)
+        model = train_model(sample_descriptors(h5, names, SAMPLE, seed), config)
         locals_ = [(read_descriptors(h5, n) - model.mean) @ model.projection for n in names]
     centroids = torch.from_numpy(model.centroids)
     assigned = []
@@ -119,8 +124,8 @@ def idf(assigned: list[np.ndarray], words: int) -> np.ndarray:
     return np.log(len(assigned) / np.maximum(held, 1))
 
 
-def asmk_similarity(store: Path, names: list[str], words: int) -> np.ndarray:
-    residuals, assigned = word_assignments(store, names, words)
+def asmk_similarity(store: Path, names: list[str], words: int, seed: int) -> np.ndarray:
+    residuals, assigned = word_assignments(store, tuple(names), words, seed)
     weight = idf(assigned, words) ** 2
     inverted: dict[int, list[tuple[int, np.ndarray]]] = {}
     for image, (residual, a) in enumerate(zip(residuals, assigned)):
@@ -137,14 +142,16 @@ def asmk_similarity(store: Path, names: list[str], words: int) -> np.ndarray:
     return similarity / np.maximum(np.outer(norm, norm), 1e-12)
 
 
-def bow_similarity(store: Path, names: list[str], words: int) -> np.ndarray:
-    _, assigned = word_assignments(store, names, words)
+def bow_similarity(store: Path, names: list[str], words: int, seed: int) -> np.ndarray:
+    _, assigned = word_assignments(store, tuple(names), words, seed)
     histograms = np.stack([np.bincount(a, minlength=words) for a in assigned]) * idf(assigned, words)
     histograms /= np.maximum(np.linalg.norm(histograms, axis=1, keepdims=True), 1e-12)
     return histograms @ histograms.T
 
 
-def asmk_package_similarity(store: Path, names: list[str], words: int, assignments: int) -> np.ndarray:
+def asmk_package_similarity(
+    store: Path, names: list[str], words: int, assignments: int, seed: int
+) -> np.ndarray:
     """ASMK* by the ``asmk`` package (0.1.1; faiss k-means, 10 iterations, on the raw descriptors):
     the database with one word per descriptor, each image queried with ``assignments`` words."""
     from asmk import asmk_method
@@ -170,7 +177,7 @@ def asmk_package_similarity(store: Path, names: list[str], words: int, assignmen
         },
     }
     method = asmk_method.ASMKMethod.initialize_untrained(params)
-    method = method.train_codebook(vectors[np.random.default_rng(0).permutation(len(vectors))[:SAMPLE]])
+    method = method.train_codebook(vectors[np.random.default_rng(seed).permutation(len(vectors))[:SAMPLE]])
     method = method.build_ivf(vectors, ids.copy())
     _, images, ranks, scores = method.query_ivf(vectors, ids.copy())
     similarity = np.zeros((len(names), len(names)))
@@ -178,15 +185,18 @@ def asmk_package_similarity(store: Path, names: list[str], words: int, assignmen
     return similarity
 
 
-def methods(words: list[int], package: bool) -> dict[str, Callable[[Path, list[str]], np.ndarray]]:
-    chosen: dict[str, Callable[[Path, list[str]], np.ndarray]] = {"vlad": vlad_similarity}
+Similarity = Callable[[Path, list[str], int], np.ndarray]  # store, names, seed -> (n, n)
+
+
+def methods(words: list[int], package: bool) -> dict[str, Similarity]:
+    chosen: dict[str, Similarity] = {"vlad": vlad_similarity}
     for w in words:
-        chosen[f"asmk-{w}"] = lambda store, names, w=w: asmk_similarity(store, names, w)
-        chosen[f"bow-{w}"] = lambda store, names, w=w: bow_similarity(store, names, w)
+        chosen[f"asmk-{w}"] = functools.partial(asmk_similarity, words=w)
+        chosen[f"bow-{w}"] = functools.partial(bow_similarity, words=w)
         if package:
             for ma in (1, 5):
-                chosen[f"asmk-pkg-{w}-ma{ma}"] = lambda store, names, w=w, ma=ma: asmk_package_similarity(
-                    store, names, w, ma
+                chosen[f"asmk-pkg-{w}-ma{ma}"] = functools.partial(
+                    asmk_package_similarity, words=w, assignments=ma
                 )
     return chosen
 
@@ -279,7 +289,7 @@ def sfm_rows(
     every = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     rows = {"exhaustive": {"all": run(every), "pairs": len(every)}}
     for method, similarity_of in chosen.items():
-        similarity = similarity_of(store, names)
+        similarity = similarity_of(store, names, 0)
         rows[method] = {}
         for k in ks:
             pairs = sorted((names[i], names[j]) for i, j in retrieval_rule(similarity, k))
@@ -307,11 +317,15 @@ def sfm_rows(
 
 
 def table(quality_rows: dict, sfm: dict, ks: list[int]) -> str:
+    """The markdown table: quality at the first seed, its spread over the seeds, SfM."""
     columns = ["method", "p@1", *[f"p@1 {f}" for f in MIXED], *[f"recall@{k}" for k in ks]]
-    columns += [f"SfM K={k}" for k in ks]
+    measured = columns[1:]
+    columns += ["p@1, ScanNet p@1 over the seeds: min-max", *[f"SfM K={k}" for k in ks]]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for method, row in quality_rows.items():
-        cells = [method, *[f"{row[c]:.3f}" for c in columns[1 : 1 + len(MIXED) + 1 + len(ks)]]]
+        cells = [method, *[f"{row[c]:.3f}" for c in measured]]
+        spread = [[r[c] for r in row["by seed"]] for c in ("p@1", "p@1 scannet_sample")]
+        cells.append(", ".join(f"{min(v):.3f}-{max(v):.3f}" for v in spread))
         cells += [
             f"{sfm[method][f'K={k}']}/10 ({sfm[method][f'pairs K={k}']} pairs)" if sfm else "-" for k in ks
         ]
@@ -327,6 +341,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10])
     parser.add_argument("--words", type=int, nargs="+", default=[1024, 4096], help="Codebook sizes.")
     parser.add_argument("--asmk-package", action="store_true", help="Also the asmk package's ASMK*.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Codebook seeds (SfM: the first).")
     parser.add_argument("--no-sfm", action="store_true", help="Only the retrieval measures.")
     parser.add_argument("--json", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args()
@@ -334,10 +349,10 @@ def main() -> None:
     chosen = methods(args.words, args.asmk_package)
     images, store = store_of(args.work, "mixed", MIXED)
     _, names = read_store_info(store, "features")
-    quality_rows = {
-        method: quality(similarity_of(store, names), names, args.ks)
-        for method, similarity_of in chosen.items()
-    }
+    quality_rows = {}
+    for method, similarity_of in chosen.items():
+        by_seed = [quality(similarity_of(store, names, seed), names, args.ks) for seed in args.seeds]
+        quality_rows[method] = {**by_seed[0], "seeds": args.seeds, "by seed": by_seed}
     sfm, notes = ({}, [])
     if not args.no_sfm:
         sacre_images, sacre_store = store_of(args.work, "sacre", ("sacre_coeur",))
