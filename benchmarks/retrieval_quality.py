@@ -47,7 +47,13 @@ import numpy as np
 import pycolmap
 import torch
 
-from sp_extract.pairs.retrieval import RetrievalConfig, Vlad, sample_descriptors, train_model
+from sp_extract.pairs.retrieval import (
+    RetrievalConfig,
+    Vlad,
+    nearest_centroid,
+    sample_descriptors,
+    train_model,
+)
 from sp_extract.store.catalog import read_store_info
 from sp_extract.store.reader import open_store
 from sp_extract.store.vectors import GlobalIndex, read_descriptors
@@ -110,10 +116,7 @@ def word_assignments(
         model = train_model(sample_descriptors(h5, names, SAMPLE, seed), config)
         locals_ = [(read_descriptors(h5, n) - model.mean) @ model.projection for n in names]
     centroids = torch.from_numpy(model.centroids)
-    assigned = []
-    for local in locals_:
-        points = torch.from_numpy(np.ascontiguousarray(local))
-        assigned.append((points @ centroids.T - centroids.square().sum(1) / 2).argmax(1).numpy())
+    assigned = [nearest_centroid(torch.from_numpy(local), centroids).numpy() for local in locals_]
     return [local - model.centroids[a] for local, a in zip(locals_, assigned)], assigned
 
 
@@ -185,7 +188,7 @@ def asmk_package_similarity(
     return similarity
 
 
-Similarity = Callable[[Path, list[str], int], np.ndarray]  # store, names, seed -> (n, n)
+Similarity = Callable[..., np.ndarray]  # (store, names, seed=...) -> (n, n) similarity
 
 
 def methods(words: list[int], package: bool) -> dict[str, Similarity]:
@@ -289,7 +292,7 @@ def sfm_rows(
     every = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     rows = {"exhaustive": {"all": run(every), "pairs": len(every)}}
     for method, similarity_of in chosen.items():
-        similarity = similarity_of(store, names, 0)
+        similarity = similarity_of(store, names, seed=0)
         rows[method] = {}
         for k in ks:
             pairs = sorted((names[i], names[j]) for i, j in retrieval_rule(similarity, k))
@@ -351,7 +354,7 @@ def main() -> None:
     _, names = read_store_info(store, "features")
     quality_rows = {}
     for method, similarity_of in chosen.items():
-        by_seed = [quality(similarity_of(store, names, seed), names, args.ks) for seed in args.seeds]
+        by_seed = [quality(similarity_of(store, names, seed=seed), names, args.ks) for seed in args.seeds]
         quality_rows[method] = {**by_seed[0], "seeds": args.seeds, "by seed": by_seed}
     sfm, notes = ({}, [])
     if not args.no_sfm:
