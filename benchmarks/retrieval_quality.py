@@ -2,7 +2,7 @@
 in one run, all made from the feature store's own SuperPoint descriptors (issue 27, items 1 and 3).
 
 Usage: python benchmarks/retrieval_quality.py [--work DIR] [--ks 3 5 10] [--words 1024 4096]
-       [--no-sfm] [--json FILE]
+       [--seeds 0 1 2] [--asmk-package] [--no-sfm] [--json FILE]
 
 Collections: ``mixed``, all the shared photos in one store (Sacre Coeur 10, ScanNet 30 from 15
 rooms, fox 50; the scene of a photo is its collection, for ScanNet its room, the ``sceneNNNN_NN``
@@ -20,6 +20,14 @@ Methods, each an (n, n) image similarity, codebooks trained on the collection it
   image's self-similarity); idf(c) = log(n / images holding c);
 - ``bow-W``: a flat inverted file with tf-idf (COLMAP's vocabulary tree without the tree, which
   only speeds up the word assignment): the cosine of the images' tf-idf histograms of words.
+- ``asmk-pkg-W-maM`` (``--asmk-package``): ASMK* by the ``asmk`` package 0.1.1 (Tolias's own
+  code, the same kernel and idf; faiss k-means on the raw descriptors), each image queried with
+  its descriptors' M nearest words (multiple assignment), the database with one. Not a
+  dependency of the project: install it (and faiss-cpu) where the benchmark runs, e.g.
+  ``pip install --target DIR faiss-cpu asmk==0.1.1`` and DIR on PYTHONPATH.
+
+``--seeds``: the quality measures for each codebook seed (k-means initialisation and sample;
+VLAD's ``RetrievalConfig.seed``), the table showing the first and the spread; SfM uses the first.
 
 Measures: on ``mixed``, precision@1 (an image's most similar other image is of its scene; all
 images, then per collection) and recall within K (the share of an image's same-scene images
