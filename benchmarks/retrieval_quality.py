@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -356,6 +357,8 @@ def main() -> None:
     parser.add_argument("--no-sfm", action="store_true", help="Only the retrieval measures.")
     parser.add_argument("--json", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args()
+    if args.asmk_package and importlib.util.find_spec("asmk") is None:
+        parser.error("--asmk-package: no asmk package here (pip install --target DIR faiss-cpu asmk==0.1.1)")
     args.work.mkdir(parents=True, exist_ok=True)
     chosen = methods(args.words, args.asmk_package)
     images, store = store_of(args.work, "mixed", MIXED)
