@@ -13,7 +13,7 @@ from the real VLAD vectors of ``--features`` (its ``.retrieval`` folder; without
 are random): scenes of about 10 images around a random mix of the real vectors, so that
 unrelated images score about as spread out as real VLADs do, and images of one scene higher.
 ``--random``: plain random unit vectors instead. The exact searches time their first
-``--exact-queries`` queries and the approximate one its first ``--queries`` (evenly spread),
+``--exact-queries`` queries and the approximate one its first ``--queries`` (drawn at random),
 each scaled to all n (the time of a search is linear in its queries; the approximate index's
 build, timed apart, is not scaled); faiss's flat index only up to ``--flat-up-to`` vectors (it
 holds them in float32: 16 GB at 10^6). Peak memory: the process's ``VmHWM``, the memory-mapped
@@ -71,8 +71,9 @@ def _scene(bases: np.ndarray, seed: int, scene: int) -> np.ndarray:
 
 
 def _timed_queries(n: int, count: int) -> np.ndarray:
-    """``count`` query positions spread evenly over ``n`` (all of them if fewer)."""
-    return np.unique(np.linspace(0, n - 1, min(n, count)).astype(np.int64))
+    """``count`` query positions drawn from ``n`` (all of them if fewer), sorted; those of a
+    smaller count are among them (the first of one fixed permutation)."""
+    return np.sort(np.random.default_rng(1).permutation(n)[:count])
 
 
 def worker(method: str, path: str, queries: int, k: int, device: str, out: str) -> dict:

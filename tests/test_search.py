@@ -133,12 +133,10 @@ def test_screening_error_within_the_bound() -> None:
 
 
 def ivf_proposer(database: np.ndarray, queries: np.ndarray) -> search.Proposer:
-    """The faiss index of ``store/ann.py`` over ``database``, visiting every cell (so that its
-    candidates are the best by its quantized scores), proposing for ``queries``."""
+    """The faiss index of ``store/ann.py`` over ``database``, proposing for ``queries``."""
     names = list(range(len(database)))
     index = ann.train(names, lambda rows: database[rows].astype(np.float32))
     index.add(names, lambda rows: database[rows].astype(np.float32))
-    index.index.nprobe = index.index.nlist
     return lambda rows, width: index.neighbours(queries[rows], width, None, "cpu")
 
 
@@ -177,3 +175,22 @@ def test_approximate_search_equals_brute_force(monkeypatch: pytest.MonkeyPatch, 
         np.testing.assert_array_equal(found, expected)
         np.testing.assert_array_equal(score, expected_score)
     assert (max(asked) > 1 + margin) == (margin == 2)  # k = 1: retried with 4 times as many when short
+
+
+def test_approximate_recall_on_clustered_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scenes of 10 images (a shared direction plus 1.5 times as much noise, hard: the scene's
+    score is about 0.3, an unrelated image's 0 +- 0.04), visiting 2 of the 54 cells (4 %, as 32
+    of 1,000 at 10^6 images): recall@9 against the brute force above 0.8 (the floor: measured
+    0.855, and 0.790 when one cell is visited, so a halved search or a broken projection fails)."""
+    monkeypatch.setattr(ann, "PROBES", 2)
+    rng = np.random.default_rng(3)
+    scenes = np.repeat(rng.normal(size=(300, 512)), 10, axis=0)
+    database = unit16(scenes + 1.5 * rng.normal(size=scenes.shape))
+    groups = np.arange(len(database))
+    found, _ = search.approximate_search(
+        VectorSet(lambda rows: database[rows], len(database), groups),
+        VectorSet(lambda rows: database[rows], len(database), groups), 9, ivf_proposer(database, database),
+    )  # fmt: skip
+    expected, _ = brute_force(database, database, 9, groups, groups)
+    recall = np.mean([len(set(a) & set(b)) / 9 for a, b in zip(found, expected)])
+    assert recall > 0.8, recall  # measured 0.855; visiting 1 cell: 0.790
