@@ -236,10 +236,11 @@ def approximate_search(
     device: torch.device | str = "cpu",
     block_bytes: int = 64 << 20,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``k`` best among the k + ``FIRST_MARGIN`` candidates ``propose`` gives
-    (-1: none), by exact scores, best first, ties to the lower index; as ``exact_search``
-    otherwise (groups, returns). A query whose own group takes so many of its candidates that
-    fewer than k remain is proposed 4 times as many, until the proposer has no more."""
+    """Each query's ``k`` best among the first k + ``FIRST_MARGIN`` candidates ``propose``
+    gives (best first; -1: none) outside its own group, by exact scores, best first, ties to
+    the lower index; as ``exact_search`` otherwise (groups, returns). A query whose own group
+    takes so many of its candidates that fewer than k remain is proposed 4 times as many, until
+    the proposer has no more (the proposals of a block of queries: within ``block_bytes``)."""
     device = torch.device(device)
     width = min(k, database.count)
     found_index = np.full((queries.count, width), -1, np.int64)
@@ -252,8 +253,9 @@ def approximate_search(
     pending, wanted = np.arange(queries.count), width + FIRST_MARGIN
     while len(pending):
         asked, retry = min(wanted, database.count), []
-        for start in range(0, len(pending), rows):
-            positions = pending[start : start + rows]
+        rows_here = max(1, min(rows, block_bytes // (12 * asked)))  # proposals: int64 + float32
+        for start in range(0, len(pending), rows_here):
+            positions = pending[start : start + rows_here]
             proposed = propose(positions, asked)
             more = (proposed[:, -1] >= 0) & (asked < database.count)  # the proposer may have more
             if grouped:
@@ -261,8 +263,8 @@ def approximate_search(
                 proposed[(own >= 0) & (own == database.groups[np.maximum(proposed, 0)])] = -1
             short = ((proposed >= 0).sum(1) < width) & more
             retry.append(positions[short])
-            first = np.argsort(proposed < 0, axis=1, kind="stable")  # the candidates first
-            candidates = np.take_along_axis(proposed, first, 1)[~short]
+            first = np.argsort(proposed < 0, axis=1, kind="stable")[:, : width + FIRST_MARGIN]
+            candidates = np.take_along_axis(proposed, first, 1)[~short]  # the first proposed
             found = positions[~short]
             best, best_score = _exact_best(
                 queries.read, database.read, found, candidates, width, dimension, device
