@@ -2,11 +2,11 @@
 run, each in its own process: the exact search of today (bfloat16/float32 screening with a proven
 bound, exact re-scoring: ``sp_extract/pairs/search.py``, the baseline), faiss's exact
 ``IndexFlatIP`` (float32 products) and the approximate index (``sp_extract/store/ann.py``: faiss
-IVF over a 256-dimension projection, candidates scored exactly) with its recall@K against exact.
+HNSW over a 256-dimension projection, candidates scored exactly) with its recall@K against exact.
 
 Usage: python benchmarks/retrieval_search.py [--sizes 10000 100000 1000000] [-k 10]
        [--features feats.h5] [--exact-queries 1024] [--queries 4096] [--flat-up-to 100000]
-       [--device cpu] [--random]
+       [--device cpu] [--random] [--work DIR]
 
 Vectors: n unit vectors of 4096 dimensions, float16 as the index stores them, made VLAD-like
 from the real VLAD vectors of ``--features`` (its ``.retrieval`` folder; without it the vectors
@@ -110,7 +110,7 @@ def worker(method: str, path: str, queries: int, k: int, device: str, out: str) 
         result["build"] = time.perf_counter() - start
 
         def propose(rows: np.ndarray, width: int) -> np.ndarray:
-            return index.neighbours(query_set.read(rows), width, None, device)
+            return index.neighbours(query_set.read(rows), width, None)
 
         start = time.perf_counter()
         found, _ = search.approximate_search(query_set, database, k, propose, device)
@@ -194,6 +194,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=4096)
     parser.add_argument("--flat-up-to", type=int, default=100_000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--work", type=Path, help="keep the vectors here (made once) instead of a temporary folder"
+    )
     args = parser.parse_args()
     bases = None
     if args.features and not args.random:
@@ -208,8 +211,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         for n in args.sizes:
-            path = folder / f"vectors-{n}.npy"
-            make_vectors(path, n, bases)
+            path = (args.work or folder) / f"vectors-{n}-{'random' if bases is None else len(bases)}.npy"
+            if not path.exists():
+                make_vectors(path, n, bases)
             vectors = np.load(path, mmap_mode="r")
             exact = run("exact", path, args.exact_queries, args.k, args.device, folder)
             print(_row(n, "screened + exact (baseline)", exact, "the reference"), flush=True)
@@ -221,9 +225,10 @@ def main() -> None:
                 )
             approximate = run("approximate", path, args.queries, args.k, args.device, folder)
             print(
-                _row(n, "faiss IVF + exact re-scoring", approximate, _recall(exact, approximate)), flush=True
+                _row(n, "faiss HNSW + exact re-scoring", approximate, _recall(exact, approximate)), flush=True
             )
-            path.unlink()
+            if args.work is None:
+                path.unlink()
 
 
 if __name__ == "__main__":

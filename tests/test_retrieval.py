@@ -173,11 +173,11 @@ def self_search(index: GlobalIndex, queries: list[str], database: list[str]) -> 
 
 def test_approximate_index_is_kept_and_grows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """From APPROXIMATE_FROM images the faiss index is kept in the folder, a second run adds
-    only the new images' vectors, and the search (every cell visited) finds what the plain
+    only the new images' vectors, and the search (the whole graph) finds what the plain
     product finds, as from an index built afresh; a new model rebuilds it."""
     monkeypatch.setattr(ann, "APPROXIMATE_FROM", 30)
     monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 30)
-    monkeypatch.setattr(ann, "PROBES", 1 << 20)
+    monkeypatch.setattr(ann, "BREADTH", 1 << 12)  # the whole graph
     first = [f"a{i:02d}.jpg" for i in range(40)]
     store = write_store(tmp_path / "f.h5", random_images(first, 5))
     path = store.with_name("f.h5.retrieval") / ann.FILE

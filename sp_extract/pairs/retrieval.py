@@ -201,7 +201,7 @@ def nearest_images(
     among = None if (to_database[:-1] >= 0).all() else np.flatnonzero(to_database[:-1] >= 0)
 
     def propose(rows: np.ndarray, width: int) -> np.ndarray:
-        return to_database[approximate.neighbours(query_set.read(rows), width, among, str(device))]
+        return to_database[approximate.neighbours(query_set.read(rows), width, among)]
 
     return approximate_search(query_set, database_set, k, propose, device, BLOCK_BYTES)
 
