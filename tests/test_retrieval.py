@@ -174,7 +174,8 @@ def self_search(index: GlobalIndex, queries: list[str], database: list[str]) -> 
 def test_approximate_index_is_kept_and_grows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """From APPROXIMATE_FROM images the faiss index is kept in the folder, a second run adds
     only the new images' vectors, and the search (the whole graph) finds what the plain
-    product finds, as from an index built afresh; a new model rebuilds it."""
+    product finds (and --connect's edges what the exact search finds), as from an index built
+    afresh; a new model rebuilds it."""
     monkeypatch.setattr(ann, "APPROXIMATE_FROM", 30)
     monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 30)
     monkeypatch.setattr(ann, "BREADTH", 1 << 12)  # the whole graph
@@ -200,6 +201,11 @@ def test_approximate_index_is_kept_and_grows(tmp_path: Path, monkeypatch: pytest
     groups = np.array([position.get(name, -1) for name in names]), np.arange(len(database))
     found_part, _ = nearest_images(index, names, database, 3, *groups)
     np.testing.assert_array_equal(found_part, self_search(index, names, database))
+    edges = [(i, i + 1) for i in range(0, 44, 2)]  # components of two: --connect's own groups
+    joining = connecting_pairs(index, names, edges)
+    monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 10**9)  # the exact search
+    assert joining == connecting_pairs(index, names, edges) and len(joining) == 22
+    monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 30)
     path.unlink()
     fresh = GlobalIndex(store, Vlad(SMALL))
     assert fresh.update() == 0 and ann.load(path).trained == 45
