@@ -1,22 +1,26 @@
-"""Retrieval search benchmark: the exact similarity search of ``pairs retrieval`` (low-precision
-screening with a proven bound, exact re-scoring: ``sp_extract/pairs/search.py``) against the
-plain float32 blockwise search it replaces (baseline, in this script), same vectors, same run.
+"""Retrieval search benchmark: the searches of ``pairs retrieval`` on the same vectors in the same
+run, each in its own process: the exact search of today (bfloat16/float32 screening with a proven
+bound, exact re-scoring: ``sp_extract/pairs/search.py``, the baseline), faiss's exact
+``IndexFlatIP`` (float32 products) and the approximate index (``sp_extract/store/ann.py``: faiss
+HNSW over a 256-dimension projection, candidates scored exactly) with its recall@K against exact.
 
-Usage: python benchmarks/retrieval_search.py [--sizes 10000 100000] [-k 10]
-       [--features feats.h5] [--baseline-queries 8192] [--queries N] [--device cpu] [--random]
+Usage: python benchmarks/retrieval_search.py [--sizes 10000 100000 1000000] [-k 10]
+       [--features feats.h5] [--exact-queries 1024] [--queries 4096] [--flat-up-to 100000]
+       [--device cpu] [--random] [--work DIR]
 
 Vectors: n unit vectors of 4096 dimensions, float16 as the index stores them, made VLAD-like
 from the real VLAD vectors of ``--features`` (its ``.retrieval`` folder; without it the vectors
 are random): scenes of about 10 images around a random mix of the real vectors, so that
 unrelated images score about as spread out as real VLADs do, and images of one scene higher.
-``--random``: plain random unit vectors instead (the screening's hardest case: every score
-within a few hundredths of 0). Each search runs in its own process (peak memory: its
-``VmHWM``, the memory-mapped vectors included); the baseline searches the first
-``--baseline-queries`` queries only and its time is scaled to all of them (it scans the whole
-database for every query block, so its time is linear in the queries); ``--queries`` does the
-same for the new search (default: all n). The search is
-self-excluded (each image its own query, as ``pairs retrieval``). The result of both is
-checked equal (indices; where two float32 scores are within 1e-5, the order may differ).
+``--random``: plain random unit vectors instead. The exact searches time their first
+``--exact-queries`` queries and the approximate one its first ``--queries`` (drawn at random),
+each scaled to all n (the time of a search is linear in its queries; the approximate index's
+build, timed apart, is not scaled); faiss's flat index only up to ``--flat-up-to`` vectors (it
+holds them in float32: 16 GB at 10^6). Peak memory: the process's ``VmHWM``, the memory-mapped
+vectors it touched included. Every search is self-excluded (each image its own query, as
+``pairs retrieval``). The exact searches are checked equal (where two float32 scores are within
+1e-5 the order may differ); recall@K: the share of the exact K neighbours the approximate search
+found, over the queries both searched; one query: the median time of one new image's search.
 """
 
 from __future__ import annotations
@@ -66,58 +70,69 @@ def _scene(bases: np.ndarray, seed: int, scene: int) -> np.ndarray:
     return _mix(bases, np.random.default_rng((seed, scene)), 1, 1.0)[0]
 
 
-def baseline_search(vectors: np.ndarray, queries: int, k: int) -> np.ndarray:
-    """The plain search this replaces: float32 blocks of 4096 rows, scores block by block, a
-    running top-k (concatenation of the block's scores and the best so far)."""
-    rows = (64 << 20) // (4 * DIMENSION)
-    found = np.empty((queries, k), np.int64)
-    for q_start in range(0, queries, rows):
-        query = torch.from_numpy(np.asarray(vectors[q_start : min(queries, q_start + rows)], np.float32))
-        best_score = torch.full((len(query), k), -torch.inf)
-        best_index = torch.full((len(query), k), -1, dtype=torch.int64)
-        own = torch.arange(q_start, q_start + len(query))[:, None]
-        for d_start in range(0, len(vectors), rows):
-            block = torch.from_numpy(np.asarray(vectors[d_start : d_start + rows], np.float32))
-            scores = query @ block.T
-            columns = torch.arange(d_start, d_start + len(block))
-            scores[own == columns[None]] = -torch.inf
-            merged_score = torch.cat((best_score, scores), 1)
-            merged_index = torch.cat((best_index, columns.expand(len(scores), -1)), 1)
-            best_score, top = merged_score.topk(k, dim=1)
-            best_index = merged_index.gather(1, top)
-        found[q_start : q_start + len(query)] = best_index.numpy()
-    return found
+def _timed_queries(n: int, count: int) -> np.ndarray:
+    """``count`` query positions drawn from ``n`` (all of them if fewer), sorted; those of a
+    smaller count are among them (the first of one fixed permutation)."""
+    return np.sort(np.random.default_rng(1).permutation(n)[:count])
 
 
-def worker(method: str, path: str, queries: int, k: int, device: str, out: str) -> None:
+def worker(method: str, path: str, queries: int, k: int, device: str, out: str) -> dict:
     from sp_extract.pairs import search
+    from sp_extract.store import ann
 
     vectors = np.load(path, mmap_mode="r")
     count = len(vectors)
-    widths: list[int] = []
-    screen = search._screen
+    timed = _timed_queries(count, queries)
 
-    def counting_screen(query, database, kept, *rest):
-        widths.append(len(query) * kept)
-        return screen(query, database, kept, *rest)
+    def read(rows) -> np.ndarray:
+        return np.asarray(vectors[np.asarray(rows)], np.float32)
 
-    search._screen = counting_screen
+    query_set = search.VectorSet(lambda rows: read(timed[rows]), len(timed), timed)
+    database = search.VectorSet(read, count, np.arange(count))
+    result: dict = {}
     start = time.perf_counter()
-    if method == "baseline":
-        found = baseline_search(vectors, queries, k)
+    if method == "exact":
+        found, _ = search.exact_search(query_set, database, k, device)
+    elif method == "flat":
+        import faiss
+
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        for first in range(0, count, 16384):
+            flat.add(read(np.arange(first, min(count, first + 16384))))
+        result["build"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores, found = flat.search(read(timed), k + 1)
+        own = found == timed[:, None]
+        found = np.stack([row[~mine][:k] for row, mine in zip(found, own)])
     else:
-        found, _ = search.exact_search(
-            search.VectorSet(lambda rows: vectors[rows], queries, np.arange(queries)),
-            search.VectorSet(lambda rows: vectors[rows], count, np.arange(count)), k, device,
-        )  # fmt: skip
-    seconds = time.perf_counter() - start
+        index = ann.train(range(count), read)
+        index.add(range(count), read)
+        result["build"] = time.perf_counter() - start
+
+        def propose(rows: np.ndarray, width: int) -> np.ndarray:
+            return index.neighbours(query_set.read(rows), width, None)
+
+        start = time.perf_counter()
+        found, _ = search.approximate_search(query_set, database, k, propose, device)
+        seconds = time.perf_counter() - start
+        singles = []
+        for row in range(min(20, len(timed))):
+            one = search.VectorSet(lambda rows, row=row: read(timed[[row]]), 1, timed[[row]])
+            begin = time.perf_counter()
+            search.approximate_search(
+                one, database, k, lambda _, width, row=row: propose(np.array([row]), width)
+            )
+            singles.append(time.perf_counter() - begin)
+        result["one"] = float(np.median(singles))
+        start = time.perf_counter() - seconds
+    result["seconds"] = time.perf_counter() - start
     status = Path("/proc/self/status").read_text()
-    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-    np.save(out + ".npy", found)
-    screened = sum(widths) / max(1, queries)
-    Path(out + ".json").write_text(
-        json.dumps({"seconds": seconds, "peak_mib": peak / 1024, "kept": screened})
+    result["peak_mib"] = (
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
     )
+    np.save(out + ".npy", found)
+    Path(out + ".json").write_text(json.dumps(result))
+    return result
 
 
 def run(method: str, path: Path, queries: int, k: int, device: str, folder: Path) -> dict:
@@ -126,12 +141,39 @@ def run(method: str, path: Path, queries: int, k: int, device: str, folder: Path
     subprocess.run(command, check=True)
     result = json.loads(Path(out + ".json").read_text())
     result["found"] = np.load(out + ".npy")
+    result["timed"] = _timed_queries(len(np.load(path, mmap_mode="r")), queries)
     return result
 
 
-def _row(n: int, name: str, timed: int, seconds: float, scale: float, peak: float, kept: str) -> str:
-    scaled = " (scaled)" if scale > 1 else ""
-    return f"| {n:,} | {name} | {timed:,} | {seconds:,.1f}{scaled} | {peak:,.0f} | {kept} |"
+def _row(n: int, name: str, result: dict, note: str) -> str:
+    timed, seconds = len(result["timed"]), result["seconds"] * n / len(result["timed"])
+    scaled = " (scaled)" if timed < n else ""
+    build = f"{result['build']:,.1f}" if "build" in result else "-"
+    one = f"{result['one']:.3f}" if "one" in result else "-"
+    peak = f"{result['peak_mib']:,.0f}"
+    return f"| {n:,} | {name} | {timed:,} | {build} | {seconds:,.1f}{scaled} | {one} | {peak} | {note} |"
+
+
+def _same_as_exact(vectors: np.ndarray, exact: dict, other: dict) -> str:
+    """How many of the queries both searched have the same neighbours (others: within float32)."""
+    rows = np.flatnonzero(np.isin(exact["timed"], other["timed"]))
+    theirs = other["found"][np.searchsorted(other["timed"], exact["timed"][rows])]
+    same = (exact["found"][rows] == theirs).all(1)
+    for row, found in zip(rows[~same], theirs[~same]):
+        query = np.asarray(vectors[exact["timed"][row]], np.float64)
+        assert np.allclose(
+            np.sort(np.asarray(vectors[found], np.float64) @ query),
+            np.sort(np.asarray(vectors[exact["found"][row]], np.float64) @ query),
+            atol=1e-5,
+        ), row
+    return f"{same.sum():,} / {len(rows):,} same as exact"
+
+
+def _recall(exact: dict, other: dict) -> str:
+    rows = np.flatnonzero(np.isin(exact["timed"], other["timed"]))
+    theirs = other["found"][np.searchsorted(other["timed"], exact["timed"][rows])]
+    hits = [len(set(a) & set(b)) / len(a) for a, b in zip(exact["found"][rows], theirs)]
+    return f"recall@K {np.mean(hits):.3f} over {len(rows):,} queries"
 
 
 def main() -> None:
@@ -148,9 +190,13 @@ def main() -> None:
         "--features", type=Path, help="a store whose .retrieval vectors seed the VLAD-like ones"
     )
     parser.add_argument("--random", action="store_true", help="random unit vectors instead")
-    parser.add_argument("--baseline-queries", type=int, default=8192)
-    parser.add_argument("--queries", type=int, help="time the new search on these first queries only")
+    parser.add_argument("--exact-queries", type=int, default=1024)
+    parser.add_argument("--queries", type=int, default=4096)
+    parser.add_argument("--flat-up-to", type=int, default=100_000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--work", type=Path, help="keep the vectors here (made once) instead of a temporary folder"
+    )
     args = parser.parse_args()
     bases = None
     if args.features and not args.random:
@@ -158,33 +204,31 @@ def main() -> None:
         bases = np.concatenate([np.load(s) for s in segments]).astype(np.float64)
         bases -= bases.mean(0)  # the shared part of the real vectors is added by the mixing
     kind = "random" if bases is None else f"VLAD-like ({len(bases)} real vectors)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {kind}")
-    print("| n | search | queries timed | seconds (all n queries) | peak MiB | candidates kept per query |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {kind}, "
+          f"K = {args.k}; every time under load (a shared machine)")  # fmt: skip
+    print("| n | search | queries timed | build s | search s (all n) | one query s | peak MiB | result |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         for n in args.sizes:
-            path = folder / f"vectors-{n}.npy"
-            make_vectors(path, n, bases)
-            timed = min(n, args.baseline_queries)
-            old = run("baseline", path, timed, args.k, args.device, folder)
-            searched = min(n, args.queries or n)
-            new = run("exact", path, searched, args.k, args.device, folder)
-            scale, new_scale = n / timed, n / searched
-            old_seconds, new_seconds = old["seconds"] * scale, new["seconds"] * new_scale
-            print(_row(n, "plain float32 (before)", timed, old_seconds, scale, old["peak_mib"], f"{n:,}"))
-            kept = f"{new['kept']:.1f}"
-            print(_row(n, "screened + exact (now)", searched, new_seconds, new_scale, new["peak_mib"], kept))
+            path = (args.work or folder) / f"vectors-{n}-{'random' if bases is None else len(bases)}.npy"
+            if not path.exists():
+                make_vectors(path, n, bases)
             vectors = np.load(path, mmap_mode="r")
-            compared = min(timed, searched)
-            same = (old["found"][:compared] == new["found"][:compared]).all(1)
-            for row in np.flatnonzero(~same):  # differ only where float32 cannot tell
-                query = np.asarray(vectors[row], np.float32)
-                scores = np.asarray(vectors[old["found"][row]], np.float32) @ query
-                exact = np.asarray(vectors[new["found"][row]], np.float64) @ query.astype(np.float64)
-                assert np.allclose(np.sort(scores), np.sort(exact), atol=1e-5), row
-            print(f"|   | speed-up {old_seconds / new_seconds:.2f}x, {same.sum():,} / "
-                  f"{compared:,} rows identical, the others within float32's rounding | | | | |")  # fmt: skip
+            exact = run("exact", path, args.exact_queries, args.k, args.device, folder)
+            print(_row(n, "screened + exact (baseline)", exact, "the reference"), flush=True)
+            if n <= args.flat_up_to:
+                flat = run("flat", path, args.exact_queries, args.k, args.device, folder)
+                print(
+                    _row(n, "faiss IndexFlatIP (float32)", flat, _same_as_exact(vectors, exact, flat)),
+                    flush=True,
+                )
+            approximate = run("approximate", path, args.queries, args.k, args.device, folder)
+            print(
+                _row(n, "faiss HNSW + exact re-scoring", approximate, _recall(exact, approximate)), flush=True
+            )
+            if args.work is None:
+                path.unlink()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from sp_extract.pairs.retrieval import (
     nearest_images,
     retrieval_pairs,
 )
-from sp_extract.store import vectors
+from sp_extract.store import ann, vectors
 from sp_extract.store.vectors import GlobalIndex
 from sp_extract.store.writer import StoreWriter
 
@@ -160,6 +160,59 @@ def test_search_is_exact_and_blockwise(tmp_path: Path, monkeypatch: pytest.Monke
         np.testing.assert_allclose(scores[row], expected[order], rtol=1e-5)
     wide, _ = nearest_images(index, queries[:2], database[:3], 10)
     assert wide.shape == (2, 3) and sorted(wide[0]) == [0, 1, 2]
+
+
+def self_search(index: GlobalIndex, queries: list[str], database: list[str]) -> np.ndarray:
+    """Each query's 3 nearest database images by a plain float64 product, itself excluded,
+    ties to the lower index."""
+    scores = index.vectors(queries).astype(np.float64) @ index.vectors(database).astype(np.float64).T
+    scores[np.array(queries)[:, None] == np.array(database)[None]] = -np.inf
+    columns = np.arange(len(database))
+    return np.stack([np.lexsort((columns, -row))[:3] for row in scores])
+
+
+def test_approximate_index_is_kept_and_grows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From APPROXIMATE_FROM images the faiss index is kept in the folder, a second run adds
+    only the new images' vectors, and the search (the whole graph) finds what the plain
+    product finds (and --connect's edges what the exact search finds), as from an index built
+    afresh; a new model rebuilds it."""
+    monkeypatch.setattr(ann, "APPROXIMATE_FROM", 30)
+    monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 30)
+    monkeypatch.setattr(ann, "BREADTH", 1 << 12)  # the whole graph
+    first = [f"a{i:02d}.jpg" for i in range(40)]
+    store = write_store(tmp_path / "f.h5", random_images(first, 5))
+    path = store.with_name("f.h5.retrieval") / ann.FILE
+    assert GlobalIndex(store, Vlad(SMALL)).update() == 40
+    kept = ann.load(path)
+    assert kept.names == first and kept.index.ntotal == 40 and kept.trained == 40
+    added = [f"b{i}.jpg" for i in range(5)]
+    write_store(store, random_images(added, 6))
+    index = GlobalIndex(store, Vlad(SMALL))
+    assert index.update() == 5
+    grown = ann.load(path)
+    assert grown.names == first + added and grown.index.ntotal == 45 and grown.trained == 40  # not retrained
+    np.testing.assert_array_equal(grown.projection, kept.projection)
+    names = index.names
+    own = np.arange(len(names))
+    found, _ = nearest_images(index, names, names, 3, own, own)
+    np.testing.assert_array_equal(found, self_search(index, names, names))
+    database = names[::2]  # a part of the index: faiss searches among those only
+    position = {name: i for i, name in enumerate(database)}
+    groups = np.array([position.get(name, -1) for name in names]), np.arange(len(database))
+    found_part, _ = nearest_images(index, names, database, 3, *groups)
+    np.testing.assert_array_equal(found_part, self_search(index, names, database))
+    edges = [(i, i + 1) for i in range(0, 44, 2)]  # components of two: --connect's own groups
+    joining = connecting_pairs(index, names, edges)
+    monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 10**9)  # the exact search
+    assert joining == connecting_pairs(index, names, edges) and len(joining) == 22
+    monkeypatch.setattr(retrieval, "APPROXIMATE_FROM", 30)
+    path.unlink()
+    fresh = GlobalIndex(store, Vlad(SMALL))
+    assert fresh.update() == 0 and ann.load(path).trained == 45
+    np.testing.assert_array_equal(nearest_images(fresh, names, names, 3, own, own)[0], found)
+    assert GlobalIndex(store, Vlad(RetrievalConfig(clusters=5, dims=8, sample=2000))).update() == 45
+    rebuilt = ann.load(path)
+    assert rebuilt.trained == 45 and rebuilt.projection.shape == (40, 40)  # the new model's vectors
 
 
 def test_descriptors_are_kept_and_grow_with_the_store(

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..store.ann import APPROXIMATE_FROM
 from ..store.reader import StoreReader
 from ..store.vectors import BLOCK_BYTES, GlobalIndex, read_descriptors
-from .search import VectorSet, exact_search
+from .search import VectorSet, approximate_search, exact_search
 
 # re-ranks (Q, M) candidates by matching (``matching.rerank.rerank``, which the caller passes:
 # matching sits above pairs): features, queries, database, candidates, device -> candidates
@@ -179,7 +180,8 @@ def nearest_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` most similar database images, exactly, by blocks of queries and of
     database vectors on ``device`` (``search.py``: low-precision screening with a proven error
-    bound, exact re-scoring; memory: blocks, never n x n).
+    bound, exact re-scoring; memory: blocks, never n x n); from ``APPROXIMATE_FROM`` database
+    images, among the candidates of the approximate index (``store/ann.py``), scored exactly.
 
     With groups, a database image of the query's own group (a label >= 0) is never a
     candidate: groups by position exclude the image itself (hloc's rule), groups by connected
@@ -187,13 +189,21 @@ def nearest_images(
     similarities (Q, k'), best first, ties to the lower index, k' = min(k, len(database)); -1
     and -inf fill a row that has fewer candidates.
     """
-    return exact_search(
-        VectorSet(lambda rows: index.vectors([queries[i] for i in rows]), len(queries), query_groups),
-        VectorSet(lambda rows: index.vectors([database[i] for i in rows]), len(database), database_groups),
-        k,
-        device,
-        BLOCK_BYTES,
+    query_set = VectorSet(lambda rows: index.vectors([queries[i] for i in rows]), len(queries), query_groups)
+    database_set = VectorSet(
+        lambda rows: index.vectors([database[i] for i in rows]), len(database), database_groups
     )
+    approximate = index.approximate
+    if approximate is None or len(database) < APPROXIMATE_FROM:
+        return exact_search(query_set, database_set, k, device, BLOCK_BYTES)
+    position = {name: i for i, name in enumerate(database)}
+    to_database = np.array([position.get(name, -1) for name in approximate.names] + [-1])
+    among = None if (to_database[:-1] >= 0).all() else np.flatnonzero(to_database[:-1] >= 0)
+
+    def propose(rows: np.ndarray, width: int) -> np.ndarray:
+        return to_database[approximate.neighbours(query_set.read(rows), width, among)]
+
+    return approximate_search(query_set, database_set, k, propose, device, BLOCK_BYTES)
 
 
 def _root(parent: np.ndarray, i: int) -> int:

@@ -7,7 +7,9 @@ vectors (``segment-N.npy``, float16, with their names in ``segment-N.txt``), eac
 through ``atomic_write``; one updater at a time (``StoreLock`` on ``STORE.retrieval.lock``).
 A run describes only the images no segment holds; a model made with other parameters or for a
 store with other settings is detected and replaced; more than ``MAX_SEGMENTS`` segments are
-merged into one. What a vector is, is the ``Describer``'s (``pairs/retrieval.py``: VLAD).
+merged into one. What a vector is, is the ``Describer``'s (``pairs/retrieval.py``: VLAD). From
+``APPROXIMATE_FROM`` images, the approximate search index (``ann.py``: ``ann.npz``) is kept in
+the folder too, grown by the new vectors under the same lock.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, StoreError
+from . import ann
 from .atomic import atomic_write
 from .catalog import read_store_info
 from .failures import describe_error
@@ -91,6 +94,7 @@ class GlobalIndex:
         self.names: list[str] = []  # the store's images, sorted (``update``)
         self.rows: dict[str, tuple[int, int]] = {}  # name -> segment number, row
         self.segments: dict[int, np.ndarray] = {}  # memory-mapped (rows, dimension) float16
+        self.approximate: ann.ApproximateIndex | None = None  # from ``APPROXIMATE_FROM`` images
 
     # -- files ---------------------------------------------------------------------------
     def _write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -192,6 +196,8 @@ class GlobalIndex:
         if len(self._segment_numbers()) > MAX_SEGMENTS:
             self._merge()
         self._open_segments()
+        if len(names) >= ann.APPROXIMATE_FROM:
+            self.approximate = ann.updated(self.folder / ann.FILE, names, self.vectors, self._write)
         return len(new)
 
     def _merge(self) -> None:
