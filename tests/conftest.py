@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 # Each module's markers (declared in pyproject.toml). slow: real-photo pipelines, kills and
-# interruptions, README's commands: about 500 of the suite's 720 s on 2 cores, so that
-# `python -m pytest -q -m "not slow"` (the development tier) takes under 5 minutes.
+# interruptions, README's commands: about 490 of the suite's 700 s on 2 cores (two pytest-xdist
+# workers), so that `python -m pytest -q -m "not slow"` (the development tier) takes under 5 minutes.
 MODULE_MARKERS = {
     "test_adjust": ("colmap",),
     "test_cluster": ("dask",),
