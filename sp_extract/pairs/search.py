@@ -172,6 +172,16 @@ class VectorSet:
     groups: np.ndarray | None = None
 
 
+def _empty_result(queries: VectorSet, database: VectorSet, k: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """k' = min(k, database.count) and the (Q, k') result arrays, filled with -1 and -inf."""
+    width = min(k, database.count)
+    return (
+        width,
+        np.full((queries.count, width), -1, np.int64),
+        np.full((queries.count, width), -np.inf, np.float32),
+    )
+
+
 def exact_search(
     queries: VectorSet,
     database: VectorSet,
@@ -187,9 +197,7 @@ def exact_search(
     -inf fill a row that has fewer candidates.
     """
     device = torch.device(device)
-    width = min(k, database.count)
-    found_index = np.full((queries.count, width), -1, np.int64)
-    found_score = np.full((queries.count, width), -np.inf, np.float32)
+    width, found_index, found_score = _empty_result(queries, database, k)
     if width == 0 or queries.count == 0:
         return found_index, found_score
     dtype = screening_dtype(device)
@@ -243,9 +251,7 @@ def approximate_search(
     takes so many of its candidates that fewer than k remain is proposed 4 times as many, until
     the proposer has no more (the proposals of a block of queries: within ``block_bytes``)."""
     device = torch.device(device)
-    width = min(k, database.count)
-    found_index = np.full((queries.count, width), -1, np.int64)
-    found_score = np.full((queries.count, width), -np.inf, np.float32)
+    width, found_index, found_score = _empty_result(queries, database, k)
     if width == 0 or queries.count == 0:
         return found_index, found_score
     dimension = database.read(np.arange(1)).shape[1]
