@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -204,8 +205,9 @@ def main() -> None:
         bases = np.concatenate([np.load(s) for s in segments]).astype(np.float64)
         bases -= bases.mean(0)  # the shared part of the real vectors is added by the mixing
     kind = "random" if bases is None else f"VLAD-like ({len(bases)} real vectors)"
+    load = os.getloadavg()[0]  # 2 or more on 2 cores: the figures are taken under load
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {kind}, "
-          f"K = {args.k}; every time under load (a shared machine)")  # fmt: skip
+          f"K = {args.k}; load average {load:.1f} at the start")  # fmt: skip
     print("| n | search | queries timed | build s | search s (all n) | one query s | peak MiB | result |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as temporary:
