@@ -47,12 +47,6 @@ MODULE_MARKERS = {
 }
 
 
-# The suite runs on two pytest-xdist workers, a module's tests on one (its module fixtures made
-# once); these modules share one worker, so that their session fixtures (the Sacre Coeur store
-# and database, tens of seconds) are made once, not once per worker.
-WORKER_GROUPS = dict.fromkeys(("test_e2e", "test_colmap", "test_global"), "sacre_coeur")
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     stale = [name for name in MODULE_MARKERS if not (ROOT / "tests" / f"{name}.py").exists()]
     if stale:  # a renamed module would leave the fast tier silently
@@ -60,8 +54,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for marker in MODULE_MARKERS.get(item.module.__name__, ()):
             item.add_marker(marker)
-        module = item.module.__name__  # pytest-xdist's unit of work (pyproject: --dist loadgroup)
-        item.add_marker(pytest.mark.xdist_group(WORKER_GROUPS.get(module, module)))
 
 
 def shared_file(relative: str) -> Path:
