@@ -319,6 +319,16 @@ def check_model(model: Path, photos: Path) -> None:
     assert registered_names(model) == {p.name for p in photos.glob("*.jpg")}
 
 
+def check_models(out: Path, photos: Path) -> None:
+    """README's reconstruct, default threads: models of the photos, ``OUT/0`` the largest. (That it
+    registers every photo is checked where a run is repeatable, with one thread: test_colmap's
+    test_sacre_coeur_reconstruction. With COLMAP's threads the mapper's result varies, and on a
+    loaded machine it has built a 3-photo model of these 10: issue 25's note.)"""
+    sizes = [len(registered_names(model)) for model in sorted(out.iterdir()) if model.name.isdigit()]
+    assert sizes and sizes[0] == max(sizes) >= 2, sizes
+    assert registered_names(out / "0") <= {p.name for p in photos.glob("*.jpg")}
+
+
 def check_extract(at: Callable[[str], Path], params: dict[str, Any]) -> None:
     out = at("out")
     if params["shard"]:
@@ -342,7 +352,7 @@ CHECKS: dict[str, Callable[[Callable[[str], Path], dict[str, Any]], None]] = {  
     "extract": check_extract,
     "match-pairs": lambda at, params: check_matches(at("out"), at("pairs_file"), at("features")),
     "colmap": lambda at, params: check_database(at("database"), at("features")),
-    "reconstruct": lambda at, params: check_model(at("out") / "0", at("images")),
+    "reconstruct": lambda at, params: check_models(at("out"), at("images")),
     "sfm": lambda at, params: check_model(at("work_dir") / "sparse" / "0", at("images_dir")),
     "export": lambda at, params: check_network(at("out")),
     "export-model": lambda at, params: check_export(
