@@ -138,16 +138,13 @@ def grown_globally(tmp_path_factory: pytest.TempPathFactory, real_weights: Path)
     images, work, runs, models = root / "images", root / "work", [], []
     images.mkdir()
     for count in (first, first + within, len(names)):
-        if count == len(names):  # the work folder before the run that maps again (interrupted below)
-            shutil.copytree(work, root / "before-last")
         for name in names[:count]:
             if not (images / name).exists():
                 shutil.copy2(fox / name, images / name)
         runs.append(sfm(images, work, real_weights, "--mapper", "global"))
         models.append(model_images(work / "sparse" / "0"))
         runs[-1]["record"] = json.loads((work / "sparse" / "sfm.json").read_text())
-    return {"names": names, "runs": runs, "models": models, "work": work, "images": images, "within": within,
-            "before_last": root / "before-last"}  # fmt: skip
+    return {"names": names, "runs": runs, "models": models, "work": work, "images": images, "within": within}
 
 
 def test_sfm_global_end_to_end_and_growth(grown_globally: dict) -> None:
@@ -189,20 +186,19 @@ def model_files(sparse: Path) -> dict[Path, bytes]:
 def test_interrupted_global_mapping_leaves_the_previous_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grown_globally: dict, real_weights: Path, signum: int
 ) -> None:
-    """sfm --mapper global adding the photos past GLOBAL_RESOLVE_SHARE (the fixture's last run, from
-    its work folder as it was before), the global mapping replaced by a stand-in (imported through
-    ``sitecustomize`` into the real process and its COLMAP child) that writes half a model and
-    sleeps: a signal ends the run at once with 130 / 143, the previous model is unchanged and
-    nothing half-built is left."""
+    """sfm --rebuild --mapper global on a work folder with a model, the global mapping replaced by
+    a stand-in (imported through ``sitecustomize`` into the real process and its COLMAP child)
+    that writes half a model and sleeps: a signal ends the run at once with 130 / 143, the
+    previous model is unchanged and nothing half-built is left."""
     work = tmp_path / "work"
-    shutil.copytree(grown_globally["before_last"], work)
+    shutil.copytree(grown_globally["work"], work)
     before = model_files(work / "sparse")
     stand_in = tmp_path / "stand_in"
     stand_in.mkdir()
     (stand_in / "sitecustomize.py").write_text(STAND_IN)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stand_in), str(ROOT)]))
     run = Run("sfm", str(grown_globally["images"]), str(work), "--weights", str(real_weights), *FAST,
-              "--mapper", "global")  # fmt: skip
+              "--rebuild", "--mapper", "global")  # fmt: skip
     partial = work / "sparse.new" / "mapper" / "0" / "partial.bin"
     assert run.wait_until(partial.exists, timeout=300), run.text
     if signum == signal.SIGINT:
