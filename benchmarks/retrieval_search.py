@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sp_extract.store import ann
+
 DIMENSION = 4096
 SCENE = 10
 
@@ -79,7 +81,6 @@ def _timed_queries(n: int, count: int) -> np.ndarray:
 
 def worker(method: str, path: str, queries: int, k: int, device: str, out: str) -> dict:
     from sp_extract.pairs import search
-    from sp_extract.store import ann
 
     vectors = np.load(path, mmap_mode="r")
     count = len(vectors)
@@ -105,7 +106,8 @@ def worker(method: str, path: str, queries: int, k: int, device: str, out: str) 
         scores, found = flat.search(read(timed), k + 1)
         own = found == timed[:, None]
         found = np.stack([row[~mine][:k] for row, mine in zip(found, own)])
-    else:
+    else:  # approximate:PROJECTED:BREADTH
+        ann.PROJECTED, ann.BREADTH = (int(value) for value in method.split(":")[1:])
         index = ann.train(range(count), read)
         index.add(range(count), read)
         result["build"] = time.perf_counter() - start
@@ -137,7 +139,7 @@ def worker(method: str, path: str, queries: int, k: int, device: str, out: str) 
 
 
 def run(method: str, path: Path, queries: int, k: int, device: str, folder: Path) -> dict:
-    out = str(folder / f"{method}-{queries}")
+    out = str(folder / f"{method.replace(':', '-')}-{queries}")
     command = [sys.executable, __file__, "--worker", method, str(path), str(queries), str(k), device, out]
     subprocess.run(command, check=True)
     result = json.loads(Path(out + ".json").read_text())
@@ -177,6 +179,13 @@ def _recall(exact: dict, other: dict) -> str:
     return f"recall@K {np.mean(hits):.3f} over {len(rows):,} queries"
 
 
+def _scene_recall(result: dict) -> str:
+    """The share of each timed query's SCENE - 1 scene mates (VLAD-like vectors: consecutive
+    scenes of SCENE) among its K found: the neighbours that matter for SfM."""
+    mates = result["timed"][:, None] // SCENE == result["found"] // SCENE
+    return f"scene mates found {mates.sum(1).mean() / (SCENE - 1):.3f}"
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         method, path, queries, k, device, out = sys.argv[2:8]
@@ -195,6 +204,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=4096)
     parser.add_argument("--flat-up-to", type=int, default=100_000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--index",
+        nargs="+",
+        default=[f"{ann.PROJECTED}:{ann.BREADTH}"],
+        help="approximate index settings PROJECTED:BREADTH to compare (default: the shipped ones)",
+    )
     parser.add_argument(
         "--work", type=Path, help="keep the vectors here (made once) instead of a temporary folder"
     )
@@ -218,17 +233,20 @@ def main() -> None:
                 make_vectors(path, n, bases)
             vectors = np.load(path, mmap_mode="r")
             exact = run("exact", path, args.exact_queries, args.k, args.device, folder)
-            print(_row(n, "screened + exact (baseline)", exact, "the reference"), flush=True)
+            scene = "" if bases is None else f"; {_scene_recall(exact)}"
+            print(_row(n, "screened + exact (baseline)", exact, "the reference" + scene), flush=True)
             if n <= args.flat_up_to:
                 flat = run("flat", path, args.exact_queries, args.k, args.device, folder)
                 print(
                     _row(n, "faiss IndexFlatIP (float32)", flat, _same_as_exact(vectors, exact, flat)),
                     flush=True,
                 )
-            approximate = run("approximate", path, args.queries, args.k, args.device, folder)
-            print(
-                _row(n, "faiss HNSW + exact re-scoring", approximate, _recall(exact, approximate)), flush=True
-            )
+            for setting in args.index:
+                approximate = run(f"approximate:{setting}", path, args.queries, args.k, args.device, folder)
+                name = "faiss HNSW {} dims, breadth {} + exact re-scoring".format(*setting.split(":"))
+                note = _recall(exact, approximate)
+                note += "" if bases is None else f"; {_scene_recall(approximate)}"
+                print(_row(n, name, approximate, note), flush=True)
             if args.work is None:
                 path.unlink()
 

@@ -44,8 +44,8 @@ database, in the screening precision, stays on the device when it fits in four b
 index proposes each query's k + m candidates, which are scored exactly and ranked as above (ties
 to the lower index), so the result depends only on the index's proposals, not on its rounding.
 The exact search is kept: faiss's exact ``IndexFlatIP`` (float32 products, their order of
-near-equal scores the BLAS's) was 1.5 times slower at 10^5 vectors on a CPU with bfloat16
-(docs/performance.md "Retrieval search").
+near-equal scores the BLAS's) took 1.8 times as long at 10^5 vectors in the same quiet run, on a
+CPU with bfloat16 (docs/performance.md "faiss: exact and approximate").
 """
 
 from __future__ import annotations

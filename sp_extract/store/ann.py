@@ -28,10 +28,10 @@ import faiss
 import numpy as np
 
 FILE = "ann.npz"
-APPROXIMATE_FROM = 50_000  # images; docs/performance.md "Retrieval search" (why)
-PROJECTED = 256  # dimensions of the projected vectors
+APPROXIMATE_FROM = 100_000  # images; docs/performance.md "Retrieval search" (why)
+PROJECTED = 512  # dimensions of the projected vectors (all of them if the vectors have fewer)
 LINKS = 32  # HNSW: neighbours of a vector in the graph (twice that on its lowest layer)
-BREADTH = 64  # HNSW: candidates kept while a search walks the graph (at least the ones asked)
+BREADTH = 256  # HNSW: candidates kept while a search walks the graph (at least the ones asked)
 RETRAIN_GROWTH = 8  # trained again when the collection reaches this many times its training size
 TRAIN_SAMPLE = 16_384  # vectors the 8-bit quantization's ranges are learned from
 ADD_ROWS = 16_384  # vectors projected and added at a time
