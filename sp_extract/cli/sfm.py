@@ -11,7 +11,16 @@ import click
 from ..errors import ConfigError
 from ..extraction.config import ExtractConfig
 from ..matching.config import MatchConfig
-from ..sfm.config import MODEL_FORMATS, MODEL_FORMATS_HELP, CameraOptions, ColmapRun, MapperOptions
+from ..sfm.config import (
+    EXHAUSTIVE_UP_TO,
+    MODEL_FORMATS,
+    MODEL_FORMATS_HELP,
+    RETRIEVAL_K,
+    SEQUENTIAL_K,
+    CameraOptions,
+    ColmapRun,
+    MapperOptions,
+)
 from .errors import finish_run, reports_errors
 from .options import (
     FOLDER,
@@ -111,9 +120,9 @@ def reconstruct(
     default="auto",
     show_default=True,
     metavar="auto|exhaustive|sequential[:K]|retrieval[:K]|FILE",
-    help="How images are paired. auto: exhaustive up to 300 images, else retrieval:30; "
-    "sequential: each with its next K in name order [10]; retrieval: its K most similar [30]; "
-    "FILE: the pairs of a pairs file.",
+    help=f"How images are paired. auto: exhaustive up to {EXHAUSTIVE_UP_TO} images, else "
+    f"retrieval:{RETRIEVAL_K}; sequential: each with its next K in name order [{SEQUENTIAL_K}]; "
+    f"retrieval: its K most similar [{RETRIEVAL_K}]; FILE: the pairs of a pairs file.",
 )
 @click.option("--rebuild", is_flag=True, help="Map the model from scratch (needed after a photo changed).")
 @extract_options("max_keypoints", "threshold", "nms_radius", "resize_max", "subpixel")

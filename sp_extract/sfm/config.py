@@ -54,6 +54,13 @@ class ColmapRun:
     verbose: bool = False
 
 
+# -- sfm's pairs (issue 27) --------------------------------------------------------------------
+# sfm --pairs auto: exhaustive up to EXHAUSTIVE_UP_TO images, retrieval:RETRIEVAL_K above (docs/sfm.md
+# "Which pairs": on the 50 fox frames retrieval:20 matched exhaustive's pose AUC in a third of the time)
+EXHAUSTIVE_UP_TO = 30  # sfm --pairs auto: images paired exhaustively; more by retrieval (docs/sfm.md)
+RETRIEVAL_K = 20  # sfm --pairs retrieval's K, and auto's above EXHAUSTIVE_UP_TO
+SEQUENTIAL_K = 10  # sfm --pairs sequential's K
+
 # -- the mapper (issue 24) ---------------------------------------------------------------------
 MAPPERS = ("incremental", "global")  # COLMAP's incremental mapper; GLOMAP, COLMAP 4's global mapper
 MAPPER_CHOICES = ("auto", *MAPPERS)  # sfm's: auto chooses by the number of images

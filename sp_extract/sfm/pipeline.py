@@ -45,7 +45,15 @@ from ..report import Report, Summary, counted, listed, warn
 from ..store.atomic import recover_folder
 from ..store.catalog import read_store_info
 from .colmap import check_camera_model, check_database
-from .config import CameraOptions, ColmapRun, MapperOptions, check_camera_mode
+from .config import (
+    EXHAUSTIVE_UP_TO,
+    RETRIEVAL_K,
+    SEQUENTIAL_K,
+    CameraOptions,
+    ColmapRun,
+    MapperOptions,
+    check_camera_mode,
+)
 from .environment import import_pycolmap
 from .grow import (
     DatabaseInputs,
@@ -63,9 +71,6 @@ from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 
 STAGES = ("extract", "pairs", "match", "database", "map")
-EXHAUSTIVE_UP_TO = 300  # images; more are paired by retrieval (exhaustive: n^2 / 2 pairs)
-RETRIEVAL_K = 30
-SEQUENTIAL_K = 10
 NAMES_SHOWN = 10  # names listed in the printed summary; the JSON report has them all
 
 
