@@ -20,6 +20,7 @@ from support.reliability import Run
 
 from sp_extract.errors import ConfigError
 from sp_extract.names import pair_key
+from sp_extract.sfm.config import EXHAUSTIVE_UP_TO, RETRIEVAL_K
 from sp_extract.sfm.photos import PhotoManifest
 from sp_extract.sfm.pipeline import parse_pairs, plan_pairs
 
@@ -259,6 +260,23 @@ def test_retrieval_pairs_of_new_images_against_all(tmp_path: Path) -> None:
     for new in ("10.jpg", "11.jpg"):  # each new image with its 3 nearest among all, itself excluded
         assert len({other for pair in grown if new in pair for other in pair if other != new}) >= 3
     assert not list(tmp_path.glob(".*images*"))  # the query and database lists are removed
+
+
+def test_auto_pairs_exhaustively_up_to_the_limit_then_by_retrieval(tmp_path: Path) -> None:
+    """``--pairs auto`` (docs/sfm.md "Which pairs"): every pair of EXHAUSTIVE_UP_TO images, and
+    above that each image with its RETRIEVAL_K most similar (fewer pairs than exhaustive)."""
+    from test_retrieval import random_images, write_store
+
+    names = [f"{i:03d}.jpg" for i in range(EXHAUSTIVE_UP_TO + 1)]
+    features = write_store(tmp_path / "feats.h5", random_images(names, seed=5, count=60))
+    label, pairs = plan_pairs("auto", features, names[:-1], names[:-1], tmp_path, set(names), "cpu")
+    assert label == "exhaustive" and len(pairs) == EXHAUSTIVE_UP_TO * (EXHAUSTIVE_UP_TO - 1) // 2
+    label, pairs = plan_pairs("auto", features, names, names, tmp_path, set(names), "cpu")
+    assert label == f"retrieval:{RETRIEVAL_K}"
+    assert len({frozenset(pair) for pair in pairs}) < len(names) * (len(names) - 1) // 2
+    for name in names:  # each image with at least its K most similar
+        partners = {other for pair in pairs if name in pair for other in pair if other != name}
+        assert len(partners) >= RETRIEVAL_K
 
 
 def test_warnings_of_every_stage_are_shown_once_and_in_the_json_reports(
