@@ -8,12 +8,14 @@ matcher), plus keypoints seen by one image only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import struct
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
-from conftest import ROOT, match_and_map, reconstruct_report, run_cli
+from conftest import ROOT, CliExtraction, match_and_map, reconstruct_report, run_cli
 from support.reliability import Run
 
 from sp_extract.names import pair_key
@@ -497,6 +499,31 @@ def test_sacre_coeur_reconstruction(
     assert best["registered_images"] == 10
     assert best["mean_reprojection_error_px"] < errors[1]
     assert best["points3D"] >= max(plain["models"], key=lambda m: m["registered_images"])["points3D"]
+
+
+def verified_pairs(database: Path) -> dict[int, int]:
+    """The database's verified pairs (pair id: inliers), read with sqlite3."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        return dict(db.execute("SELECT pair_id, rows FROM two_view_geometries WHERE rows > 0").fetchall())
+
+
+def test_min_inliers_is_what_a_verified_pair_needs(
+    tmp_path: Path, sacre_coeur_features: CliExtraction, sacre_coeur_database: Path
+) -> None:
+    """colmap --min-inliers 40 (docs/sfm.md "Which mapper") on the session's Sacre Coeur matches, one
+    thread and the same seed as the session's database (COLMAP's 15): exactly the pairs that had
+    40 inliers or more pass; 0 is a one-line error."""
+    features, images = sacre_coeur_features.store, sacre_coeur_features.images
+    args = ["colmap", "--images", str(images), "--features", str(features), "--matches",
+            str(sacre_coeur_database.parent / "matches.h5"), "--num-threads", "1"]  # fmt: skip
+    result = run_cli(*args, "--database", str(tmp_path / "db.db"), "--min-inliers", "40", timeout=600)
+    assert result.returncode == 0, result.stderr
+    before, after = verified_pairs(sacre_coeur_database), verified_pairs(tmp_path / "db.db")
+    assert min(after.values()) >= 40
+    assert set(after) == {pair for pair, rows in before.items() if rows >= 40} != set(before)
+    result = run_cli(*args, "--database", str(tmp_path / "bad.db"), "--min-inliers", "0")
+    assert result.returncode == 2 and "--min-inliers 0: expected an integer >= 1" in result.stderr
+    assert not (tmp_path / "bad.db").exists()
 
 
 def test_reconstruct_synthetic_scene(scene: dict) -> None:

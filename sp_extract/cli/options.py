@@ -25,6 +25,7 @@ from ..sfm.config import (
     DEFAULT_CAMERA_MODE,
     DEFAULT_CAMERA_MODEL,
     MAPPERS,
+    ColmapRun,
     MapperOptions,
 )
 
@@ -236,6 +237,14 @@ colmap_options = stacked(  # --seed, --num-threads and --verbose of colmap, reco
         "--num-threads", default=-1, show_default=True, help="Threads for COLMAP; -1 all, 1 repeatable."
     ),
     verbose_option,
+)
+
+min_inliers_option = click.option(  # colmap and sfm: what their verification keeps
+    "--min-inliers",
+    default=ColmapRun.min_inliers,
+    show_default=True,
+    help="Inliers a pair needs to pass COLMAP's verification (COLMAP's 15). 40 keeps chance matches of "
+    "unrelated photos out (mixed collections; docs/sfm.md 'Which mapper').",
 )
 
 camera_options = stacked(  # the cameras of colmap and sfm

@@ -38,6 +38,7 @@ from .options import (
     mapper_options,
     masks_option,
     match_options,
+    min_inliers_option,
     out_option,
     precision_option,
     quiet_option,
@@ -62,6 +63,7 @@ from .options import (
     "of its verified matches agree, all images jointly, then verify again (README 'COLMAP reconstruction').",
 )
 @colmap_options
+@min_inliers_option
 @json_report_option
 @reports_errors
 def colmap(
@@ -151,6 +153,7 @@ def reconstruct(
 @device_option()
 @quiet_option
 @colmap_options
+@min_inliers_option
 @report_option(checked=False)
 @reports_errors
 def sfm(

@@ -440,5 +440,5 @@ def verify_pairs(database: Path, run: ColmapRun) -> None:
     verifier.num_threads = run.num_threads
     with colmap_logging(run.verbose):
         pycolmap.geometric_verification(
-            database, verifier_options=verifier, two_view_geometry_options=verification_options(run.seed)
+            database, verifier_options=verifier, two_view_geometry_options=verification_options(run)
         )

@@ -47,11 +47,18 @@ class CameraOptions:
 @dataclass(frozen=True)
 class ColmapRun:
     """How pycolmap's long steps (verification, mapping) run: the seed of their random choices,
-    their threads (-1 all; 1 with a seed: repeatable) and whether COLMAP's own log is shown."""
+    their threads (-1 all; 1 with a seed: repeatable), whether COLMAP's own log is shown, and the
+    inliers a pair needs to pass verification (COLMAP's 15; docs/sfm.md "Which mapper": 40 kept
+    every cross-scene pair of the shared photos out)."""
 
     seed: int = 0
     num_threads: int = -1
     verbose: bool = False
+    min_inliers: int = 15
+
+    def __post_init__(self) -> None:
+        if self.min_inliers < 1:
+            raise ConfigError(f"--min-inliers {self.min_inliers}: expected an integer >= 1")
 
 
 # -- sfm's pairs (issue 27) --------------------------------------------------------------------

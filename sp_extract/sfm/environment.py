@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import ConfigError, StoreError
+from .config import ColmapRun
 
 INSTALL_HINT = (
     "pycolmap is not installed; install it with: pip install pycolmap "
@@ -73,13 +74,15 @@ def failures_reported(target: Path, action: str) -> Iterator[None]:
         raise StoreError(f"{target}: COLMAP failed to {action} ({error}); {target} is unchanged") from error
 
 
-def verification_options(seed: int) -> Any:
+def verification_options(run: ColmapRun) -> Any:
     """pycolmap's two-view geometry options with hloc's RANSAC settings for nearest-neighbour
-    matches (``VERIFY_*``), seeded; also seeds pycolmap's global generator."""
+    matches (``VERIFY_*``), ``run``'s floor of inliers, seeded by ``run``; also seeds pycolmap's
+    global generator."""
     pycolmap = import_pycolmap()
     options = pycolmap.TwoViewGeometryOptions()
     options.ransac.max_num_trials = VERIFY_MAX_TRIALS
     options.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
-    options.ransac.random_seed = seed
-    pycolmap.set_random_seed(seed)
+    options.ransac.random_seed = run.seed
+    options.min_num_inliers = run.min_inliers
+    pycolmap.set_random_seed(run.seed)
     return options

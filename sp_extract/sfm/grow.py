@@ -120,7 +120,7 @@ def verify_listed_pairs(database: Path, pairs_file: Path, run: ColmapRun) -> Non
     settings (``colmap.verify_pairs``'s), in a child process of ``add_to_database``."""
     pycolmap = import_pycolmap()
     with colmap_logging(run.verbose):
-        pycolmap.verify_matches(database, pairs_file, options=verification_options(run.seed))
+        pycolmap.verify_matches(database, pairs_file, options=verification_options(run))
 
 
 def _verify_missing(database: Path, run: ColmapRun) -> int:
