@@ -283,7 +283,13 @@ def cluster_target(
     return shard_output(out, chosen), chosen
 
 
-GLOBAL_SETTINGS = ("view_graph_calibration", "rotation_iterations", "ba_rounds", "ba_iterations")
+GLOBAL_SETTINGS = (
+    "global_min_inliers",
+    "view_graph_calibration",
+    "rotation_iterations",
+    "ba_rounds",
+    "ba_iterations",
+)
 
 
 def mapper_options(auto: bool) -> Decorator:

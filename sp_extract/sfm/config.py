@@ -88,8 +88,9 @@ GLOBAL_RESOLVE_SHARE = 0.3
 @dataclass(frozen=True)
 class MapperOptions:
     """Which mapper ``reconstruct`` and ``sfm`` run, and the settings of the global mapper (GLOMAP)
-    that users tune, COLMAP's defaults (pycolmap 4.2 exposes no iteration limit of the global
-    positioning, whose options are all on/off switches)."""
+    that users tune: COLMAP's defaults but the floor of inliers of its view graph (15 there; 40
+    measured better, docs/sfm.md 'Which mapper'); pycolmap 4.2 exposes no iteration limit of the
+    global positioning, whose options are all on/off switches."""
 
     mapper: str = field(
         default="auto",
@@ -100,6 +101,14 @@ class MapperOptions:
             f"global from {GLOBAL_FROM_IMAGES}. A global model grows by registering the new photos "
             f"until they pass {GLOBAL_RESOLVE_SHARE:.0%} of those it was solved with, then is solved "
             "again (docs/sfm.md 'Which mapper').",
+        },
+    )
+    global_min_inliers: int = field(
+        default=40,
+        metadata={
+            "help": "Global mapper: the verified inliers a pair needs to enter its view graph. "
+            "Chance geometries between unrelated photos pass COLMAP's verification with 15-37 "
+            "inliers and mislead the rotation averaging (docs/sfm.md 'Which mapper')."
         },
     )
     view_graph_calibration: bool = field(
@@ -127,7 +136,12 @@ class MapperOptions:
     def __post_init__(self) -> None:
         if self.mapper not in MAPPER_CHOICES:
             raise ConfigError(f"--mapper {self.mapper}: expected one of {', '.join(MAPPER_CHOICES)}")
-        for name, least in (("rotation_iterations", 1), ("ba_rounds", 0), ("ba_iterations", 1)):
+        for name, least in (
+            ("global_min_inliers", 1),
+            ("rotation_iterations", 1),
+            ("ba_rounds", 0),
+            ("ba_iterations", 1),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected an integer >= {least}")

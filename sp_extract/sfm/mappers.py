@@ -77,6 +77,7 @@ def global_options(options: MapperOptions, run: ColmapRun) -> Any:
     pycolmap = import_pycolmap()
     pipeline = pycolmap.GlobalPipelineOptions()
     pipeline.random_seed, pipeline.num_threads = run.seed, run.num_threads
+    pipeline.min_num_matches = options.global_min_inliers  # of the verified pairs: their inliers
     mapper = pipeline.mapper
     mapper.rotation_averaging.max_num_irls_iterations = options.rotation_iterations
     mapper.ba_num_iterations = max(options.ba_rounds, 1)
