@@ -1,8 +1,13 @@
 """What a floor on the verified inliers of a pair does to the mappers: copies of ``mapper.py``'s
 databases with the two-view geometries under ``--floor`` inliers dropped, each mapper run on the
-copy and on the database as verified (COLMAP's own floor, 15).
+copy and on the database as verified (COLMAP's own floor, 15), the global mapper without a floor
+of its own (``--global-min-inliers 1``: the copy decides). With ``--reweighted``, also the global
+mapper on the database as verified with its rotation averaging weighting each pair by its
+inliers (COLMAP's ``INLIER_MATCH_COUNT`` reweighting; uniform by default), the other remedy for
+chance geometries.
 
-Usage: python benchmarks/inlier_floor.py [--subset sacre,fox-9,fox-13,all-90] [--floor 40] [--work DIR]
+Usage: python benchmarks/inlier_floor.py [--subset sacre,fox-9,fox-13,all-90] [--floor 40]
+       [--mappers incremental,global] [--reweighted] [--work DIR]
 
 A JSON line per collection, floor and mapper: the verified pairs kept, the models' sizes (largest
 first), the largest model's 3D points and reprojection error, pose AUC of its fox frames, map
@@ -23,6 +28,9 @@ import pycolmap
 from accuracy import chosen_subset  # benchmarks/: run as scripts, this folder first on the path
 from mapper import COLLECTIONS, database_of, map_once
 
+from sp_extract.sfm import mappers
+from sp_extract.sfm.config import MAPPERS, MapperOptions
+
 
 def floored_copy(database: Path, floor: int, copy: Path) -> int:
     """``database`` copied to ``copy`` without the geometries of fewer than ``floor`` inliers;
@@ -36,25 +44,52 @@ def floored_copy(database: Path, floor: int, copy: Path) -> int:
         return db.execute("SELECT COUNT(*) FROM two_view_geometries WHERE rows > 0").fetchone()[0]
 
 
+UNIFORM_GLOBAL_OPTIONS = mappers.global_options
+
+
+def reweighted_global_options(options: MapperOptions, run: object) -> object:
+    """``mappers.global_options`` with the rotation averaging weighting pairs by their inliers."""
+    pipeline = UNIFORM_GLOBAL_OPTIONS(options, run)
+    pipeline.mapper.rotation_averaging.reweighting = pycolmap.RotationAveragingReweighting.INLIER_MATCH_COUNT
+    return pipeline
+
+
+def row_of(name: str, floor: int | str, kept: int, mapper: str, out: Path, row: dict) -> str:
+    sizes = [pycolmap.Reconstruction(p).num_reg_images() for p in out.iterdir() if p.is_dir()]
+    auc = row["auc"] and {k: round(v, 1) for k, v in row["auc"].items()}
+    return json.dumps({"collection": name, "floor": floor, "pairs_kept": kept, "mapper": mapper,
+                       "models": sorted(sizes, reverse=True), "points3D": row["points3D"],
+                       "reprojection_error_px": row["reprojection_error_px"], "auc": auc,
+                       "seconds": row["seconds"]})  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", default="sacre,fox-9,fox-13,all-90", help="Collections, comma-separated.")
     parser.add_argument("--floor", type=int, default=40, help="Inliers a verified pair needs.")
+    parser.add_argument("--mappers", default=",".join(MAPPERS), help="Mappers, comma-separated.")
+    parser.add_argument(
+        "--reweighted", action="store_true", help="Also the global mapper reweighted by inliers."
+    )
     parser.add_argument("--work", type=Path, default=Path("mapper-work"), help="mapper.py's databases.")
     args = parser.parse_args()
     for name in chosen_subset(parser, args.subset, COLLECTIONS):
         database, images, _ = database_of(name, args.work)
+        kept_of = {}
         for floor in (0, args.floor):
-            kept = floored_copy(database, floor, args.work / f"{name}-floor-{floor}.db")
-            for mapper in ("incremental", "global"):
+            copy = args.work / f"{name}-floor-{floor}.db"
+            kept = kept_of[floor] = floored_copy(database, floor, copy)
+            for mapper in args.mappers.split(","):
                 out = args.work / f"{name}-floor-{floor}-{mapper}"
-                row = map_once(args.work / f"{name}-floor-{floor}.db", images, mapper, out)
-                sizes = [pycolmap.Reconstruction(p).num_reg_images() for p in out.iterdir() if p.is_dir()]
-                auc = row["auc"] and {k: round(v, 1) for k, v in row["auc"].items()}
-                print(json.dumps({"collection": name, "floor": floor, "pairs_kept": kept, "mapper": mapper,
-                                  "models": sorted(sizes, reverse=True), "points3D": row["points3D"],
-                                  "reprojection_error_px": row["reprojection_error_px"], "auc": auc,
-                                  "seconds": row["seconds"]}), flush=True)  # fmt: skip
+                row = map_once(copy, images, mapper, out, MapperOptions(mapper=mapper, global_min_inliers=1))
+                print(row_of(name, floor, kept, mapper, out, row), flush=True)
+        if args.reweighted:
+            mappers.global_options = reweighted_global_options
+            out = args.work / f"{name}-reweighted-global"
+            row = map_once(args.work / f"{name}-floor-0.db", images, "global", out,
+                           MapperOptions(mapper="global", global_min_inliers=1))  # fmt: skip
+            mappers.global_options = UNIFORM_GLOBAL_OPTIONS
+            print(row_of(name, "reweighted", kept_of[0], "global", out, row), flush=True)
 
 
 if __name__ == "__main__":

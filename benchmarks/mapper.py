@@ -94,12 +94,15 @@ def fox_auc(model: Path, images: Path) -> dict[str, float] | None:
     return evaluate_poses(model, REFERENCE, images).auc
 
 
-def map_once(database: Path, images: Path, mapper: str, out: Path) -> dict:
-    """One mapper on ``database``, timed alone; the row of the table."""
+def map_once(
+    database: Path, images: Path, mapper: str, out: Path, options: MapperOptions | None = None
+) -> dict:
+    """One mapper on ``database`` (with its defaults unless ``options``), timed alone; the row of
+    the table."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     started = time.perf_counter()
-    models = run_mapper(database, images, out, mapper, MapperOptions(mapper=mapper), ColmapRun())
+    models = run_mapper(database, images, out, mapper, options or MapperOptions(mapper=mapper), ColmapRun())
     seconds = time.perf_counter() - started
     registered = {m.images[i].name for m in models.values() for i in m.reg_image_ids()}
     row = {"mapper": mapper, "seconds": round(seconds, 2), "registered": sorted(registered)}
