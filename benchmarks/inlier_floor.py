@@ -7,7 +7,11 @@ inliers (COLMAP's ``INLIER_MATCH_COUNT`` reweighting; uniform by default), the o
 chance geometries.
 
 Usage: python benchmarks/inlier_floor.py [--subset sacre,fox-9,fox-13,all-90] [--floor 40]
-       [--mappers incremental,global] [--reweighted] [--work DIR]
+       [--mappers incremental,global] [--reweighted] [--rules] [--work DIR]
+
+With ``--rules``, first the verified pairs of each collection's database by scene (same scene or
+not: a ScanNet room, the Sacre Coeur or the fox photos) and how many of each a rule on the inliers
+k and the matches n of a pair keeps: a fixed floor, or one that grows with the matches.
 
 A JSON line per collection, floor and mapper: the verified pairs kept, the models' sizes (largest
 first), the largest model's 3D points and reprojection error, pose AUC of its fox frames, map
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import pycolmap
 from accuracy import chosen_subset  # benchmarks/: run as scripts, this folder first on the path
-from mapper import COLLECTIONS, database_of, map_once
+from mapper import COLLECTIONS, FOX, database_of, map_once
 
 from sp_extract.sfm import mappers
 from sp_extract.sfm.config import MAPPERS, MapperOptions
@@ -63,6 +67,38 @@ def row_of(name: str, floor: int | str, kept: int, mapper: str, out: Path, row: 
                        "seconds": row["seconds"]})  # fmt: skip
 
 
+RULES = {
+    "k >= 15 (COLMAP's)": lambda k, n: k >= 15,
+    "k >= 30": lambda k, n: k >= 30,
+    "k >= 40": lambda k, n: k >= 40,
+    "k >= 15 + 0.1 n": lambda k, n: k >= 15 + 0.1 * n,
+    "k >= 40 or k / n >= 0.2": lambda k, n: k >= 40 or k >= 0.2 * n,
+}
+
+
+def scene_of(name: str) -> str:
+    """The scene of a shared photo by its name: a ScanNet room, else its folder."""
+    if name.startswith("scene"):
+        return name.split("_frame")[0]
+    return "fox" if (FOX / name).exists() else "sacre"
+
+
+def rule_counts(database: Path) -> dict[str, dict[str, int]]:
+    """Per rule, the verified pairs of one scene and of two that it keeps (COLMAP's pair_id is
+    image_id1 * 2147483647 + image_id2)."""
+    with sqlite3.connect(database) as db:
+        names = dict(db.execute("SELECT image_id, name FROM images"))
+        matches = dict(db.execute("SELECT pair_id, rows FROM matches"))
+        pairs = db.execute("SELECT pair_id, rows FROM two_view_geometries WHERE rows > 0").fetchall()
+    counts = {rule: {"same scene": 0, "two scenes": 0} for rule in RULES}
+    for pair_id, inliers in pairs:
+        first, second = divmod(pair_id, 2147483647)
+        kind = "same scene" if scene_of(names[first]) == scene_of(names[second]) else "two scenes"
+        for rule, keeps in RULES.items():
+            counts[rule][kind] += keeps(inliers, matches[pair_id])
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", default="sacre,fox-9,fox-13,all-90", help="Collections, comma-separated.")
@@ -71,10 +107,13 @@ def main() -> None:
     parser.add_argument(
         "--reweighted", action="store_true", help="Also the global mapper reweighted by inliers."
     )
+    parser.add_argument("--rules", action="store_true", help="First the pairs each rule keeps, by scene.")
     parser.add_argument("--work", type=Path, default=Path("mapper-work"), help="mapper.py's databases.")
     args = parser.parse_args()
     for name in chosen_subset(parser, args.subset, COLLECTIONS):
         database, images, _ = database_of(name, args.work)
+        if args.rules:
+            print(json.dumps({"collection": name, "pairs kept": rule_counts(database)}), flush=True)
         kept_of = {}
         for floor in (0, args.floor):
             copy = args.work / f"{name}-floor-{floor}.db"

@@ -1,0 +1,79 @@
+"""COLMAP's geometric verification with hloc's RANSAC settings (sp-extract's) against COLMAP's own
+defaults and fewer trials: verification seconds, verified pairs, and the incremental mapper's
+model on the result, on ``mapper.py``'s databases (built by ``sp-extract sfm`` with its defaults).
+
+Usage: python benchmarks/verification.py [--subset sacre,fox-9,fox-13,fox-25,fox-50] [--work DIR]
+
+Each setting verifies a copy of the database with its two-view geometries removed (seed 0, all
+threads, timed alone); then ``reconstruct``'s incremental mapper (seed 0). A JSON line per
+collection and setting: seconds, verified pairs, registered images, 3D points, reprojection
+error, pose AUC of the fox frames. The machine's other processes are not controlled: times from
+a loaded machine must say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import pycolmap
+from accuracy import chosen_subset  # benchmarks/: run as scripts, this folder first on the path
+from mapper import COLLECTIONS, database_of, map_once
+
+from sp_extract.sfm.environment import VERIFY_MAX_TRIALS, VERIFY_MIN_INLIER_RATIO, colmap_logging
+
+# RANSAC's most trials and the inlier ratio it assumes (which lowers the most trials of each model)
+SETTINGS = {
+    "hloc (sp-extract)": (VERIFY_MAX_TRIALS, VERIFY_MIN_INLIER_RATIO),
+    "COLMAP's defaults": (10_000, 0.25),
+    "5,000 trials": (5_000, VERIFY_MIN_INLIER_RATIO),
+}
+
+
+def verified_copy(database: Path, copy: Path, trials: int, inlier_ratio: float) -> tuple[float, int, int]:
+    """``database`` verified again into ``copy``: seconds, verified pairs, matched pairs."""
+    shutil.copy(database, copy)
+    with sqlite3.connect(copy) as db:
+        db.execute("DELETE FROM two_view_geometries")
+    options = pycolmap.TwoViewGeometryOptions()
+    options.ransac.max_num_trials, options.ransac.min_inlier_ratio = trials, inlier_ratio
+    options.ransac.random_seed = 0
+    pycolmap.set_random_seed(0)
+    started = time.perf_counter()
+    with colmap_logging(False):
+        pycolmap.geometric_verification(
+            copy, verifier_options=pycolmap.GeometricVerifierOptions(), two_view_geometry_options=options
+        )
+    seconds = time.perf_counter() - started
+    with sqlite3.connect(copy) as db:
+        verified = db.execute("SELECT COUNT(*) FROM two_view_geometries WHERE rows > 0").fetchone()[0]
+        matched = db.execute("SELECT COUNT(*) FROM matches WHERE rows > 0").fetchone()[0]
+    return seconds, verified, matched
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--subset", default="sacre,fox-9,fox-13,fox-25,fox-50", help="Collections, comma-separated."
+    )
+    parser.add_argument("--work", type=Path, default=Path("mapper-work"), help="mapper.py's databases.")
+    args = parser.parse_args()
+    for name in chosen_subset(parser, args.subset, COLLECTIONS):
+        database, images, _ = database_of(name, args.work)
+        for index, (setting, (trials, ratio)) in enumerate(SETTINGS.items()):
+            copy = args.work / f"{name}-verification-{index}.db"
+            seconds, verified, matched = verified_copy(database, copy, trials, ratio)
+            row = map_once(copy, images, "incremental", args.work / f"{name}-verification-{index}")
+            auc = row["auc"] and {k: round(v, 1) for k, v in row["auc"].items()}
+            print(json.dumps({"collection": name, "setting": setting, "verify_s": round(seconds, 1),
+                              "verified": f"{verified}/{matched}", "registered": row["largest"],
+                              "points3D": row["points3D"], "error_px": row["reprojection_error_px"],
+                              "auc": auc}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
