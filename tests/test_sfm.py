@@ -4,11 +4,13 @@ fingerprints on small inputs. The models are read back with pycolmap, the matche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 from pathlib import Path
 
 import h5py
@@ -134,6 +136,36 @@ def test_changed_and_deleted_photos_are_reported(tmp_path: Path, grown: dict, re
 
 
 # -- small inputs ---------------------------------------------------------------------------------
+def test_a_database_grows_only_with_the_settings_it_was_made_with(
+    tmp_path: Path, grown: dict, real_weights: Path
+) -> None:
+    """Another verification floor or camera mode on a grown work folder is a one-line error
+    naming the database, the option and both values; --rebuild makes the database again with the
+    new floor, which the next runs must then keep."""
+    images = shutil.copytree(grown["images"], tmp_path / "images")
+    work = shutil.copytree(grown["work"], tmp_path / "work")
+    database = work / "database.db"
+    assert json.loads((work / "database.json").read_text())["min_inliers"] == 15
+    for extra, message in (
+        (("--min-inliers", "40"), "made with --min-inliers 15, this run has 40"),
+        (("--camera-mode", "single"), "made with --camera-mode auto, this run has single"),
+    ):
+        code, _, stderr = sfm(images, work, real_weights, *extra, process=False)
+        assert code == 2
+        assert stderr.strip().splitlines()[-1] == (
+            f"sp-extract: error: {database}: {message}: run with --rebuild (makes the database again, "
+            "verifying every pair) or use another work folder"
+        )
+    code, data, stderr = sfm(images, work, real_weights, "--min-inliers", "40", "--rebuild", process=False)
+    assert code == 0, stderr
+    assert data["mode"] == "rebuild" and data["registered"] == 10
+    assert json.loads((work / "database.json").read_text())["min_inliers"] == 40
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("SELECT MIN(rows) FROM two_view_geometries WHERE rows > 0").fetchone()[0] >= 40
+    code, _, stderr = sfm(images, work, real_weights, process=False)
+    assert code == 2 and "made with --min-inliers 40, this run has 15" in stderr
+
+
 def test_pairs_of_a_growing_collection(tmp_path: Path) -> None:
     names = [f"{i:02d}.jpg" for i in range(8)]
     new = names[6:]

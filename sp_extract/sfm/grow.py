@@ -6,6 +6,9 @@ database as it was), then verifies the pairs that have no two-view geometry yet:
 a new database, the new pairs of a grown one, and whatever a run killed during verification
 left. A new database is written to a temporary file renamed into place; it carries a random
 identity (SQLite's ``application_id``, which COLMAP leaves alone) that its models record.
+``database.json`` beside it records the settings its cameras and verified pairs were made with
+(camera model and mode, the verification's floor of inliers); a run growing it with others is
+refused (``check_growth_settings``), so that one database never mixes them.
 
 ``map_database`` runs pycolmap's incremental or global mapper from scratch, or continues the
 largest previous model with the incremental mapper (``input_path``: registered images keep
@@ -51,6 +54,14 @@ from .mapping import ModelStats, model_stats
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 MODEL_RECORD = "sfm.json"  # in sparse/: the database a model was mapped from
+# beside the database: the settings its cameras and verified pairs were made with, which a run
+# growing it must share (the option of each)
+SETTINGS_RECORD = "database.json"
+GROWTH_SETTINGS = {
+    "camera_model": "--camera-model",
+    "camera_mode": "--camera-mode",
+    "min_inliers": "--min-inliers",
+}
 
 
 @dataclass(frozen=True)
@@ -234,6 +245,31 @@ def addition_failed(database: Path) -> bool:
     return _addition_marker(database).exists()
 
 
+def database_settings(camera: CameraOptions, run: ColmapRun) -> dict[str, Any]:
+    """What ``SETTINGS_RECORD`` holds: the settings of a database's cameras and verified pairs."""
+    return {
+        "camera_model": camera.camera_model,
+        "camera_mode": camera.camera_mode,
+        "min_inliers": run.min_inliers,
+    }
+
+
+def check_growth_settings(database: Path, camera: CameraOptions, run: ColmapRun) -> None:
+    """Refuse (``ConfigError``) to grow ``database`` with other settings than its record's (a
+    database without a record, from an earlier version, is not checked)."""
+    try:
+        recorded = json.loads(database.with_name(SETTINGS_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    wanted = database_settings(camera, run)
+    for key, option in GROWTH_SETTINGS.items():
+        if isinstance(recorded, dict) and key in recorded and recorded[key] != wanted[key]:
+            raise ConfigError(
+                f"{database}: made with {option} {recorded[key]}, this run has {wanted[key]}: run with "
+                "--rebuild (makes the database again, verifying every pair) or use another work folder"
+            )
+
+
 def add_to_database(
     database: Path,
     inputs: DatabaseInputs,
@@ -269,6 +305,8 @@ def add_to_database(
                 verified = _verify_missing(target, run)
             if create:  # after the rename: the new database needs no marker
                 marker.unlink(missing_ok=True)
+            with atomic_write(database.with_name(SETTINGS_RECORD)) as record:
+                record.write_text(json.dumps(database_settings(camera, run)), encoding="utf-8")
     finally:
         if create:
             for suffix in ("", "-journal", "-wal", "-shm"):

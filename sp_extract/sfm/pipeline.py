@@ -60,6 +60,7 @@ from .grow import (
     DatabaseUpdate,
     add_to_database,
     addition_failed,
+    check_growth_settings,
     map_database,
     model_record,
     plan_mapping,
@@ -407,6 +408,8 @@ def _pairs_stage(run: SfmRun, photos: Photos) -> tuple[list[str], list[Pair]]:
     summary, database, pairs_file = run.summary, run.database, run.pairs_file
     held = check_database(database) if database.exists() else []
     summary.mode = _mode(run, held, photos.in_store)
+    if summary.mode == "grow":
+        check_growth_settings(database, run.options.camera, run.options.colmap)
     summary.deleted_images = [name for name in photos.deleted if name in set(held)]
     if summary.deleted_images:
         fate = "kept in" if summary.mode == "grow" else "dropped from"
