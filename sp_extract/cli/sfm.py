@@ -173,7 +173,9 @@ def sfm(
     same command finishes an interrupted run. Run again after new photos arrived (nightly, say):
     only they are extracted, paired (with all images), matched, added to the database and
     registered into the existing model (image ids kept), then bundle adjusted; the model is
-    replaced atomically. A changed photo stops the run (use --rebuild); deleted ones are reported.
+    replaced atomically. A changed photo stops the run (use --rebuild), as do another
+    --camera-model, --camera-mode or --min-inliers than the database was made with
+    (WORK_DIR/database.json); deleted ones are reported.
     --mapper chooses the incremental or the global mapper (auto: by the number of photos); a
     globally mapped model grows the same way until the new photos pass a share of it, then is
     solved again globally (see --mapper).
