@@ -29,8 +29,7 @@ import sqlite3
 from pathlib import Path
 
 import pycolmap
-from accuracy import chosen_subset  # benchmarks/: run as scripts, this folder first on the path
-from mapper import COLLECTIONS, FOX, database_of, map_once
+from mapper import FOX, databases_chosen, map_once  # benchmarks/: run as scripts, this folder first
 
 from sp_extract.sfm import mappers
 from sp_extract.sfm.config import MAPPERS, MapperOptions
@@ -101,17 +100,14 @@ def rule_counts(database: Path) -> dict[str, dict[str, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", default="sacre,fox-9,fox-13,all-90", help="Collections, comma-separated.")
     parser.add_argument("--floor", type=int, default=40, help="Inliers a verified pair needs.")
     parser.add_argument("--mappers", default=",".join(MAPPERS), help="Mappers, comma-separated.")
     parser.add_argument(
         "--reweighted", action="store_true", help="Also the global mapper reweighted by inliers."
     )
     parser.add_argument("--rules", action="store_true", help="First the pairs each rule keeps, by scene.")
-    parser.add_argument("--work", type=Path, default=Path("mapper-work"), help="mapper.py's databases.")
-    args = parser.parse_args()
-    for name in chosen_subset(parser, args.subset, COLLECTIONS):
-        database, images, _ = database_of(name, args.work)
+    args, chosen = databases_chosen(parser, "sacre,fox-9,fox-13,all-90")
+    for name, database, images in chosen:
         if args.rules:
             print(json.dumps({"collection": name, "pairs kept": rule_counts(database)}), flush=True)
         kept_of = {}

@@ -129,6 +129,16 @@ def database_of(name: str, work: Path) -> tuple[Path, Path, int]:
     return database, images, len(paths)
 
 
+def databases_chosen(parser: argparse.ArgumentParser, subset: str) -> tuple[argparse.Namespace, list]:
+    """``--subset`` and ``--work`` added to ``parser`` (the benchmarks that reuse this script's
+    databases), the arguments parsed; and each chosen collection's name, database and photos."""
+    parser.add_argument("--subset", default=subset, help="Collections, comma-separated.")
+    parser.add_argument("--work", type=Path, default=Path("mapper-work"), help="mapper.py's databases.")
+    args = parser.parse_args()
+    chosen = chosen_subset(parser, args.subset, COLLECTIONS)
+    return args, [(name, *database_of(name, args.work)[:2]) for name in chosen]
+
+
 def collection_rows(name: str, work: Path) -> list[dict]:
     database, images, count = database_of(name, work)
     rows = [

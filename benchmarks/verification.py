@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 import pycolmap
-from accuracy import chosen_subset  # benchmarks/: run as scripts, this folder first on the path
-from mapper import COLLECTIONS, database_of, map_once
+from mapper import databases_chosen, map_once  # benchmarks/: run as scripts, this folder first
 
 from sp_extract.sfm.environment import VERIFY_MAX_TRIALS, VERIFY_MIN_INLIER_RATIO, colmap_logging
 
@@ -61,14 +60,9 @@ def verified_copy(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--subset", default="sacre,fox-9,fox-13,fox-25,fox-50", help="Collections, comma-separated."
-    )
     parser.add_argument("--seeds", default="0", help="RANSAC seeds of the verification, comma-separated.")
-    parser.add_argument("--work", type=Path, default=Path("mapper-work"), help="mapper.py's databases.")
-    args = parser.parse_args()
-    for name in chosen_subset(parser, args.subset, COLLECTIONS):
-        database, images, _ = database_of(name, args.work)
+    args, chosen = databases_chosen(parser, "sacre,fox-9,fox-13,fox-25,fox-50")
+    for name, database, images in chosen:
         for index, (setting, (trials, ratio)) in enumerate(SETTINGS.items()):
             for seed in (int(seed) for seed in args.seeds.split(",")):
                 copy = args.work / f"{name}-verification-{index}-{seed}.db"  # one each: pycolmap may hold it
