@@ -135,7 +135,6 @@ def test_changed_and_deleted_photos_are_reported(tmp_path: Path, grown: dict, re
     )
 
 
-# -- small inputs ---------------------------------------------------------------------------------
 def test_a_database_grows_only_with_the_settings_it_was_made_with(
     tmp_path: Path, grown: dict, real_weights: Path
 ) -> None:
@@ -166,6 +165,7 @@ def test_a_database_grows_only_with_the_settings_it_was_made_with(
     assert code == 2 and "made with --min-inliers 40, this run has 15" in stderr
 
 
+# -- small inputs ---------------------------------------------------------------------------------
 def test_pairs_of_a_growing_collection(tmp_path: Path) -> None:
     names = [f"{i:02d}.jpg" for i in range(8)]
     new = names[6:]

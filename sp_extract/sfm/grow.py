@@ -261,9 +261,11 @@ def check_growth_settings(database: Path, camera: CameraOptions, run: ColmapRun)
         recorded = json.loads(database.with_name(SETTINGS_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
+    if not isinstance(recorded, dict):
+        return
     wanted = database_settings(camera, run)
     for key, option in GROWTH_SETTINGS.items():
-        if isinstance(recorded, dict) and key in recorded and recorded[key] != wanted[key]:
+        if recorded.get(key, wanted[key]) != wanted[key]:
             raise ConfigError(
                 f"{database}: made with {option} {recorded[key]}, this run has {wanted[key]}: run with "
                 "--rebuild (makes the database again, verifying every pair) or use another work folder"
