@@ -135,6 +135,21 @@ def test_resume_uses_the_index_and_rebuilds_a_stale_one(tmp_path: Path) -> None:
     assert np.array_equal(load_index(store), stored)  # walked once, indexed again
 
 
+def test_empty_folders_a_kill_left_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A run killed after making the parts (or segments) folder but before its first file is
+    renamed in leaves the folder empty, or holding a temporary; the next run that opens the store
+    removes both, even when it has nothing to add (seen once after a SIGKILLed merge)."""
+    store = tmp_path / "feats.h5"
+    write_entries(store, ["a.jpg"])
+    parts, segments_dir = store.with_name("feats.h5.parts"), store.with_name("feats.h5.segments")
+    parts.mkdir()
+    (parts / f"part-{time.time_ns():020d}-1-000001.h5.tmp").write_bytes(b"half")
+    segments_dir.mkdir()
+    write_entries(store, ["a.jpg"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "feats.h5.index"]
+    assert_entries_equal(read_entries(store), expected(["a.jpg"]))
+
+
 def test_names_are_listed_from_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file with a valid index is not walked entry by entry: its names are found by going
     down the groups to the indexed names (nested image folders, pair keys). When that walk

@@ -134,7 +134,8 @@ class StoreWriter:
     # -- opening ---------------------------------------------------------------------------
     def _remove_stale_temporaries(self) -> None:
         """Delete what killed runs left half-written: fold copies, part, segment and index files
-        and match-pairs' resume point not renamed."""
+        and match-pairs' resume point not renamed, and the folders of parts and segments they
+        left empty."""
         fold_temporary = re.compile(re.escape(f".{self.path.name}.") + r"(\d+|resume)\.tmp")
         with os.scandir(self.path.parent) as entries:
             for entry in entries:
@@ -145,6 +146,8 @@ class StoreWriter:
             if folder.is_dir():
                 for stale in folder.glob("*.tmp"):
                     stale.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # left empty by a kill before its first file
+                    folder.rmdir()
         for index in self.segments_dir.glob("seg-*.h5.index"):  # a kill before its segment's rename
             if not index.with_suffix("").exists():
                 index.unlink(missing_ok=True)
