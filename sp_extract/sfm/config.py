@@ -64,7 +64,7 @@ class ColmapRun:
 # -- sfm's pairs (issue 27) --------------------------------------------------------------------
 # sfm --pairs auto: exhaustive up to EXHAUSTIVE_UP_TO images, retrieval:RETRIEVAL_K above (docs/sfm.md
 # "Which pairs": on the 50 fox frames retrieval:20 matched exhaustive's pose AUC in a third of the time)
-EXHAUSTIVE_UP_TO = 30  # sfm --pairs auto: images paired exhaustively; more by retrieval (docs/sfm.md)
+EXHAUSTIVE_UP_TO = 30
 RETRIEVAL_K = 20  # sfm --pairs retrieval's K, and auto's above EXHAUSTIVE_UP_TO
 SEQUENTIAL_K = 10  # sfm --pairs sequential's K
 
