@@ -336,13 +336,16 @@ def test_models_are_written_largest_first(tmp_path: Path, monkeypatch: pytest.Mo
 
     started = {0: synthetic(2), 1: synthetic(7), 2: synthetic(3)}
     monkeypatch.setattr(mappers, "run_mapper", lambda *args: started)
-    ranked = mappers.map_ranked(
-        tmp_path / "db.db", tmp_path, tmp_path, "incremental", MapperOptions(), ColmapRun()
-    )
-    assert [model.num_reg_images() for model in ranked] == [7, 3, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]  # the mapper's own folder gone
-    for rank, model in enumerate(ranked):
-        assert pycolmap.Reconstruction(tmp_path / str(rank)).num_reg_images() == model.num_reg_images()
+    database, building = tmp_path / "db.db", tmp_path / "building"
+    with pycolmap.Database.open(database):
+        pass  # no verified pairs: no agreement to judge, one mapping
+    building.mkdir()
+    ranked = mappers.map_ranked(database, tmp_path, building, "incremental", MapperOptions(), ColmapRun())
+    assert [item.model.num_reg_images() for item in ranked] == [7, 3, 2]
+    assert [item.agreement for item in ranked] == [None] * 3
+    assert sorted(p.name for p in building.iterdir()) == ["0", "1", "2"]  # the mapper's own folder gone
+    for rank, item in enumerate(ranked):
+        assert pycolmap.Reconstruction(building / str(rank)).num_reg_images() == item.model.num_reg_images()
 
 
 def write_features(path: Path, settings: dict, sizes: dict[str, tuple[int, int]], count: int) -> Path:
@@ -737,7 +740,7 @@ def test_reconstruct_stops_at_once_on_ctrl_c(tmp_path: Path, monkeypatch: pytest
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stand_in), str(ROOT)]))
     run = Run("reconstruct", "--database", str(database), "--images", str(images), "--out", str(sparse))
-    partial = tmp_path / "sparse.new" / "mapper" / "0" / "partial.bin"  # built beside --out
+    partial = tmp_path / "sparse.new" / "mapper-0" / "0" / "partial.bin"  # built beside --out
     assert run.wait_until(partial.exists, timeout=120), run.text
     run.signal_group(signal.SIGINT)
     sent = time.monotonic()

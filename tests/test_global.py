@@ -235,7 +235,7 @@ def test_interrupted_global_mapping_leaves_the_previous_model(
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stand_in), str(ROOT)]))
     run = Run("sfm", str(grown_globally["images"]), str(work), "--weights", str(real_weights), *FAST,
               "--rebuild", "--mapper", "global")  # fmt: skip
-    partial = work / "sparse.new" / "mapper" / "0" / "partial.bin"
+    partial = work / "sparse.new" / "mapper-0" / "0" / "partial.bin"
     assert run.wait_until(partial.exists, timeout=300), run.text
     if signum == signal.SIGINT:
         run.signal_group(signum)  # Ctrl-C in a terminal: the whole process group

@@ -274,8 +274,9 @@ def test_bad_inputs_fail_in_one_line(scene: dict, tmp_path: Path) -> None:
 def test_sfm_model_of_nine_fox_frames(tmp_path: Path, real_weights: Path) -> None:
     """``sfm`` on every 6th fox frame (9, symbolic links), with one COLMAP thread (repeatable;
     20 to 50 s on the loaded 2-core machine), against the shared reference poses: all registered,
-    AUC@5 about 88 (above 50 asserted). The same matches with a camera per frame give a wrong
-    model (AUC@5 near 0) that registers every frame: ``reconstruct`` must exit 1 and say so."""
+    AUC@5 about 88 (above 50 asserted). The same matches with a camera per frame gave a wrong
+    model (AUC@5 near 0) that registered every frame: ``reconstruct`` must now make a right model
+    or exit 1 and say so."""
     fox = shared_file("data/fox")
     photos = tmp_path / "fox9"
     photos.mkdir()
@@ -314,6 +315,11 @@ def test_sfm_model_of_nine_fox_frames(tmp_path: Path, real_weights: Path) -> Non
         "reconstruct", "--database", database, "--images", str(photos), "--out", str(per_image / "sparse"),
         "--num-threads", "1", timeout=600,
     )  # fmt: skip
-    assert result.returncode == 1 and "is likely wrong" in result.stderr, result.stderr
-    wrong = evaluate(str(per_image / "sparse" / "0"), str(fox / "transforms.json"), "--images", str(photos))
-    assert wrong["auc"]["5"] < report["auc"]["5"] / 2, (wrong["auc"], report["auc"])
+    per_frame = evaluate(
+        str(per_image / "sparse" / "0"), str(fox / "transforms.json"), "--images", str(photos)
+    )
+    if result.returncode == 0:  # a right model (mapped again if the first contradicted its pairs)
+        assert per_frame["auc"]["5"] > 50, (per_frame["auc"], result.stderr)
+    else:  # a wrong one, said to be so
+        assert result.returncode == 1 and "is likely wrong" in result.stderr, result.stderr
+        assert per_frame["auc"]["5"] < report["auc"]["5"] / 2, (per_frame["auc"], report["auc"])

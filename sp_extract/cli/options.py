@@ -239,12 +239,24 @@ colmap_options = stacked(  # --seed, --num-threads and --verbose of colmap, reco
     verbose_option,
 )
 
-min_inliers_option = click.option(  # colmap and sfm: what their verification keeps
-    "--min-inliers",
-    default=ColmapRun.min_inliers,
-    show_default=True,
-    help="Inliers a pair needs to pass COLMAP's verification (COLMAP's 15). 40 keeps chance matches of "
-    "unrelated photos out (mixed collections; docs/sfm.md 'Which mapper').",
+verify_options = stacked(  # colmap and sfm: how their verification runs
+    click.option(
+        "--min-inliers",
+        default=ColmapRun.min_inliers,
+        show_default=True,
+        help="Inliers a pair needs to pass COLMAP's verification (COLMAP's 15). 40 keeps chance matches "
+        "of unrelated photos out (mixed collections; docs/sfm.md 'Which mapper').",
+    ),
+    click.option(
+        "--guide-distance",
+        default=ColmapRun.guide_distance,
+        show_default=True,
+        type=click.FloatRange(0, 2),
+        help="Verification estimates each pair's geometry from its matches whose descriptors are within "
+        "this distance, then counts its inliers among all its matches; a pair that fails so is verified "
+        "on all its matches. 0: every pair on all its matches, as COLMAP does (slower; "
+        "docs/accuracy.md 'Guided verification').",
+    ),
 )
 
 camera_options = stacked(  # the cameras of colmap and sfm

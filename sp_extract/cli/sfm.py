@@ -38,13 +38,13 @@ from .options import (
     mapper_options,
     masks_option,
     match_options,
-    min_inliers_option,
     out_option,
     precision_option,
     quiet_option,
     report_option,
     tile_option,
     verbose_option,
+    verify_options,
     weights_option,
 )
 
@@ -63,7 +63,7 @@ from .options import (
     "of its verified matches agree, all images jointly, then verify again (README 'COLMAP reconstruction').",
 )
 @colmap_options
-@min_inliers_option
+@verify_options
 @json_report_option
 @reports_errors
 def colmap(
@@ -101,8 +101,10 @@ def reconstruct(
 
     Every image the database names must be in --images. Prints, per model, the registered
     images, 3D points, mean track length and mean reprojection error, and the images no model
-    registered. Exit 0: at least one model, 1: none could be built, or the largest is likely wrong
-    (a registered image's focal length out of COLMAP's bounds; the summary says which).
+    registered. A model whose poses contradict the verified pairs it was built from is mapped
+    again with the next seeds (two more at most; the summary notes it). Exit 0: at least one
+    model, 1: none could be built, or the largest is likely wrong (a registered image's focal
+    length out of COLMAP's bounds, or its poses still contradict its pairs; the summary says which).
     Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
     from ..sfm.mapping import reconstruct as run_reconstruct
@@ -153,7 +155,7 @@ def reconstruct(
 @device_option()
 @quiet_option
 @colmap_options
-@min_inliers_option
+@verify_options
 @report_option(checked=False)
 @reports_errors
 def sfm(
@@ -179,8 +181,9 @@ def sfm(
     --mapper chooses the incremental or the global mapper (auto: by the number of photos); a
     globally mapped model grows the same way until the new photos pass a share of it, then is
     solved again globally (see --mapper).
-    Exit 0: a model, 1: no model, a likely wrong one (implausible focal length) or some images
-    (pairs) failed, 2: usage, 130/143: interrupted.
+    A model that contradicts its verified pairs is mapped again with the next seeds (as reconstruct).
+    Exit 0: a model, 1: no model, a likely wrong one (implausible focal length, or poses that
+    contradict its pairs) or some images (pairs) failed, 2: usage, 130/143: interrupted.
     """
     if json_report is not None:
         check_report(json_report, created=work_dir)

@@ -33,13 +33,8 @@ from ..store.failures import damaged_error, describe_error
 from ..store.reader import open_store
 from .child import run_in_child
 from .config import CameraOptions, ColmapRun, check_camera_mode
-from .environment import (
-    COLMAP_OFFSET,
-    colmap_logging,
-    failures_reported,
-    import_pycolmap,
-    verification_options,
-)
+from .environment import COLMAP_OFFSET, colmap_logging, failures_reported, import_pycolmap
+from .verification import unverified_pairs, verify_database
 
 _DATABASE_TABLES = {"cameras", "images", "keypoints", "matches", "two_view_geometries"}
 
@@ -368,12 +363,12 @@ def write_database(
                             summary.matches += len(found)
                 finally:
                     db.close()
-            run_in_child(verify_pairs, temporary, run)
+            run_in_child(verify_database, temporary, features, unverified_pairs(temporary), run)
             if adjust_keypoints:  # adjust on the verified matches, then verify the adjusted keypoints
                 summary.refined_keypoints = adjust_keypoints(temporary, images)
                 with colmap_logging(run.verbose), pycolmap.Database.open(temporary) as db:
                     db.clear_two_view_geometries()
-                run_in_child(verify_pairs, temporary, run)
+                run_in_child(verify_database, temporary, features, unverified_pairs(temporary), run)
             with contextlib.closing(sqlite3.connect(temporary)) as db:  # pairs with inliers only
                 found = db.execute("SELECT COUNT(*), SUM(rows) FROM two_view_geometries WHERE rows > 0")
                 summary.verified_pairs, inliers = found.fetchone()
@@ -430,15 +425,3 @@ def _holds_images(database: Path, names: list[str], features: Path) -> bool:
             "choose another --database or pass --overwrite to replace it"
         )
     return bool(old_names)
-
-
-def verify_pairs(database: Path, run: ColmapRun) -> None:
-    """pycolmap's geometric verification of the matches in ``database``, with hloc's RANSAC
-    settings for nearest-neighbour matches (run in a child process by ``write_database``)."""
-    pycolmap = import_pycolmap()
-    verifier = pycolmap.GeometricVerifierOptions()
-    verifier.num_threads = run.num_threads
-    with colmap_logging(run.verbose):
-        pycolmap.geometric_verification(
-            database, verifier_options=verifier, two_view_geometry_options=verification_options(run)
-        )

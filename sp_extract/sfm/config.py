@@ -14,6 +14,15 @@ DEFAULT_CAMERA_MODE = "auto"
 # a registered image's refined focal length outside these (times max(width, height)) is
 # implausible, the model likely wrong (COLMAP's own mapper bounds, min/max_focal_length_ratio)
 PLAUSIBLE_FOCAL_RATIO = (0.1, 10.0)
+# a model's pair agreement (``consistency``: the median share of its verified pairs' inlier matches
+# its poses explain; docs/accuracy.md "Inconsistent models"): a model mapped from scratch under
+# REMAP_BELOW is mapped again with the next seeds, up to MAPPING_ATTEMPTS mappings in all, the most
+# consistent kept (right models of the shared photos 0.81-0.96, wrong ones 0.00-0.58, poor ones of 8
+# Internet photos at 640 px 0.56-0.63); one still under WRONG_BELOW, which explains less than half
+# of its pairs, is reported as likely wrong (exit 1)
+REMAP_BELOW = 0.7
+WRONG_BELOW = 0.5
+MAPPING_ATTEMPTS = 3
 # what export-model and sfm --export write (``handoff``)
 MODEL_FORMATS = ("gaussian-splatting", "nerfstudio", "ply")
 MODEL_FORMATS_HELP = (
@@ -47,18 +56,22 @@ class CameraOptions:
 @dataclass(frozen=True)
 class ColmapRun:
     """How pycolmap's long steps (verification, mapping) run: the seed of their random choices,
-    their threads (-1 all; 1 with a seed: repeatable), whether COLMAP's own log is shown, and the
+    their threads (-1 all; 1 with a seed: repeatable), whether COLMAP's own log is shown, the
     inliers a pair needs to pass verification (COLMAP's 15; docs/sfm.md "Which mapper": 40 kept
-    every cross-scene pair of the shared photos out)."""
+    every cross-scene pair of the shared photos out) and the descriptor distance of the matches
+    that guide it (``verification``; docs/accuracy.md "Guided verification")."""
 
     seed: int = 0
     num_threads: int = -1
     verbose: bool = False
     min_inliers: int = 15
+    guide_distance: float = 0.7
 
     def __post_init__(self) -> None:
         if self.min_inliers < 1:
             raise ConfigError(f"--min-inliers {self.min_inliers}: expected an integer >= 1")
+        if not 0 <= self.guide_distance <= 2:  # unit descriptors: distances from 0 to 2
+            raise ConfigError(f"--guide-distance {self.guide_distance}: expected a number from 0 to 2")
 
 
 # -- sfm's pairs (issue 27) --------------------------------------------------------------------

@@ -27,6 +27,7 @@ COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5
 # hloc's verification settings for nearest-neighbour matches, which hold many outliers
 VERIFY_MAX_TRIALS = 20_000
 VERIFY_MIN_INLIER_RATIO = 0.1
+VERIFY_MAX_ERROR = 4.0  # pixels: COLMAP's, an inlier's largest epipolar (Sampson) or transfer error
 
 
 def import_pycolmap() -> ModuleType:
@@ -81,6 +82,7 @@ def verification_options(run: ColmapRun) -> Any:
     pycolmap = import_pycolmap()
     options = pycolmap.TwoViewGeometryOptions()
     options.ransac.max_num_trials = VERIFY_MAX_TRIALS
+    options.ransac.max_error = VERIFY_MAX_ERROR
     options.ransac.min_inlier_ratio = VERIFY_MIN_INLIER_RATIO
     options.ransac.random_seed = run.seed
     options.min_num_inliers = run.min_inliers

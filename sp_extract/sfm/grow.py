@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +47,12 @@ from ..store.reader import StoreReader, open_store
 from .child import run_in_child
 from .colmap import Cameras, DatabaseSummary, _write_images, camera_for_image, camera_group, read_matches
 from .config import GLOBAL_RESOLVE_SHARE, CameraOptions, ColmapRun, MapperOptions
-from .environment import colmap_logging, failures_reported, import_pycolmap, verification_options
-from .mappers import map_ranked
+from .consistency import pair_agreement
+from .environment import VERIFY_MAX_ERROR, colmap_logging, failures_reported, import_pycolmap
+from .mappers import RankedModel, map_ranked
 from .mapping import ModelStats, model_stats
+from .verification import unverified_pairs, verify_database
 
-MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 MODEL_RECORD = "sfm.json"  # in sparse/: the database a model was mapped from
 # beside the database: the settings its cameras and verified pairs were made with, which a run
 # growing it must share (the option of each)
@@ -115,35 +115,12 @@ def database_state(path: Path) -> DatabaseState:
     return DatabaseState(identity, images, verified)
 
 
-def _pair_names(path: Path) -> Iterator[tuple[str, str]]:
-    """The two image names of every matched pair without a two-view geometry."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        names = dict(db.execute("SELECT image_id, name FROM images"))
-        rows = db.execute(
-            "SELECT pair_id FROM matches WHERE pair_id NOT IN (SELECT pair_id FROM two_view_geometries)"
-        ).fetchall()
-    for (pair_id,) in rows:
-        yield names[pair_id // MAX_IMAGE_ID], names[pair_id % MAX_IMAGE_ID]
-
-
-def verify_listed_pairs(database: Path, pairs_file: Path, run: ColmapRun) -> None:
-    """pycolmap's geometric verification of the pairs of ``pairs_file`` with hloc's RANSAC
-    settings (``colmap.verify_pairs``'s), in a child process of ``add_to_database``."""
-    pycolmap = import_pycolmap()
-    with colmap_logging(run.verbose):
-        pycolmap.verify_matches(database, pairs_file, options=verification_options(run))
-
-
-def _verify_missing(database: Path, run: ColmapRun) -> int:
-    """Verify the pairs that have matches but no two-view geometry; returns how many."""
-    pairs = list(_pair_names(database))
+def _verify_missing(database: Path, run: ColmapRun, features: Path) -> int:
+    """Verify the pairs that have matches but no two-view geometry (``verification``, in a child
+    process); returns how many."""
+    pairs = unverified_pairs(database)
     if pairs:
-        listing = database.with_name(f".{database.name}.{os.getpid()}.pairs")
-        try:
-            listing.write_text("".join(f"{a} {b}\n" for a, b in pairs), encoding="utf-8")
-            run_in_child(verify_listed_pairs, database, listing, run)
-        finally:
-            listing.unlink(missing_ok=True)
+        run_in_child(verify_database, database, features, pairs, run)
     return len(pairs)
 
 
@@ -304,7 +281,7 @@ def add_to_database(
                     with contextlib.closing(sqlite3.connect(target)) as db:
                         db.execute(f"PRAGMA application_id = {secrets.randbelow(1 << 31) + 1}")
                         db.commit()
-                verified = _verify_missing(target, run)
+                verified = _verify_missing(target, run, inputs.features)
             if create:  # after the rename: the new database needs no marker
                 marker.unlink(missing_ok=True)
             with atomic_write(database.with_name(SETTINGS_RECORD)) as record:
@@ -331,20 +308,26 @@ def _map(
     ``building/0`` (largest), ``building/1``, ...; each with its statistics and registered images
     (id: name)."""
     ranked = map_ranked(database, images, building, plan.mapper, options, run, plan.previous)
-    return [describe_model(model, building / str(rank)) for rank, model in enumerate(ranked)]
+    return [describe_model(item, building / str(rank)) for rank, item in enumerate(ranked)]
 
 
-def describe_model(model: Any, folder: Path) -> tuple[ModelStats, dict[int, str]]:
-    """A pycolmap ``Reconstruction``'s statistics and registered images (id: name)."""
+def describe_model(item: RankedModel, folder: Path) -> tuple[ModelStats, dict[int, str]]:
+    """A mapped model's statistics and registered images (id: name)."""
+    model = item.model
     registered = {image_id: model.images[image_id].name for image_id in model.reg_image_ids()}
-    return model_stats(model, folder), registered
+    return model_stats(model, folder, item.agreement, item.seed), registered
 
 
-def read_models(sparse: Path) -> list[tuple[ModelStats, dict[int, str]]]:
-    """``describe_model`` of each model in ``sparse`` (0, 1, ...)."""
+def read_models(sparse: Path, database: Path) -> list[tuple[ModelStats, dict[int, str]]]:
+    """``describe_model`` of each model in ``sparse`` (0, 1, ...), mapped from ``database``."""
     pycolmap = import_pycolmap()
     folders = sorted((p for p in sparse.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    return [describe_model(pycolmap.Reconstruction(folder), folder) for folder in folders]
+    described = []
+    for folder in folders:
+        model = pycolmap.Reconstruction(folder)
+        agreement = pair_agreement(model, database, VERIFY_MAX_ERROR)
+        described.append(describe_model(RankedModel(model, agreement, None), folder))
+    return described
 
 
 @dataclass(frozen=True)

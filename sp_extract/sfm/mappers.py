@@ -2,19 +2,38 @@
 incremental mapper (from scratch, or continuing a model: its images keep their ids and poses,
 the new ones are registered, then COLMAP's final global bundle adjustment runs) and the global
 mapper (GLOMAP: rotation averaging, then global positioning of cameras and points, then bundle
-adjustment), optionally after estimating the cameras' focal lengths from the verified pairs.
+adjustment), optionally after estimating the cameras' focal lengths from the verified pairs. A
+model mapped from scratch that contradicts its verified pairs (``consistency``) is mapped again
+with the next seeds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ColmapRun, MapperOptions
-from .environment import colmap_logging, import_pycolmap
+from .config import MAPPING_ATTEMPTS, REMAP_BELOW, ColmapRun, MapperOptions
+from .consistency import pair_agreement
+from .environment import VERIFY_MAX_ERROR, colmap_logging, import_pycolmap
 
 CALIBRATED_DATABASE = "calibrated.db"  # the copy of the database the view graph calibration changes
+
+
+@dataclass
+class RankedModel:
+    """A mapped model, its agreement with the database's verified pairs (``pair_agreement``; None:
+    too few pairs to tell) and the seed of the mapping that made it."""
+
+    model: Any
+    agreement: float | None
+    seed: int | None  # None: read from disk
+
+    @property
+    def consistent(self) -> bool:
+        return self.agreement is None or self.agreement >= REMAP_BELOW
 
 
 def run_mapper(
@@ -56,20 +75,39 @@ def map_ranked(
     options: MapperOptions,
     run: ColmapRun,
     previous: str = "",
-) -> list[Any]:
+) -> list[RankedModel]:
     """``run_mapper``'s models, largest (most registered images) first, each written to
     ``building/0``, ``building/1``, ...: COLMAP numbers them in the order it started them, and a
-    failed start (two images, a few dozen points) can come before the model of every photo."""
-    raw = building / "mapper"
-    raw.mkdir()
-    models = run_mapper(database, images, raw, mapper, options, run, previous)
-    ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
-    for rank, model in enumerate(ranked):
+    failed start (two images, a few dozen points) can come before the model of every photo. A
+    mapping from scratch whose largest model is inconsistent (``consistency``: under
+    ``REMAP_BELOW``) is done again with the next seeds, up to ``MAPPING_ATTEMPTS`` in all;
+    the first consistent mapping is kept, else the most consistent."""
+    attempts = []
+    for attempt in range(1 if previous else MAPPING_ATTEMPTS):
+        raw = building / f"mapper-{attempt}"
+        raw.mkdir()
+        seeded = dataclasses.replace(run, seed=run.seed + attempt)
+        models = run_mapper(database, images, raw, mapper, options, seeded, previous)
+        shutil.rmtree(raw)
+        ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
+        agreements = [pair_agreement(model, database, VERIFY_MAX_ERROR) for model in ranked]
+        found = [RankedModel(*item, seeded.seed) for item in zip(ranked, agreements, strict=True)]
+        attempts.append(found)
+        if not found or found[0].consistent:
+            break
+    chosen = max(attempts, key=_agreement)  # the first of equals
+    for rank, item in enumerate(chosen):
         folder = building / str(rank)
         folder.mkdir()
-        model.write(folder)
-    shutil.rmtree(raw)
-    return ranked
+        item.model.write(folder)
+    return chosen
+
+
+def _agreement(found: list[RankedModel]) -> float:
+    """How far a mapping's largest model agrees with its pairs (1: nothing to judge)."""
+    if not found or found[0].agreement is None:
+        return 1.0
+    return found[0].agreement
 
 
 def global_options(options: MapperOptions, run: ColmapRun) -> Any:

@@ -1,7 +1,8 @@
 """COLMAP's incremental or global mapper on a database (``sp-extract reconstruct``), run in a child
 process (``child``) so that SIGINT and SIGTERM stop it; the models are built in a temporary folder beside
 the target and renamed into place, and each is reported with its statistics (``ModelStats``),
-flagged as likely wrong when its refined cameras are implausible.
+flagged as likely wrong when its refined cameras are implausible or its poses contradict the
+verified pairs it was built from (``consistency``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..report import Report, counted, listed, warn
 from ..store.atomic import building_folder, recover_folder, swap_in
 from .child import run_in_child
 from .colmap import check_database, check_images_present
-from .config import PLAUSIBLE_FOCAL_RATIO, ColmapRun, MapperOptions
+from .config import MAPPING_ATTEMPTS, PLAUSIBLE_FOCAL_RATIO, WRONG_BELOW, ColmapRun, MapperOptions
 from .environment import failures_reported, import_pycolmap
 from .mappers import map_ranked
 
@@ -34,6 +35,14 @@ class ModelStats:
     mean_reprojection_error_px: float
     # registered images whose refined camera is implausible (``implausible_cameras``)
     implausible_cameras: list[str] = field(default_factory=list)
+    # the median share of its verified pairs' inlier matches its poses explain (``consistency``);
+    # None: too few pairs to tell
+    pair_agreement: float | None = None
+    seed: int | None = None  # of the mapping that made it (``mappers.map_ranked``)
+
+    @property
+    def inconsistent(self) -> bool:
+        return self.pair_agreement is not None and self.pair_agreement < WRONG_BELOW
 
 
 def implausible_cameras(model: Any) -> list[str]:
@@ -51,6 +60,26 @@ def implausible_cameras(model: Any) -> list[str]:
         if not low <= ratio <= high:
             names.append(image.name)
     return sorted(names)
+
+
+def inconsistent_warning(model: ModelStats) -> str:
+    """The summary's line for a model that contradicts its verified pairs."""
+    return (
+        f"model {model.path} is likely wrong: its poses explain a median {model.pair_agreement:.0%} of "
+        f"the inlier matches of the verified pairs between its images (under {WRONG_BELOW:.0%}, also after "
+        f"mapping again with {MAPPING_ATTEMPTS - 1} other seeds); try --camera-mode single "
+        "for photos of one camera, or more photos between these views"
+    )
+
+
+def remapped_notes(model: ModelStats, seed: int) -> list[str]:
+    """The summary's note when ``model`` comes from mapping again with another seed than ``seed``."""
+    if model.seed is None or model.seed == seed:
+        return []
+    return [
+        f"{model.path}: mapped with seed {model.seed}: the mapping with seed {seed} contradicted the "
+        "verified pairs (docs/accuracy.md 'Inconsistent models')"
+    ]
 
 
 def implausible_warning(model: ModelStats) -> str:
@@ -159,7 +188,11 @@ def reconstruct(
         if model.implausible_cameras:
             warn(implausible_warning(model))
     largest = max(summary.models, key=lambda model: model.registered_images, default=None)
-    plausible = largest is not None and not largest.implausible_cameras
+    if largest is not None and largest.inconsistent:
+        warn(inconsistent_warning(largest))
+    if largest is not None:
+        summary.notes += remapped_notes(largest, run.seed)
+    plausible = largest is not None and not largest.implausible_cameras and not largest.inconsistent
     summary.exit_code = EXIT_OK if plausible else EXIT_SOME_FAILED
     summary.wall_time_s = time.monotonic() - started
     return summary
@@ -179,14 +212,17 @@ def map_images(
     each model's statistics, with its path once moved to ``out``, and the names of the images some
     model registered."""
     stats, registered = [], set()
-    for rank, model in enumerate(map_ranked(database, images, building, chosen, mapper, run)):
-        registered |= {model.images[image_id].name for image_id in model.reg_image_ids()}
-        stats.append(model_stats(model, out / str(rank)))
+    for rank, item in enumerate(map_ranked(database, images, building, chosen, mapper, run)):
+        registered |= {item.model.images[image_id].name for image_id in item.model.reg_image_ids()}
+        stats.append(model_stats(item.model, out / str(rank), item.agreement, item.seed))
     return stats, registered
 
 
-def model_stats(model: Any, path: Path) -> ModelStats:
-    """The statistics of a pycolmap ``Reconstruction`` that is (or will be) at ``path``."""
+def model_stats(
+    model: Any, path: Path, agreement: float | None = None, seed: int | None = None
+) -> ModelStats:
+    """The statistics of a pycolmap ``Reconstruction`` that is (or will be) at ``path``, with its
+    pair agreement and the seed that made it (``mappers.RankedModel``)."""
     return ModelStats(
         path=str(path),
         registered_images=model.num_reg_images(),
@@ -195,4 +231,6 @@ def model_stats(model: Any, path: Path) -> ModelStats:
         mean_track_length=round(model.compute_mean_track_length(), 4),
         mean_reprojection_error_px=round(model.compute_mean_reprojection_error(), 4),
         implausible_cameras=implausible_cameras(model),
+        pair_agreement=None if agreement is None else round(agreement, 4),
+        seed=seed,
     )

@@ -31,7 +31,7 @@ from ..store.atomic import atomic_write
 from ..store.catalog import read_store_info
 from ..store.reader import open_store
 from .environment import import_pycolmap
-from .grow import MAX_IMAGE_ID
+from .verification import MAX_IMAGE_ID
 
 RUN_RECORD = "sfm-run.json"  # in WORK: the last sfm run's summary
 REPORT = "report.html"

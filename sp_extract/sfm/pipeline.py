@@ -67,7 +67,14 @@ from .grow import (
     read_models,
 )
 from .handoff import check_format, export_after_run
-from .mapping import NO_MODEL, ModelStats, implausible_warning, unregistered_lines
+from .mapping import (
+    NO_MODEL,
+    ModelStats,
+    implausible_warning,
+    inconsistent_warning,
+    remapped_notes,
+    unregistered_lines,
+)
 from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 
@@ -331,7 +338,12 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     implausible = bool(found) and bool(summary.models[0].implausible_cameras)
     if implausible:
         warn(implausible_warning(summary.models[0]))
-    failed = not found or implausible or summary.failed_images or matched.failed
+    inconsistent = bool(found) and summary.models[0].inconsistent
+    if inconsistent:
+        warn(inconsistent_warning(summary.models[0]))
+    if found:
+        summary.notes += remapped_notes(summary.models[0], run.options.colmap.seed)
+    failed = not found or implausible or inconsistent or summary.failed_images or matched.failed
     _finish(summary, run.started, EXIT_SOME_FAILED if failed else EXIT_OK)
     summary.write_json(run.work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
     if run.options.report:
@@ -497,7 +509,7 @@ def _map_stage(run: SfmRun, update: DatabaseUpdate) -> list[tuple[ModelStats, di
     grow = summary.mode == "grow" and (record or {}).get("database_id") == state.identity
     if grow and state.mapped_in(record):  # nothing new since the model was made
         summary.mode, summary.mapper = "up to date", (record or {}).get("mapper", "incremental")
-        return read_models(sparse)
+        return read_models(sparse, run.database)
     plan = plan_mapping(sparse, state, grow, run.options.mapper)
     summary.mapper = "continued" if plan.previous else plan.mapper
     if plan.reason:
