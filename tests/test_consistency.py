@@ -16,7 +16,7 @@ from conftest import reconstruct_report
 
 from sp_extract.sfm import mappers
 from sp_extract.sfm.config import MAPPING_ATTEMPTS, REMAP_BELOW, WRONG_BELOW, ColmapRun, MapperOptions
-from sp_extract.sfm.consistency import pair_agreement
+from sp_extract.sfm.consistency import pair_agreements
 from sp_extract.sfm.environment import VERIFY_MAX_ERROR
 
 
@@ -30,7 +30,7 @@ class Scene:
         return pycolmap.Reconstruction(self.model)
 
     def agreement(self, model: Any) -> float | None:
-        return pair_agreement(model, self.database, VERIFY_MAX_ERROR)
+        return pair_agreements([model], self.database, VERIFY_MAX_ERROR)[0]
 
     def mapped(self, out: Path, run: ColmapRun, previous: str = "") -> list[mappers.RankedModel]:
         return mappers.map_ranked(

@@ -12,12 +12,13 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pycolmap
 import pytest
 from conftest import CliExtraction, invoke_cli
 
-from sp_extract.errors import ConfigError
+from sp_extract.errors import ConfigError, StoreError
 from sp_extract.sfm.config import ColmapRun
 from sp_extract.sfm.environment import verification_options
 from sp_extract.sfm.verification import inlier_matches, unverified_pairs, verify_database
@@ -136,3 +137,22 @@ def test_bad_guide_distances_are_refused(tmp_path: Path) -> None:
     result = invoke_cli("colmap", "--images", str(tmp_path), *stores, *database, "--guide-distance", "3")
     assert result.returncode == 2
     assert "--guide-distance" in result.stderr and "3" in result.stderr
+
+
+def test_unreadable_descriptors_are_a_one_line_error(tmp_path: Path, sacre: tuple[Path, Path]) -> None:
+    database, features = sacre
+    damaged = tmp_path / "feats.h5"
+    shutil.copyfile(features, damaged)
+    with h5py.File(damaged, "r+") as h5:
+        name = sorted(h5)[0]
+        del h5[name]["descriptors"]
+    copy = tmp_path / "db.db"
+    shutil.copyfile(database, copy)
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        db.execute("DELETE FROM two_view_geometries")
+        db.commit()
+    with pytest.raises(StoreError) as raised:
+        verify_database(copy, damaged, unverified_pairs(copy), ColmapRun(num_threads=1))
+    message = str(raised.value)
+    assert str(damaged) in message and f"descriptors of '{name}' unreadable" in message
+    assert "\n" not in message

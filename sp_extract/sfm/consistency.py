@@ -20,33 +20,34 @@ from .verification import epipolar_inliers
 MIN_PAIRS = 3  # fewer verified pairs between a model's images tell nothing
 
 
-def pair_agreement(model: Any, database: Path, error: float) -> float | None:
-    """The median, over the verified pairs of ``database`` between two images registered in
-    ``model``, of the share of the pair's inlier matches whose Sampson distance from the
-    model's relative pose is within ``error`` pixels (taken to normalized coordinates by the
+def pair_agreements(models: list[Any], database: Path, error: float) -> list[float | None]:
+    """For each of ``models``: the median, over the verified pairs of ``database`` between two
+    images registered in it, of the share of the pair's inlier matches whose Sampson distance from
+    the model's relative pose is within ``error`` pixels (taken to normalized coordinates by the
     cameras' focal lengths, as COLMAP's verification does); None when there are fewer than
-    ``MIN_PAIRS`` such pairs."""
+    ``MIN_PAIRS`` such pairs. The database is read once for all the models."""
     pycolmap = import_pycolmap()
-    registered = {model.images[image_id].name: model.images[image_id] for image_id in model.reg_image_ids()}
-    shares = []
+    registered = [{model.images[i].name: model.images[i] for i in model.reg_image_ids()} for model in models]
+    shares: list[list[float]] = [[] for _ in models]
     db = pycolmap.Database.open(database)
     try:
         names = {image.image_id: image.name for image in db.read_all_images()}
         keypoints: dict[int, np.ndarray] = {}
         for pair_id, geometry in zip(*db.read_two_view_geometries(), strict=True):
             ids = pycolmap.pair_id_to_image_pair(pair_id)
-            images = [registered.get(names.get(image_id, "")) for image_id in ids]
             matches = np.asarray(geometry.inlier_matches).reshape(-1, 2)
-            if images[0] is None or images[1] is None or not len(matches):
-                continue
-            for image_id in ids:
-                if image_id not in keypoints:
-                    keypoints[image_id] = np.asarray(db.read_keypoints(image_id), dtype=np.float64)[:, :2]
-            points = [keypoints[image_id][matches[:, side]] for side, image_id in enumerate(ids)]
-            shares.append(_explained(model, images, points, error))
+            for model, images_by_name, found in zip(models, registered, shares, strict=True):
+                images = [images_by_name.get(names.get(image_id, "")) for image_id in ids]
+                if images[0] is None or images[1] is None or not len(matches):
+                    continue
+                for image_id in ids:
+                    if image_id not in keypoints:
+                        keypoints[image_id] = np.asarray(db.read_keypoints(image_id), dtype=np.float64)[:, :2]
+                points = [keypoints[image_id][matches[:, side]] for side, image_id in enumerate(ids)]
+                found.append(_explained(model, images, points, error))
     finally:
         db.close()
-    return float(np.median(shares)) if len(shares) >= MIN_PAIRS else None
+    return [float(np.median(found)) if len(found) >= MIN_PAIRS else None for found in shares]
 
 
 def _explained(model: Any, images: list[Any], points: list[np.ndarray], error: float) -> float:

@@ -47,7 +47,7 @@ from ..store.reader import StoreReader, open_store
 from .child import run_in_child
 from .colmap import Cameras, DatabaseSummary, _write_images, camera_for_image, camera_group, read_matches
 from .config import GLOBAL_RESOLVE_SHARE, CameraOptions, ColmapRun, MapperOptions
-from .consistency import pair_agreement
+from .consistency import pair_agreements
 from .environment import VERIFY_MAX_ERROR, colmap_logging, failures_reported, import_pycolmap
 from .mappers import RankedModel, map_ranked
 from .mapping import ModelStats, model_stats
@@ -322,12 +322,12 @@ def read_models(sparse: Path, database: Path) -> list[tuple[ModelStats, dict[int
     """``describe_model`` of each model in ``sparse`` (0, 1, ...), mapped from ``database``."""
     pycolmap = import_pycolmap()
     folders = sorted((p for p in sparse.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    described = []
-    for folder in folders:
-        model = pycolmap.Reconstruction(folder)
-        agreement = pair_agreement(model, database, VERIFY_MAX_ERROR)
-        described.append(describe_model(RankedModel(model, agreement, None), folder))
-    return described
+    models = [pycolmap.Reconstruction(folder) for folder in folders]
+    agreements = pair_agreements(models, database, VERIFY_MAX_ERROR)
+    return [
+        describe_model(RankedModel(model, agreement, None), folder)
+        for model, agreement, folder in zip(models, agreements, folders, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

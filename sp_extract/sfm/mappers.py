@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MAPPING_ATTEMPTS, REMAP_BELOW, ColmapRun, MapperOptions
-from .consistency import pair_agreement
+from .consistency import pair_agreements
 from .environment import VERIFY_MAX_ERROR, colmap_logging, import_pycolmap
 
 CALIBRATED_DATABASE = "calibrated.db"  # the copy of the database the view graph calibration changes
@@ -24,7 +24,7 @@ CALIBRATED_DATABASE = "calibrated.db"  # the copy of the database the view graph
 
 @dataclass
 class RankedModel:
-    """A mapped model, its agreement with the database's verified pairs (``pair_agreement``; None:
+    """A mapped model, its agreement with the database's verified pairs (``pair_agreements``; None:
     too few pairs to tell) and the seed of the mapping that made it."""
 
     model: Any
@@ -90,7 +90,7 @@ def map_ranked(
         models = run_mapper(database, images, raw, mapper, options, seeded, previous)
         shutil.rmtree(raw)
         ranked = sorted(models.values(), key=lambda model: model.num_reg_images(), reverse=True)
-        agreements = [pair_agreement(model, database, VERIFY_MAX_ERROR) for model in ranked]
+        agreements = pair_agreements(ranked, database, VERIFY_MAX_ERROR)
         found = [RankedModel(*item, seeded.seed) for item in zip(ranked, agreements, strict=True)]
         attempts.append(found)
         if not found or found[0].consistent:

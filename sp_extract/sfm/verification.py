@@ -19,6 +19,7 @@ RANSAC's own spread (docs/accuracy.md "Guided verification").
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from .environment import colmap_logging, import_pycolmap, verification_options
 
 MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 CHUNK_PAIRS = 128  # pairs estimated together, written in one transaction
+DESCRIPTORS_KEPT = 16  # images whose descriptors are kept while a chunk's guides are made
 Pair = tuple[str, str]
 # a guided geometry needs this many times the verification's floor of inliers among the guide's
 # matches: a geometry fitted to fewer is imprecise, and such weak pairs hold sparse collections
@@ -104,20 +106,25 @@ def _tasks(
     db: Any, fh5: StoreReader, features: Path, chunk: list[tuple[Any, Any]], guide_distance: float
 ) -> Iterator[tuple[Any, ...]]:
     """What ``_estimate`` needs of each pair of ``chunk``: cameras, keypoints, all matches and the
-    guide (the matches within ``guide_distance``), each image read once per chunk."""
-    cameras, points, descriptors = {}, {}, {}
+    guide (the matches within ``guide_distance``); the descriptors of the last
+    ``DESCRIPTORS_KEPT`` images read are kept, so that a chunk of large images fits in memory."""
+
+    @functools.lru_cache(maxsize=DESCRIPTORS_KEPT)
+    def descriptors(name: str) -> np.ndarray:
+        try:
+            return np.asarray(fh5[name]["descriptors"], dtype=np.float32).T
+        except (OSError, KeyError, ValueError) as error:
+            cause = f"descriptors of '{name}' unreadable: {describe_error(error)}"
+            raise damaged_error(features, cause) from error
+
+    cameras, points = {}, {}
     for image in {image.image_id: image for pair in chunk for image in pair}.values():
         cameras[image.image_id] = db.read_camera(image.camera_id)
         points[image.image_id] = np.asarray(db.read_keypoints(image.image_id), dtype=np.float64)[:, :2]
-        try:
-            descriptors[image.image_id] = np.asarray(fh5[image.name]["descriptors"], dtype=np.float32).T
-        except (OSError, KeyError, ValueError) as error:
-            cause = f"descriptors of '{image.name}' unreadable: {describe_error(error)}"
-            raise damaged_error(features, cause) from error
     for image0, image1 in chunk:
         id0, id1 = image0.image_id, image1.image_id
         matches = np.asarray(db.read_matches(id0, id1), dtype=np.uint32).reshape(-1, 2)
-        difference = descriptors[id0][matches[:, 0]] - descriptors[id1][matches[:, 1]]
+        difference = descriptors(image0.name)[matches[:, 0]] - descriptors(image1.name)[matches[:, 1]]
         guide = matches[np.einsum("ij,ij->i", difference, difference) <= guide_distance**2]
         yield cameras[id0], points[id0], cameras[id1], points[id1], matches, guide
 
