@@ -75,7 +75,8 @@ def colmap(
     height) prior), keypoints shifted by +0.5 into COLMAP's convention, the raw matches, then
     COLMAP's geometric verification, guided by each pair's closest matches (--guide-distance), so
     'sp-extract reconstruct' or COLMAP's mapper can run on it. A database with the same images is
-    updated (image ids kept); one with other images is refused unless --overwrite. Exit 1 when no pair passes the verification (the database is written).
+    updated (image ids kept); one with other images is refused unless --overwrite. Exit 1 when no
+    pair passes the verification (the database is written).
     Install pycolmap with: pip install pycolmap (or pip install 'sp-extract[colmap]').
     """
     from ..sfm.colmap import write_database
