@@ -123,3 +123,18 @@ def test_a_continued_model_is_mapped_once(
     monkeypatch.setattr(mappers, "run_mapper", mapper)
     found = scene.mapped(tmp_path, ColmapRun(), previous=str(scene.model))
     assert len(calls) == 1 and not found[0].consistent  # reported, not mapped from scratch instead
+
+
+def test_a_large_model_is_not_mapped_again(
+    tmp_path: Path, scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def mapper(*args: Any) -> dict[int, Any]:
+        calls.append(args)
+        return {0: wrong_focal(scene.right())}
+
+    monkeypatch.setattr(mappers, "run_mapper", mapper)
+    monkeypatch.setattr(mappers, "REMAP_UP_TO", 9)  # the model has 10 images
+    found = scene.mapped(tmp_path, ColmapRun())
+    assert len(calls) == 1 and not found[0].consistent  # reported (exit 1), not mapped again

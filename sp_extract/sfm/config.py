@@ -90,6 +90,9 @@ MAPPER_CHOICES = ("auto", *MAPPERS)  # sfm's: auto chooses by the number of imag
 # where sfm pairs by retrieval, the other stages grow linearly with the photos and the incremental
 # mapper faster (not measured here: the shared photos are 90)
 GLOBAL_FROM_IMAGES = 300
+# a model of more registered images is not mapped again (``REMAP_BELOW``), only reported: its
+# mapping is long, and the wrong models seen were of few, sparse views (9 frames)
+REMAP_UP_TO = GLOBAL_FROM_IMAGES
 # sfm growing a globally mapped model: the new images are registered into it (then bundle
 # adjustment) while they are at most this share of the images it was solved with; more: re-solved.
 # Fox frames, 25 mapped globally + K (benchmarks/mapper.py, quiet 2 cores): registering matched the

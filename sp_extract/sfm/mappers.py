@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import MAPPING_ATTEMPTS, REMAP_BELOW, ColmapRun, MapperOptions
+from .config import MAPPING_ATTEMPTS, REMAP_BELOW, REMAP_UP_TO, ColmapRun, MapperOptions
 from .consistency import pair_agreements
 from .environment import VERIFY_MAX_ERROR, colmap_logging, import_pycolmap
 
@@ -80,8 +80,9 @@ def map_ranked(
     ``building/0``, ``building/1``, ...: COLMAP numbers them in the order it started them, and a
     failed start (two images, a few dozen points) can come before the model of every photo. A
     mapping from scratch whose largest model is inconsistent (``consistency``: under
-    ``REMAP_BELOW``) is done again with the next seeds, up to ``MAPPING_ATTEMPTS`` in all;
-    the first consistent mapping is kept, else the most consistent."""
+    ``REMAP_BELOW``) is done again with the next seeds, up to ``MAPPING_ATTEMPTS`` in all, unless
+    it registered more than ``REMAP_UP_TO`` images; the first consistent mapping is kept, else the
+    most consistent."""
     attempts = []
     for attempt in range(1 if previous else MAPPING_ATTEMPTS):
         raw = building / f"mapper-{attempt}"
@@ -93,7 +94,7 @@ def map_ranked(
         agreements = pair_agreements(ranked, database, VERIFY_MAX_ERROR)
         found = [RankedModel(*item, seeded.seed) for item in zip(ranked, agreements, strict=True)]
         attempts.append(found)
-        if not found or found[0].consistent:
+        if not found or found[0].consistent or found[0].model.num_reg_images() > REMAP_UP_TO:
             break
     chosen = max(attempts, key=_agreement)  # the first of equals
     for rank, item in enumerate(chosen):
