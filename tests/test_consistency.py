@@ -111,8 +111,9 @@ def test_a_mapping_inconsistent_with_every_seed_keeps_the_most_consistent(
     assert found[0].seed == (1 if poses > focal else 0)
 
 
-def test_a_continued_model_is_mapped_once(
-    tmp_path: Path, scene: Scene, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("case", ["continued", "large"])
+def test_a_continued_or_large_model_is_mapped_once(
+    tmp_path: Path, scene: Scene, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     calls = []
 
@@ -121,20 +122,7 @@ def test_a_continued_model_is_mapped_once(
         return {0: wrong_focal(scene.right())}
 
     monkeypatch.setattr(mappers, "run_mapper", mapper)
-    found = scene.mapped(tmp_path, ColmapRun(), previous=str(scene.model))
-    assert len(calls) == 1 and not found[0].consistent  # reported, not mapped from scratch instead
-
-
-def test_a_large_model_is_not_mapped_again(
-    tmp_path: Path, scene: Scene, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = []
-
-    def mapper(*args: Any) -> dict[int, Any]:
-        calls.append(args)
-        return {0: wrong_focal(scene.right())}
-
-    monkeypatch.setattr(mappers, "run_mapper", mapper)
-    monkeypatch.setattr(mappers, "REMAP_UP_TO", 9)  # the model has 10 images
-    found = scene.mapped(tmp_path, ColmapRun())
+    if case == "large":
+        monkeypatch.setattr(mappers, "REMAP_UP_TO", 9)  # the model has 10 images
+    found = scene.mapped(tmp_path, ColmapRun(), previous=str(scene.model) if case == "continued" else "")
     assert len(calls) == 1 and not found[0].consistent  # reported (exit 1), not mapped again
