@@ -72,14 +72,20 @@ def inconsistent_warning(model: ModelStats) -> str:
     )
 
 
-def remapped_notes(model: ModelStats, seed: int) -> list[str]:
-    """The summary's note when ``model`` comes from mapping again with another seed than ``seed``."""
-    if model.seed is None or model.seed == seed:
-        return []
-    return [
-        f"{model.path}: mapped with seed {model.seed}: the mapping with seed {seed} contradicted the "
-        "verified pairs (docs/accuracy.md 'Inconsistent models')"
-    ]
+def judged_wrong(model: ModelStats, seed: int, notes: list[str]) -> bool:
+    """Whether ``model``, the largest, is likely wrong (implausible cameras, or inconsistent with its
+    verified pairs), warned; ``notes`` get a line when it was mapped with another seed than
+    ``seed`` (``mappers.map_ranked``)."""
+    if model.implausible_cameras:
+        warn(implausible_warning(model))
+    if model.inconsistent:
+        warn(inconsistent_warning(model))
+    if model.seed is not None and model.seed != seed:
+        notes.append(
+            f"{model.path}: mapped with seed {model.seed}: the mapping with seed {seed} contradicted the "
+            "verified pairs (docs/accuracy.md 'Inconsistent models')"
+        )
+    return bool(model.implausible_cameras) or model.inconsistent
 
 
 def implausible_warning(model: ModelStats) -> str:
@@ -188,12 +194,8 @@ def reconstruct(
         if model.implausible_cameras:
             warn(implausible_warning(model))
     largest = max(summary.models, key=lambda model: model.registered_images, default=None)
-    if largest is not None and largest.inconsistent:
-        warn(inconsistent_warning(largest))
-    if largest is not None:
-        summary.notes += remapped_notes(largest, run.seed)
-    plausible = largest is not None and not largest.implausible_cameras and not largest.inconsistent
-    summary.exit_code = EXIT_OK if plausible else EXIT_SOME_FAILED
+    wrong = largest is None or judged_wrong(largest, run.seed, summary.notes)
+    summary.exit_code = EXIT_SOME_FAILED if wrong else EXIT_OK
     summary.wall_time_s = time.monotonic() - started
     return summary
 

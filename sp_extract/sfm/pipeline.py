@@ -67,14 +67,7 @@ from .grow import (
     read_models,
 )
 from .handoff import check_format, export_after_run
-from .mapping import (
-    NO_MODEL,
-    ModelStats,
-    implausible_warning,
-    inconsistent_warning,
-    remapped_notes,
-    unregistered_lines,
-)
+from .mapping import NO_MODEL, ModelStats, judged_wrong, unregistered_lines
 from .page import RUN_RECORD, write_report
 from .photos import PhotoManifest
 
@@ -335,15 +328,8 @@ def run_sfm(images: Path | str, work: Path | str, options: SfmOptions | None = N
     if found and run.options.export:
         with stage("export"):
             summary.exports = _export_stage(run)
-    implausible = bool(found) and bool(summary.models[0].implausible_cameras)
-    if implausible:
-        warn(implausible_warning(summary.models[0]))
-    inconsistent = bool(found) and summary.models[0].inconsistent
-    if inconsistent:
-        warn(inconsistent_warning(summary.models[0]))
-    if found:
-        summary.notes += remapped_notes(summary.models[0], run.options.colmap.seed)
-    failed = not found or implausible or inconsistent or summary.failed_images or matched.failed
+    wrong = not found or judged_wrong(summary.models[0], run.options.colmap.seed, summary.notes)
+    failed = wrong or summary.failed_images or matched.failed
     _finish(summary, run.started, EXIT_SOME_FAILED if failed else EXIT_OK)
     summary.write_json(run.work / RUN_RECORD)  # what ``sp-extract report`` shows of the run
     if run.options.report:
