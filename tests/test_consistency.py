@@ -5,6 +5,7 @@ is replaced by the next seed's."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from sp_extract.sfm import mappers
 from sp_extract.sfm.config import MAPPING_ATTEMPTS, REMAP_BELOW, WRONG_BELOW, ColmapRun, MapperOptions
 from sp_extract.sfm.consistency import pair_agreements
 from sp_extract.sfm.environment import VERIFY_MAX_ERROR
+from sp_extract.sfm.mapping import ModelStats, inconsistent_warning, judged_wrong
 
 
 @dataclass
@@ -126,3 +128,27 @@ def test_a_continued_or_large_model_is_mapped_once(
         monkeypatch.setattr(mappers, "REMAP_UP_TO", 9)  # the model has 10 images
     found = scene.mapped(tmp_path, ColmapRun(), previous=str(scene.model) if case == "continued" else "")
     assert len(calls) == 1 and not found[0].consistent  # reported (exit 1), not mapped again
+
+
+@pytest.mark.parametrize(
+    ("agreement", "seed", "wrong", "noted"),
+    [
+        (0.88, 0, False, False),
+        (0.62, 0, False, False),
+        (0.88, 1, False, True),
+        (0.45, 2, True, True),
+        (None, None, False, False),
+    ],
+)
+def test_the_largest_model_is_judged_by_its_agreement(
+    agreement: float | None, seed: int | None, wrong: bool, noted: bool
+) -> None:
+    """What reconstruct and sfm report of their largest model: likely wrong (warned, exit 1) under
+    WRONG_BELOW only; a note when another seed than the run's made it."""
+    model = ModelStats("sparse/0", 10, 500, 2000, 4.0, 0.9, pair_agreement=agreement, seed=seed)
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert judged_wrong(model, 0, notes) is wrong
+    assert [str(w.message) for w in caught] == ([inconsistent_warning(model)] if wrong else [])
+    assert bool(notes) is noted and all(f"mapped with seed {seed}" in note for note in notes)

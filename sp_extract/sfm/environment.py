@@ -23,6 +23,7 @@ INSTALL_HINT = (
     "pycolmap is not installed; install it with: pip install pycolmap "
     "(or the COLMAP extra: pip install 'sp-extract[colmap]')"
 )
+MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 COLMAP_OFFSET = 0.5  # COLMAP puts the centre of the top-left pixel at (0.5, 0.5), hloc at (0, 0)
 # hloc's verification settings for nearest-neighbour matches, which hold many outliers
 VERIFY_MAX_TRIALS = 20_000

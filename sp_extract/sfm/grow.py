@@ -50,7 +50,7 @@ from .config import GLOBAL_RESOLVE_SHARE, CameraOptions, ColmapRun, MapperOption
 from .consistency import pair_agreements
 from .environment import VERIFY_MAX_ERROR, colmap_logging, failures_reported, import_pycolmap
 from .mappers import RankedModel, map_ranked
-from .mapping import ModelStats, model_stats
+from .mapping import ModelStats, describe_model
 from .verification import unverified_pairs, verify_database
 
 MODEL_RECORD = "sfm.json"  # in sparse/: the database a model was mapped from
@@ -309,13 +309,6 @@ def _map(
     (id: name)."""
     ranked = map_ranked(database, images, building, plan.mapper, options, run, plan.previous)
     return [describe_model(item, building / str(rank)) for rank, item in enumerate(ranked)]
-
-
-def describe_model(item: RankedModel, folder: Path) -> tuple[ModelStats, dict[int, str]]:
-    """A mapped model's statistics and registered images (id: name)."""
-    model = item.model
-    registered = {image_id: model.images[image_id].name for image_id in model.reg_image_ids()}
-    return model_stats(model, folder, item.agreement, item.seed), registered
 
 
 def read_models(sparse: Path, database: Path) -> list[tuple[ModelStats, dict[int, str]]]:

@@ -18,9 +18,9 @@ from ..report import Report, counted, listed, warn
 from ..store.atomic import building_folder, recover_folder, swap_in
 from .child import run_in_child
 from .colmap import check_database, check_images_present
-from .config import MAPPING_ATTEMPTS, PLAUSIBLE_FOCAL_RATIO, WRONG_BELOW, ColmapRun, MapperOptions
+from .config import PLAUSIBLE_FOCAL_RATIO, WRONG_BELOW, ColmapRun, MapperOptions
 from .environment import failures_reported, import_pycolmap
-from .mappers import map_ranked
+from .mappers import RankedModel, map_ranked
 
 
 @dataclass
@@ -66,9 +66,8 @@ def inconsistent_warning(model: ModelStats) -> str:
     """The summary's line for a model that contradicts its verified pairs."""
     return (
         f"model {model.path} is likely wrong: its poses explain a median {model.pair_agreement:.0%} of "
-        f"the inlier matches of the verified pairs between its images (under {WRONG_BELOW:.0%}, also after "
-        f"mapping again with {MAPPING_ATTEMPTS - 1} other seeds); try --camera-mode single "
-        "for photos of one camera, or more photos between these views"
+        f"the inlier matches of the verified pairs between its images (under {WRONG_BELOW:.0%}); try "
+        "--camera-mode single for photos of one camera, or more photos between these views"
     )
 
 
@@ -215,9 +214,17 @@ def map_images(
     model registered."""
     stats, registered = [], set()
     for rank, item in enumerate(map_ranked(database, images, building, chosen, mapper, run)):
-        registered |= {item.model.images[image_id].name for image_id in item.model.reg_image_ids()}
-        stats.append(model_stats(item.model, out / str(rank), item.agreement, item.seed))
+        found, names = describe_model(item, out / str(rank))
+        stats.append(found)
+        registered |= set(names.values())
     return stats, registered
+
+
+def describe_model(item: RankedModel, folder: Path) -> tuple[ModelStats, dict[int, str]]:
+    """A mapped model's statistics (as it will be at ``folder``) and registered images (id: name)."""
+    model = item.model
+    registered = {image_id: model.images[image_id].name for image_id in model.reg_image_ids()}
+    return model_stats(model, folder, item.agreement, item.seed), registered
 
 
 def model_stats(

@@ -30,8 +30,7 @@ from ..report import counted
 from ..store.atomic import atomic_write
 from ..store.catalog import read_store_info
 from ..store.reader import open_store
-from .environment import import_pycolmap
-from .verification import MAX_IMAGE_ID
+from .environment import MAX_IMAGE_ID, import_pycolmap
 
 RUN_RECORD = "sfm-run.json"  # in WORK: the last sfm run's summary
 REPORT = "report.html"

@@ -32,9 +32,8 @@ import numpy as np
 from ..store.failures import damaged_error, describe_error
 from ..store.reader import StoreReader, open_store
 from .config import ColmapRun
-from .environment import colmap_logging, import_pycolmap, verification_options
+from .environment import MAX_IMAGE_ID, colmap_logging, import_pycolmap, verification_options
 
-MAX_IMAGE_ID = 2147483647  # COLMAP's pair id: image_id1 * MAX_IMAGE_ID + image_id2, id1 < id2
 CHUNK_PAIRS = 128  # pairs estimated together, written in one transaction
 DESCRIPTORS_KEPT = 16  # images whose descriptors are kept while a chunk's guides are made
 Pair = tuple[str, str]
